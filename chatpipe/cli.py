@@ -1,0 +1,197 @@
+"""`chatpipe` command line: one sub-command per component, plus `dev` (everything on one machine).
+
+Configuration comes from `CHATPIPE_*` environment variables (see README); flags override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from chatpipe.config import Settings
+
+log = logging.getLogger("chatpipe")
+
+#: Set by `chatpipe dev` for its children: a file the child creates once it is ready.
+READY_FILE_ENV = "CHATPIPE_READY_FILE"
+
+
+def _ready_callback(env: dict[str, str], name: str) -> Callable[[], None]:
+    path = env.get(READY_FILE_ENV)
+
+    def ready() -> None:
+        log.info("%s ready", name)
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(str(os.getpid()))
+
+    return ready
+
+
+def cmd_dev(settings: Settings, args: argparse.Namespace, env: dict[str, str]) -> int:
+    from chatpipe.dev import run_dev
+
+    return run_dev(settings, env)
+
+
+def cmd_ingest(settings: Settings, args: argparse.Namespace, env: dict[str, str]) -> int:
+    from chatpipe.serve import serve_until_signal
+    from ingest.app import create_app
+
+    app = create_app(settings)
+    asyncio.run(
+        serve_until_signal(app, settings.ingest_host, settings.ingest_port, _ready_callback(env, "ingest"),
+                           reuse_port=args.reuse_port)
+    )
+    return 0
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace, env: dict[str, str]) -> int:
+    from processors.runner import run_worker
+
+    return run_worker(settings, _ready_callback(env, "worker"))
+
+
+def cmd_sink(settings: Settings, args: argparse.Namespace, env: dict[str, str]) -> int:
+    from aiohttp import web
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    from chatpipe.serve import serve_in_thread
+    from sinks.store import open_store
+    from sinks.worker import SinkWorker, pii_policy
+
+    if args.migrate_only:
+        store = open_store(settings.store_url, pii_policy(settings))
+        store.migrate()
+        store.close()
+        print("migrations applied")
+        return 0
+    worker = SinkWorker(settings)
+    if settings.metrics_port:
+        app = web.Application()
+
+        async def healthz(_r: web.Request) -> web.Response:
+            return web.json_response({"status": "ok", "assigned": worker.assigned.is_set()})
+
+        async def metrics(_r: web.Request) -> web.Response:
+            return web.Response(body=generate_latest(worker.metrics_registry),
+                                headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/metrics", metrics)
+        serve_in_thread(app, settings.api_host, settings.metrics_port)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: worker.stop())
+    worker.run(on_ready=_ready_callback(env, "sink"))
+    return 0
+
+
+def cmd_api(settings: Settings, args: argparse.Namespace, env: dict[str, str]) -> int:
+    from chatpipe.serve import serve_until_signal
+    from sinks.api import create_app
+
+    app = create_app(settings)
+    asyncio.run(serve_until_signal(app, settings.api_host, settings.api_port, _ready_callback(env, "api")))
+    return 0
+
+
+def cmd_registry(settings: Settings, args: argparse.Namespace, env: dict[str, str]) -> int:
+    from chatpipe.serve import serve_until_signal
+    from schemas.registry import create_registry_app
+
+    storage = Path(args.storage) if args.storage else settings.state_dir / "registry.json"
+    app = create_registry_app(storage)
+    asyncio.run(serve_until_signal(app, args.host, args.port, _ready_callback(env, "registry")))
+    return 0
+
+
+def cmd_topics(settings: Settings, args: argparse.Namespace, env: dict[str, str]) -> int:
+    from chatpipe.topics import ensure_topics
+
+    created = ensure_topics(settings.kafka_bootstrap, settings.partitions, settings.replication_factor)
+    print("created: " + (", ".join(created) or "nothing (all topics exist)"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chatpipe",
+        description="Stream-processing pipeline for 8x8 Chat Apps webhooks: "
+        "ingest -> Kafka (Avro) -> Faust -> PostgreSQL/SQLite -> read API.",
+        epilog="Configuration: CHATPIPE_* environment variables (see README); flags override them.",
+    )
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (env CHATPIPE_LOG_LEVEL)")
+    parser.add_argument("--log-format", choices=["text", "json"], help="env CHATPIPE_LOG_FORMAT")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("dev", help="run the whole pipeline on this machine with embedded defaults")
+    p.add_argument("--ingest-port", type=int, help="env CHATPIPE_INGEST_PORT (default 8080)")
+    p.add_argument("--api-port", type=int, help="env CHATPIPE_API_PORT (default 8081)")
+    p.add_argument("--state-dir", type=Path, help="where state lives (default .chatpipe)")
+    p.set_defaults(func=cmd_dev)
+
+    p = sub.add_parser("ingest", help="run the webhook ingest service")
+    p.add_argument("--port", dest="ingest_port", type=int, help="env CHATPIPE_INGEST_PORT")
+    p.add_argument("--host", dest="ingest_host", help="env CHATPIPE_INGEST_HOST")
+    p.add_argument("--reuse-port", action="store_true",
+                   help="SO_REUSEPORT: run several ingest processes on one port")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("worker", help="run the Faust stream processor")
+    p.add_argument("--web-port", dest="worker_web_port", type=int,
+                   help="port of the worker's /healthz and /metrics (env CHATPIPE_WORKER_WEB_PORT)")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("sink", help="run the store sink (PostgreSQL or SQLite)")
+    p.add_argument("--migrate-only", action="store_true", help="apply database migrations and exit")
+    p.add_argument("--metrics-port", type=int, help="serve /healthz and /metrics on this port")
+    p.set_defaults(func=cmd_sink)
+
+    p = sub.add_parser("api", help="run the read API")
+    p.add_argument("--port", dest="api_port", type=int, help="env CHATPIPE_API_PORT")
+    p.add_argument("--host", dest="api_host", help="env CHATPIPE_API_HOST")
+    p.set_defaults(func=cmd_api)
+
+    p = sub.add_parser("registry", help="run the embedded Confluent-compatible schema registry")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8085)
+    p.add_argument("--storage", help="JSON file holding the schemas (default STATE_DIR/registry.json)")
+    p.set_defaults(func=cmd_registry)
+
+    p = sub.add_parser("topics", help="create chatpipe's topics on the configured broker")
+    p.set_defaults(func=cmd_topics)
+    return parser
+
+
+_FLAG_FIELDS = (
+    "ingest_port", "ingest_host", "api_port", "api_host", "state_dir", "worker_web_port",
+    "metrics_port", "log_level", "log_format",
+)
+
+
+def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> int:
+    env = dict(os.environ if env is None else env)
+    args = build_parser().parse_args(argv)
+    overrides = {k: getattr(args, k, None) for k in _FLAG_FIELDS}
+    try:
+        settings = Settings.from_env(env, **overrides)
+    except ValueError as exc:
+        print(f"chatpipe: configuration error: {exc}", file=sys.stderr)
+        return 2
+    from chatpipe.serve import setup_logging
+
+    setup_logging(settings.log_level, settings.log_format, args.command)
+    try:
+        return int(args.func(settings, args, env) or 0)
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""One typed settings object, built once from the environment by the CLI and passed down.
+
+No other module reads `os.environ`. Secrets are masked in `repr`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_SECRET = "***"
+
+
+def _secret_field(default: str | None = None) -> str | None:
+    return field(default=default, repr=False)
+
+
+@dataclass(frozen=True)
+class Settings:
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    schema_registry_url: str = "http://127.0.0.1:8085"
+    store_url: str = "sqlite:///.chatpipe/chatpipe.db"
+    ingest_host: str = "127.0.0.1"
+    ingest_port: int = 8080
+    api_host: str = "127.0.0.1"
+    api_port: int = 8081
+    webhook_token: str | None = _secret_field()
+    api_8x8_url: str = "https://chatapps.8x8.com"
+    api_8x8_key: str | None = _secret_field()
+    reconcile_after: float = 900.0
+    # beyond INTERFACE.md
+    state_dir: Path = Path(".chatpipe")
+    partitions: int = 6
+    replication_factor: int = 1
+    max_body_bytes: int = 256 * 1024
+    read_window_hours: float = 48.0
+    pii_clear: bool = False
+    pii_hash_key: str | None = _secret_field()
+    embedded_broker: bool = False
+    worker_web_port: int = 6066
+    metrics_port: int = 0
+    log_level: str = "INFO"
+    log_format: str = "text"
+
+    def __repr__(self) -> str:
+        shown = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not f.repr and value is not None:
+                value = _SECRET
+            shown.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], **overrides: object) -> Settings:
+        """Build from `CHATPIPE_*` variables (see INTERFACE.md); `overrides` (CLI flags) win.
+
+        Raises ValueError naming the variable when a value does not parse.
+        """
+        values: dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            name = _ENV_NAMES.get(f.name, "CHATPIPE_" + f.name.upper())
+            if name not in env or env[name] == "":
+                continue
+            raw = env[name]
+            try:
+                values[f.name] = _convert(f.type, raw)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.partitions < 1:
+            raise ValueError("CHATPIPE_PARTITIONS must be >= 1")
+        if not (self.store_url.startswith("sqlite:///") or self.store_url.startswith("postgresql://")
+                or self.store_url.startswith("postgres://")):
+            raise ValueError(f"CHATPIPE_STORE_URL: unsupported store URL {self.store_url!r}")
+        if self.max_body_bytes < 1024:
+            raise ValueError("CHATPIPE_MAX_BODY_BYTES must be >= 1024")
+
+    def replace(self, **changes: object) -> Settings:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+_ENV_NAMES = {
+    "api_8x8_url": "CHATPIPE_8X8_API_URL",
+    "api_8x8_key": "CHATPIPE_8X8_API_KEY",
+}
+
+
+def _convert(kind: object, raw: str) -> object:
+    text = str(kind)
+    if "bool" in text:
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"not a boolean: {raw!r}")
+    if "int" in text:
+        return int(raw)
+    if "float" in text:
+        return float(raw)
+    if "Path" in text:
+        return Path(raw)
+    return raw

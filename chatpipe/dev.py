@@ -1,0 +1,210 @@
+"""`chatpipe dev`: the whole pipeline on one machine.
+
+Starts, in order: the embedded Tansu broker (unless CHATPIPE_KAFKA_BOOTSTRAP names one), the topics, the
+embedded schema registry (unless CHATPIPE_SCHEMA_REGISTRY_URL names one), then the ingest service, the
+Faust worker, the sink and the read API as child processes. Prints the addresses and `chatpipe ready`
+once every child reported ready. SIGINT/SIGTERM stop every child (exit 0); a child that dies makes dev
+say which and exit 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chatpipe.broker import free_port, start_tansu, wait_for_port
+from chatpipe.config import Settings
+from chatpipe.topics import ensure_topics
+
+READY_TIMEOUT = 90.0
+STOP_TIMEOUT = 15.0
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Ask Linux to SIGTERM the child if `dev` itself dies (even by SIGKILL): no orphans."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    ready_file: Path | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class DevStack:
+    def __init__(self, settings: Settings, env: dict[str, str]) -> None:
+        self.settings = settings
+        self.env = env
+        self.state = settings.state_dir
+        self.logs = self.state / "logs"
+        self.run_dir = self.state / "run"
+        self.children: list[Child] = []
+        self._stopping = False
+
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str], ready: bool = True) -> Child:
+        log_path = self.logs / f"{name}.log"
+        ready_file = self.run_dir / f"{name}.ready" if ready else None
+        child_env = dict(env)
+        if ready_file is not None:
+            ready_file.unlink(missing_ok=True)
+            child_env["CHATPIPE_READY_FILE"] = str(ready_file)
+        with open(log_path, "ab") as logf:
+            proc = subprocess.Popen(
+                argv, env=child_env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+            )
+        child = Child(name, proc, log_path, ready_file)
+        self.children.append(child)
+        return child
+
+    def _chatpipe(self, name: str, *args: str) -> Child:
+        return self._spawn(name, [sys.executable, "-m", "chatpipe.cli", name, *args], self.child_env)
+
+    def _wait_ready(self, children: list[Child], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        pending = list(children)
+        while pending:
+            for child in list(pending):
+                if child.proc.poll() is not None:
+                    raise ChildDied(child)
+                if child.ready_file is not None and child.ready_file.exists():
+                    self.say(f"  {child.name} ready in {time.monotonic() - child.started:.1f}s")
+                    pending.remove(child)
+            if self._stopping:
+                raise KeyboardInterrupt
+            if time.monotonic() > deadline:
+                raise TimeoutError("not ready after %ds: %s" % (timeout, ", ".join(c.name for c in pending)))
+            time.sleep(0.05)
+
+    def start(self) -> None:
+        t0 = time.monotonic()
+        s = self.settings
+        for d in (self.state, self.logs, self.run_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        env = dict(self.env)
+        bootstrap = env.get("CHATPIPE_KAFKA_BOOTSTRAP")
+        embedded = not bootstrap
+        if embedded:
+            port = free_port()
+            bootstrap = f"127.0.0.1:{port}"
+            tansu = start_tansu("127.0.0.1", port, self.logs / "broker.log")
+            self.children.append(Child("broker", tansu, self.logs / "broker.log"))
+            # the broker is in memory: processor state from an earlier broker must not be mixed in
+            shutil.rmtree(self.state / "processor", ignore_errors=True)
+            self.say(f"  broker (tansu, in memory) on {bootstrap}")
+        ensure_topics(bootstrap, s.partitions, s.replication_factor)
+        registry_url = env.get("CHATPIPE_SCHEMA_REGISTRY_URL")
+        env.update(
+            CHATPIPE_KAFKA_BOOTSTRAP=bootstrap,
+            CHATPIPE_EMBEDDED_BROKER="1" if embedded else "0",
+            CHATPIPE_STATE_DIR=str(self.state),
+            CHATPIPE_STORE_URL=s.store_url,
+            CHATPIPE_INGEST_PORT=str(s.ingest_port),
+            CHATPIPE_API_PORT=str(s.api_port),
+            CHATPIPE_WORKER_WEB_PORT=str(free_port()),
+        )
+        self.child_env = env
+        if not registry_url:
+            rport = free_port()
+            registry_url = f"http://127.0.0.1:{rport}"
+            reg = self._chatpipe("registry", "--port", str(rport), "--storage", str(self.state / "registry.json"))
+            self._wait_ready([reg], 20)
+            wait_for_port("127.0.0.1", rport)
+        env["CHATPIPE_SCHEMA_REGISTRY_URL"] = registry_url
+        self.say(f"CHATPIPE_KAFKA_BOOTSTRAP={bootstrap}")
+        self.say(f"CHATPIPE_SCHEMA_REGISTRY_URL={registry_url}")
+        services = [
+            self._chatpipe("ingest"),
+            self._chatpipe("worker"),
+            self._chatpipe("sink"),
+            self._chatpipe("api"),
+        ]
+        self._wait_ready(services, READY_TIMEOUT)
+        self.say(f"CHATPIPE_INGEST_URL=http://{s.ingest_host}:{s.ingest_port}/v1/webhooks/chatapps")
+        self.say(f"CHATPIPE_API_URL=http://{s.api_host}:{s.api_port}/api/v1")
+        self.say(f"CHATPIPE_STORE_URL={s.store_url}")
+        self.say(f"logs: {self.logs}/")
+        self.say(f"chatpipe ready in {time.monotonic() - t0:.1f}s")
+
+    def supervise(self) -> int:
+        while not self._stopping:
+            for child in self.children:
+                if child.proc.poll() is not None:
+                    raise ChildDied(child)
+            time.sleep(0.2)
+        return 0
+
+    def request_stop(self, *_: object) -> None:
+        self._stopping = True
+
+    def stop(self) -> None:
+        """Stop the services together (they flush to the broker), then the registry, the broker last."""
+        infra = ("registry", "broker")
+        waves = [
+            [c for c in self.children if c.name not in infra],
+            [c for c in self.children if c.name == "registry"],
+            [c for c in self.children if c.name == "broker"],
+        ]
+        for wave in waves:
+            for child in wave:
+                if child.proc.poll() is None:
+                    child.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + STOP_TIMEOUT
+            for child in wave:
+                while child.proc.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if child.proc.poll() is None:
+                    self.say(f"  {child.name} did not stop in {STOP_TIMEOUT:.0f}s, killing it")
+                    child.proc.kill()
+                    child.proc.wait()
+
+
+class ChildDied(RuntimeError):
+    def __init__(self, child: Child) -> None:
+        super().__init__(f"{child.name} exited with code {child.proc.returncode}")
+        self.child = child
+
+
+def run_dev(settings: Settings, env: dict[str, str]) -> int:
+    stack = DevStack(settings, env)
+    signal.signal(signal.SIGINT, stack.request_stop)
+    signal.signal(signal.SIGTERM, stack.request_stop)
+    code = 0
+    try:
+        stack.start()
+        stack.supervise()
+    except KeyboardInterrupt:
+        pass
+    except ChildDied as exc:
+        print(f"chatpipe dev: {exc}; last lines of {exc.child.log_path}:", file=sys.stderr)
+        print(exc.child.tail(), file=sys.stderr)
+        code = 1
+    except (TimeoutError, RuntimeError, OSError) as exc:
+        print(f"chatpipe dev: {exc}", file=sys.stderr)
+        code = 1
+    finally:
+        stack.stop()
+    if code == 0:
+        print("chatpipe stopped", flush=True)
+    return code
+

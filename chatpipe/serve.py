@@ -1,0 +1,82 @@
+"""Process glue shared by the services: logging set-up, running an aiohttp app until a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg (+ exc)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def setup_logging(level: str = "INFO", fmt: str = "text", component: str = "chatpipe") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)s {component} %(name)s: %(message)s")
+        )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+async def serve_until_signal(
+    app: web.Application,
+    host: str,
+    port: int,
+    on_ready: Callable[[], None] | None = None,
+    reuse_port: bool = False,
+    shutdown_timeout: float = 15.0,
+) -> None:
+    """Serve `app` until SIGINT/SIGTERM, then stop accepting, finish in-flight requests, clean up."""
+    runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
+    await site.start()
+    logging.getLogger(__name__).info("listening on http://%s:%d", host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if on_ready is not None:
+        on_ready()
+    await stop.wait()
+    await runner.cleanup()
+
+
+def serve_in_thread(app: web.Application, host: str, port: int) -> threading.Thread:
+    """Serve a small app (health, metrics) from a daemon thread with its own loop."""
+
+    def target() -> None:
+        loop = asyncio.new_event_loop()
+        runner = web.AppRunner(app, access_log=None)
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, host, port).start())
+        loop.run_forever()
+
+    thread = threading.Thread(target=target, name=f"http-{port}", daemon=True)
+    thread.start()
+    return thread

@@ -1,0 +1,167 @@
+"""Avro in the Confluent wire format: magic byte 0, 4-byte big-endian schema id, schemaless Avro body.
+
+A `TopicCodec` registers its topic's value schema once (TopicNameStrategy subject `<topic>-value`),
+then encodes and decodes with fastavro's schemaless writer/reader on parsed schemas. Writer schemas
+of incoming records are fetched by id once and cached, so any registered version of a subject can be
+read with the current reader schema (schema resolution). One HTTP call per schema, never per record.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import struct
+import threading
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+import fastavro
+from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+from schemas import mapping
+from schemas.catalog import (
+    INBOUND,
+    INGEST_DLQ,
+    MESSAGE_STATE,
+    RECEIPTS,
+    SINK_DLQ,
+    TopicSpec,
+    load_schema,
+)
+from schemas.errors import InvalidEvent, SchemaError, TransientError
+
+log = logging.getLogger(__name__)
+
+MAGIC = 0
+_HEADER = struct.Struct(">bI")
+
+T = TypeVar("T")
+
+
+class Registry:
+    """A cached view of a Confluent-compatible Schema Registry.
+
+    Thread-safe; every schema is registered or fetched at most once per process.
+    """
+
+    def __init__(self, url: str, client: SchemaRegistryClient | None = None) -> None:
+        self.url = url
+        self._client = client or SchemaRegistryClient({"url": url})
+        self._by_id: dict[int, Any] = {}
+        self._ids: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+
+    def register(self, subject: str, schema_text: str) -> int:
+        key = (subject, schema_text)
+        if key in self._ids:
+            return self._ids[key]
+        with self._lock:
+            if key not in self._ids:
+                try:
+                    schema_id = self._client.register_schema(subject, Schema(schema_text, "AVRO"))
+                except SchemaRegistryError as exc:
+                    if exc.http_status_code == 409:
+                        raise SchemaError(f"{subject}: incompatible with the registered schema: {exc}") from exc
+                    raise TransientError(f"schema registry {self.url}: {exc}") from exc
+                except Exception as exc:  # connection errors come as httpx exceptions
+                    raise TransientError(f"schema registry {self.url} unreachable: {exc}") from exc
+                self._ids[key] = schema_id
+                self._by_id.setdefault(schema_id, fastavro.parse_schema(json.loads(schema_text)))
+                log.info("registered schema subject=%s id=%d", subject, schema_id)
+        return self._ids[key]
+
+    def writer_schema(self, schema_id: int) -> Any:
+        parsed = self._by_id.get(schema_id)
+        if parsed is not None:
+            return parsed
+        with self._lock:
+            if schema_id not in self._by_id:
+                try:
+                    schema = self._client.get_schema(schema_id)
+                except SchemaRegistryError as exc:
+                    if exc.http_status_code == 404:
+                        raise InvalidEvent(f"unknown schema id {schema_id}", code=40403) from exc
+                    raise TransientError(f"schema registry {self.url}: {exc}") from exc
+                except Exception as exc:
+                    raise TransientError(f"schema registry {self.url} unreachable: {exc}") from exc
+                self._by_id[schema_id] = fastavro.parse_schema(json.loads(schema.schema_str))
+        return self._by_id[schema_id]
+
+
+class TopicCodec(Generic[T]):
+    """Encode/decode one topic's values between core dataclasses and Confluent-framed Avro."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        spec: TopicSpec,
+        to_dict: Callable[[T], dict[str, Any]],
+        from_dict: Callable[[dict[str, Any]], T],
+    ) -> None:
+        self.spec = spec
+        self._registry = registry
+        self._to_dict = to_dict
+        self._from_dict = from_dict
+        self._schema_text = load_schema(spec.schema_file)
+        self._reader = fastavro.parse_schema(json.loads(self._schema_text))
+        self._schema_id: int | None = None
+        self._header = b""
+
+    @property
+    def schema_id(self) -> int:
+        if self._schema_id is None:
+            self._schema_id = self._registry.register(self.spec.subject, self._schema_text)
+            self._header = _HEADER.pack(MAGIC, self._schema_id)
+        return self._schema_id
+
+    def encode(self, value: T) -> bytes:
+        return self.encode_dict(self._to_dict(value))
+
+    def encode_dict(self, record: dict[str, Any]) -> bytes:
+        if self._schema_id is None:
+            _ = self.schema_id
+        buf = io.BytesIO()
+        buf.write(self._header)
+        fastavro.schemaless_writer(buf, self._reader, record)
+        return buf.getvalue()
+
+    def decode_dict(self, data: bytes) -> dict[str, Any]:
+        if len(data) < 5 or data[0] != MAGIC:
+            raise InvalidEvent(f"{self.spec.name}: not Confluent-framed Avro (magic byte)", raw=data)
+        _, schema_id = _HEADER.unpack_from(data)
+        writer = self._registry.writer_schema(schema_id)
+        try:
+            record = fastavro.schemaless_reader(io.BytesIO(data[5:]), writer, self._reader)
+        except Exception as exc:
+            raise InvalidEvent(f"{self.spec.name}: undecodable Avro body: {exc}", raw=data) from exc
+        return record  # type: ignore[return-value]
+
+    def decode(self, data: bytes) -> T:
+        return self._from_dict(self.decode_dict(data))
+
+
+class Codecs:
+    """All of chatpipe's topic codecs over one registry."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.receipts = TopicCodec(registry, RECEIPTS, mapping.receipt_to_dict, mapping.receipt_from_dict)
+        self.inbound = TopicCodec(registry, INBOUND, mapping.inbound_to_dict, mapping.inbound_from_dict)
+        self.ingest_dlq = TopicCodec(
+            registry, INGEST_DLQ, mapping.dead_letter_to_dict, mapping.dead_letter_from_dict
+        )
+        self.sink_dlq = TopicCodec(registry, SINK_DLQ, mapping.dead_letter_to_dict, mapping.dead_letter_from_dict)
+        self.state = TopicCodec(registry, MESSAGE_STATE, mapping.state_to_dict, mapping.state_from_dict)
+
+    def all(self) -> tuple[TopicCodec[Any], ...]:
+        return (self.receipts, self.inbound, self.ingest_dlq, self.sink_dlq, self.state)
+
+    def register_all(self) -> dict[str, int]:
+        """Register every subject now (fail fast at start-up rather than on the first record)."""
+        return {c.spec.subject: c.schema_id for c in self.all()}
+
+    @classmethod
+    def connect(cls, url: str) -> Codecs:
+        return cls(Registry(url))

@@ -1,0 +1,57 @@
+"""Shared fixtures: the real embedded broker (Tansu), the embedded schema registry, PostgreSQL.
+
+Nothing here is a mock: integration tests talk to real processes on loopback ports.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from chatpipe.broker import free_port, start_tansu, wait_for_port
+
+pytest_plugins = ["tests.support.postgres"]
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Tansu broker for the whole session with chatpipe's topics created; yields the bootstrap."""
+    from chatpipe.topics import ensure_topics
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("broker") / "tansu.log"
+    proc = start_tansu("127.0.0.1", port, log)
+    bootstrap = f"127.0.0.1:{port}"
+    try:
+        ensure_topics(bootstrap, partitions=4)
+        yield bootstrap
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except Exception:
+            proc.kill()
+
+
+@pytest.fixture(scope="session")
+def registry_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The embedded schema registry, served from a thread on a free port."""
+    from chatpipe.serve import serve_in_thread
+    from schemas.registry import create_registry_app
+
+    storage = tmp_path_factory.mktemp("registry") / "registry.json"
+    port = free_port()
+    serve_in_thread(create_registry_app(storage), "127.0.0.1", port)
+    wait_for_port("127.0.0.1", port)
+    yield f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture()
+def state_dir(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / ".chatpipe"
+    path.mkdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
