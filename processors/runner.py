@@ -1,0 +1,35 @@
+"""Run the Faust worker process (`chatpipe worker`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import faust
+
+from chatpipe.config import Settings
+from processors.agents import install_agents
+from processors.app import create_processor
+
+log = logging.getLogger(__name__)
+
+
+class _Worker(faust.Worker):
+    """Faust's worker with a hook for "ready": partitions assigned and tables recovered."""
+
+    on_ready: Callable[[], None] | None = None
+
+    async def on_startup_finished(self) -> None:
+        await super().on_startup_finished()
+        if self.on_ready is not None:
+            self.on_ready()
+
+
+def run_worker(settings: Settings, on_ready: Callable[[], None] | None = None) -> int:
+    processor = create_processor(settings)
+    processor.codecs.register_all()
+    install_agents(processor)
+    worker = _Worker(processor.app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
+    worker.on_ready = on_ready
+    worker.execute_from_commandline()  # returns via SystemExit when stopped
+    return 0
