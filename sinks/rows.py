@@ -1,0 +1,529 @@
+"""Pure mapping between the core dataclasses and the store's rows, and from rows back to 8x8's shapes.
+
+Nothing here does I/O or reads the clock. Rows are plain dicts keyed by column name; timestamps stay
+aware UTC `datetime`s and each store adapts them (ISO text in SQLite, timestamptz in PostgreSQL).
+The column tuples below are the single list both dialects write, in this order.
+
+PII policy (`PiiPolicy`): by default a row never holds a phone number or message content in clear:
+`msisdn_masked` is masked the way 8x8 masks it (`+63922110xxxx`), `msisdn_hash` is an HMAC-SHA256 of the
+number (for joins), text is `**MASKED**`, and the clear-only columns (`msisdn`, `raw_json`, ...) are NULL.
+With `clear=True` those columns are filled too.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import operator
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from schemas.models import InboundMessage, MessageState
+from schemas.timefmt import format_iso8601
+
+Row = dict[str, Any]
+
+MASKED = "**MASKED**"
+
+MESSAGE_COLUMNS: tuple[str, ...] = (
+    "umid",
+    "sub_account_id",
+    "version",
+    "state",
+    "detail",
+    "error_code",
+    "error_message",
+    "status_at",
+    "channel_path",
+    "current_channel",
+    "fell_back",
+    "step_count",
+    "first_sent_at",
+    "delivered_at",
+    "read_at",
+    "final",
+    "duplicates",
+    "msisdn_masked",
+    "msisdn_hash",
+    "msisdn",
+    "channel_user_id",
+    "batch_id",
+    "client_message_id",
+    "client_batch_id",
+    "updated_at",
+)
+
+STEP_COLUMNS: tuple[str, ...] = (
+    "umid",
+    "step",
+    "channel",
+    "state",
+    "detail",
+    "error_code",
+    "error_message",
+    "status_at",
+    "first_event_at",
+    "sent_at",
+    "delivered_at",
+    "read_at",
+    "failed_at",
+    "channel_id",
+    "country",
+    "content_type",
+    "created_at",
+    "duplicates",
+    "version",
+)
+
+EVENT_COLUMNS: tuple[str, ...] = (
+    "umid",
+    "step",
+    "sub_account_id",
+    "channel",
+    "state",
+    "detail",
+    "error_code",
+    "error_message",
+    "ts",
+)
+
+INBOUND_COLUMNS: tuple[str, ...] = (
+    "umid",
+    "sub_account_id",
+    "channel",
+    "channel_id",
+    "type",
+    "ts",
+    "received_at",
+    "msisdn_masked",
+    "msisdn_hash",
+    "msisdn",
+    "channel_user_id",
+    "user_name",
+    "text",
+    "url",
+    "payload",
+    "latitude",
+    "longitude",
+    "reply_to_umid",
+    "interactive_type",
+    "button_reply_id",
+    "button_reply_title",
+    "list_reply_id",
+    "list_reply_title",
+    "list_reply_description",
+    "nfm_response_json",
+    "call_permission_response",
+    "call_permission_is_permanent",
+    "call_permission_expires_at",
+    "call_permission_source",
+    "version",
+    "raw_json",
+)
+
+# Columns holding a timestamp, per table: the stores convert these (SQLite keeps ISO text).
+TIMESTAMP_COLUMNS: frozenset[str] = frozenset(
+    {
+        "status_at",
+        "first_sent_at",
+        "delivered_at",
+        "read_at",
+        "updated_at",
+        "first_event_at",
+        "sent_at",
+        "failed_at",
+        "created_at",
+        "ts",
+        "received_at",
+        "call_permission_expires_at",
+    }
+)
+BOOLEAN_COLUMNS: frozenset[str] = frozenset({"fell_back", "final", "call_permission_is_permanent"})
+
+# 8x8's display casing of channel names (the core keeps them lower-case).
+CHANNEL_DISPLAY: dict[str, str] = {
+    "sms": "SMS",
+    "whatsapp": "WhatsApp",
+    "rcs": "RCS",
+    "viber": "Viber",
+    "line": "Line",
+    "facebook": "Facebook",
+    "messenger": "Facebook",
+    "wechat": "WeChat",
+    "zalo": "Zalo",
+    "kakao": "Kakao",
+    "kakaotalk": "Kakao",
+    "telegram": "Telegram",
+    "instagram": "Instagram",
+    "applebusinesschat": "AppleBusinessChat",
+    "googlebusinessmessages": "GoogleBusinessMessages",
+}
+
+
+def display_channel(channel: str) -> str:
+    """8x8's casing for a lower-case channel name; an unknown channel is returned as stored."""
+    return CHANNEL_DISPLAY.get(channel.lower(), channel) if channel else channel
+
+
+@functools.lru_cache(maxsize=8)
+def _hmac_base(key: bytes) -> hmac.HMAC:
+    return hmac.new(key, digestmod=hashlib.sha256)
+
+
+def _hmac_hex(key: bytes, message: bytes) -> str:
+    h = _hmac_base(key).copy()  # the keyed inner/outer pads computed once per key
+    h.update(message)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class PiiPolicy:
+    """What a row may hold about the end user.
+
+    `clear=False` (default): msisdn masked + keyed hash, content `**MASKED**`, clear-only columns NULL.
+    `clear=True`: additionally keep msisdn, content, location, names and `raw_json` in clear.
+    `hash_key` keys the HMAC; an empty key still hashes (deterministic, but guessable for phone numbers:
+    configure a secret in production). `repr` never shows the key.
+    """
+
+    clear: bool = False
+    hash_key: bytes = b""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.hash_key, bytes):
+            raise ValueError("PiiPolicy.hash_key must be bytes")
+
+    def __repr__(self) -> str:
+        return f"PiiPolicy(clear={self.clear}, hash_key={'***' if self.hash_key else ''!r})"
+
+    @staticmethod
+    def mask_msisdn(msisdn: str | None) -> str | None:
+        """Mask the last 4 digits as 8x8 does: `+6581968289` -> `+658196xxxx`. Always masks."""
+        if not msisdn:
+            return None
+        value = msisdn.strip()
+        keep = max(len(value) - 4, 1 if value.startswith("+") else 0)
+        return value[:keep] + "x" * (len(value) - keep)
+
+    def hash_msisdn(self, msisdn: str | None) -> str | None:
+        """HMAC-SHA256 (hex) of the number with `hash_key`; None when there is no number."""
+        if not msisdn:
+            return None
+        return _hmac_hex(self.hash_key, msisdn.strip().encode("utf-8"))
+
+    def clear_msisdn(self, msisdn: str | None) -> str | None:
+        """The number itself when the policy keeps it in clear, else None."""
+        return msisdn.strip() if self.clear and msisdn else None
+
+    def text(self, value: str | None) -> str | None:
+        """Content as stored: itself when clear, `**MASKED**` otherwise; None stays None."""
+        if value is None:
+            return None
+        return value if self.clear else MASKED
+
+    def clear_only(self, value: Any) -> Any:
+        return value if self.clear else None
+
+
+# --- core -> rows ----------------------------------------------------------------------------------
+
+
+def state_rows(state: MessageState, pii: PiiPolicy) -> tuple[Row, list[Row]]:
+    """The `messages` row and the `message_steps` rows of one message state."""
+    msisdn = state.user.msisdn
+    message: Row = {
+        "umid": state.umid,
+        "sub_account_id": state.sub_account_id,
+        "version": state.version,
+        "state": state.state,
+        "detail": state.detail,
+        "error_code": state.error_code,
+        "error_message": state.error_message,
+        "status_at": state.status_timestamp,
+        "channel_path": state.channel_path,
+        "current_channel": state.current_channel,
+        "fell_back": state.fell_back,
+        "step_count": len(state.steps),
+        "first_sent_at": state.first_sent_at,
+        "delivered_at": state.delivered_at,
+        "read_at": state.read_at,
+        "final": state.final,
+        "duplicates": state.duplicates,
+        "msisdn_masked": pii.mask_msisdn(msisdn),
+        "msisdn_hash": pii.hash_msisdn(msisdn),
+        "msisdn": pii.clear_msisdn(msisdn),
+        "channel_user_id": state.user.channel_user_id,
+        "batch_id": state.batch_id,
+        "client_message_id": state.client_message_id,
+        "client_batch_id": state.client_batch_id,
+        "updated_at": state.updated_at,
+    }
+    steps = [
+        {
+            "umid": state.umid,
+            "step": s.step,
+            "channel": s.channel,
+            "state": s.state,
+            "detail": s.detail,
+            "error_code": s.error_code,
+            "error_message": s.error_message,
+            "status_at": s.status_timestamp,
+            "first_event_at": s.first_event_at,
+            "sent_at": s.sent_at,
+            "delivered_at": s.delivered_at,
+            "read_at": s.read_at,
+            "failed_at": s.failed_at,
+            "channel_id": s.channel_id,
+            "country": s.country,
+            "content_type": s.content_type,
+            "created_at": s.created_at,
+            "duplicates": s.duplicates,
+            "version": state.version,
+        }
+        for s in state.steps
+    ]
+    return message, steps
+
+
+def status_event_rows(state: MessageState) -> list[Row]:
+    """The `status_events` rows of one state: every step's history (dedup happens in the store)."""
+    return [
+        {
+            "umid": state.umid,
+            "step": s.step,
+            "sub_account_id": state.sub_account_id,
+            "channel": s.channel,
+            "state": e.state,
+            "detail": e.detail,
+            "error_code": e.error_code,
+            "error_message": e.error_message,
+            "ts": e.timestamp,
+        }
+        for s in state.steps
+        for e in s.history
+    ]
+
+
+def latest_states(states: Iterable[MessageState]) -> list[MessageState]:
+    """Keep only the highest version per umid, in first-seen order of the umids."""
+    best: dict[str, MessageState] = {}
+    for s in states:
+        held = best.get(s.umid)
+        if held is None or s.version > held.version:
+            best[s.umid] = s
+    return list(best.values())
+
+
+def inbound_row(msg: InboundMessage, pii: PiiPolicy) -> Row:
+    """The `inbound_messages` row of one inbound message (content masked unless the policy is clear)."""
+    c = msg.content
+    it = c.interactive
+    button = it.button_reply if it else None
+    lst = it.list_reply if it else None
+    call = it.call_permission_reply if it else None
+    msisdn = msg.user.msisdn
+    return {
+        "umid": msg.umid,
+        "sub_account_id": msg.sub_account_id,
+        "channel": msg.channel,
+        "channel_id": msg.channel_id,
+        "type": msg.type,
+        "ts": msg.timestamp,
+        "received_at": msg.received_at,
+        "msisdn_masked": pii.mask_msisdn(msisdn),
+        "msisdn_hash": pii.hash_msisdn(msisdn),
+        "msisdn": pii.clear_msisdn(msisdn),
+        "channel_user_id": msg.user.channel_user_id,
+        "user_name": pii.clear_only(msg.user.name),
+        "text": pii.text(c.text),
+        "url": pii.text(c.url),
+        "payload": pii.text(c.payload),
+        "latitude": pii.clear_only(c.latitude),
+        "longitude": pii.clear_only(c.longitude),
+        "reply_to_umid": msg.reply_to_umid,
+        "interactive_type": it.type if it else None,
+        "button_reply_id": button.id if button else None,
+        "button_reply_title": button.title if button else None,
+        "list_reply_id": lst.id if lst else None,
+        "list_reply_title": lst.title if lst else None,
+        "list_reply_description": lst.description if lst else None,
+        "nfm_response_json": pii.text(it.nfm_response_json) if it else None,
+        "call_permission_response": call.response if call else None,
+        "call_permission_is_permanent": call.is_permanent if call else None,
+        "call_permission_expires_at": call.expiration_timestamp if call else None,
+        "call_permission_source": call.response_source if call else None,
+        "version": msg.version,
+        "raw_json": pii.clear_only(msg.raw_json),
+    }
+
+
+def fixed_iso(value: datetime) -> str:
+    """Fixed-width ISO 8601 UTC text (`2020-06-17T04:17:21.060000Z`): sorts as time does."""
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def inbound_cursor(row: Row) -> str:
+    """The list cursor after an inbound row: `<fixed ISO ts>|<umid>` (ordered by ts, then umid)."""
+    return f"{fixed_iso(row['ts'])}|{row['umid']}"
+
+
+_GETTERS: dict[tuple[str, ...], Callable[[Row], tuple[Any, ...]]] = {}
+
+
+def as_tuple(row: Row, columns: tuple[str, ...]) -> tuple[Any, ...]:
+    """The row's values in `columns` order (one of the column tuples above)."""
+    getter = _GETTERS.get(columns)
+    if getter is None:
+        getter = _GETTERS[columns] = operator.itemgetter(*columns)
+    return getter(row)  # type: ignore[no-any-return]
+
+
+# --- rows -> 8x8 shapes (read API) -----------------------------------------------------------------
+
+
+def _iso(value: datetime | None) -> str | None:
+    return format_iso8601(value) if value is not None else None
+
+
+def _compact(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def _user(row: Row) -> dict[str, Any] | None:
+    user = _compact(
+        {"msisdn": row.get("msisdn") or row.get("msisdn_masked"), "channelUserId": row.get("channel_user_id")}
+    )
+    return user or None
+
+
+def detail_records(message: Row, steps: Sequence[Row], *, clear: bool = False) -> list[dict[str, Any]]:
+    """8x8 Retrieve-message-details `data[]`: one record per step, keys in the documented order.
+
+    Optional keys whose value is unknown are left out (as in 8x8's second example); the required ones
+    (umid, subAccountId, channel, channelId, direction, status, contentType, createdAt, step) are always
+    present. `createdAt` is the submission time the details API reported; when chatpipe never learned
+    it, the earliest event time of the message stands in (never null). `channelId`/`contentType` are
+    null when unknown. `content` is `**MASKED**` unless the store keeps content in clear (outbound
+    content is not stored, so it is then left out).
+    """
+    ordered = sorted(steps, key=lambda r: r["step"])
+    known_created = [r["created_at"] for r in ordered if r.get("created_at") is not None]
+    fallback_created = (
+        min(known_created)
+        if known_created
+        else (min(r["first_event_at"] for r in ordered) if ordered else None)
+    )
+    user = _user(message)
+    records = []
+    for s in ordered:
+        status = {"state": s["state"], "timestamp": _iso(s["status_at"])}
+        status.update(
+            _compact(
+                {"detail": s["detail"], "errorCode": s["error_code"], "errorMessage": s["error_message"]}
+            )
+        )
+        status = {
+            k: status[k] for k in ("state", "detail", "errorCode", "errorMessage", "timestamp") if k in status
+        }
+        record: dict[str, Any] = {
+            "umid": message["umid"],
+            "subAccountId": message["sub_account_id"],
+            "channel": display_channel(s["channel"]),
+            "channelId": s.get("channel_id"),
+            "direction": "outbound",
+            "country": s.get("country"),
+            "status": status,
+            "user": user,
+            "contentType": s.get("content_type"),
+            "content": None if clear else MASKED,
+            "createdAt": _iso(s.get("created_at") or fallback_created),
+            "clientMessageId": message.get("client_message_id"),
+            "clientBatchId": message.get("client_batch_id"),
+            "batchId": message.get("batch_id"),
+            "step": s["step"],
+        }
+        required = ("channelId", "contentType", "createdAt")
+        records.append({k: v for k, v in record.items() if v is not None or k in required})
+    return records
+
+
+def summary_record(message: Row) -> dict[str, Any]:
+    """One message of a list answer: its current status, path and identifiers (camelCase, nulls out)."""
+    status = _compact(
+        {
+            "state": message["state"],
+            "detail": message["detail"],
+            "errorCode": message["error_code"],
+            "errorMessage": message["error_message"],
+            "timestamp": _iso(message["status_at"]),
+        }
+    )
+    path = message["channel_path"]
+    return _compact(
+        {
+            "umid": message["umid"],
+            "subAccountId": message["sub_account_id"],
+            "channel": display_channel(message["current_channel"]),
+            "channelPath": [display_channel(c) for c in path.split(">")] if path else [],
+            "fellBack": bool(message["fell_back"]),
+            "stepCount": message["step_count"],
+            "direction": "outbound",
+            "status": status,
+            "user": _user(message),
+            "clientMessageId": message["client_message_id"],
+            "clientBatchId": message["client_batch_id"],
+            "batchId": message["batch_id"],
+            "firstSentAt": _iso(message["first_sent_at"]),
+            "deliveredAt": _iso(message["delivered_at"]),
+            "readAt": _iso(message["read_at"]),
+            "final": bool(message["final"]),
+            "version": message["version"],
+            "updatedAt": _iso(message["updated_at"]),
+        }
+    )
+
+
+def inbound_record(row: Row) -> dict[str, Any]:
+    """One inbound message of a conversation listing, in 8x8's inbound webhook vocabulary."""
+    interactive = None
+    if row.get("interactive_type"):
+        interactive = _compact(
+            {
+                "type": row["interactive_type"],
+                "buttonReply": _compact({"id": row["button_reply_id"], "title": row["button_reply_title"]})
+                or None,
+                "listReply": _compact(
+                    {
+                        "id": row["list_reply_id"],
+                        "title": row["list_reply_title"],
+                        "description": row["list_reply_description"],
+                    }
+                )
+                or None,
+            }
+        )
+    content = _compact(
+        {
+            "text": row.get("text"),
+            "url": row.get("url"),
+            "payload": row.get("payload"),
+            "interactive": interactive,
+        }
+    )
+    return _compact(
+        {
+            "umid": row["umid"],
+            "subAccountId": row["sub_account_id"],
+            "channel": display_channel(row["channel"]),
+            "channelId": row.get("channel_id"),
+            "direction": "inbound",
+            "type": row["type"],
+            "timestamp": _iso(row["ts"]),
+            "user": _user(row),
+            "content": content or None,
+            "replyToUmid": row.get("reply_to_umid"),
+        }
+    )

@@ -1,0 +1,380 @@
+"""SQLite store: the embedded default (stdlib sqlite3, WAL mode, executemany upserts).
+
+The worker and the read API may be separate processes on the same file: WAL lets readers run while a
+batch is written, `busy_timeout` makes a second writer wait instead of failing, and every write batch
+starts with `BEGIN IMMEDIATE` so the version check and the upserts see one consistent database.
+Timestamps are stored as fixed-width ISO 8601 UTC text (`2020-06-17T04:17:21.060000Z`), which sorts
+chronologically. One connection per store, guarded by a lock (the API may call from worker threads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from schemas.errors import TransientError
+from schemas.models import InboundMessage, MessageState
+from sinks import rows as R
+from sinks.rows import PiiPolicy
+from sinks.store import DEFAULT_LIMIT, MIGRATIONS_TABLE, clamp_limit
+
+BUSY_TIMEOUT_MS = 30_000
+
+MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
+    (
+        1,
+        "initial schema",
+        (
+            """
+            CREATE TABLE messages (
+                umid              TEXT PRIMARY KEY,
+                sub_account_id    TEXT NOT NULL,
+                version           INTEGER NOT NULL,
+                state             TEXT NOT NULL,
+                detail            TEXT,
+                error_code        INTEGER,
+                error_message     TEXT,
+                status_at         TEXT NOT NULL,
+                channel_path      TEXT NOT NULL,
+                current_channel   TEXT NOT NULL,
+                fell_back         INTEGER NOT NULL,
+                step_count        INTEGER NOT NULL,
+                first_sent_at     TEXT,
+                delivered_at      TEXT,
+                read_at           TEXT,
+                final             INTEGER NOT NULL,
+                duplicates        INTEGER NOT NULL DEFAULT 0,
+                msisdn_masked     TEXT,
+                msisdn_hash       TEXT,
+                msisdn            TEXT,
+                channel_user_id   TEXT,
+                batch_id          TEXT,
+                client_message_id TEXT,
+                client_batch_id   TEXT,
+                updated_at        TEXT NOT NULL
+            )
+            """,
+            "CREATE INDEX messages_client_message_id ON messages (sub_account_id, client_message_id)",
+            "CREATE INDEX messages_batch_id ON messages (sub_account_id, batch_id)",
+            "CREATE INDEX messages_updated_at ON messages (sub_account_id, updated_at)",
+            """
+            CREATE TABLE message_steps (
+                umid            TEXT NOT NULL,
+                step            INTEGER NOT NULL,
+                channel         TEXT NOT NULL,
+                state           TEXT NOT NULL,
+                detail          TEXT,
+                error_code      INTEGER,
+                error_message   TEXT,
+                status_at       TEXT NOT NULL,
+                first_event_at  TEXT NOT NULL,
+                sent_at         TEXT,
+                delivered_at    TEXT,
+                read_at         TEXT,
+                failed_at       TEXT,
+                channel_id      TEXT,
+                country         TEXT,
+                content_type    TEXT,
+                created_at      TEXT,
+                duplicates      INTEGER NOT NULL DEFAULT 0,
+                version         INTEGER NOT NULL,
+                PRIMARY KEY (umid, step)
+            )
+            """,
+            "CREATE INDEX message_steps_channel_day ON message_steps (channel, status_at)",
+            """
+            CREATE TABLE status_events (
+                umid           TEXT NOT NULL,
+                step           INTEGER NOT NULL,
+                sub_account_id TEXT NOT NULL,
+                channel        TEXT NOT NULL,
+                state          TEXT NOT NULL,
+                detail         TEXT,
+                error_code     INTEGER,
+                error_message  TEXT,
+                ts             TEXT NOT NULL
+            )
+            """,
+            "CREATE UNIQUE INDEX status_events_dedup"
+            " ON status_events (umid, step, state, coalesce(detail, ''), ts)",
+            """
+            CREATE TABLE inbound_messages (
+                umid                         TEXT PRIMARY KEY,
+                sub_account_id               TEXT NOT NULL,
+                channel                      TEXT NOT NULL,
+                channel_id                   TEXT,
+                type                         TEXT NOT NULL,
+                ts                           TEXT NOT NULL,
+                received_at                  TEXT NOT NULL,
+                msisdn_masked                TEXT,
+                msisdn_hash                  TEXT,
+                msisdn                       TEXT,
+                channel_user_id              TEXT,
+                user_name                    TEXT,
+                text                         TEXT,
+                url                          TEXT,
+                payload                      TEXT,
+                latitude                     REAL,
+                longitude                    REAL,
+                reply_to_umid                TEXT,
+                interactive_type             TEXT,
+                button_reply_id              TEXT,
+                button_reply_title           TEXT,
+                list_reply_id                TEXT,
+                list_reply_title             TEXT,
+                list_reply_description       TEXT,
+                nfm_response_json            TEXT,
+                call_permission_response     TEXT,
+                call_permission_is_permanent INTEGER,
+                call_permission_expires_at   TEXT,
+                call_permission_source       TEXT,
+                version                      INTEGER,
+                raw_json                     TEXT
+            )
+            """,
+            "CREATE INDEX inbound_by_user"
+            " ON inbound_messages (sub_account_id, channel_id, channel_user_id, ts)",
+            "CREATE INDEX inbound_by_msisdn"
+            " ON inbound_messages (sub_account_id, channel_id, msisdn_hash, ts)",
+        ),
+    ),
+)
+
+
+def _columns(cols: Sequence[str]) -> str:
+    return ", ".join(cols)
+
+
+def _params(cols: Sequence[str]) -> str:
+    return ", ".join("?" for _ in cols)
+
+
+_UPSERT_MESSAGE = (
+    f"INSERT INTO messages ({_columns(R.MESSAGE_COLUMNS)}) VALUES ({_params(R.MESSAGE_COLUMNS)})"
+    " ON CONFLICT (umid) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in R.MESSAGE_COLUMNS if c != "umid")
+    + " WHERE excluded.version > messages.version"
+)
+_INSERT_STEP = f"INSERT INTO message_steps ({_columns(R.STEP_COLUMNS)}) VALUES ({_params(R.STEP_COLUMNS)})"
+_INSERT_EVENT = (
+    f"INSERT INTO status_events ({_columns(R.EVENT_COLUMNS)}) VALUES ({_params(R.EVENT_COLUMNS)})"
+    " ON CONFLICT DO NOTHING"
+)
+_INSERT_INBOUND = (
+    f"INSERT INTO inbound_messages ({_columns(R.INBOUND_COLUMNS)}) VALUES ({_params(R.INBOUND_COLUMNS)})"
+    " ON CONFLICT (umid) DO NOTHING"
+)
+_VERSIONS = "SELECT umid, version FROM messages WHERE umid IN (SELECT value FROM json_each(?))"
+
+
+def to_text(value: datetime) -> str:
+    return R.fixed_iso(value)
+
+
+def from_text(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+def _adapt(row: R.Row, columns: Sequence[str]) -> tuple[Any, ...]:
+    out = []
+    for c in columns:
+        v = row[c]
+        if isinstance(v, datetime):
+            v = to_text(v)
+        elif isinstance(v, bool):
+            v = int(v)
+        out.append(v)
+    return tuple(out)
+
+
+def _row(cursor: sqlite3.Cursor, values: tuple[Any, ...]) -> R.Row:
+    out = {}
+    for (name, *_), v in zip(cursor.description, values, strict=True):
+        if v is not None and name in R.TIMESTAMP_COLUMNS:
+            v = from_text(v)
+        out[name] = v
+    return out
+
+
+class SqliteStore:
+    """See `sinks.store.Store` for the contract."""
+
+    def __init__(self, path: str, pii: PiiPolicy) -> None:
+        self.path = path
+        self.pii = pii
+        self._lock = threading.RLock()
+        if path != ":memory:":
+            parent = os.path.dirname(os.path.abspath(path))
+            os.makedirs(parent, exist_ok=True)
+        self._conn = sqlite3.connect(
+            path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+        )
+        self._conn.row_factory = _row
+        self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        if path != ":memory:":
+            self._conn.execute("PRAGMA journal_mode = WAL")
+        self._conn.execute("PRAGMA synchronous = NORMAL")
+
+    def __repr__(self) -> str:
+        return f"SqliteStore({self.path!r})"
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, holding the write lock from its start."""
+        with self._lock:
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:  # database is locked past busy_timeout
+                raise TransientError(f"sqlite: cannot start a write transaction: {exc}") from exc
+            try:
+                yield conn
+            except sqlite3.OperationalError as exc:
+                conn.rollback()
+                raise TransientError(f"sqlite: write failed: {exc}") from exc
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.commit()
+
+    def migrate(self) -> None:
+        with self._write() as conn:
+            conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} ("
+                " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+            )
+            applied = {r["version"] for r in conn.execute(f"SELECT version FROM {MIGRATIONS_TABLE}")}
+            for version, name, statements in MIGRATIONS:
+                if version in applied:
+                    continue
+                for sql in statements:
+                    conn.execute(sql)
+                conn.execute(
+                    f"INSERT INTO {MIGRATIONS_TABLE} (version, name, applied_at) VALUES (?, ?, ?)",
+                    (version, name, to_text(datetime.now(UTC))),
+                )
+
+    def write_states(self, states: Sequence[MessageState]) -> int:
+        latest = R.latest_states(states)
+        if not latest:
+            return 0
+        with self._write() as conn:
+            held = {
+                r["umid"]: r["version"]
+                for r in conn.execute(_VERSIONS, (json.dumps([s.umid for s in latest]),))
+            }
+            advancing = [s for s in latest if s.umid not in held or s.version > held[s.umid]]
+            if not advancing:
+                return 0
+            messages, steps, events = [], [], []
+            for s in advancing:
+                m, st = R.state_rows(s, self.pii)
+                messages.append(_adapt(m, R.MESSAGE_COLUMNS))
+                steps.extend(_adapt(r, R.STEP_COLUMNS) for r in st)
+                events.extend(_adapt(r, R.EVENT_COLUMNS) for r in R.status_event_rows(s))
+            conn.executemany(_UPSERT_MESSAGE, messages)
+            replaced = [(s.umid,) for s in advancing if s.umid in held]
+            conn.executemany("DELETE FROM message_steps WHERE umid = ?", replaced)
+            conn.executemany(_INSERT_STEP, steps)
+            conn.executemany(_INSERT_EVENT, events)
+            return len(advancing)
+
+    def write_inbound(self, msgs: Sequence[InboundMessage]) -> int:
+        if not msgs:
+            return 0
+        with self._write() as conn:
+            cur = conn.executemany(
+                _INSERT_INBOUND, [_adapt(R.inbound_row(m, self.pii), R.INBOUND_COLUMNS) for m in msgs]
+            )
+            return max(cur.rowcount, 0)
+
+    def _read(self, sql: str, params: Sequence[Any]) -> list[R.Row]:
+        with self._lock:
+            try:
+                return self._conn.execute(sql, params).fetchall()
+            except sqlite3.OperationalError as exc:
+                raise TransientError(f"sqlite: read failed: {exc}") from exc
+
+    def get_message(self, sub_account_id: str, umid: str) -> list[dict[str, Any]] | None:
+        with self._lock:
+            self._conn.execute("BEGIN")  # one snapshot for both reads
+            try:
+                found = self._read(
+                    "SELECT * FROM messages WHERE umid = ? AND sub_account_id = ?", (umid, sub_account_id)
+                )
+                steps = self._read("SELECT * FROM message_steps WHERE umid = ? ORDER BY step", (umid,))
+            finally:
+                self._conn.rollback()
+        if not found:
+            return None
+        return R.detail_records(found[0], steps, clear=self.pii.clear)
+
+    def list_messages(
+        self,
+        sub_account_id: str,
+        *,
+        client_message_id: str | None = None,
+        batch_id: str | None = None,
+        after: str | None = None,
+        limit: int = DEFAULT_LIMIT,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        limit = clamp_limit(limit)
+        where, params = ["sub_account_id = ?"], [sub_account_id]
+        if client_message_id is not None:
+            where.append("client_message_id = ?")
+            params.append(client_message_id)
+        if batch_id is not None:
+            where.append("batch_id = ?")
+            params.append(batch_id)
+        if after is not None:
+            where.append("umid > ?")
+            params.append(after)
+        found = self._read(
+            f"SELECT * FROM messages WHERE {' AND '.join(where)} ORDER BY umid LIMIT ?", (*params, limit + 1)
+        )
+        page = found[:limit]
+        cursor = page[-1]["umid"] if len(found) > limit else None
+        return [R.summary_record(r) for r in page], cursor
+
+    def list_inbound(
+        self,
+        sub_account_id: str,
+        *,
+        channel_id: str | None = None,
+        channel_user_id: str | None = None,
+        msisdn: str | None = None,
+        after: str | None = None,
+        limit: int = DEFAULT_LIMIT,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        limit = clamp_limit(limit)
+        where, params = ["sub_account_id = ?"], [sub_account_id]
+        if channel_id is not None:
+            where.append("channel_id = ?")
+            params.append(channel_id)
+        if channel_user_id is not None:
+            where.append("channel_user_id = ?")
+            params.append(channel_user_id)
+        if msisdn is not None:
+            where.append("msisdn_hash = ?")
+            params.append(self.pii.hash_msisdn(msisdn))
+        if after is not None:
+            ts, _, umid = after.partition("|")
+            where.append("(ts > ? OR (ts = ? AND umid > ?))")
+            params.extend([ts, ts, umid])
+        found = self._read(
+            f"SELECT * FROM inbound_messages WHERE {' AND '.join(where)} ORDER BY ts, umid LIMIT ?",
+            (*params, limit + 1),
+        )
+        page = found[:limit]
+        cursor = R.inbound_cursor(page[-1]) if len(found) > limit else None
+        return [R.inbound_record(r) for r in page], cursor
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()

@@ -1,0 +1,105 @@
+"""The store interface every sink and the read API use, and the factory choosing a dialect by URL.
+
+Contract shared by both dialects (`sinks.sqlite`, `sinks.postgres`):
+- `migrate()` applies the versioned migrations not yet recorded in `chatpipe_schema_migrations`;
+  calling it again (or from two processes at once) is a no-op.
+- `write_states(states)` writes one batch in ONE transaction. It is idempotent and monotonic: only the
+  highest version per umid in the batch is considered, and a message row (with its step rows) is replaced
+  only when that version is greater than the stored one, so a redelivered or older batch never moves a
+  message backwards. Status events from the step histories are appended, deduplicated on
+  (umid, step, state, detail, ts). Returns how many messages were inserted or advanced.
+- `write_inbound(msgs)` inserts inbound messages, ignoring umids already stored. Returns rows inserted.
+- Reads never see another subaccount's messages: an umid of another subaccount is "unknown".
+- A lost database connection raises `schemas.errors.TransientError` (nothing of the batch is committed);
+  the next call reconnects, so the caller pauses and retries the same batch.
+- Timestamps are aware UTC datetimes in rows; the API shapes carry 8x8's ISO 8601 text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from schemas.models import InboundMessage, MessageState
+from sinks.rows import PiiPolicy
+
+MIGRATIONS_TABLE = "chatpipe_schema_migrations"
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+
+
+class Store(Protocol):
+    def migrate(self) -> None:
+        """Apply pending migrations (idempotent, safe to run concurrently)."""
+
+    def write_states(self, states: Sequence[MessageState]) -> int:
+        """Write one batch of message states in one transaction; see the module contract."""
+
+    def write_inbound(self, msgs: Sequence[InboundMessage]) -> int:
+        """Insert inbound messages, idempotent by umid; returns rows inserted."""
+
+    def get_message(self, sub_account_id: str, umid: str) -> list[dict[str, Any]] | None:
+        """8x8 Retrieve-message-details `data[]` (one record per step), or None when the umid is unknown
+        to this subaccount."""
+
+    def list_messages(
+        self,
+        sub_account_id: str,
+        *,
+        client_message_id: str | None = None,
+        batch_id: str | None = None,
+        after: str | None = None,
+        limit: int = DEFAULT_LIMIT,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Message summaries (`sinks.rows.summary_record`) ordered by umid, filtered by the given ids.
+
+        `after` is the cursor returned by the previous page; the second item is the next cursor, None
+        on the last page. `limit` is clamped to 1..MAX_LIMIT.
+        """
+
+    def list_inbound(
+        self,
+        sub_account_id: str,
+        *,
+        channel_id: str | None = None,
+        channel_user_id: str | None = None,
+        msisdn: str | None = None,
+        after: str | None = None,
+        limit: int = DEFAULT_LIMIT,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Inbound messages of one conversation (`sinks.rows.inbound_record`), oldest first, paginated
+        like `list_messages`. `msisdn` is matched through its keyed hash."""
+
+    def close(self) -> None:
+        """Release the connection; the store is unusable afterwards."""
+
+
+def clamp_limit(limit: int) -> int:
+    return max(1, min(int(limit), MAX_LIMIT))
+
+
+def sqlite_path(url: str) -> str:
+    """`sqlite:///rel/path.db` -> `rel/path.db`, `sqlite:////abs/path.db` -> `/abs/path.db`,
+    `sqlite:///:memory:` -> `:memory:` (SQLAlchemy's convention)."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or len(url) == len(prefix):
+        raise ValueError(f"not a sqlite URL (expected sqlite:///path): {url!r}")
+    return url[len(prefix) :]
+
+
+def open_store(url: str, pii: PiiPolicy) -> Store:
+    """Open (not migrate) the store named by `url`: `sqlite:///path` or `postgresql://...`.
+
+    Raises ValueError for an unsupported URL, TransientError when PostgreSQL cannot be reached.
+    """
+    scheme = urlsplit(url).scheme.lower()
+    if scheme == "sqlite":
+        from sinks.sqlite import SqliteStore
+
+        return SqliteStore(sqlite_path(url), pii)
+    if scheme in ("postgresql", "postgres"):
+        from sinks.postgres import PostgresStore
+
+        return PostgresStore(url, pii)
+    raise ValueError(f"unsupported store URL scheme {scheme!r}: use sqlite:///path or postgresql://...")

@@ -1,0 +1,474 @@
+"""The store contract on real databases: SQLite (temp file) and PostgreSQL (throw-away server)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+
+from schemas.errors import TransientError
+from schemas.models import InboundContent, InboundMessage, MessageState, StatusEvent, Step, User
+from sinks.rows import PiiPolicy
+from sinks.store import Store, open_store
+from tests.support.postgres import PostgresServer, fresh_database
+
+pytestmark = pytest.mark.integration
+
+T0 = datetime(2020, 6, 17, 4, 15, 21, 60000, tzinfo=UTC)
+SUB = "acme_01"
+PII = PiiPolicy(hash_key=b"k")
+TABLES = {
+    "messages": "umid",
+    "message_steps": "umid, step",
+    "status_events": "umid, step, ts, state",
+    "inbound_messages": "umid",
+}
+
+
+# --- builders ----------------------------------------------------------------------------------
+
+
+def mk_step(n: int, channel: str, states: list[tuple[str, int]], **kw: Any) -> Step:
+    """A step whose history is `states` = [(state, seconds after T0)], the last one current."""
+    history = tuple(StatusEvent(s, T0 + timedelta(seconds=t)) for s, t in states)
+    last = history[-1]
+    return Step(
+        step=n,
+        channel=channel,
+        state=last.state,
+        status_timestamp=last.timestamp,
+        first_event_at=history[0].timestamp,
+        history=history,
+        **kw,
+    )
+
+
+def mk_state(umid: str, version: int, steps: tuple[Step, ...], *, sub: str = SUB, **kw: Any) -> MessageState:
+    last = steps[-1]
+    fields: dict[str, Any] = {
+        "umid": umid,
+        "sub_account_id": sub,
+        "version": version,
+        "state": last.state,
+        "detail": last.detail,
+        "error_code": last.error_code,
+        "error_message": last.error_message,
+        "status_timestamp": last.status_timestamp,
+        "steps": steps,
+        "updated_at": last.status_timestamp + timedelta(seconds=1),
+        "user": User(msisdn="+639221101234"),
+    }
+    fields.update(kw)
+    return MessageState(**fields)
+
+
+def versions(umid: str) -> dict[int, MessageState]:
+    """v1 queued on SMS, v2 sent, v3 SMS undelivered + WhatsApp sent (fallback), v4 WhatsApp read."""
+    sms1 = mk_step(1, "sms", [("queued", 0)])
+    sms2 = mk_step(1, "sms", [("queued", 0), ("sent", 1)])
+    sms3 = mk_step(1, "sms", [("queued", 0), ("sent", 1), ("undelivered", 30)], failed_at=T0)
+    wa3 = mk_step(2, "whatsapp", [("sent", 40)])
+    wa4 = mk_step(2, "whatsapp", [("sent", 40), ("delivered", 50), ("read", 60)])
+    return {
+        1: mk_state(umid, 1, (sms1,)),
+        2: mk_state(umid, 2, (sms2,)),
+        3: mk_state(umid, 3, (sms3, wa3)),
+        4: mk_state(umid, 4, (sms3, wa4), final=True),
+    }
+
+
+# --- backends ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Backend:
+    name: str
+    url: str
+    store: Store
+    query: Callable[[str], list[tuple[Any, ...]]]
+
+    def snapshot(self) -> dict[str, list[tuple[Any, ...]]]:
+        return {t: self.query(f"SELECT * FROM {t} ORDER BY {order}") for t, order in TABLES.items()}
+
+    def count(self, table: str) -> int:
+        return int(self.query(f"SELECT count(*) FROM {table}")[0][0])
+
+    def reopen(self, pii: PiiPolicy = PII) -> Store:
+        self.store.close()
+        self.store = open_store(self.url, pii)
+        return self.store
+
+
+def _sqlite_query(path: str) -> Callable[[str], list[tuple[Any, ...]]]:
+    def query(sql: str) -> list[tuple[Any, ...]]:
+        with sqlite3.connect(path) as conn:
+            return conn.execute(sql).fetchall()
+
+    return query
+
+
+def _pg_query(url: str) -> Callable[[str], list[tuple[Any, ...]]]:
+    def query(sql: str) -> list[tuple[Any, ...]]:
+        with psycopg.connect(url) as conn:
+            return conn.execute(sql).fetchall()
+
+    return query
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Backend]:
+    if request.param == "sqlite":
+        path = str(tmp_path / "chatpipe.db")
+        url, query = f"sqlite:///{path}", _sqlite_query(path)
+    else:
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        url = fresh_database(server)
+        query = _pg_query(url)
+    store = open_store(url, PII)
+    store.migrate()
+    b = Backend(request.param, url, store, query)
+    yield b
+    b.store.close()
+
+
+# --- tests -------------------------------------------------------------------------------------
+
+
+def test_migrate_twice_is_a_no_op(backend: Backend) -> None:
+    backend.store.write_states([versions("m-1")[2]])
+    before = backend.snapshot()
+    backend.store.migrate()
+    backend.reopen().migrate()
+    assert backend.query("SELECT version FROM chatpipe_schema_migrations") == [(1,)]
+    assert backend.snapshot() == before
+
+
+def test_sqlite_memory_url_works() -> None:
+    store = open_store("sqlite:///:memory:", PII)
+    store.migrate()
+    assert store.write_states([versions("m-1")[4]]) == 1
+    assert store.get_message(SUB, "m-1") is not None
+    store.close()
+
+
+def test_unsupported_url_is_refused() -> None:
+    with pytest.raises(ValueError, match="unsupported"):
+        open_store("mysql://x", PII)
+
+
+def test_get_message_answers_the_8x8_shape_for_a_multi_step_message(backend: Backend) -> None:
+    umid = "dec02e44-c76f-4a0a-b69f-6ac2a4386eb9"
+    viber = mk_step(
+        1,
+        "viber",
+        [("sent", 0), ("undelivered", 60)],
+        detail="rejected_by_operator",
+        error_code=0,
+        error_message="Invalid message length",
+        channel_id="8e4d1303-5754-e911-8154-020897df5459",
+        country="SG",
+        content_type="Text",
+        created_at=T0 - timedelta(minutes=2),
+    )
+    whatsapp = mk_step(
+        2,
+        "whatsapp",
+        [("sent", 120), ("read", 600)],
+        channel_id="904d1303-5754-e911-8154-020897df5459",
+        country="SG",
+        content_type="Text",
+        created_at=T0,
+    )
+    state = mk_state(
+        umid,
+        7,
+        (viber, whatsapp),
+        sub="sub_account_id",
+        user=User(msisdn="+639221101234", channel_user_id="string"),
+        client_message_id="client message id",
+        client_batch_id="client batch id",
+        batch_id="c9c01382-38bf-4e27-8962-ae0684ab56c3",
+    )
+    assert backend.store.write_states([state]) == 1
+
+    data = backend.store.get_message("sub_account_id", umid)
+
+    # 8x8's first example, adapted: every optional key known (errorCode 0 is kept, not dropped).
+    assert data is not None and len(data) == 2
+    assert data[0] == {
+        "umid": umid,
+        "subAccountId": "sub_account_id",
+        "channel": "Viber",
+        "channelId": "8e4d1303-5754-e911-8154-020897df5459",
+        "direction": "outbound",
+        "country": "SG",
+        "status": {
+            "state": "undelivered",
+            "detail": "rejected_by_operator",
+            "errorCode": 0,
+            "errorMessage": "Invalid message length",
+            "timestamp": "2020-06-17T04:16:21.06Z",
+        },
+        "user": {"msisdn": "+63922110xxxx", "channelUserId": "string"},
+        "contentType": "Text",
+        "content": "**MASKED**",
+        "createdAt": "2020-06-17T04:13:21.06Z",
+        "clientMessageId": "client message id",
+        "clientBatchId": "client batch id",
+        "batchId": "c9c01382-38bf-4e27-8962-ae0684ab56c3",
+        "step": 1,
+    }
+    # 8x8's second example (step 2, read): no detail/error keys, same keys otherwise.
+    assert data[1] == {
+        "umid": umid,
+        "subAccountId": "sub_account_id",
+        "channel": "WhatsApp",
+        "channelId": "904d1303-5754-e911-8154-020897df5459",
+        "direction": "outbound",
+        "country": "SG",
+        "status": {"state": "read", "timestamp": "2020-06-17T04:25:21.06Z"},
+        "user": {"msisdn": "+63922110xxxx", "channelUserId": "string"},
+        "contentType": "Text",
+        "content": "**MASKED**",
+        "createdAt": "2020-06-17T04:15:21.06Z",
+        "clientMessageId": "client message id",
+        "clientBatchId": "client batch id",
+        "batchId": "c9c01382-38bf-4e27-8962-ae0684ab56c3",
+        "step": 2,
+    }
+
+
+def test_unknown_fields_are_left_out_but_required_keys_stay(backend: Backend) -> None:
+    backend.store.write_states([mk_state("m-1", 1, (mk_step(1, "sms", [("sent", 0)]),), user=User())])
+    (record,) = backend.store.get_message(SUB, "m-1") or []
+    assert record == {
+        "umid": "m-1",
+        "subAccountId": SUB,
+        "channel": "SMS",
+        "channelId": None,
+        "direction": "outbound",
+        "status": {"state": "sent", "timestamp": "2020-06-17T04:15:21.06Z"},
+        "contentType": None,
+        "content": "**MASKED**",
+        "createdAt": "2020-06-17T04:15:21.06Z",
+        "step": 1,
+    }
+
+
+def test_older_version_never_overwrites_newer(backend: Backend) -> None:
+    v = versions("m-1")
+    assert backend.store.write_states([v[3]]) == 1
+    after_v3 = backend.snapshot()
+    assert backend.store.write_states([v[2]]) == 0
+    assert backend.store.write_states([v[1], v[2]]) == 0
+    assert backend.snapshot() == after_v3
+    data = backend.store.get_message(SUB, "m-1")
+    assert data is not None and [r["channel"] for r in data] == ["SMS", "WhatsApp"]
+
+
+@pytest.mark.parametrize("order", [(2, 3), (3, 2), (1, 3, 2, 3)])
+def test_a_batch_with_several_versions_keeps_the_highest(backend: Backend, order: tuple[int, ...]) -> None:
+    v = versions("m-1")
+    assert backend.store.write_states([v[n] for n in order]) == 1
+    assert backend.query("SELECT version, state, step_count FROM messages") == [(3, "sent", 2)]
+    assert backend.query("SELECT step, version FROM message_steps ORDER BY step") == [(1, 3), (2, 3)]
+
+
+def test_newer_version_replaces_the_steps(backend: Backend) -> None:
+    v = versions("m-1")
+    backend.store.write_states([v[1]])
+    backend.store.write_states([v[4]])
+    assert backend.query("SELECT step, state, version FROM message_steps ORDER BY step") == [
+        (1, "undelivered", 4),
+        (2, "read", 4),
+    ]
+    assert backend.query("SELECT version, state, fell_back FROM messages")[0][:2] == (4, "read")
+
+
+def test_rewriting_the_same_batch_changes_nothing(backend: Backend) -> None:
+    batch = [versions(f"m-{i}")[1 + i % 4] for i in range(20)]
+    assert backend.store.write_states(batch) == 20
+    first = backend.snapshot()
+    assert backend.store.write_states(batch) == 0
+    assert backend.store.write_states(list(reversed(batch))) == 0
+    assert backend.snapshot() == first
+    assert backend.count("messages") == 20
+
+
+def test_redelivering_every_version_from_the_start_changes_nothing(backend: Backend) -> None:
+    stream = [versions(f"m-{i}")[n] for n in (1, 2, 3, 4) for i in range(5)]
+    for start in range(0, len(stream), 3):
+        backend.store.write_states(stream[start : start + 3])
+    final = backend.snapshot()
+    backend.store.write_states(stream)
+    for s in stream:
+        backend.store.write_states([s])
+    assert backend.snapshot() == final
+
+
+def test_status_events_are_deduplicated(backend: Backend) -> None:
+    v = versions("m-1")
+    for n in (1, 2, 2, 3, 1, 4, 4):
+        backend.store.write_states([v[n]])
+    events = backend.query("SELECT step, state FROM status_events ORDER BY step, ts")
+    assert events == [
+        (1, "queued"),
+        (1, "sent"),
+        (1, "undelivered"),
+        (2, "sent"),
+        (2, "delivered"),
+        (2, "read"),
+    ]
+
+
+def test_status_events_with_a_null_detail_are_deduplicated_too(backend: Backend) -> None:
+    s1 = mk_state("m-1", 1, (mk_step(1, "sms", [("sent", 0)]),))
+    s2 = mk_state("m-1", 2, (mk_step(1, "sms", [("sent", 0)], detail="x", duplicates=1),))
+    backend.store.write_states([s1])
+    backend.store.write_states([s2])
+    assert backend.count("status_events") == 1
+
+
+def test_a_subaccount_only_sees_its_own_messages(backend: Backend) -> None:
+    backend.store.write_states(
+        [versions("m-1")[2], mk_state("m-2", 1, (mk_step(1, "sms", [("sent", 0)]),), sub="other")]
+    )
+    assert backend.store.get_message("other", "m-1") is None
+    assert backend.store.get_message(SUB, "m-2") is None
+    assert backend.store.get_message(SUB, "nope") is None
+    assert backend.store.get_message(SUB, "m-1") is not None
+    assert [m["umid"] for m in backend.store.list_messages("other")[0]] == ["m-2"]
+
+
+def test_list_messages_paginates_in_umid_order(backend: Backend) -> None:
+    batch = [
+        mk_state(
+            f"m-{i:03d}",
+            1,
+            (mk_step(1, "sms", [("sent", i)]),),
+            batch_id="b-even" if i % 2 == 0 else "b-odd",
+            client_message_id=f"c-{i % 5}",
+        )
+        for i in range(25)
+    ]
+    backend.store.write_states(list(reversed(batch)))
+    seen, cursor, pages = [], None, 0
+    while True:
+        page, cursor = backend.store.list_messages(SUB, after=cursor, limit=10)
+        seen += [m["umid"] for m in page]
+        pages += 1
+        if cursor is None:
+            break
+    assert pages == 3
+    assert seen == [f"m-{i:03d}" for i in range(25)]
+
+    evens, nxt = backend.store.list_messages(SUB, batch_id="b-even", limit=100)
+    assert nxt is None and [m["umid"] for m in evens] == [f"m-{i:03d}" for i in range(0, 25, 2)]
+    by_client, _ = backend.store.list_messages(SUB, client_message_id="c-3")
+    assert [m["umid"] for m in by_client] == ["m-003", "m-008", "m-013", "m-018", "m-023"]
+    assert by_client[0]["status"] == {"state": "sent", "timestamp": "2020-06-17T04:15:24.06Z"}
+    exact, nxt = backend.store.list_messages(SUB, limit=25)
+    assert len(exact) == 25 and nxt is None
+
+
+def inbound(umid: str, seconds: int, *, user: str = "6581968289", sub: str = SUB) -> InboundMessage:
+    return InboundMessage(
+        umid=umid,
+        sub_account_id=sub,
+        timestamp=T0 + timedelta(seconds=seconds),
+        channel="whatsapp",
+        type="Text",
+        received_at=T0,
+        raw_json='{"x": 1}',
+        channel_id="ch-1",
+        user=User(msisdn=f"+{user}", channel_user_id=user),
+        content=InboundContent(text="hello"),
+    )
+
+
+def test_inbound_messages_are_idempotent_masked_and_listed_per_conversation(backend: Backend) -> None:
+    msgs = [inbound(f"in-{i}", i % 7) for i in range(12)] + [inbound("in-x", 3, user="6599999999")]
+    assert backend.store.write_inbound(msgs) == 13
+    first = backend.snapshot()
+    assert backend.store.write_inbound(msgs + msgs[:3]) == 0
+    assert backend.snapshot() == first
+    assert backend.query("SELECT DISTINCT text, raw_json, msisdn FROM inbound_messages") == [
+        ("**MASKED**", None, None)
+    ]
+
+    seen, cursor = [], None
+    while True:
+        page, cursor = backend.store.list_inbound(
+            SUB, channel_id="ch-1", channel_user_id="6581968289", after=cursor, limit=5
+        )
+        seen += [(m["timestamp"], m["umid"]) for m in page]
+        if cursor is None:
+            break
+    assert len(seen) == 12 and seen == sorted(seen)
+    by_msisdn, _ = backend.store.list_inbound(SUB, msisdn="+6599999999")
+    assert [m["umid"] for m in by_msisdn] == ["in-x"]
+    assert by_msisdn[0]["content"] == {"text": "**MASKED**"}
+    assert backend.store.list_inbound("other")[0] == []
+
+
+def test_clear_policy_keeps_content_and_numbers(backend: Backend) -> None:
+    store = backend.reopen(PiiPolicy(clear=True))
+    store.write_inbound([inbound("in-1", 0)])
+    store.write_states([versions("m-1")[1]])
+    assert backend.query("SELECT text, raw_json, msisdn FROM inbound_messages") == [
+        ("hello", '{"x": 1}', "+6581968289")
+    ]
+    (record,) = store.get_message(SUB, "m-1") or []
+    assert record["user"] == {"msisdn": "+639221101234"}
+
+
+def test_postgres_restart_between_batches_loses_nothing(postgres_server: PostgresServer) -> None:
+    url = fresh_database(postgres_server)
+    store = open_store(url, PII)
+    store.migrate()
+    first = [versions(f"m-{i}")[2] for i in range(50)]
+    second = [versions(f"m-{i}")[4] for i in range(50)] + [versions(f"n-{i}")[1] for i in range(50)]
+    try:
+        assert store.write_states(first) == 50
+        postgres_server.stop()
+        try:
+            with pytest.raises(TransientError):
+                store.write_states(second)
+            with pytest.raises(TransientError):  # still down: reconnecting fails the same way
+                store.write_states(second)
+        finally:
+            postgres_server.start()
+        assert store.write_states(second) == 100
+        assert store.write_states(second) == 0
+    finally:
+        store.close()
+    query = _pg_query(url)
+    assert query("SELECT count(*), min(version), max(version) FROM messages WHERE umid LIKE 'm-%'") == [
+        (50, 4, 4)
+    ]
+    assert query("SELECT count(*) FROM messages WHERE umid LIKE 'n-%'") == [(50,)]
+    assert query("SELECT count(*) FROM message_steps") == [(150,)]
+
+
+def test_postgres_connection_killed_mid_session_reconnects(postgres_server: PostgresServer) -> None:
+    url = fresh_database(postgres_server)
+    store = open_store(url, PII)
+    store.migrate()
+    try:
+        store.write_states([versions("m-1")[1]])
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        with pytest.raises(TransientError):
+            store.write_states([versions("m-1")[2]])
+        assert store.write_states([versions("m-1")[2]]) == 1
+        assert (store.get_message(SUB, "m-1") or [{}])[0]["status"]["state"] == "sent"
+    finally:
+        store.close()

@@ -1,0 +1,340 @@
+"""sinks.rows: masking, hashing, row shapes and the 8x8 read shapes. Pure, no I/O."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from schemas.models import (
+    ButtonReply,
+    InboundContent,
+    InboundMessage,
+    Interactive,
+    MessageState,
+    StatusEvent,
+    Step,
+    User,
+)
+from sinks import rows as R
+from sinks.rows import MASKED, PiiPolicy
+
+T0 = datetime(2020, 6, 17, 4, 15, 21, 60000, tzinfo=UTC)
+KEY = b"test-key"
+
+
+def step(n: int, channel: str, state: str, at: datetime, **kw: object) -> Step:
+    history = kw.pop(
+        "history",
+        (StatusEvent("sent", at),)
+        if state == "sent"
+        else (StatusEvent("sent", at - timedelta(seconds=1)), StatusEvent(state, at)),
+    )
+    return Step(
+        step=n,
+        channel=channel,
+        state=state,
+        status_timestamp=at,
+        first_event_at=history[0].timestamp,
+        history=history,
+        **kw,
+    )  # type: ignore[arg-type]
+
+
+def state(
+    umid: str = "u-1", version: int = 1, steps: tuple[Step, ...] | None = None, **kw: object
+) -> MessageState:
+    steps = (
+        steps
+        if steps is not None
+        else (step(1, "whatsapp", "delivered", T0, detail="delivered_to_recipient"),)
+    )
+    last = steps[-1]
+    fields: dict[str, object] = {
+        "umid": umid,
+        "sub_account_id": "acme_01",
+        "version": version,
+        "state": last.state,
+        "detail": last.detail,
+        "status_timestamp": last.status_timestamp,
+        "steps": steps,
+        "updated_at": last.status_timestamp + timedelta(seconds=1),
+        "user": User(msisdn="+639221101234", channel_user_id="cu-1"),
+        "batch_id": "c9c01382-38bf-4e27-8962-ae0684ab56c3",
+        "client_message_id": "client message id",
+        "client_batch_id": "client batch id",
+    }
+    fields.update(kw)
+    return MessageState(**fields)  # type: ignore[arg-type]
+
+
+# --- PII ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("msisdn", "masked"),
+    [
+        ("+6581968289", "+658196xxxx"),
+        ("+639221101234", "+63922110xxxx"),
+        (" +6581968289 ", "+658196xxxx"),
+        ("6581968289", "658196xxxx"),
+        ("1234", "xxxx"),
+        ("+12", "+xx"),
+        (None, None),
+        ("", None),
+    ],
+)
+def test_mask_msisdn_masks_the_last_four_digits_like_8x8(msisdn: str | None, masked: str | None) -> None:
+    assert PiiPolicy().mask_msisdn(msisdn) == masked
+    assert PiiPolicy(clear=True).mask_msisdn(msisdn) == masked
+
+
+@given(st.from_regex(r"\+[1-9][0-9]{7,14}", fullmatch=True))
+def test_masking_keeps_length_and_country_prefix(msisdn: str) -> None:
+    masked = PiiPolicy.mask_msisdn(msisdn)
+    assert masked is not None
+    assert len(masked) == len(msisdn)
+    assert masked.endswith("xxxx")
+    assert masked[:-4] == msisdn[:-4]
+
+
+def test_hash_msisdn_is_hmac_sha256_hex_with_the_key() -> None:
+    expected = hmac.new(KEY, b"+6581968289", hashlib.sha256).hexdigest()
+    assert PiiPolicy(hash_key=KEY).hash_msisdn("+6581968289") == expected
+    assert PiiPolicy(hash_key=b"other").hash_msisdn("+6581968289") != expected
+    assert PiiPolicy(hash_key=KEY).hash_msisdn(None) is None
+
+
+def test_text_is_masked_unless_clear() -> None:
+    assert PiiPolicy().text("hello") == MASKED
+    assert PiiPolicy(clear=True).text("hello") == "hello"
+    assert PiiPolicy().text(None) is None
+
+
+def test_repr_hides_the_hash_key() -> None:
+    assert "test-key" not in repr(PiiPolicy(hash_key=KEY))
+
+
+def test_hash_key_must_be_bytes() -> None:
+    with pytest.raises(ValueError, match="bytes"):
+        PiiPolicy(hash_key="text")  # type: ignore[arg-type]
+
+
+# --- rows --------------------------------------------------------------------------------------
+
+
+def fallback_state() -> MessageState:
+    s1 = step(
+        1,
+        "viber",
+        "undelivered",
+        T0,
+        detail="rejected_by_operator",
+        error_code=7,
+        error_message="Invalid message length",
+    )
+    s2 = step(
+        2,
+        "whatsapp",
+        "read",
+        T0 + timedelta(minutes=10),
+        read_at=T0 + timedelta(minutes=10),
+        channel_id="904d1303-5754-e911-8154-020897df5459",
+        country="SG",
+        content_type="Text",
+        created_at=T0,
+    )
+    return state(version=4, steps=(s1, s2), read_at=s2.read_at, final=True)
+
+
+def test_state_rows_have_exactly_the_shared_columns() -> None:
+    message, steps = R.state_rows(fallback_state(), PiiPolicy(hash_key=KEY))
+    assert tuple(message) == R.MESSAGE_COLUMNS
+    assert all(tuple(s) == R.STEP_COLUMNS for s in steps)
+    assert message["channel_path"] == "viber>whatsapp"
+    assert message["current_channel"] == "whatsapp"
+    assert message["fell_back"] is True
+    assert message["step_count"] == 2
+    assert message["final"] is True
+    assert [s["step"] for s in steps] == [1, 2]
+    assert {s["version"] for s in steps} == {4}
+    assert steps[0]["error_code"] == 7
+
+
+def test_state_rows_hold_no_clear_msisdn_by_default() -> None:
+    message, _ = R.state_rows(fallback_state(), PiiPolicy(hash_key=KEY))
+    assert message["msisdn_masked"] == "+63922110xxxx"
+    assert message["msisdn_hash"] == PiiPolicy(hash_key=KEY).hash_msisdn("+639221101234")
+    assert message["msisdn"] is None
+    clear, _ = R.state_rows(fallback_state(), PiiPolicy(clear=True, hash_key=KEY))
+    assert clear["msisdn"] == "+639221101234"
+    assert clear["msisdn_masked"] == "+63922110xxxx"
+
+
+def test_status_event_rows_flatten_every_step_history() -> None:
+    events = R.status_event_rows(fallback_state())
+    assert len(events) == 4
+    assert all(tuple(e) == R.EVENT_COLUMNS for e in events)
+    assert [(e["step"], e["state"]) for e in events] == [
+        (1, "sent"),
+        (1, "undelivered"),
+        (2, "sent"),
+        (2, "read"),
+    ]
+
+
+def test_latest_states_keeps_the_highest_version_per_umid() -> None:
+    a1, a3, a2, b1 = state("a", 1), state("a", 3), state("a", 2), state("b", 1)
+    assert R.latest_states([a1, a3, b1, a2]) == [a3, b1]
+
+
+def inbound(**kw: object) -> InboundMessage:
+    fields: dict[str, object] = {
+        "umid": "in-1",
+        "sub_account_id": "acme_01",
+        "timestamp": T0,
+        "channel": "whatsapp",
+        "type": "Interactive",
+        "received_at": T0,
+        "raw_json": '{"secret": true}',
+        "channel_id": "ch-1",
+        "user": User(msisdn="+6581968289", channel_user_id="6581968289", name="Ann"),
+        "content": InboundContent(
+            text="my address is ...",
+            interactive=Interactive("buttonReply", button_reply=ButtonReply("yes", "Yes")),
+        ),
+    }
+    fields.update(kw)
+    return InboundMessage(**fields)  # type: ignore[arg-type]
+
+
+def test_inbound_row_masks_content_and_drops_clear_only_fields() -> None:
+    row = R.inbound_row(inbound(), PiiPolicy(hash_key=KEY))
+    assert tuple(row) == R.INBOUND_COLUMNS
+    assert row["text"] == MASKED
+    assert row["raw_json"] is None
+    assert row["msisdn"] is None
+    assert row["user_name"] is None
+    assert row["msisdn_masked"] == "+658196xxxx"
+    assert row["interactive_type"] == "buttonReply"
+    assert (row["button_reply_id"], row["button_reply_title"]) == ("yes", "Yes")
+
+
+def test_inbound_row_keeps_everything_when_clear() -> None:
+    row = R.inbound_row(inbound(), PiiPolicy(clear=True))
+    assert row["text"] == "my address is ..."
+    assert row["raw_json"] == '{"secret": true}'
+    assert row["msisdn"] == "+6581968289"
+    assert row["user_name"] == "Ann"
+
+
+# --- 8x8 shapes --------------------------------------------------------------------------------
+
+
+DEFAULT_PII = PiiPolicy()
+
+
+def records(s: MessageState, pii: PiiPolicy = DEFAULT_PII) -> list[dict[str, object]]:
+    message, steps = R.state_rows(s, pii)
+    return R.detail_records(message, steps, clear=pii.clear)
+
+
+def test_detail_records_match_8x8_second_example_for_the_fallback_step() -> None:
+    s = fallback_state()
+    s = state(version=4, steps=s.steps, user=User(msisdn="+639221101234"), read_at=s.read_at, final=True)
+    assert records(s)[1] == {
+        "umid": "u-1",
+        "subAccountId": "acme_01",
+        "channel": "WhatsApp",
+        "channelId": "904d1303-5754-e911-8154-020897df5459",
+        "direction": "outbound",
+        "country": "SG",
+        "status": {"state": "read", "timestamp": "2020-06-17T04:25:21.06Z"},
+        "user": {"msisdn": "+63922110xxxx"},
+        "contentType": "Text",
+        "content": "**MASKED**",
+        "createdAt": "2020-06-17T04:15:21.06Z",
+        "clientMessageId": "client message id",
+        "clientBatchId": "client batch id",
+        "batchId": "c9c01382-38bf-4e27-8962-ae0684ab56c3",
+        "step": 2,
+    }
+
+
+def test_detail_records_keep_8x8_key_order_and_required_keys() -> None:
+    first = records(fallback_state())[0]
+    assert list(first) == [
+        "umid",
+        "subAccountId",
+        "channel",
+        "channelId",
+        "direction",
+        "status",
+        "user",
+        "contentType",
+        "content",
+        "createdAt",
+        "clientMessageId",
+        "clientBatchId",
+        "batchId",
+        "step",
+    ]
+    assert first["channel"] == "Viber"
+    assert first["channelId"] is None  # required: present even when unknown
+    assert first["contentType"] is None
+    assert first["createdAt"] == "2020-06-17T04:15:21.06Z"  # from the step that knows it
+    assert first["status"] == {
+        "state": "undelivered",
+        "detail": "rejected_by_operator",
+        "errorCode": 7,
+        "errorMessage": "Invalid message length",
+        "timestamp": "2020-06-17T04:15:21.06Z",
+    }
+    assert first["user"] == {"msisdn": "+63922110xxxx", "channelUserId": "cu-1"}
+
+
+def test_created_at_falls_back_to_the_first_event_when_never_reported() -> None:
+    s = state(steps=(step(1, "sms", "sent", T0),))
+    assert records(s)[0]["createdAt"] == "2020-06-17T04:15:21.06Z"
+
+
+def test_clear_policy_shows_the_number_and_no_masked_content() -> None:
+    first = records(fallback_state(), PiiPolicy(clear=True))[0]
+    assert first["user"]["msisdn"] == "+639221101234"  # type: ignore[index]
+    assert "content" not in first
+
+
+@pytest.mark.parametrize(
+    ("stored", "shown"),
+    [
+        ("sms", "SMS"),
+        ("whatsapp", "WhatsApp"),
+        ("rcs", "RCS"),
+        ("viber", "Viber"),
+        ("line", "Line"),
+        ("wechat", "WeChat"),
+        ("kakao", "Kakao"),
+        ("zalo", "Zalo"),
+        ("facebook", "Facebook"),
+        ("carrierpigeon", "carrierpigeon"),
+    ],
+)
+def test_display_channel_uses_8x8_casing(stored: str, shown: str) -> None:
+    assert R.display_channel(stored) == shown
+
+
+def test_summary_record_describes_the_path() -> None:
+    message, _ = R.state_rows(fallback_state(), PiiPolicy())
+    summary = R.summary_record(message)
+    assert summary["channelPath"] == ["Viber", "WhatsApp"]
+    assert summary["fellBack"] is True
+    assert summary["status"] == {"state": "read", "timestamp": "2020-06-17T04:25:21.06Z"}
+
+
+def test_fixed_iso_sorts_like_time() -> None:
+    times = [T0, T0.replace(microsecond=0), T0 + timedelta(days=400), T0 - timedelta(microseconds=1)]
+    assert sorted(times) == sorted(times, key=R.fixed_iso)
