@@ -44,12 +44,58 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace, env: dict[str, str]
     from chatpipe.serve import serve_until_signal
     from ingest.app import create_app
 
-    app = create_app(settings)
+    if settings.ingest_workers > 1 and args.worker_index is None:
+        return _ingest_workers(settings, env)
+    index = args.worker_index or 0
+    app = create_app(settings, spool_dir=settings.state_dir / "spool" / f"ingest-{index}")
     asyncio.run(
         serve_until_signal(app, settings.ingest_host, settings.ingest_port, _ready_callback(env, "ingest"),
-                           reuse_port=args.reuse_port)
+                           reuse_port=args.reuse_port or args.worker_index is not None)
     )
     return 0
+
+
+def _ingest_workers(settings: Settings, env: dict[str, str]) -> int:
+    """N ingest processes sharing one port (SO_REUSEPORT), each with its own spool; stop them together."""
+    import subprocess
+    import time
+
+    ready_base = env.get(READY_FILE_ENV) or str(settings.state_dir / "run" / "ingest")
+    ready_files = [Path(f"{ready_base}.{i}") for i in range(settings.ingest_workers)]
+    for f in ready_files:
+        f.unlink(missing_ok=True)
+    children = [
+        subprocess.Popen([sys.executable, "-m", "chatpipe.cli", "ingest", "--worker-index", str(i)],
+                         env={**env, READY_FILE_ENV: str(ready_files[i])})
+        for i in range(settings.ingest_workers)
+    ]
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    log.info("started %d ingest workers on port %d", len(children), settings.ingest_port)
+    code = 0
+    ready = False
+    while not stopping:
+        if not ready and all(f.exists() for f in ready_files):
+            ready = True
+            _ready_callback(env, "ingest")()
+        dead = [c for c in children if c.poll() is not None]
+        if dead:
+            log.error("ingest worker pid=%d exited with %s", dead[0].pid, dead[0].returncode)
+            code = 1
+            break
+        time.sleep(0.2)
+    for c in children:
+        if c.poll() is None:
+            c.send_signal(signal.SIGTERM)
+    for c in children:
+        c.wait()
+    return code
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace, env: dict[str, str]) -> int:
@@ -140,7 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", dest="ingest_port", type=int, help="env CHATPIPE_INGEST_PORT")
     p.add_argument("--host", dest="ingest_host", help="env CHATPIPE_INGEST_HOST")
     p.add_argument("--reuse-port", action="store_true",
-                   help="SO_REUSEPORT: run several ingest processes on one port")
+                   help="SO_REUSEPORT: let several ingest processes share the port")
+    p.add_argument("--workers", dest="ingest_workers", type=int,
+                   help="run N ingest processes on the port (env CHATPIPE_INGEST_WORKERS)")
+    p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("worker", help="run the Faust stream processor")
@@ -170,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _FLAG_FIELDS = (
-    "ingest_port", "ingest_host", "api_port", "api_host", "state_dir", "worker_web_port",
+    "ingest_workers", "ingest_port", "ingest_host", "api_port", "api_host", "state_dir", "worker_web_port",
     "metrics_port", "log_level", "log_format",
 )
 

@@ -35,6 +35,14 @@ class Settings:
     partitions: int = 6
     replication_factor: int = 1
     max_body_bytes: int = 256 * 1024
+    oauth_client_id: str | None = None
+    oauth_client_secret: str | None = _secret_field()
+    oauth_token_ttl: int = 3600
+    allowed_ips: str = ""
+    trusted_proxies: str = ""
+    spool_max_bytes: int = 1 << 30
+    produce_timeout: float = 3.0
+    ingest_workers: int = 1
     read_window_hours: float = 48.0
     pii_clear: bool = False
     pii_hash_key: str | None = _secret_field()
@@ -82,6 +90,18 @@ class Settings:
             raise ValueError(f"CHATPIPE_STORE_URL: unsupported store URL {self.store_url!r}")
         if self.max_body_bytes < 1024:
             raise ValueError("CHATPIPE_MAX_BODY_BYTES must be >= 1024")
+        if bool(self.oauth_client_id) != bool(self.oauth_client_secret):
+            raise ValueError("CHATPIPE_OAUTH_CLIENT_ID and CHATPIPE_OAUTH_CLIENT_SECRET go together")
+        if self.ingest_workers < 1:
+            raise ValueError("CHATPIPE_INGEST_WORKERS must be >= 1")
+        from ingest.auth import parse_networks
+
+        for name, spec in (("CHATPIPE_ALLOWED_IPS", self.allowed_ips),
+                           ("CHATPIPE_TRUSTED_PROXIES", self.trusted_proxies)):
+            try:
+                parse_networks(spec)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
 
     def replace(self, **changes: object) -> Settings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

@@ -1,27 +1,33 @@
-"""The ingest service: authenticate, validate, encode, produce durably, then answer 2xx.
+"""The ingest service: authenticate, validate, encode, hand off durably, then answer 2xx.
 
-Routes: `POST /v1/webhooks/chatapps`, `GET /healthz`, `GET /readyz`, `GET /metrics`.
-A request is answered 2xx only after the broker acked the record (acks=all). Bad input is answered 4xx
-with 8x8's error body and parked whole in the dead-letter topic.
+Routes: `POST /v1/webhooks/chatapps`, `POST /oauth2/token`, `GET /healthz`, `GET /readyz`, `GET /metrics`.
+
+A webhook is answered 2xx only once its record is durable: acked by the broker (acks=all) or, when the
+broker cannot ack in time, fsynced to the local spool that a background task drains to the broker in
+order. Only when the spool cannot take it either is the answer 503 (8x8 retries after 1, 10, 30, 90 s).
+Bad input is answered 4xx with 8x8's error body and parked, raw and whole, in the dead-letter topic.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from chatpipe.config import Settings
 from chatpipe.metric_defs import IngestMetrics
-from ingest.auth import token_matches
+from ingest import auth
 from ingest.parse import error_body, parse_webhook
 from ingest.publisher import AsyncProducer, ProduceFailed, producer_config
+from ingest.spool import AsyncSpool, Spool
 from schemas.codec import Codecs
 from schemas.errors import InvalidEvent
 from schemas.models import DeadLetter, DeliveryReceipt
@@ -29,17 +35,125 @@ from schemas.models import DeadLetter, DeliveryReceipt
 log = logging.getLogger(__name__)
 
 WEBHOOK_PATH = "/v1/webhooks/chatapps"
-CODE_UNAUTHORIZED = 1200
-CODE_UNAVAILABLE = 1500
+TOKEN_PATH = "/oauth2/token"
+CODE_BAD_REQUEST = 1000
 CODE_TOO_LARGE = 1004
 CODE_BAD_CONTENT_TYPE = 1005
+CODE_UNAUTHORIZED = 1200
+CODE_FORBIDDEN = 1201
+CODE_UNAVAILABLE = 1500
+JSON_TYPES = frozenset({"application/json", "text/json", "text/plain", "application/octet-stream", ""})
 _SECRET_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization", "x-api-key"})
+
+
+class Unavailable(Exception):
+    """Neither the broker nor the spool could take the record: answer 503."""
+
+
+class Intake:
+    """The durable hand-off: Kafka first, the local spool when Kafka cannot ack in time.
+
+    While the spool holds a backlog, new records go behind it, so per-umid order is kept.
+    """
+
+    def __init__(self, producer: AsyncProducer, spool: AsyncSpool | None, timeout: float,
+                 metrics: IngestMetrics) -> None:
+        self.producer = producer
+        self.spool = spool
+        self.timeout = timeout
+        self.metrics = metrics
+
+    @property
+    def spool_depth(self) -> int:
+        return self.spool.depth if self.spool is not None else 0
+
+    @property
+    def spool_writable(self) -> bool:
+        if self.spool is None:
+            return False
+        s = self.spool.spool
+        return s.failed is None and s.size_bytes < s.max_bytes
+
+    async def put(self, topic: str, key: bytes, value: bytes) -> str:
+        """Make one record durable; returns where it went ("kafka" or "spool")."""
+        if self.spool is not None and self.spool.depth > 0:
+            return await self._spool(topic, key, value, "backlog")
+        t0 = time.perf_counter()
+        fut = self.producer.publish(topic, key, value)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), self.timeout)
+        except (TimeoutError, ProduceFailed) as exc:
+            fut.add_done_callback(_consume_result)  # may still be delivered: downstream dedups it
+            if self.spool is None:
+                raise Unavailable(str(exc) or "broker did not ack in time") from exc
+            return await self._spool(topic, key, value, type(exc).__name__)
+        self.metrics.produce_latency.observe(time.perf_counter() - t0)
+        return "kafka"
+
+    async def _spool(self, topic: str, key: bytes, value: bytes, why: str) -> str:
+        assert self.spool is not None
+        try:
+            await self.spool.append(topic, key, value)
+        except Exception as exc:  # SpoolFull or a disk error: nothing durable took it
+            raise Unavailable(f"spool cannot take writes: {exc}") from exc
+        self.metrics.spool_depth.set(self.spool.depth)
+        log.debug("spooled topic=%s key=%s (%s)", topic, key, why)
+        return "spool"
+
+    async def drain_forever(self, interval: float = 0.5) -> None:
+        """Send spooled records to Kafka in order whenever the broker takes them."""
+        assert self.spool is not None
+        while True:
+            if self.spool.depth:
+                try:
+                    sent = await self.spool.drain(self.producer.publish)
+                    if sent:
+                        log.info("drained %d spooled records to kafka, %d left", sent, self.spool.depth)
+                except Exception as exc:
+                    log.warning("spool drain paused: %s", exc)
+                self.metrics.spool_depth.set(self.spool.depth)
+            await asyncio.sleep(interval)
+
+
+def _consume_result(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
 
 SETTINGS = web.AppKey("settings", Settings)
 CODECS = web.AppKey("codecs", Codecs)
-PRODUCER = web.AppKey("producer", AsyncProducer)
+INTAKE = web.AppKey("intake", Intake)
 METRICS = web.AppKey("metrics", IngestMetrics)
 REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
+
+
+class Authn:
+    """Who may post webhooks: static token, OAuth2 tokens we issued, source-address allowlist."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.token = settings.webhook_token
+        self.client_id = settings.oauth_client_id
+        self.client_secret = settings.oauth_client_secret
+        self.token_ttl = settings.oauth_token_ttl
+        self.key = auth.signing_key(self.client_secret) if self.client_secret else b""
+        self.allowlist = auth.parse_networks(settings.allowed_ips)
+        self.proxies = auth.parse_networks(settings.trusted_proxies)
+
+    @property
+    def required(self) -> bool:
+        return self.token is not None or bool(self.key)
+
+    def check(self, authorization: str | None) -> bool:
+        if self.token is not None and auth.token_matches(authorization, self.token):
+            return True
+        if self.key:
+            secret = auth.presented_secret(authorization)
+            if secret is not None and auth.verify_token(secret, self.key, time.time()) == self.client_id:
+                return True
+        return False
+
+
+AUTHN = web.AppKey("authn", Authn)
 
 
 def _now() -> datetime:
@@ -52,45 +166,62 @@ def _error(status: int, code: int, message: str, error_id: str | None = None,
     return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 
-async def _park(request: web.Request, body: bytes, exc: InvalidEvent, error_id: str) -> None:
-    """Write the rejected request, whole, to the ingest DLQ; waits for the broker ack."""
+def _unavailable(error_id: str) -> web.Response:
+    return _error(503, CODE_UNAVAILABLE, "Service temporarily unavailable, retry later", error_id,
+                  headers={"Retry-After": "5"})
+
+
+async def _read_body(request: web.Request, limit: int) -> tuple[bytes, bool]:
+    """Up to `limit` bytes of the body, and whether there was more."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await request.content.read(65536)
+        if not chunk:
+            return b"".join(chunks), False
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return b"".join(chunks)[:limit], True
+
+
+async def _park(request: web.Request, body: bytes, exc: InvalidEvent, error_id: str, remote: str | None) -> None:
+    """Park the rejected request, whole (secrets removed from headers), in the ingest DLQ."""
     app = request.app
-    headers = tuple(
-        (k, v) for k, v in request.headers.items() if k.lower() not in _SECRET_HEADERS
-    )
+    headers = tuple((k, v) for k, v in request.headers.items() if k.lower() not in _SECRET_HEADERS)
     letter = DeadLetter(
-        error_id=error_id,
-        reason=exc.reason,
-        code=exc.code,
-        http_status=exc.http_status,
-        source="ingest",
-        received_at=_now(),
-        body=body,
-        headers=headers,
-        field=exc.field,
-        remote=request.remote,
+        error_id=error_id, reason=exc.reason, code=exc.code, http_status=exc.http_status, source="ingest",
+        received_at=_now(), body=body, headers=headers, field=exc.field, remote=remote,
     )
     codec = app[CODECS].ingest_dlq
-    await app[PRODUCER].publish(codec.spec.name, error_id.encode(), codec.encode(letter))
+    await app[INTAKE].put(codec.spec.name, error_id.encode(), codec.encode(letter))
     app[METRICS].dead_letters.labels(exc.field or "body").inc()
 
 
 async def webhook(request: web.Request) -> web.Response:
     app = request.app
-    settings, metrics = app[SETTINGS], app[METRICS]
+    settings, metrics, authn = app[SETTINGS], app[METRICS], app[AUTHN]
     started = time.perf_counter()
+    error_id = str(uuid.uuid4())
     try:
-        if settings.webhook_token is not None and not token_matches(
-            request.headers.get("Authorization"), settings.webhook_token
-        ):
-            metrics.auth_failures.labels("token").inc()
+        remote = auth.client_address(request.remote, request.headers.get("X-Forwarded-For"), authn.proxies)
+        if not auth.address_allowed(remote, authn.allowlist):
+            metrics.auth_failures.labels("address").inc()
+            log.warning("webhook refused: source address %s not allowed", remote)
+            return _error(403, CODE_FORBIDDEN, "Source address not allowed", error_id)
+        if authn.required and not authn.check(request.headers.get("Authorization")):
+            metrics.auth_failures.labels("credentials").inc()
             metrics.webhooks.labels("unknown", "unauthorized").inc()
-            return _error(401, CODE_UNAUTHORIZED, "Request was not authenticated properly",
+            return _error(401, CODE_UNAUTHORIZED, "Request was not authenticated properly", error_id,
                           headers={"WWW-Authenticate": 'Bearer realm="chatpipe"'})
-        body = await request.read()
-        error_id = str(uuid.uuid4())
+        body, truncated = await _read_body(request, settings.max_body_bytes)
         try:
-            if request.content_type not in ("application/json", "text/json", "application/octet-stream", ""):
+            if truncated:
+                raise InvalidEvent(
+                    f"body: larger than {settings.max_body_bytes} bytes (first {settings.max_body_bytes} kept)",
+                    field="body", code=CODE_TOO_LARGE, http_status=413,
+                )
+            if request.content_type not in JSON_TYPES:
                 raise InvalidEvent(
                     f"Content-Type: expected application/json, got {request.content_type}",
                     field="Content-Type", code=CODE_BAD_CONTENT_TYPE, http_status=415,
@@ -99,30 +230,51 @@ async def webhook(request: web.Request) -> web.Response:
         except InvalidEvent as exc:
             metrics.webhooks.labels("invalid", "rejected").inc()
             try:
-                await _park(request, body, exc, error_id)
-            except ProduceFailed as perr:
-                log.error("dead-letter write failed error_id=%s: %s", error_id, perr)
-                return _error(503, CODE_UNAVAILABLE, "Service temporarily unavailable", error_id,
-                              headers={"Retry-After": "10"})
+                await _park(request, body, exc, error_id, remote)
+            except Unavailable as unavailable:
+                log.error("dead-letter write failed error_id=%s: %s", error_id, unavailable)
+                return _unavailable(error_id)
             log.info("webhook rejected error_id=%s field=%s reason=%s", error_id, exc.field, exc.reason)
             return _error(exc.http_status, exc.code, exc.reason, error_id)
         codecs = app[CODECS]
-        codec = codecs.receipts if isinstance(event, DeliveryReceipt) else codecs.inbound
-        kind = "receipt" if isinstance(event, DeliveryReceipt) else "inbound"
-        value = codec.encode(event)  # type: ignore[arg-type]
-        t0 = time.perf_counter()
+        is_receipt = isinstance(event, DeliveryReceipt)
+        codec = codecs.receipts if is_receipt else codecs.inbound
+        kind = "receipt" if is_receipt else "inbound"
         try:
-            await app[PRODUCER].publish(codec.spec.name, event.umid.encode(), value)
-        except ProduceFailed as exc:
+            where = await app[INTAKE].put(codec.spec.name, event.umid.encode(), codec.encode(event))  # type: ignore[arg-type]
+        except Unavailable as exc:
             metrics.webhooks.labels(kind, "unavailable").inc()
-            log.error("produce failed topic=%s umid=%s: %s", codec.spec.name, event.umid, exc)
-            return _error(503, CODE_UNAVAILABLE, "Service temporarily unavailable", error_id,
-                          headers={"Retry-After": "10"})
-        metrics.produce_latency.observe(time.perf_counter() - t0)
-        metrics.webhooks.labels(kind, "accepted").inc()
+            log.error("webhook not durable topic=%s umid=%s error_id=%s: %s", codec.spec.name, event.umid,
+                      error_id, exc)
+            return _unavailable(error_id)
+        metrics.webhooks.labels(kind, "accepted" if where == "kafka" else "spooled").inc()
         return web.json_response({"status": "accepted", "umid": event.umid})
     finally:
         metrics.request_latency.observe(time.perf_counter() - started)
+
+
+async def token(request: web.Request) -> web.Response:
+    """OAuth2 client-credentials grant (RFC 6749 4.4): short-lived bearer tokens for 8x8's webhook calls."""
+    authn = request.app[AUTHN]
+    if not authn.key:
+        return web.json_response({"error": "unsupported_grant_type",
+                                  "error_description": "OAuth2 is not configured"}, status=400)
+    form = {k: str(v) for k, v in (await request.post()).items()}
+    if form.get("grant_type") != "client_credentials":
+        return web.json_response({"error": "unsupported_grant_type"}, status=400)
+    creds = auth.client_credentials(request.headers.get("Authorization"), form)
+    if creds is None or not (
+        auth.hmac.compare_digest(creds[0].encode(), (authn.client_id or "").encode())
+        and auth.hmac.compare_digest(creds[1].encode(), (authn.client_secret or "").encode())
+    ):
+        request.app[METRICS].auth_failures.labels("oauth2").inc()
+        return web.json_response({"error": "invalid_client"}, status=401,
+                                 headers={"WWW-Authenticate": 'Basic realm="chatpipe"'})
+    issued = auth.issue_token(creds[0], authn.key, time.time(), authn.token_ttl)
+    return web.json_response(
+        {"access_token": issued, "token_type": "Bearer", "expires_in": authn.token_ttl},
+        headers={"Cache-Control": "no-store", "Pragma": "no-cache"},
+    )
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -130,41 +282,61 @@ async def healthz(_request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    producer = request.app[PRODUCER]
-    if producer.healthy:
-        return web.json_response({"status": "ready"})
-    return web.json_response({"status": "broker unavailable"}, status=503)
+    intake = request.app[INTAKE]
+    kafka = intake.producer.healthy
+    spool = intake.spool_writable
+    body = {"kafka": kafka, "spool": spool, "spoolDepth": intake.spool_depth}
+    return web.json_response({"status": "ready" if kafka or spool else "unavailable", **body},
+                             status=200 if kafka or spool else 503)
 
 
 async def metrics_view(request: web.Request) -> web.Response:
-    data = generate_latest(request.app[REGISTRY])
-    return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return web.Response(body=generate_latest(request.app[REGISTRY]), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-async def _producer_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    producer = AsyncProducer(producer_config(settings.kafka_bootstrap))
-    producer.start()
-    app[PRODUCER] = producer
-    # register every schema before taking traffic: a registry problem fails start-up, not requests
-    await asyncio.to_thread(app[CODECS].register_all)
-    yield
-    remaining = producer.close(timeout=10)
-    if remaining:
-        log.error("shutdown: %d records still undelivered", remaining)
-
-
-def create_app(settings: Settings, codecs: Codecs | None = None) -> web.Application:
-    app = web.Application(client_max_size=settings.max_body_bytes)
+def create_app(settings: Settings, codecs: Codecs | None = None, spool_dir: Path | None = None) -> web.Application:
+    """The ingest app. `spool_dir` defaults to STATE_DIR/spool/ingest-0 (one directory per process)."""
+    app = web.Application(client_max_size=settings.max_body_bytes + 1)
     registry = CollectorRegistry()
     app[SETTINGS] = settings
     app[CODECS] = codecs or Codecs.connect(settings.schema_registry_url)
     app[REGISTRY] = registry
     app[METRICS] = IngestMetrics(registry)
-    if settings.webhook_token is None:
-        log.warning("CHATPIPE_WEBHOOK_TOKEN is not set: the webhook endpoint accepts unauthenticated requests")
-    app.cleanup_ctx.append(_producer_ctx)
+    app[AUTHN] = Authn(settings)
+    if not app[AUTHN].required:
+        log.warning("no CHATPIPE_WEBHOOK_TOKEN nor OAuth2 client: the webhook endpoint is open to anyone")
+    spool_path = spool_dir or settings.state_dir / "spool" / "ingest-0"
+
+    async def intake_ctx(app: web.Application) -> AsyncIterator[None]:
+        producer = AsyncProducer(producer_config(settings.kafka_bootstrap))
+        producer.start()
+        spool = None
+        if settings.spool_max_bytes:
+            spool = AsyncSpool(Spool(spool_path, max_bytes=settings.spool_max_bytes))
+        intake = Intake(producer, spool, settings.produce_timeout, app[METRICS])
+        app[INTAKE] = intake
+        # every schema registered before taking traffic: a registry problem fails start-up, not requests
+        await asyncio.to_thread(app[CODECS].register_all)
+        drainer = asyncio.create_task(intake.drain_forever()) if spool is not None else None
+        if spool is not None and spool.depth:
+            log.info("spool holds %d records from an earlier run: draining", spool.depth)
+        yield
+        if drainer is not None:
+            drainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await drainer
+            # last chance to hand the backlog over while the producer is still up
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(spool.drain(producer.publish), 5)  # type: ignore[union-attr]
+        remaining = producer.close(timeout=10)
+        if remaining:
+            log.error("shutdown: %d records still undelivered", remaining)
+        if spool is not None:
+            await spool.close()
+
+    app.cleanup_ctx.append(intake_ctx)
     app.router.add_post(WEBHOOK_PATH, webhook)
+    app.router.add_post(TOKEN_PATH, token)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)

@@ -1,0 +1,151 @@
+"""The walking skeleton end to end: `chatpipe dev` as a user runs it, a webhook in, the read API out.
+
+Real embedded broker, real registry, real Faust worker, real SQLite; nothing mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from chatpipe.broker import free_port
+from tests.fixtures.webhooks import load
+
+pytestmark = pytest.mark.integration
+
+READY_TIMEOUT = 120.0
+
+
+class DevProcess:
+    def __init__(self, cwd: Path, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "chatpipe.cli", "dev"],
+            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if "chatpipe ready" in line:
+                self.ready.set()
+
+    def env_value(self, name: str) -> str:
+        for line in self.lines:
+            if line.startswith(name + "="):
+                return line.split("=", 1)[1]
+        raise KeyError(name)
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+
+@pytest.fixture()
+def dev(tmp_path: Path) -> Iterator[tuple[DevProcess, str, str]]:
+    ingest_port, api_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATPIPE_")}
+    env.update(CHATPIPE_INGEST_PORT=str(ingest_port), CHATPIPE_API_PORT=str(api_port), PYTHONUNBUFFERED="1")
+    proc = DevProcess(tmp_path, env)
+    try:
+        if not proc.ready.wait(READY_TIMEOUT):
+            pytest.fail(f"chatpipe dev not ready in {READY_TIMEOUT}s:\n{proc.output()}")
+        yield proc, f"http://127.0.0.1:{ingest_port}", f"http://127.0.0.1:{api_port}"
+    finally:
+        if proc.proc.poll() is None:
+            proc.proc.send_signal(signal.SIGINT)
+            try:
+                proc.proc.wait(40)
+            except subprocess.TimeoutExpired:
+                proc.proc.kill()
+
+
+def _poll_json(url: str, predicate, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        r = httpx.get(url, timeout=5)
+        last = (r.status_code, r.text)
+        if r.status_code == 200 and predicate(r.json()):
+            return r.json()
+        time.sleep(0.2)
+    raise AssertionError(f"{url} never matched; last answer {last}")
+
+
+def _pids_alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        # a zombie is dead for our purpose
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+                continue
+        except OSError:
+            continue
+        alive.append(pid)
+    return alive
+
+
+def test_sample_delivery_receipt_flows_to_the_read_api(dev: tuple[DevProcess, str, str], tmp_path: Path) -> None:
+    proc, ingest, api = dev
+    assert proc.env_value("CHATPIPE_KAFKA_BOOTSTRAP").startswith("127.0.0.1:")
+    assert proc.env_value("CHATPIPE_SCHEMA_REGISTRY_URL").startswith("http://127.0.0.1:")
+
+    body = load("dr_source_whatsapp_undelivered")
+    r = httpx.post(f"{ingest}/v1/webhooks/chatapps", content=body,
+                   headers={"Content-Type": "application/json"}, timeout=10)
+    assert r.status_code == 200, r.text
+    sample = json.loads(body)["payload"]
+    url = f"{api}/api/v1/subaccounts/{sample['subAccountId']}/messages/{sample['umid']}"
+    doc = _poll_json(url, lambda d: d["data"][0]["status"]["state"] == "undelivered")
+    [record] = doc["data"]
+    assert record["umid"] == sample["umid"]
+    assert record["subAccountId"] == sample["subAccountId"]
+    assert record["channel"] == "WhatsApp"
+    assert record["step"] == 1
+    assert record["status"]["state"] == "undelivered"
+    assert record["status"]["detail"] == "rejected_by_operator"
+    assert record["status"]["errorCode"] == 15
+    assert record["status"]["errorMessage"] == "Invalid destination"
+    assert record["status"]["timestamp"] == "2016-01-01T00:00:00Z"
+    assert record["clientMessageId"] == sample["clientMessageId"]
+    assert record["batchId"] == sample["batchId"]
+
+    # another subaccount does not see it, an unknown umid is a 404 in 8x8's error format
+    other = httpx.get(f"{api}/api/v1/subaccounts/OtherAccount/messages/{sample['umid']}", timeout=5)
+    assert other.status_code == 404
+    err = other.json()
+    assert set(err) == {"code", "message", "errorId", "timestamp"}
+
+    # a malformed webhook is a precise 4xx, never a 5xx
+    bad = httpx.post(f"{ingest}/v1/webhooks/chatapps", content=b'{"namespace":"ChatApps"',
+                     headers={"Content-Type": "application/json"}, timeout=10)
+    assert bad.status_code == 400
+    assert "JSON" in bad.json()["message"]
+
+    # SIGINT stops every child and exits 0, leaving no process behind
+    run_dir = tmp_path / ".chatpipe" / "run"
+    pids = [int(p.read_text()) for p in run_dir.glob("*.ready")]
+    assert len(pids) >= 4
+    proc.proc.send_signal(signal.SIGINT)
+    assert proc.proc.wait(40) == 0, proc.output()
+    deadline = time.monotonic() + 5
+    while _pids_alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _pids_alive(pids) == []

@@ -1,0 +1,255 @@
+"""Ingest against the real embedded broker and registry: accepted, rejected, parked, authenticated."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import AsyncIterator
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from chatpipe.config import Settings
+from ingest.app import create_app
+from ingest.parse import parse_webhook
+from schemas.catalog import INBOUND, INGEST_DLQ, RECEIPTS
+from schemas.codec import Codecs
+from schemas.models import DeliveryReceipt
+from tests.fixtures.webhooks import ALL, UNSUPPORTED, load
+from tests.support.kafka import read_topic
+
+pytestmark = pytest.mark.integration
+URL = "/v1/webhooks/chatapps"
+JSON = {"Content-Type": "application/json"}
+
+
+def with_umid(name: str, umid: str) -> bytes:
+    doc = json.loads(load(name))
+    doc["payload"]["umid"] = umid
+    return json.dumps(doc).encode()
+
+
+def ingest_settings(broker: str, registry_url: str, state_dir: Path, **kw: object) -> Settings:
+    return Settings(kafka_bootstrap=broker, schema_registry_url=registry_url, state_dir=state_dir,
+                    partitions=4, **kw)  # type: ignore[arg-type]
+
+
+async def client_for(settings: Settings) -> TestClient:
+    client = TestClient(TestServer(create_app(settings)))
+    await client.start_server()
+    return client
+
+
+@pytest.fixture()
+async def client(broker: str, registry_url: str, state_dir: Path) -> AsyncIterator[TestClient]:
+    c = await client_for(ingest_settings(broker, registry_url, state_dir))
+    yield c
+    await c.close()
+
+
+def _dead_letters(broker: str, registry_url: str, error_ids: set[str]) -> dict[str, object]:
+    codec = Codecs.connect(registry_url).ingest_dlq
+    found = {}
+    for m in read_topic(broker, INGEST_DLQ.name, idle=2.0):
+        letter = codec.decode(m.value())
+        if letter.error_id in error_ids:
+            found[letter.error_id] = letter
+    return found
+
+
+async def test_every_documented_webhook_is_accepted_and_readable_from_its_topic(
+    client: TestClient, broker: str, registry_url: str
+) -> None:
+    sent: dict[str, bytes] = {}
+    for name in ALL:
+        umid = str(uuid.uuid4())
+        body = with_umid(name, umid)
+        r = await client.post(URL, data=body, headers=JSON)
+        assert r.status == 200, (name, await r.text())
+        assert (await r.json())["umid"] == umid
+        sent[umid] = body
+    codecs = Codecs.connect(registry_url)
+    got = {}
+    for topic, codec in ((RECEIPTS.name, codecs.receipts), (INBOUND.name, codecs.inbound)):
+        for m in read_topic(broker, topic, idle=2.0):
+            event = codec.decode(m.value())
+            if event.umid in sent:
+                assert m.key() == event.umid.encode()
+                got[event.umid] = event
+    assert set(got) == set(sent)
+    for umid, event in got.items():
+        assert event.raw_json.encode() == sent[umid]  # the original JSON, byte for byte
+        expected = parse_webhook(sent[umid], event.received_at)
+        assert event == expected
+        assert isinstance(event, DeliveryReceipt) == ('"outbound_message_status_changed"' in event.raw_json)
+
+
+BAD_INPUTS = [
+    ("not json", b"hello", JSON, 400, 1000, "body"),
+    ("truncated json", b'{"namespace": "ChatApps", ', JSON, 400, 1000, "body"),
+    ("not utf-8", b'{"a": "\xff\xfe"}', JSON, 400, 1000, "body"),
+    ("top-level array", b"[1, 2]", JSON, 400, 1000, "body"),
+    ("deep nesting", b"[" * 100 + b"]" * 100, JSON, 400, 1000, "body"),
+    ("missing umid", None, JSON, 400, 1000, "payload.umid"),
+    ("bad timestamp", None, JSON, 400, 1000, "payload.status.timestamp"),
+    ("unknown event type", None, JSON, 422, 1003, "eventType"),
+    ("wrong content type", None, {"Content-Type": "application/xml"}, 415, 1005, "Content-Type"),
+]
+
+
+def _bad_body(label: str) -> bytes:
+    doc = json.loads(load("dr_source_whatsapp_undelivered"))
+    if label == "missing umid":
+        del doc["payload"]["umid"]
+    elif label == "bad timestamp":
+        doc["payload"]["status"]["timestamp"] = "yesterday"
+    elif label == "unknown event type":
+        doc["eventType"] = "outbound_message_exploded"
+    return json.dumps(doc).encode()
+
+
+async def test_each_bad_input_class_gets_its_4xx_and_is_parked_whole(
+    client: TestClient, broker: str, registry_url: str
+) -> None:
+    parked: dict[str, tuple[bytes, str]] = {}
+    for label, body, headers, status, code, field in BAD_INPUTS:
+        body = body if body is not None else _bad_body(label)
+        r = await client.post(URL, data=body, headers={**headers, "Authorization": "Bearer not-checked"})
+        assert r.status == status, (label, await r.text())
+        err = await r.json()
+        assert set(err) == {"code", "message", "errorId", "timestamp"}
+        assert err["code"] == code, label
+        assert field in err["message"], (label, err["message"])
+        datetime.fromisoformat(err["timestamp"].replace("Z", "+00:00"))
+        parked[err["errorId"]] = (body, field)
+    letters = _dead_letters(broker, registry_url, set(parked))
+    assert set(letters) == set(parked)
+    for error_id, (body, field) in parked.items():
+        letter = letters[error_id]
+        assert letter.body == body  # type: ignore[attr-defined]
+        assert letter.field == field  # type: ignore[attr-defined]
+        headers = dict(letter.headers)  # type: ignore[attr-defined]
+        assert "Authorization" not in headers and "authorization" not in headers
+
+
+async def test_body_over_the_limit_is_413_and_parked(broker: str, registry_url: str, state_dir: Path) -> None:
+    client = await client_for(ingest_settings(broker, registry_url, state_dir, max_body_bytes=2048))
+    try:
+        body = b'{"namespace": "ChatApps", "pad": "' + b"x" * 5000 + b'"}'
+        r = await client.post(URL, data=body, headers=JSON)
+        assert r.status == 413
+        err = await r.json()
+        assert err["code"] == 1004 and "2048" in err["message"]
+        letter = _dead_letters(broker, registry_url, {err["errorId"]})[err["errorId"]]
+        assert letter.body == body[:2048]  # type: ignore[attr-defined]
+    finally:
+        await client.close()
+
+
+async def test_unauthenticated_requests_get_401_with_code_1200(
+    broker: str, registry_url: str, state_dir: Path
+) -> None:
+    client = await client_for(ingest_settings(broker, registry_url, state_dir, webhook_token="s3cret"))
+    body = with_umid("dr_source_whatsapp_undelivered", str(uuid.uuid4()))
+    try:
+        basic_ok = "Basic " + base64.b64encode(b"8x8:s3cret").decode()
+        basic_bad = "Basic " + base64.b64encode(b"8x8:nope").decode()
+        for auth, status in [(None, 401), ("Bearer nope", 401), (basic_bad, 401), ("Basic !!", 401),
+                             ("Bearer s3cret", 200), (basic_ok, 200)]:
+            headers = dict(JSON)
+            if auth:
+                headers["Authorization"] = auth
+            r = await client.post(URL, data=body, headers=headers)
+            assert r.status == status, auth
+            if status == 401:
+                assert (await r.json())["code"] == 1200
+    finally:
+        await client.close()
+
+
+async def test_oauth2_client_credentials_tokens_open_the_webhook(
+    broker: str, registry_url: str, state_dir: Path
+) -> None:
+    settings = ingest_settings(broker, registry_url, state_dir, oauth_client_id="eightbyeight",
+                               oauth_client_secret="client-secret", oauth_token_ttl=60)
+    client = await client_for(settings)
+    body = with_umid("in_v3_whatsapp_text", str(uuid.uuid4()))
+    try:
+        r = await client.post("/oauth2/token", data={"grant_type": "client_credentials",
+                                                     "client_id": "eightbyeight", "client_secret": "wrong"})
+        assert r.status == 401 and (await r.json())["error"] == "invalid_client"
+        r = await client.post("/oauth2/token", data={"grant_type": "password"})
+        assert r.status == 400
+        basic = "Basic " + base64.b64encode(b"eightbyeight:client-secret").decode()
+        r = await client.post("/oauth2/token", data={"grant_type": "client_credentials"},
+                              headers={"Authorization": basic})
+        assert r.status == 200
+        tok = await r.json()
+        assert tok["token_type"] == "Bearer" and tok["expires_in"] == 60
+        r = await client.post(URL, data=body, headers={**JSON, "Authorization": f"Bearer {tok['access_token']}"})
+        assert r.status == 200
+        forged = tok["access_token"][:-2] + ("AA" if not tok["access_token"].endswith("AA") else "BB")
+        r = await client.post(URL, data=body, headers={**JSON, "Authorization": f"Bearer {forged}"})
+        assert r.status == 401
+    finally:
+        await client.close()
+
+
+async def test_source_allowlist_honours_forwarded_for_only_from_trusted_proxies(
+    broker: str, registry_url: str, state_dir: Path
+) -> None:
+    settings = ingest_settings(broker, registry_url, state_dir, allowed_ips="8x8",
+                               trusted_proxies="127.0.0.1/32")
+    client = await client_for(settings)
+    body = with_umid("dr_source_whatsapp_undelivered", str(uuid.uuid4()))
+    try:
+        r = await client.post(URL, data=body, headers=JSON)  # direct from 127.0.0.1: not 8x8
+        assert r.status == 403 and (await r.json())["code"] == 1201
+        r = await client.post(URL, data=body, headers={**JSON, "X-Forwarded-For": "52.220.117.120"})
+        assert r.status == 200
+        r = await client.post(URL, data=body, headers={**JSON, "X-Forwarded-For": "52.220.117.120, 10.9.9.9"})
+        assert r.status == 403  # the proxy says it came from 10.9.9.9
+    finally:
+        await client.close()
+    # without a trusted proxy, X-Forwarded-For is ignored
+    client = await client_for(ingest_settings(broker, registry_url, state_dir, allowed_ips="8x8"))
+    try:
+        r = await client.post(URL, data=body, headers={**JSON, "X-Forwarded-For": "52.220.117.120"})
+        assert r.status == 403
+    finally:
+        await client.close()
+
+
+async def test_unsupported_documented_events_are_refused_not_crashed(client: TestClient) -> None:
+    for name in UNSUPPORTED:
+        r = await client.post(URL, data=load(name), headers=JSON)
+        assert r.status == 422, name
+
+
+async def test_arbitrary_and_mutated_bodies_never_get_a_5xx(client: TestClient) -> None:
+    """Hypothesis generates the bodies (arbitrary bytes, valid payloads with junk spliced in); the real
+    handler, broker and registry answer each one."""
+    valid = [load(n) for n in ALL]
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.one_of(
+        st.binary(max_size=2048),
+        st.tuples(st.sampled_from(valid), st.integers(0, 4000), st.binary(max_size=16)).map(
+            lambda t: t[0][: t[1] % (len(t[0]) + 1)] + t[2] + t[0][t[1] % (len(t[0]) + 1):]
+        ),
+    ))
+    def check(body: bytes) -> None:
+        bodies.append(body)
+
+    bodies: list[bytes] = []
+    check()
+    for body in bodies:
+        r = await client.post(URL, data=body, headers=JSON)
+        assert r.status < 500, (body, await r.text())
+        assert r.status in (200, 400, 413, 415, 422)
+    assert len(bodies) >= 100
