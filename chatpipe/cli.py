@@ -49,8 +49,13 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace, env: dict[str, str]
     index = args.worker_index or 0
     app = create_app(settings, spool_dir=settings.state_dir / "spool" / f"ingest-{index}")
     asyncio.run(
-        serve_until_signal(app, settings.ingest_host, settings.ingest_port, _ready_callback(env, "ingest"),
-                           reuse_port=args.reuse_port or args.worker_index is not None)
+        serve_until_signal(
+            app,
+            settings.ingest_host,
+            settings.ingest_port,
+            _ready_callback(env, "ingest"),
+            reuse_port=args.reuse_port or args.worker_index is not None,
+        )
     )
     return 0
 
@@ -65,8 +70,10 @@ def _ingest_workers(settings: Settings, env: dict[str, str]) -> int:
     for f in ready_files:
         f.unlink(missing_ok=True)
     children = [
-        subprocess.Popen([sys.executable, "-m", "chatpipe.cli", "ingest", "--worker-index", str(i)],
-                         env={**env, READY_FILE_ENV: str(ready_files[i])})
+        subprocess.Popen(
+            [sys.executable, "-m", "chatpipe.cli", "ingest", "--worker-index", str(i)],
+            env={**env, READY_FILE_ENV: str(ready_files[i])},
+        )
         for i in range(settings.ingest_workers)
     ]
     stopping = False
@@ -126,8 +133,9 @@ def cmd_sink(settings: Settings, args: argparse.Namespace, env: dict[str, str]) 
             return web.json_response({"status": "ok", "assigned": worker.assigned.is_set()})
 
         async def metrics(_r: web.Request) -> web.Response:
-            return web.Response(body=generate_latest(worker.metrics_registry),
-                                headers={"Content-Type": CONTENT_TYPE_LATEST})
+            return web.Response(
+                body=generate_latest(worker.metrics_registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+            )
 
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/metrics", metrics)
@@ -165,6 +173,18 @@ def cmd_topics(settings: Settings, args: argparse.Namespace, env: dict[str, str]
     return 0
 
 
+def cmd_schemas(settings: Settings, args: argparse.Namespace, env: dict[str, str]) -> int:
+    from schemas import evolution
+
+    if args.action == "check":
+        return evolution.cmd_check([] if args.schema_dir is None else ["--schema-dir", str(args.schema_dir)])
+    if args.action == "release":
+        return evolution.cmd_release(
+            [] if args.schema_dir is None else ["--schema-dir", str(args.schema_dir)]
+        )
+    return evolution.cmd_register(args.url or settings.schema_registry_url)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chatpipe",
@@ -185,16 +205,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ingest", help="run the webhook ingest service")
     p.add_argument("--port", dest="ingest_port", type=int, help="env CHATPIPE_INGEST_PORT")
     p.add_argument("--host", dest="ingest_host", help="env CHATPIPE_INGEST_HOST")
-    p.add_argument("--reuse-port", action="store_true",
-                   help="SO_REUSEPORT: let several ingest processes share the port")
-    p.add_argument("--workers", dest="ingest_workers", type=int,
-                   help="run N ingest processes on the port (env CHATPIPE_INGEST_WORKERS)")
+    p.add_argument(
+        "--reuse-port", action="store_true", help="SO_REUSEPORT: let several ingest processes share the port"
+    )
+    p.add_argument(
+        "--workers",
+        dest="ingest_workers",
+        type=int,
+        help="run N ingest processes on the port (env CHATPIPE_INGEST_WORKERS)",
+    )
     p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("worker", help="run the Faust stream processor")
-    p.add_argument("--web-port", dest="worker_web_port", type=int,
-                   help="port of the worker's /healthz and /metrics (env CHATPIPE_WORKER_WEB_PORT)")
+    p.add_argument(
+        "--web-port",
+        dest="worker_web_port",
+        type=int,
+        help="port of the worker's /healthz and /metrics (env CHATPIPE_WORKER_WEB_PORT)",
+    )
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("sink", help="run the store sink (PostgreSQL or SQLite)")
@@ -215,12 +244,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("topics", help="create chatpipe's topics on the configured broker")
     p.set_defaults(func=cmd_topics)
+
+    p = sub.add_parser("schemas", help="check schema evolution, register subjects, release versions")
+    p.add_argument(
+        "action",
+        choices=["check", "register", "release"],
+        help="check: every .avsc is compatible (FULL unless it says otherwise) with every released "
+        "version under schemas/history; register: register every subject with the registry; "
+        "release: snapshot changed schemas as the next released version",
+    )
+    p.add_argument("--url", help="registry for `register` (env CHATPIPE_SCHEMA_REGISTRY_URL)")
+    p.add_argument("--schema-dir", type=Path, help="directory of .avsc files (default: the installed ones)")
+    p.set_defaults(func=cmd_schemas)
     return parser
 
 
 _FLAG_FIELDS = (
-    "ingest_workers", "ingest_port", "ingest_host", "api_port", "api_host", "state_dir", "worker_web_port",
-    "metrics_port", "log_level", "log_format",
+    "ingest_workers",
+    "ingest_port",
+    "ingest_host",
+    "api_port",
+    "api_host",
+    "state_dir",
+    "worker_web_port",
+    "metrics_port",
+    "log_level",
+    "log_format",
 )
 
 

@@ -85,8 +85,11 @@ class Settings:
     def validate(self) -> None:
         if self.partitions < 1:
             raise ValueError("CHATPIPE_PARTITIONS must be >= 1")
-        if not (self.store_url.startswith("sqlite:///") or self.store_url.startswith("postgresql://")
-                or self.store_url.startswith("postgres://")):
+        if not (
+            self.store_url.startswith("sqlite:///")
+            or self.store_url.startswith("postgresql://")
+            or self.store_url.startswith("postgres://")
+        ):
             raise ValueError(f"CHATPIPE_STORE_URL: unsupported store URL {self.store_url!r}")
         if self.max_body_bytes < 1024:
             raise ValueError("CHATPIPE_MAX_BODY_BYTES must be >= 1024")
@@ -96,8 +99,10 @@ class Settings:
             raise ValueError("CHATPIPE_INGEST_WORKERS must be >= 1")
         from ingest.auth import parse_networks
 
-        for name, spec in (("CHATPIPE_ALLOWED_IPS", self.allowed_ips),
-                           ("CHATPIPE_TRUSTED_PROXIES", self.trusted_proxies)):
+        for name, spec in (
+            ("CHATPIPE_ALLOWED_IPS", self.allowed_ips),
+            ("CHATPIPE_TRUSTED_PROXIES", self.trusted_proxies),
+        ):
             try:
                 parse_networks(spec)
             except ValueError as exc:

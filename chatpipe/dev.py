@@ -70,7 +70,11 @@ class DevStack:
             child_env["CHATPIPE_READY_FILE"] = str(ready_file)
         with open(log_path, "ab") as logf:
             proc = subprocess.Popen(
-                argv, env=child_env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                argv,
+                env=child_env,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 preexec_fn=_die_with_parent,
             )
         child = Child(name, proc, log_path, ready_file)
@@ -93,7 +97,8 @@ class DevStack:
             if self._stopping:
                 raise KeyboardInterrupt
             if time.monotonic() > deadline:
-                raise TimeoutError("not ready after %ds: %s" % (timeout, ", ".join(c.name for c in pending)))
+                names = ", ".join(c.name for c in pending)
+                raise TimeoutError(f"not ready after {timeout:.0f}s: {names}")
             time.sleep(0.05)
 
     def start(self) -> None:
@@ -127,7 +132,9 @@ class DevStack:
         if not registry_url:
             rport = free_port()
             registry_url = f"http://127.0.0.1:{rport}"
-            reg = self._chatpipe("registry", "--port", str(rport), "--storage", str(self.state / "registry.json"))
+            reg = self._chatpipe(
+                "registry", "--port", str(rport), "--storage", str(self.state / "registry.json")
+            )
             self._wait_ready([reg], 20)
             wait_for_port("127.0.0.1", rport)
         env["CHATPIPE_SCHEMA_REGISTRY_URL"] = registry_url
@@ -207,4 +214,3 @@ def run_dev(settings: Settings, env: dict[str, str]) -> int:
     if code == 0:
         print("chatpipe stopped", flush=True)
     return code
-

@@ -10,26 +10,36 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 class IngestMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.webhooks = Counter(
-            "chatpipe_ingest_webhooks_total", "Webhooks by kind and outcome", ["kind", "outcome"],
+            "chatpipe_ingest_webhooks_total",
+            "Webhooks by kind and outcome",
+            ["kind", "outcome"],
             registry=registry,
         )
         self.auth_failures = Counter(
-            "chatpipe_ingest_auth_failures_total", "Requests refused by authentication", ["reason"],
+            "chatpipe_ingest_auth_failures_total",
+            "Requests refused by authentication",
+            ["reason"],
             registry=registry,
         )
         self.dead_letters = Counter(
-            "chatpipe_ingest_dead_letters_total", "Requests parked in the dead-letter topic", ["reason"],
+            "chatpipe_ingest_dead_letters_total",
+            "Requests parked in the dead-letter topic",
+            ["reason"],
             registry=registry,
         )
         self.spool_depth = Gauge(
             "chatpipe_ingest_spool_depth", "Events waiting in the local spool", registry=registry
         )
         self.produce_latency = Histogram(
-            "chatpipe_ingest_produce_seconds", "Time from produce to broker ack", buckets=_LATENCY_BUCKETS,
+            "chatpipe_ingest_produce_seconds",
+            "Time from produce to broker ack",
+            buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
         self.request_latency = Histogram(
-            "chatpipe_ingest_request_seconds", "Webhook request latency", buckets=_LATENCY_BUCKETS,
+            "chatpipe_ingest_request_seconds",
+            "Webhook request latency",
+            buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
 
@@ -47,11 +57,16 @@ class ProcessorMetrics:
 class SinkMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.rows = Counter(
-            "chatpipe_sink_records_total", "Records consumed by topic and outcome", ["topic", "outcome"],
+            "chatpipe_sink_records_total",
+            "Records consumed by topic and outcome",
+            ["topic", "outcome"],
             registry=registry,
         )
         self.batch_seconds = Histogram(
-            "chatpipe_sink_batch_seconds", "Time to write one batch", buckets=_LATENCY_BUCKETS, registry=registry
+            "chatpipe_sink_batch_seconds",
+            "Time to write one batch",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
         )
         self.store_up = Gauge("chatpipe_sink_store_up", "1 when the store accepts writes", registry=registry)
 
@@ -59,6 +74,8 @@ class SinkMetrics:
 class ApiMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
-            "chatpipe_api_requests_total", "Read API requests by route and status", ["route", "status"],
+            "chatpipe_api_requests_total",
+            "Read API requests by route and status",
+            ["route", "status"],
             registry=registry,
         )

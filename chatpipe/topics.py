@@ -31,7 +31,9 @@ def wanted_topics(partitions: int, replication: int) -> list[NewTopic]:
         topics.append(NewTopic(spec.name, partitions, replication, config=config))
     for name, compacted in PROCESSOR_INTERNAL_TOPICS:
         n = 1 if name.endswith("__leader") else partitions
-        topics.append(NewTopic(name, n, replication, config={"cleanup.policy": "compact"} if compacted else {}))
+        topics.append(
+            NewTopic(name, n, replication, config={"cleanup.policy": "compact"} if compacted else {})
+        )
     return topics
 
 

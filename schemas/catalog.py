@@ -68,8 +68,8 @@ SINK_DLQ = TopicSpec(
 TOPICS: tuple[TopicSpec, ...] = (RECEIPTS, INBOUND, INGEST_DLQ, MESSAGE_STATE, SINK_DLQ)
 
 
-def _named_definitions() -> dict[str, dict[str, Any]]:
-    """Every named type (record/enum/fixed) defined in any .avsc, by full name."""
+def named_definitions(schema_dir: Path = SCHEMA_DIR) -> dict[str, dict[str, Any]]:
+    """Every named type (record/enum/fixed) defined in any .avsc of `schema_dir`, by full name."""
     found: dict[str, dict[str, Any]] = {}
 
     def walk(node: Any, namespace: str | None) -> None:
@@ -87,12 +87,12 @@ def _named_definitions() -> dict[str, dict[str, Any]]:
                 if key in node:
                     walk(node[key], namespace)
 
-    for path in sorted(SCHEMA_DIR.glob("*.avsc")):
+    for path in sorted(Path(schema_dir).glob("*.avsc")):
         walk(json.loads(path.read_text()), None)
     return found
 
 
-def _inline(schema: Any, definitions: dict[str, dict[str, Any]]) -> Any:
+def inline_named_types(schema: Any, definitions: dict[str, dict[str, Any]]) -> Any:
     defined: set[str] = set()
 
     def visit(node: Any, namespace: str | None) -> Any:
@@ -125,8 +125,13 @@ def _inline(schema: Any, definitions: dict[str, dict[str, Any]]) -> Any:
     return visit(schema, None)
 
 
+def render_schema(schema_file: str, schema_dir: Path) -> str:
+    """The self-contained schema text (JSON) of one `.avsc` file in `schema_dir`, named types inlined."""
+    raw = json.loads((Path(schema_dir) / schema_file).read_text())
+    return json.dumps(inline_named_types(raw, named_definitions(schema_dir)), separators=(",", ":"))
+
+
 @functools.cache
 def load_schema(schema_file: str) -> str:
-    """The self-contained schema text (JSON) of one `.avsc` file, named types inlined."""
-    raw = json.loads((SCHEMA_DIR / schema_file).read_text())
-    return json.dumps(_inline(raw, _named_definitions()), separators=(",", ":"))
+    """`render_schema` for chatpipe's own schemas (cached: the package's files do not change)."""
+    return render_schema(schema_file, SCHEMA_DIR)

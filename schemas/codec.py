@@ -63,7 +63,8 @@ class Registry:
                     schema_id = self._client.register_schema(subject, Schema(schema_text, "AVRO"))
                 except SchemaRegistryError as exc:
                     if exc.http_status_code == 409:
-                        raise SchemaError(f"{subject}: incompatible with the registered schema: {exc}") from exc
+                        message = f"{subject}: incompatible with the registered schema: {exc}"
+                        raise SchemaError(message) from exc
                     raise TransientError(f"schema registry {self.url}: {exc}") from exc
                 except Exception as exc:  # connection errors come as httpx exceptions
                     raise TransientError(f"schema registry {self.url} unreachable: {exc}") from exc
@@ -108,6 +109,8 @@ class TopicCodec(Generic[T]):
         self._reader = fastavro.parse_schema(json.loads(self._schema_text))
         self._schema_id: int | None = None
         self._header = b""
+        # schema id -> (writer schema, reader schema or None when the writer is this very schema)
+        self._resolutions: dict[int, tuple[Any, Any]] = {}
 
     @property
     def schema_id(self) -> int:
@@ -131,12 +134,23 @@ class TopicCodec(Generic[T]):
         if len(data) < 5 or data[0] != MAGIC:
             raise InvalidEvent(f"{self.spec.name}: not Confluent-framed Avro (magic byte)", raw=data)
         _, schema_id = _HEADER.unpack_from(data)
-        writer = self._registry.writer_schema(schema_id)
+        resolution = self._resolutions.get(schema_id)
+        if resolution is None:
+            resolution = self._resolution(schema_id)
+        writer, reader = resolution
         try:
-            record = fastavro.schemaless_reader(io.BytesIO(data[5:]), writer, self._reader)
+            record = fastavro.schemaless_reader(io.BytesIO(data[5:]), writer, reader)
         except Exception as exc:
             raise InvalidEvent(f"{self.spec.name}: undecodable Avro body: {exc}", raw=data) from exc
         return record  # type: ignore[return-value]
+
+    def _resolution(self, schema_id: int) -> tuple[Any, Any]:
+        # fastavro skips schema resolution when writer == reader, but it compares the two (deep dict
+        # equality, about as costly as decoding a record) on every call: compare once per schema id instead.
+        writer = self._registry.writer_schema(schema_id)
+        resolution = (writer, None if writer == self._reader else self._reader)
+        self._resolutions[schema_id] = resolution
+        return resolution
 
     def decode(self, data: bytes) -> T:
         return self._from_dict(self.decode_dict(data))
@@ -152,7 +166,9 @@ class Codecs:
         self.ingest_dlq = TopicCodec(
             registry, INGEST_DLQ, mapping.dead_letter_to_dict, mapping.dead_letter_from_dict
         )
-        self.sink_dlq = TopicCodec(registry, SINK_DLQ, mapping.dead_letter_to_dict, mapping.dead_letter_from_dict)
+        self.sink_dlq = TopicCodec(
+            registry, SINK_DLQ, mapping.dead_letter_to_dict, mapping.dead_letter_from_dict
+        )
         self.state = TopicCodec(registry, MESSAGE_STATE, mapping.state_to_dict, mapping.state_from_dict)
 
     def all(self) -> tuple[TopicCodec[Any], ...]:

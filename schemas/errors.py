@@ -13,7 +13,7 @@ class ChatpipeError(Exception):
     retriable: bool = False
 
 
-class InvalidEvent(ChatpipeError):  # noqa: N818 - the name is the house vocabulary
+class InvalidEvent(ChatpipeError):
     """Input that can never be processed as it is.
 
     `code` is the 8x8-style error code answered to the caller, `http_status` the HTTP status, `field` the

@@ -30,7 +30,11 @@ class DevProcess:
     def __init__(self, cwd: Path, env: dict[str, str]) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "chatpipe.cli", "dev"],
-            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         self.lines: list[str] = []
         self.ready = threading.Event()
@@ -102,14 +106,20 @@ def _pids_alive(pids: list[int]) -> list[int]:
     return alive
 
 
-def test_sample_delivery_receipt_flows_to_the_read_api(dev: tuple[DevProcess, str, str], tmp_path: Path) -> None:
+def test_sample_delivery_receipt_flows_to_the_read_api(
+    dev: tuple[DevProcess, str, str], tmp_path: Path
+) -> None:
     proc, ingest, api = dev
     assert proc.env_value("CHATPIPE_KAFKA_BOOTSTRAP").startswith("127.0.0.1:")
     assert proc.env_value("CHATPIPE_SCHEMA_REGISTRY_URL").startswith("http://127.0.0.1:")
 
     body = load("dr_source_whatsapp_undelivered")
-    r = httpx.post(f"{ingest}/v1/webhooks/chatapps", content=body,
-                   headers={"Content-Type": "application/json"}, timeout=10)
+    r = httpx.post(
+        f"{ingest}/v1/webhooks/chatapps",
+        content=body,
+        headers={"Content-Type": "application/json"},
+        timeout=10,
+    )
     assert r.status_code == 200, r.text
     sample = json.loads(body)["payload"]
     url = f"{api}/api/v1/subaccounts/{sample['subAccountId']}/messages/{sample['umid']}"
@@ -134,8 +144,12 @@ def test_sample_delivery_receipt_flows_to_the_read_api(dev: tuple[DevProcess, st
     assert set(err) == {"code", "message", "errorId", "timestamp"}
 
     # a malformed webhook is a precise 4xx, never a 5xx
-    bad = httpx.post(f"{ingest}/v1/webhooks/chatapps", content=b'{"namespace":"ChatApps"',
-                     headers={"Content-Type": "application/json"}, timeout=10)
+    bad = httpx.post(
+        f"{ingest}/v1/webhooks/chatapps",
+        content=b'{"namespace":"ChatApps"',
+        headers={"Content-Type": "application/json"},
+        timeout=10,
+    )
     assert bad.status_code == 400
     assert "JSON" in bad.json()["message"]
 

@@ -35,8 +35,9 @@ def with_umid(name: str, umid: str) -> bytes:
 
 
 def ingest_settings(broker: str, registry_url: str, state_dir: Path, **kw: object) -> Settings:
-    return Settings(kafka_bootstrap=broker, schema_registry_url=registry_url, state_dir=state_dir,
-                    partitions=4, **kw)  # type: ignore[arg-type]
+    return Settings(
+        kafka_bootstrap=broker, schema_registry_url=registry_url, state_dir=state_dir, partitions=4, **kw
+    )  # type: ignore[arg-type]
 
 
 async def client_for(settings: Settings) -> TestClient:
@@ -159,8 +160,14 @@ async def test_unauthenticated_requests_get_401_with_code_1200(
     try:
         basic_ok = "Basic " + base64.b64encode(b"8x8:s3cret").decode()
         basic_bad = "Basic " + base64.b64encode(b"8x8:nope").decode()
-        for auth, status in [(None, 401), ("Bearer nope", 401), (basic_bad, 401), ("Basic !!", 401),
-                             ("Bearer s3cret", 200), (basic_ok, 200)]:
+        for auth, status in [
+            (None, 401),
+            ("Bearer nope", 401),
+            (basic_bad, 401),
+            ("Basic !!", 401),
+            ("Bearer s3cret", 200),
+            (basic_ok, 200),
+        ]:
             headers = dict(JSON)
             if auth:
                 headers["Authorization"] = auth
@@ -175,23 +182,34 @@ async def test_unauthenticated_requests_get_401_with_code_1200(
 async def test_oauth2_client_credentials_tokens_open_the_webhook(
     broker: str, registry_url: str, state_dir: Path
 ) -> None:
-    settings = ingest_settings(broker, registry_url, state_dir, oauth_client_id="eightbyeight",
-                               oauth_client_secret="client-secret", oauth_token_ttl=60)
+    settings = ingest_settings(
+        broker,
+        registry_url,
+        state_dir,
+        oauth_client_id="eightbyeight",
+        oauth_client_secret="client-secret",
+        oauth_token_ttl=60,
+    )
     client = await client_for(settings)
     body = with_umid("in_v3_whatsapp_text", str(uuid.uuid4()))
     try:
-        r = await client.post("/oauth2/token", data={"grant_type": "client_credentials",
-                                                     "client_id": "eightbyeight", "client_secret": "wrong"})
+        r = await client.post(
+            "/oauth2/token",
+            data={"grant_type": "client_credentials", "client_id": "eightbyeight", "client_secret": "wrong"},
+        )
         assert r.status == 401 and (await r.json())["error"] == "invalid_client"
         r = await client.post("/oauth2/token", data={"grant_type": "password"})
         assert r.status == 400
         basic = "Basic " + base64.b64encode(b"eightbyeight:client-secret").decode()
-        r = await client.post("/oauth2/token", data={"grant_type": "client_credentials"},
-                              headers={"Authorization": basic})
+        r = await client.post(
+            "/oauth2/token", data={"grant_type": "client_credentials"}, headers={"Authorization": basic}
+        )
         assert r.status == 200
         tok = await r.json()
         assert tok["token_type"] == "Bearer" and tok["expires_in"] == 60
-        r = await client.post(URL, data=body, headers={**JSON, "Authorization": f"Bearer {tok['access_token']}"})
+        r = await client.post(
+            URL, data=body, headers={**JSON, "Authorization": f"Bearer {tok['access_token']}"}
+        )
         assert r.status == 200
         forged = tok["access_token"][:-2] + ("AA" if not tok["access_token"].endswith("AA") else "BB")
         r = await client.post(URL, data=body, headers={**JSON, "Authorization": f"Bearer {forged}"})
@@ -203,8 +221,9 @@ async def test_oauth2_client_credentials_tokens_open_the_webhook(
 async def test_source_allowlist_honours_forwarded_for_only_from_trusted_proxies(
     broker: str, registry_url: str, state_dir: Path
 ) -> None:
-    settings = ingest_settings(broker, registry_url, state_dir, allowed_ips="8x8",
-                               trusted_proxies="127.0.0.1/32")
+    settings = ingest_settings(
+        broker, registry_url, state_dir, allowed_ips="8x8", trusted_proxies="127.0.0.1/32"
+    )
     client = await client_for(settings)
     body = with_umid("dr_source_whatsapp_undelivered", str(uuid.uuid4()))
     try:
@@ -237,12 +256,14 @@ async def test_arbitrary_and_mutated_bodies_never_get_a_5xx(client: TestClient) 
     valid = [load(n) for n in ALL]
 
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(st.one_of(
-        st.binary(max_size=2048),
-        st.tuples(st.sampled_from(valid), st.integers(0, 4000), st.binary(max_size=16)).map(
-            lambda t: t[0][: t[1] % (len(t[0]) + 1)] + t[2] + t[0][t[1] % (len(t[0]) + 1):]
-        ),
-    ))
+    @given(
+        st.one_of(
+            st.binary(max_size=2048),
+            st.tuples(st.sampled_from(valid), st.integers(0, 4000), st.binary(max_size=16)).map(
+                lambda t: t[0][: t[1] % (len(t[0]) + 1)] + t[2] + t[0][t[1] % (len(t[0]) + 1) :]
+            ),
+        )
+    )
     def check(body: bytes) -> None:
         bodies.append(body)
 

@@ -66,14 +66,20 @@ async def test_broker_outage_mid_load_is_absorbed_by_the_spool_and_nothing_ackno
     own_broker: tuple[str, subprocess.Popen[bytes]], registry_url: str, tmp_path: Path
 ) -> None:
     bootstrap, tansu = own_broker
-    settings = Settings(kafka_bootstrap=bootstrap, schema_registry_url=registry_url, state_dir=tmp_path,
-                        partitions=4, produce_timeout=1.0)
+    settings = Settings(
+        kafka_bootstrap=bootstrap,
+        schema_registry_url=registry_url,
+        state_dir=tmp_path,
+        partitions=4,
+        produce_timeout=1.0,
+    )
     client = TestClient(TestServer(create_app(settings)))
     await client.start_server()
     acked: list[str] = []
     refused: list[int] = []
     spooled_seen = 0
     try:
+
         async def post(umid: str) -> None:
             r = await client.post(URL, data=receipt(umid), headers={"Content-Type": "application/json"})
             (acked.append(umid) if r.status == 200 else refused.append(r.status))
@@ -81,7 +87,7 @@ async def test_broker_outage_mid_load_is_absorbed_by_the_spool_and_nothing_ackno
         async def load_phase(n: int, concurrency: int = 16) -> None:
             umids = [str(uuid.uuid4()) for _ in range(n)]
             for i in range(0, n, concurrency):
-                await asyncio.gather(*(post(u) for u in umids[i:i + concurrency]))
+                await asyncio.gather(*(post(u) for u in umids[i : i + concurrency]))
 
         await load_phase(200)
         os.kill(tansu.pid, signal.SIGSTOP)  # the broker stops answering, connections stay open
@@ -122,8 +128,9 @@ async def test_a_spool_left_by_a_crash_is_drained_at_start(
         event = parse_webhook(receipt(u), datetime.now(UTC))
         leftover.append(RECEIPTS.name, u.encode(), codecs.receipts.encode(event))  # type: ignore[arg-type]
     leftover.close()  # as a crash would leave it: records fsynced, none acked
-    settings = Settings(kafka_bootstrap=bootstrap, schema_registry_url=registry_url, state_dir=tmp_path,
-                        partitions=4)
+    settings = Settings(
+        kafka_bootstrap=bootstrap, schema_registry_url=registry_url, state_dir=tmp_path, partitions=4
+    )
     client = TestClient(TestServer(create_app(settings, spool_dir=spool_dir)))
     await client.start_server()
     try:
@@ -142,22 +149,35 @@ def test_sigterm_during_load_loses_no_acknowledged_webhook(
     bootstrap, _ = own_broker
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATPIPE_")}
-    env.update(CHATPIPE_KAFKA_BOOTSTRAP=bootstrap, CHATPIPE_SCHEMA_REGISTRY_URL=registry_url,
-               CHATPIPE_INGEST_PORT=str(port), CHATPIPE_STATE_DIR=str(tmp_path), CHATPIPE_PARTITIONS="4")
-    proc = subprocess.Popen([sys.executable, "-m", "chatpipe.cli", "ingest"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env.update(
+        CHATPIPE_KAFKA_BOOTSTRAP=bootstrap,
+        CHATPIPE_SCHEMA_REGISTRY_URL=registry_url,
+        CHATPIPE_INGEST_PORT=str(port),
+        CHATPIPE_STATE_DIR=str(tmp_path),
+        CHATPIPE_PARTITIONS="4",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chatpipe.cli", "ingest"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     wait_for_port("127.0.0.1", port, timeout=30)
     acked: list[str] = []
 
     async def run_load() -> None:
         stop_at = time.monotonic() + 20
         async with aiohttp.ClientSession() as session:
+
             async def worker(i: int) -> None:
                 while time.monotonic() < stop_at:
                     umid = str(uuid.uuid4())
                     try:
-                        async with session.post(f"http://127.0.0.1:{port}{URL}", data=receipt(umid),
-                                                headers={"Content-Type": "application/json"}) as r:
+                        async with session.post(
+                            f"http://127.0.0.1:{port}{URL}",
+                            data=receipt(umid),
+                            headers={"Content-Type": "application/json"},
+                        ) as r:
                             if r.status == 200:
                                 acked.append(umid)
                     except aiohttp.ClientError:

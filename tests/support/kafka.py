@@ -15,12 +15,14 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 def read_topic(
     bootstrap: str, topic: str, expect: int | None = None, timeout: float = 30.0, idle: float = 2.0
 ) -> list[Message]:
-    consumer = Consumer({
-        "bootstrap.servers": bootstrap,
-        "group.id": f"test-reader-{uuid.uuid4()}",
-        "enable.auto.commit": False,
-        "enable.partition.eof": False,
-    })
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"test-reader-{uuid.uuid4()}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": False,
+        }
+    )
     try:
         meta = consumer.list_topics(topic, timeout=10).topics[topic]
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])

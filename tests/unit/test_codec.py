@@ -68,10 +68,16 @@ def test_documented_webhook_round_trips_through_avro(name: str, codecs: Codecs) 
 def test_dead_letter_round_trip_keeps_the_body_whole(codecs: Codecs) -> None:
     body = b'\xff\x00{"not": json'
     letter = DeadLetter(
-        error_id="0b7d3bd6-52a4-4bd5-9a7f-3c9d4a1e0a11", reason="body: not UTF-8", code=1000,
-        http_status=400, source="ingest", received_at=RECEIVED, body=body,
+        error_id="0b7d3bd6-52a4-4bd5-9a7f-3c9d4a1e0a11",
+        reason="body: not UTF-8",
+        code=1000,
+        http_status=400,
+        source="ingest",
+        received_at=RECEIVED,
+        body=body,
         headers=(("Content-Type", "application/json"), ("X-Forwarded-For", "52.220.117.120")),
-        field="body", remote="127.0.0.1",
+        field="body",
+        remote="127.0.0.1",
     )
     assert codecs.ingest_dlq.decode(codecs.ingest_dlq.encode(letter)) == letter
 
