@@ -57,6 +57,32 @@ MESSAGE_STATE = TopicSpec(
     True,
     "Current state per umid, one record per change (written by the processor, read by sinks).",
 )
+MESSAGE_STEPS = TopicSpec(
+    "chatpipe.messages.steps",
+    "message_step.avsc",
+    False,
+    "Each step of a message whenever the message changes (written by the processor, read by sinks).",
+)
+STATUS_EVENTS = TopicSpec(
+    "chatpipe.messages.events",
+    "status_event.avsc",
+    False,
+    "Status history: each distinct status newly recorded, duplicates removed (processor -> sinks).",
+)
+INBOUND_BY_CONVERSATION = TopicSpec(
+    "chatpipe.inbound.by-conversation",
+    "inbound_message.avsc",
+    False,
+    "Inbound messages re-keyed by conversation (processor-internal repartition).",
+    key="conversation",
+)
+CONVERSATIONS = TopicSpec(
+    "chatpipe.conversations.state",
+    "conversation.avsc",
+    True,
+    "Current state per conversation, one record per change (written by the processor, read by sinks).",
+    key="conversation",
+)
 SINK_DLQ = TopicSpec(
     "chatpipe.sink.dlq",
     "dead_letter.avsc",
@@ -65,7 +91,17 @@ SINK_DLQ = TopicSpec(
     key="errorId",
 )
 
-TOPICS: tuple[TopicSpec, ...] = (RECEIPTS, INBOUND, INGEST_DLQ, MESSAGE_STATE, SINK_DLQ)
+TOPICS: tuple[TopicSpec, ...] = (
+    RECEIPTS,
+    INBOUND,
+    INGEST_DLQ,
+    MESSAGE_STATE,
+    MESSAGE_STEPS,
+    STATUS_EVENTS,
+    INBOUND_BY_CONVERSATION,
+    CONVERSATIONS,
+    SINK_DLQ,
+)
 
 
 def named_definitions(schema_dir: Path = SCHEMA_DIR) -> dict[str, dict[str, Any]]:

@@ -22,11 +22,15 @@ from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from schemas import mapping
 from schemas.catalog import (
+    CONVERSATIONS,
     INBOUND,
+    INBOUND_BY_CONVERSATION,
     INGEST_DLQ,
     MESSAGE_STATE,
+    MESSAGE_STEPS,
     RECEIPTS,
     SINK_DLQ,
+    STATUS_EVENTS,
     TopicSpec,
     load_schema,
 )
@@ -170,9 +174,34 @@ class Codecs:
             registry, SINK_DLQ, mapping.dead_letter_to_dict, mapping.dead_letter_from_dict
         )
         self.state = TopicCodec(registry, MESSAGE_STATE, mapping.state_to_dict, mapping.state_from_dict)
+        self.steps = TopicCodec(
+            registry, MESSAGE_STEPS, mapping.message_step_to_dict, mapping.message_step_from_dict
+        )
+        self.events = TopicCodec(
+            registry,
+            STATUS_EVENTS,
+            mapping.status_event_record_to_dict,
+            mapping.status_event_record_from_dict,
+        )
+        self.inbound_by_conversation = TopicCodec(
+            registry, INBOUND_BY_CONVERSATION, mapping.inbound_to_dict, mapping.inbound_from_dict
+        )
+        self.conversations = TopicCodec(
+            registry, CONVERSATIONS, mapping.conversation_to_dict, mapping.conversation_from_dict
+        )
 
     def all(self) -> tuple[TopicCodec[Any], ...]:
-        return (self.receipts, self.inbound, self.ingest_dlq, self.sink_dlq, self.state)
+        return (
+            self.receipts,
+            self.inbound,
+            self.ingest_dlq,
+            self.sink_dlq,
+            self.state,
+            self.steps,
+            self.events,
+            self.inbound_by_conversation,
+            self.conversations,
+        )
 
     def register_all(self) -> dict[str, int]:
         """Register every subject now (fail fast at start-up rather than on the first record)."""

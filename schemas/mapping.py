@@ -11,6 +11,7 @@ from typing import Any
 from schemas.models import (
     ButtonReply,
     CallPermissionReply,
+    Conversation,
     DeadLetter,
     DeliveryReceipt,
     InboundContent,
@@ -18,8 +19,10 @@ from schemas.models import (
     Interactive,
     ListReply,
     MessageState,
+    MessageStep,
     Status,
     StatusEvent,
+    StatusEventRecord,
     Step,
     User,
 )
@@ -315,4 +318,98 @@ def state_from_dict(d: Record) -> MessageState:
         read_at=d.get("readAt"),
         final=d.get("final", False),
         duplicates=d.get("duplicates", 0),
+    )
+
+
+def message_step_to_dict(x: MessageStep) -> Record:
+    return {
+        "umid": x.umid,
+        "subAccountId": x.sub_account_id,
+        "messageVersion": x.message_version,
+        "stepCount": x.step_count,
+        "step": step_to_dict(x.step),
+    }
+
+
+def message_step_from_dict(d: Record) -> MessageStep:
+    return MessageStep(
+        d["umid"], d["subAccountId"], d["messageVersion"], d["stepCount"], step_from_dict(d["step"])
+    )
+
+
+def status_event_record_to_dict(x: StatusEventRecord) -> Record:
+    return {
+        "umid": x.umid,
+        "subAccountId": x.sub_account_id,
+        "channel": x.channel,
+        "step": x.step,
+        "messageVersion": x.message_version,
+        "event": _event_to_dict(x.event),
+    }
+
+
+def status_event_record_from_dict(d: Record) -> StatusEventRecord:
+    return StatusEventRecord(
+        d["umid"],
+        d["subAccountId"],
+        d["channel"],
+        d["step"],
+        d["messageVersion"],
+        _event_from_dict(d["event"]),
+    )
+
+
+def conversation_to_dict(c: Conversation) -> Record:
+    return {
+        "key": c.key,
+        "subAccountId": c.sub_account_id,
+        "channel": c.channel,
+        "channelId": c.channel_id,
+        "userKey": c.user_key,
+        "user": user_to_dict(c.user),
+        "version": c.version,
+        "firstInboundAt": c.first_inbound_at,
+        "lastInboundAt": c.last_inbound_at,
+        "lastUmid": c.last_umid,
+        "lastType": c.last_type,
+        "lastReplyToUmid": c.last_reply_to_umid,
+        "windowOpenUntil": c.window_open_until,
+        "messageCount": c.message_count,
+        "duplicates": c.duplicates,
+        "countsByType": dict(c.counts_by_type),
+        "callPermission": c.call_permission,
+        "callPermissionAt": c.call_permission_at,
+        "callPermissionUntil": c.call_permission_until,
+        "callPermissionPermanent": c.call_permission_permanent,
+        "profileAt": c.profile_at,
+        "recentUmids": list(c.recent_umids),
+        "updatedAt": c.updated_at,
+    }
+
+
+def conversation_from_dict(d: Record) -> Conversation:
+    return Conversation(
+        key=d["key"],
+        sub_account_id=d["subAccountId"],
+        channel=d["channel"],
+        user_key=d["userKey"],
+        version=d["version"],
+        first_inbound_at=d["firstInboundAt"],
+        last_inbound_at=d["lastInboundAt"],
+        last_umid=d["lastUmid"],
+        last_type=d["lastType"],
+        updated_at=d["updatedAt"],
+        channel_id=d.get("channelId"),
+        user=user_from_dict(d["user"]),
+        message_count=d["messageCount"],
+        duplicates=d.get("duplicates", 0),
+        counts_by_type=tuple(sorted(d.get("countsByType", {}).items())),
+        last_reply_to_umid=d.get("lastReplyToUmid"),
+        window_open_until=d.get("windowOpenUntil"),
+        call_permission=d.get("callPermission"),
+        call_permission_at=d.get("callPermissionAt"),
+        call_permission_until=d.get("callPermissionUntil"),
+        call_permission_permanent=d.get("callPermissionPermanent"),
+        profile_at=d.get("profileAt"),
+        recent_umids=tuple(d.get("recentUmids", ())),
     )

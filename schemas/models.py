@@ -229,3 +229,56 @@ class MessageState:
     @property
     def current_channel(self) -> str:
         return self.steps[-1].channel if self.steps else ""
+
+
+@dataclass(frozen=True, slots=True)
+class MessageStep:
+    """A step as published on the step topic: the step plus which message version it belongs to."""
+
+    umid: str
+    sub_account_id: str
+    message_version: int
+    step_count: int
+    step: Step
+
+
+@dataclass(frozen=True, slots=True)
+class StatusEventRecord:
+    """A distinct status newly recorded for a step, as published on the history topic."""
+
+    umid: str
+    sub_account_id: str
+    channel: str
+    step: int
+    message_version: int
+    event: StatusEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    """What inbound messages tell about one (subaccount, channel, channelId, user); see
+    `processors.conversation`."""
+
+    key: str
+    sub_account_id: str
+    channel: str
+    user_key: str
+    version: int
+    first_inbound_at: datetime
+    last_inbound_at: datetime
+    last_umid: str
+    last_type: str
+    updated_at: datetime
+    channel_id: str | None = None
+    user: User = field(default_factory=User)
+    message_count: int = 0
+    duplicates: int = 0
+    counts_by_type: tuple[tuple[str, int], ...] = ()
+    last_reply_to_umid: str | None = None
+    window_open_until: datetime | None = None
+    call_permission: str | None = None
+    call_permission_at: datetime | None = None
+    call_permission_until: datetime | None = None
+    call_permission_permanent: bool | None = None
+    profile_at: datetime | None = None
+    recent_umids: tuple[str, ...] = ()
