@@ -44,6 +44,14 @@ class Settings:
     produce_timeout: float = 3.0
     ingest_workers: int = 1
     read_window_hours: float = 48.0
+    stale_after_hours: float = 240.0
+    final_retention_hours: float = 24.0
+    tombstone_retention_hours: float = 720.0
+    processor_batch_size: int = 5000
+    processor_batch_within: float = 0.1
+    processor_cache_size: int = 200_000
+    processor_expire_interval: float = 30.0
+    emit_steps_and_events: bool = True
     pii_clear: bool = False
     pii_hash_key: str | None = _secret_field()
     embedded_broker: bool = False

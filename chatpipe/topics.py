@@ -20,6 +20,7 @@ PROCESSOR_APP_ID = "chatpipe-processor"
 #: Faust's own topics for the processor app (changelog of the state table, leader assignor).
 PROCESSOR_INTERNAL_TOPICS: tuple[tuple[str, bool], ...] = (
     (f"{PROCESSOR_APP_ID}-message_state-changelog", True),
+    (f"{PROCESSOR_APP_ID}-conversations-changelog", True),
     (f"{PROCESSOR_APP_ID}-__assignor-__leader", False),
 )
 

@@ -1,55 +1,509 @@
-"""Faust agents: thin loops around the pure state machine.
+"""The Faust shell around the pure state machine: batches in, versions out, timers for expiry.
 
-Each agent reads the previous state from its table, calls the pure `apply`, writes the new state, and
-sends the output. All decisions live in `processors.state`.
+`Folder` holds the per-worker state of the shell; `install_agents` wires it into the Faust app:
+
+- one agent reads receipts with `take_events` (at most `batch_size` per batch, all partitions of this
+  worker), groups them by partition and umid, and calls `apply_many` ONCE per umid per batch;
+- a timer calls `expire` for the keys that are due on the partitions this worker owns, then retires final
+  states (GONE markers) and finally deletes them, so the table stays bounded;
+- an in-memory cache of decoded states (per partition, bounded, dropped on every rebalance) means the
+  table's Avro is decoded only on a cache miss.
+
+Writes bypass Faust's per-key `table[key] = ...` (which needs the current event for the partition and
+costs a changelog future per key): the shell writes the partition's RocksDB with one WriteBatch per
+batch and the changelog with a confluent-kafka producer, then tells Faust the persisted changelog offset.
+
+Processing guarantee (at-least-once, outputs idempotent and monotonic), per batch and in this order:
+    1. compute every new value; write them to RocksDB (one WriteBatch per partition);
+    2. send them to the changelog and wait for the acks (on Tansu: then one marker record per partition,
+       alone in its batch, so ListOffsets gives the true end to the next recovery);
+    3. send the changed states to the state topic and wait for the acks;
+    4. return to Faust, which acks the events; offsets are committed only for acked events.
+Each stored value carries the input offset of the last receipt folded into it. After a crash the input is
+replayed from the last commit; a receipt at or below its key's stored offset is already in the state and
+is NOT applied again: the stored value is sent again (changelog and state topic) instead, byte for byte.
+Because the changelog is acked before a version is emitted (2 before 3), any emitted version is in the
+changelog, so a worker that restores from it (RocksDB lost) never computes a second, different content
+under a version that was already emitted: no lost and no contradicting transition. A version may be
+emitted twice with the same content (only the `duplicates` counters, never emitted on their own, can
+differ); sinks ignore versions they hold.
+
+Time: the timer's clock is the ingest clock of the partition (`received_at` of the newest receipt seen
+on it), not the wall clock, so a worker catching up on a backlog never seals a message whose late
+receipts are still in the backlog. An idle partition does not expire anything until traffic resumes.
+
+Retention: a final state stays `final_retention` (ingest clock), then is replaced by a compact GONE marker
+(its last version), which stays `tombstone_retention` and is then deleted. A receipt for a GONE umid is
+absorbed (counted as `late`, nothing emitted), like a sealed message absorbs late receipts: re-creating a
+state from it would emit a partial state (one receipt) over the complete final one. After the marker is
+deleted too, a receipt starts a fresh state at version 1, which sinks ignore because they hold a higher
+version (the only residual effect is that fresh fragment in the table until it expires in turn).
 """
 
 from __future__ import annotations
 
+import asyncio
+import heapq
 import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import rocksdict
+from confluent_kafka import KafkaError, Producer
+from faust.types import TP
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from processors.app import Processor
-from processors.state import apply
-from schemas.errors import InvalidEvent
+from processors.app import (
+    GONE,
+    LIVE,
+    Processor,
+    Stored,
+    decode_stored,
+    encode_stored,
+    stored_header,
+)
+from processors.conversation import apply_inbound, conversation_key
+from processors.state import StateConfig, apply_many, expire, expire_due
+from schemas.errors import InvalidEvent, TransientError
+from schemas.models import DeliveryReceipt, MessageState, MessageStep, StatusEvent, StatusEventRecord
 
 log = logging.getLogger(__name__)
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: changelog key of the end-of-batch marker (value None: recovery deletes a key that never exists)
+MARKER_KEY = b"\x00chatpipe-end-of-batch"
+FLUSH_TIMEOUT = 30.0
+#: aiohttp refuses a charset inside content_type; Prometheus text is UTF-8 by definition
+_METRICS_CONTENT_TYPE = "; ".join(p for p in CONTENT_TYPE_LATEST.split("; ") if not p.startswith("charset"))
 
-def install_agents(p: Processor) -> None:
-    codecs, table, config, metrics = p.codecs, p.table, p.config, p.metrics
+
+def _us(t: datetime) -> int:
+    d = t - _EPOCH
+    return (d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds
+
+
+def next_check(state: MessageState, config: StateConfig) -> datetime | None:
+    """Earliest ingest time at which the timer must look at `state` again; None: never."""
+    return expire_due(state, config)
+
+
+@dataclass
+class _Partition:
+    """What this worker holds for one partition it owns; dropped on every rebalance."""
+
+    cache: dict[bytes, Stored] = field(default_factory=dict)
+    watermark: datetime | None = None  # newest received_at seen (the timer's clock)
+    heap: list[tuple[int, bytes]] | None = None  # (check_at, key); None until built from the table
+
+
+@dataclass
+class _Batch:
+    """Writes of one batch (or one timer run), applied in the order of the module docstring."""
+
+    values: dict[int, list[tuple[bytes, bytes | None]]] = field(default_factory=dict)  # p -> (key, value)
+    emits: list[tuple[int, bytes, bytes]] = field(default_factory=list)  # (p, key, state avro)
+    derived: list[tuple[str, int, bytes, bytes]] = field(default_factory=list)  # (topic, p, key, value)
+
+    def put(self, p: int, key: bytes, value: bytes | None) -> None:
+        self.values.setdefault(p, []).append((key, value))
+
+
+class Folder:
+    """The shell: batches of receipts and timer runs -> RocksDB, changelog, state topic."""
+
+    def __init__(self, p: Processor) -> None:
+        self.p = p
+        self.app = p.app
+        self.codecs = p.codecs
+        self.config = p.config
+        self.rt = p.runtime
+        self.metrics = p.metrics
+        self.receipts_topic = p.receipts.get_topic_name()
+        self.states_topic = p.states.get_topic_name()
+        self.emit_derived = p.settings.emit_steps_and_events
+        self.changelog_topic = p.table.changelog_topic.get_topic_name()
+        self.parts: dict[int, _Partition] = {}
+        self.lock = asyncio.Lock()
+        bootstrap = p.settings.kafka_bootstrap
+        common = {"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all"}
+        self.changelog_producer = Producer({**common, "linger.ms": 2, "client.id": "chatpipe-changelog"})
+        self.state_producer = Producer({**common, "linger.ms": 5, "client.id": "chatpipe-state"})
+        self._errors: list[str] = []
+        self._changelog_offsets: dict[int, int] = {}
+
+    # --- partitions ----------------------------------------------------------------------------
+
+    def owned(self) -> set[int]:
+        topic = self.receipts_topic
+        return {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == topic}
+
+    def reset(self) -> None:
+        """Forget everything held in memory (a rebalance: another worker may write these keys now)."""
+        self.parts.clear()
+
+    def _db(self, partition: int) -> Any:
+        return self.p.table.data._db_for_partition(partition)
+
+    def _part(self, partition: int) -> _Partition:
+        part = self.parts.get(partition)
+        if part is None:
+            part = self.parts[partition] = _Partition()
+        return part
+
+    def _load(self, partition: int, part: _Partition, key: bytes) -> Stored | None:
+        hit = part.cache.get(key)
+        if hit is not None:
+            return hit
+        raw = self._db(partition).get(key)
+        return None if raw is None else decode_stored(raw, self.codecs)
+
+    def _remember(self, part: _Partition, key: bytes, stored: Stored | None) -> None:
+        cache = part.cache
+        cache.pop(key, None)
+        if stored is None:
+            return
+        cache[key] = stored  # re-insertion keeps the dict in least-recently-written order
+        limit = self.rt.cache_size // max(1, len(self.parts))
+        while len(cache) > limit:
+            del cache[next(iter(cache))]
+
+    def _schedule(self, part: _Partition, key: bytes, check_at: int) -> None:
+        if part.heap is not None and check_at >= 0:
+            heapq.heappush(part.heap, (check_at, key))
+
+    def _derive(
+        self,
+        out: _Batch,
+        partition: int,
+        key: bytes,
+        state: MessageState,
+        new_events: Sequence[tuple[int, StatusEvent]],
+    ) -> None:
+        """The step records of a new version and its newly recorded status events (history topic)."""
+        if not self.emit_derived:
+            return
+        steps, events = self.codecs.steps, self.codecs.events
+        n = len(state.steps)
+        for step in state.steps:
+            record = MessageStep(state.umid, state.sub_account_id, state.version, n, step)
+            out.derived.append((steps.spec.name, partition, key, steps.encode(record)))
+        for number, event in new_events:
+            channel = state.steps[number - 1].channel if 0 < number <= n else ""
+            record = StatusEventRecord(
+                state.umid, state.sub_account_id, channel, number, state.version, event
+            )
+            out.derived.append((events.spec.name, partition, key, events.encode(record)))
+
+    # --- the batch -----------------------------------------------------------------------------
+
+    def fold(self, events: Sequence[Any], now: datetime) -> _Batch:
+        """Synchronous part of a batch: group, apply, write RocksDB, update the cache. No awaits."""
+        owned = self.owned()
+        groups: dict[int, dict[bytes, list[tuple[int, DeliveryReceipt]]]] = {}
+        decode = self.codecs.receipts.decode
+        invalid = 0
+        for ev in events:
+            msg = ev.message
+            partition = msg.partition
+            if partition not in owned:  # revoked while buffered: the new owner reads it again
+                continue
+            try:
+                receipt = decode(ev.value)
+            except InvalidEvent as exc:
+                log.error(
+                    "undecodable receipt topic=%s partition=%s offset=%s: %s",
+                    msg.topic,
+                    partition,
+                    msg.offset,
+                    exc.reason,
+                )
+                invalid += 1
+                continue
+            part = self._part(partition)
+            if part.watermark is None or receipt.received_at > part.watermark:
+                part.watermark = receipt.received_at
+            groups.setdefault(partition, {}).setdefault(receipt.umid.encode(), []).append(
+                (msg.offset, receipt)
+            )
+        if invalid:
+            self.metrics.events.labels("invalid").inc(invalid)
+
+        out = _Batch()
+        counts = {"applied": 0, "unchanged": 0, "duplicate": 0, "replayed": 0, "late": 0}
+        config = self.config
+        final_retention = int(self.rt.final_retention.total_seconds() * 1_000_000)
+        for partition, by_key in groups.items():
+            part = self.parts[partition]
+            assert part.watermark is not None
+            wm_us = _us(part.watermark)
+            for key, items in by_key.items():
+                stored = self._load(partition, part, key)
+                if stored is not None and stored.kind == GONE:
+                    counts["late"] += len(items)
+                    continue
+                last_offset = stored.offset if stored is not None else -1
+                fresh = [r for off, r in items if off > last_offset]
+                replayed = len(items) - len(fresh)
+                counts["replayed"] += replayed
+                if not fresh:  # all already folded before a crash: send the stored value again
+                    assert stored is not None and stored.state is not None
+                    out.put(partition, key, encode_stored(stored))
+                    out.emits.append((partition, key, stored.avro))
+                    history = [(s.step, e) for s in stored.state.steps for e in s.history]
+                    self._derive(out, partition, key, stored.state, history)
+                    continue
+                prev = stored.state if stored is not None else None
+                outcome = apply_many(prev, fresh, now=now, config=config)
+                state = outcome.state
+                if state.final:
+                    check_at = wm_us + final_retention
+                else:
+                    due = next_check(state, config)
+                    check_at = _us(due) if due is not None else -1
+                avro = self.codecs.state.encode(state)
+                last = max(off for off, _ in items)
+                new = Stored(LIVE, last, check_at, state=state, avro=avro, version=state.version)
+                out.put(partition, key, encode_stored(new))
+                if outcome.changed or replayed:
+                    out.emits.append((partition, key, avro))
+                    self._derive(out, partition, key, state, outcome.new_events)
+                self._remember(part, key, new)
+                self._schedule(part, key, check_at)
+                if outcome.changed:
+                    counts["applied"] += len(fresh)
+                elif outcome.duplicate:
+                    counts["duplicate"] += len(fresh)
+                else:
+                    counts["unchanged"] += len(fresh)
+        for outcome_name, n in counts.items():
+            if n:
+                self.metrics.events.labels(outcome_name).inc(n)
+        self._write_local(out)
+        return out
+
+    def _write_local(self, out: _Batch) -> None:
+        for partition, kvs in out.values.items():
+            wb = rocksdict.WriteBatch(raw_mode=True)
+            for key, value in kvs:
+                if value is None:
+                    wb.delete(key)
+                else:
+                    wb.put(key, value)
+            self._db(partition).write(wb)
+
+    # --- sending -------------------------------------------------------------------------------
+
+    def _on_changelog(self, err: KafkaError | None, msg: Any) -> None:
+        if err is not None:
+            self._errors.append(f"changelog partition={msg.partition()}: {err}")
+            return
+        p, off = msg.partition(), msg.offset()
+        if off > self._changelog_offsets.get(p, -1):
+            self._changelog_offsets[p] = off
+
+    def _on_state(self, err: KafkaError | None, msg: Any) -> None:
+        if err is not None:
+            self._errors.append(f"state partition={msg.partition()}: {err}")
+
+    async def _flush(self, producer: Producer) -> None:
+        loop = asyncio.get_running_loop()
+        left = await loop.run_in_executor(None, producer.flush, FLUSH_TIMEOUT)
+        if self._errors or left:
+            errors, self._errors = self._errors, []
+            raise TransientError(f"produce failed ({left} unacknowledged): {'; '.join(errors[:5])}")
+
+    def _produce(
+        self, producer: Producer, topic: str, partition: int, key: bytes, value: bytes | None, callback: Any
+    ) -> None:
+        while True:
+            try:
+                producer.produce(topic, value, key, partition=partition, on_delivery=callback)
+                return
+            except BufferError:
+                producer.poll(0.05)
+
+    async def send(self, out: _Batch) -> None:
+        """Changelog (acked, then the end markers), then the state topic (acked). See the docstring."""
+        if out.values:
+            self._changelog_offsets.clear()
+            cp = self.changelog_producer
+            for partition, kvs in out.values.items():
+                for key, value in kvs:
+                    self._produce(cp, self.changelog_topic, partition, key, value, self._on_changelog)
+            await self._flush(cp)
+            if self.rt.changelog_one_record_per_batch:
+                for partition in out.values:
+                    self._produce(cp, self.changelog_topic, partition, MARKER_KEY, None, self._on_changelog)
+                await self._flush(cp)
+            store = self.p.table.data
+            for partition, offset in self._changelog_offsets.items():
+                if partition in self.parts:  # still ours
+                    store.set_persisted_offset(TP(self.changelog_topic, partition), offset)
+        if out.emits:
+            sp = self.state_producer
+            for partition, key, avro in out.emits:
+                self._produce(sp, self.states_topic, partition, key, avro, self._on_state)
+            for topic, partition, key, value in out.derived:
+                self._produce(sp, topic, partition, key, value, self._on_state)
+            await self._flush(sp)
+            self.metrics.states_emitted.inc(len(out.emits))
+
+    async def process(self, events: Sequence[Any]) -> None:
+        async with self.lock:
+            out = self.fold(events, datetime.now(UTC))
+            await self.send(out)
+
+    # --- the timer -----------------------------------------------------------------------------
+
+    def _build_heap(self, partition: int, part: _Partition) -> None:
+        """Schedule every key of the partition from the stored headers (no Avro decoding)."""
+        heap: list[tuple[int, bytes]] = []
+        skip = self.p.table.data.offset_key
+        for key, raw in self._db(partition).items():
+            if key in (skip, MARKER_KEY) or not raw:
+                continue
+            _, _, check_at = stored_header(raw)
+            if check_at >= 0:
+                heap.append((check_at, key))
+        heapq.heapify(heap)
+        part.heap = heap
+
+    def expire_due(self, limit: int = 20_000) -> _Batch:
+        """Synchronous part of a timer run: seal, retire and delete what is due; at most `limit` keys."""
+        out = _Batch()
+        rt, config = self.rt, self.config
+        final_retention = int(rt.final_retention.total_seconds() * 1_000_000)
+        tomb_retention = int(rt.tombstone_retention.total_seconds() * 1_000_000)
+        interval = int(rt.expire_interval * 1_000_000)
+        counts = {"sealed": 0, "retired": 0, "deleted": 0}
+        done = 0
+        for partition in sorted(self.owned()):
+            part = self._part(partition)
+            if part.watermark is None:
+                continue
+            if part.heap is None:
+                self._build_heap(partition, part)
+            heap = part.heap
+            assert heap is not None
+            clock = part.watermark
+            wm_us = _us(clock)
+            while heap and heap[0][0] <= wm_us and done < limit:
+                check_at, key = heapq.heappop(heap)
+                stored = self._load(partition, part, key)
+                if stored is None or stored.check_at != check_at:
+                    continue  # superseded by a later write (which scheduled itself)
+                done += 1
+                new: Stored | None
+                if stored.kind == GONE:
+                    out.put(partition, key, None)
+                    self._remember(part, key, None)
+                    counts["deleted"] += 1
+                    continue
+                state = stored.state
+                assert state is not None
+                if state.final:
+                    new = Stored(GONE, stored.offset, wm_us + tomb_retention, version=state.version)
+                    counts["retired"] += 1
+                else:
+                    sealed = expire(state, now=clock, config=config)
+                    if sealed is not None:
+                        avro = self.codecs.state.encode(sealed)
+                        new = Stored(
+                            LIVE,
+                            stored.offset,
+                            wm_us + final_retention,
+                            state=sealed,
+                            avro=avro,
+                            version=sealed.version,
+                        )
+                        out.emits.append((partition, key, avro))
+                        self._derive(out, partition, key, sealed, ())
+                        counts["sealed"] += 1
+                    else:  # not due after all (see next_check): look again later
+                        due = next_check(state, config)
+                        later = _us(due) if due is not None else -1
+                        if 0 <= later <= wm_us:
+                            later = wm_us + interval
+                        new = Stored(
+                            LIVE, stored.offset, later, state=state, avro=stored.avro, version=stored.version
+                        )
+                out.put(partition, key, encode_stored(new))
+                self._remember(part, key, new)
+                self._schedule(part, key, new.check_at)
+        if done:
+            log.info(
+                "expiry sealed=%d retired=%d deleted=%d",
+                counts["sealed"],
+                counts["retired"],
+                counts["deleted"],
+            )
+        self._write_local(out)
+        return out
+
+    async def tick(self) -> None:
+        if self.app.rebalancing or self.app.tables.recovery.in_recovery:
+            return
+        async with self.lock:
+            while True:
+                out = self.expire_due()
+                if not out.values:
+                    return
+                await self.send(out)
+
+
+async def take_batches(queue: Any, size: int, within: float) -> AsyncIterator[list[Any]]:
+    """Batches from a Faust channel queue: wait for one event, then take what is queued (no await per
+    event) until `size` events or `within` seconds since the first."""
+    loop = asyncio.get_running_loop()
+    get_nowait = queue.get_nowait
+    while True:
+        try:
+            first = await queue.get()
+        except StopAsyncIteration:  # the channel is closing (worker stopping)
+            return
+        batch = [first]
+        deadline = loop.time() + within
+        while len(batch) < size:
+            try:
+                batch.append(get_nowait())
+            except asyncio.QueueEmpty:
+                if loop.time() >= deadline:
+                    break
+                await asyncio.sleep(0.002)  # let the fetcher and conductor fill the queue
+        yield batch
+
+
+def install_agents(p: Processor) -> Folder:
+    folder = Folder(p)
+    rt = p.runtime
 
     @p.app.agent(p.receipts, name="message-state")
     async def fold_receipts(stream: Any) -> None:
-        async for event in stream.events():
-            key: bytes = event.key
-            try:
-                receipt = codecs.receipts.decode(event.value)
-            except InvalidEvent as exc:
-                msg = event.message
-                log.error("undecodable receipt topic=%s partition=%s offset=%s: %s",
-                          msg.topic, msg.partition, msg.offset, exc.reason)
-                metrics.events.labels("invalid").inc()
-                continue
-            previous = table.get(key)
-            prev = codecs.state.decode(previous) if previous is not None else None
-            outcome = apply(prev, receipt, now=datetime.now(UTC), config=config)
-            if outcome.duplicate:
-                metrics.events.labels("duplicate").inc()
-            if not outcome.changed:
-                if outcome.state is not prev and outcome.duplicate:
-                    # duplicate counters moved: keep the table in step without emitting a new version
-                    table[key] = codecs.state.encode(outcome.state)
-                metrics.events.labels("unchanged").inc()
-                continue
-            value = codecs.state.encode(outcome.state)
-            table[key] = value
-            await p.states.send(key=key, value=value)
-            metrics.events.labels("applied").inc()
-            metrics.states_emitted.inc()
+        # Faust's Stream costs ~85 us per event (processors, sensors, per-event awaits; 11.9k/s with
+        # take_events). The agent's channel iterator is registered with the conductor like the stream's
+        # would be; its queue holds decoded Events, drained here in bulk. Acks go to the consumer after
+        # the batch is fully processed and acknowledged by the broker (at-least-once).
+        channel = aiter(stream.channel)
+        async for events in take_batches(channel.queue, rt.batch_size, rt.batch_within):
+            await folder.process(events)
+            for event in events:
+                event.ack()
+
+    @p.app.timer(interval=rt.expire_interval)
+    async def expire_states() -> None:
+        await folder.tick()
+
+    @p.app.on_partitions_revoked.connect
+    async def on_revoked(app: Any, revoked: Any, **kwargs: Any) -> None:
+        folder.reset()
+
+    @p.app.on_partitions_assigned.connect
+    async def on_assigned(app: Any, assigned: Any, **kwargs: Any) -> None:
+        folder.reset()
+
+    install_conversation_agents(p)
 
     @p.app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
@@ -57,4 +511,40 @@ def install_agents(p: Processor) -> None:
 
     @p.app.page("/metrics")
     async def metrics_page(web: Any, request: Any) -> Any:
-        return web.bytes(generate_latest(p.metrics_registry), content_type=CONTENT_TYPE_LATEST)
+        return web.bytes(generate_latest(p.metrics_registry), content_type=_METRICS_CONTENT_TYPE)
+
+    return folder
+
+
+def install_conversation_agents(p: Processor) -> None:
+    """Inbound messages -> conversations. Two plain Faust agents (inbound volume is far below receipts):
+    re-key each message by its conversation, then fold it into the conversation table and emit changes.
+    Replays after a crash are harmless: a umid already folded is a duplicate (`recent_umids`)."""
+    codecs, metrics = p.codecs, p.metrics
+    table = p.conversation_table
+
+    @p.app.agent(p.inbound, name="conversation-rekey")
+    async def rekey(stream: Any) -> None:
+        async for event in stream.events():
+            try:
+                msg = codecs.inbound.decode(event.value)
+            except InvalidEvent as exc:
+                log.error("undecodable inbound message offset=%s: %s", event.message.offset, exc.reason)
+                metrics.events.labels("invalid").inc()
+                continue
+            await p.by_conversation.send(key=conversation_key(msg).encode(), value=event.value)
+
+    @p.app.agent(p.by_conversation, name="conversations")
+    async def fold_conversations(stream: Any) -> None:
+        async for event in stream.events():
+            msg = codecs.inbound_by_conversation.decode(event.value)
+            previous = table.get(event.key)
+            prev = codecs.conversations.decode(previous) if previous is not None else None
+            conv, changed = apply_inbound(prev, msg, now=datetime.now(UTC))
+            value = codecs.conversations.encode(conv)
+            table[event.key] = value
+            if changed:
+                await p.conversations.send(key=event.key, value=value)
+                metrics.events.labels("inbound").inc()
+            else:
+                metrics.events.labels("inbound_duplicate").inc()

@@ -9,7 +9,7 @@ import faust
 
 from chatpipe.config import Settings
 from processors.agents import install_agents
-from processors.app import create_processor
+from processors.app import create_processor, tune_gc
 
 log = logging.getLogger(__name__)
 
@@ -21,11 +21,13 @@ class _Worker(faust.Worker):
 
     async def on_startup_finished(self) -> None:
         await super().on_startup_finished()
+        tune_gc()
         if self.on_ready is not None:
             self.on_ready()
 
 
 def run_worker(settings: Settings, on_ready: Callable[[], None] | None = None) -> int:
+    (settings.state_dir / "processor").mkdir(parents=True, exist_ok=True)
     processor = create_processor(settings)
     processor.codecs.register_all()
     install_agents(processor)

@@ -575,15 +575,13 @@ def apply_many(
     return Outcome(state, changed, seen and all_dup, new_events)
 
 
-def expire(
-    state: MessageState, *, now: datetime, config: StateConfig = DEFAULT_CONFIG
-) -> MessageState | None:
-    """Seal a message that time has made final; None when nothing is due yet or it is already final.
+def expire_due(state: MessageState, config: StateConfig = DEFAULT_CONFIG) -> datetime | None:
+    """The earliest time at which `expire` seals `state`; None when no rule will (or it is final).
 
     Due at the latest of: the last step's terminal failure + `fallback_horizon`; every step's delivery +
     `read_window` (reads may come for any delivered step). A message whose last step is neither failed nor
-    delivered and that no step delivered has no such rule (only `stale_after`: latest event + stale_after).
-    The returned state is final, version + 1, updated_at = now.
+    delivered and that no step delivered has no such rule; `stale_after` (latest event + stale_after)
+    seals it too, whichever comes first.
     """
     if state.final or not state.steps:
         return None
@@ -598,12 +596,22 @@ def expire(
                 due = d
     if due is None and _RANKS.get(last.state, 0) >= 3 and last.state not in FAILURE_STATES:
         due = last.status_timestamp + config.read_window  # delivered without a delivered_at (foreign state)
-    sealed = due is not None and now >= due
-    if not sealed and config.stale_after is not None:
+    if config.stale_after is not None:
         latest = max(max(s.status_timestamp, s.history[-1].timestamp if s.history else s.status_timestamp)
                      for s in state.steps)  # fmt: skip
-        sealed = now >= latest + config.stale_after
-    if not sealed:
+        stale = latest + config.stale_after
+        if due is None or stale < due:
+            due = stale
+    return due
+
+
+def expire(
+    state: MessageState, *, now: datetime, config: StateConfig = DEFAULT_CONFIG
+) -> MessageState | None:
+    """Seal a message that time has made final (`expire_due(state) <= now`); None when nothing is due yet
+    or it is already final. The returned state is final, version + 1, updated_at = now."""
+    due = expire_due(state, config)
+    if due is None or now < due:
         return None
     p = state
     return MessageState(

@@ -5,6 +5,7 @@ Real embedded broker, real registry, real Faust worker, real SQLite; nothing moc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,7 +20,10 @@ import httpx
 import pytest
 
 from chatpipe.broker import free_port
+from schemas.catalog import CONVERSATIONS, MESSAGE_STEPS, STATUS_EVENTS
+from schemas.codec import Codecs
 from tests.fixtures.webhooks import load
+from tests.support.kafka import read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -58,11 +62,14 @@ class DevProcess:
         return "\n".join(self.lines)
 
 
-@pytest.fixture()
-def dev(tmp_path: Path) -> Iterator[tuple[DevProcess, str, str]]:
+@contextlib.contextmanager
+def running_dev(tmp_path: Path, **extra_env: str) -> Iterator[tuple[DevProcess, str, str]]:
+    """`chatpipe dev` in `tmp_path` on free ports; `extra_env` may point it at an external broker,
+    registry or store (CHATPIPE_KAFKA_BOOTSTRAP, CHATPIPE_SCHEMA_REGISTRY_URL, CHATPIPE_STORE_URL)."""
     ingest_port, api_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATPIPE_")}
     env.update(CHATPIPE_INGEST_PORT=str(ingest_port), CHATPIPE_API_PORT=str(api_port), PYTHONUNBUFFERED="1")
+    env.update(extra_env)
     proc = DevProcess(tmp_path, env)
     try:
         if not proc.ready.wait(READY_TIMEOUT):
@@ -75,6 +82,12 @@ def dev(tmp_path: Path) -> Iterator[tuple[DevProcess, str, str]]:
                 proc.proc.wait(40)
             except subprocess.TimeoutExpired:
                 proc.proc.kill()
+
+
+@pytest.fixture()
+def dev(tmp_path: Path) -> Iterator[tuple[DevProcess, str, str]]:
+    with running_dev(tmp_path) as running:
+        yield running
 
 
 def _poll_json(url: str, predicate, timeout: float = 30.0) -> dict:
@@ -109,9 +122,14 @@ def _pids_alive(pids: list[int]) -> list[int]:
 def test_sample_delivery_receipt_flows_to_the_read_api(
     dev: tuple[DevProcess, str, str], tmp_path: Path
 ) -> None:
-    proc, ingest, api = dev
+    proc, _, _ = dev
     assert proc.env_value("CHATPIPE_KAFKA_BOOTSTRAP").startswith("127.0.0.1:")
     assert proc.env_value("CHATPIPE_SCHEMA_REGISTRY_URL").startswith("http://127.0.0.1:")
+    sample_receipt_scenario(*dev, tmp_path)
+
+
+def sample_receipt_scenario(proc: DevProcess, ingest: str, api: str, tmp_path: Path) -> None:
+    """The walking skeleton's acceptance: the documented sample receipt posted, read back as from 8x8."""
 
     body = load("dr_source_whatsapp_undelivered")
     r = httpx.post(
@@ -152,6 +170,36 @@ def test_sample_delivery_receipt_flows_to_the_read_api(
     )
     assert bad.status_code == 400
     assert "JSON" in bad.json()["message"]
+
+    # the step and status-history topics carry the message too
+    bootstrap = proc.env_value("CHATPIPE_KAFKA_BOOTSTRAP")
+    codecs = Codecs.connect(proc.env_value("CHATPIPE_SCHEMA_REGISTRY_URL"))
+    steps = [codecs.steps.decode(m.value()) for m in read_topic(bootstrap, MESSAGE_STEPS.name, expect=1)]
+    assert [(s.umid, s.step.step, s.step.state) for s in steps] == [(sample["umid"], 1, "undelivered")]
+    events = [codecs.events.decode(m.value()) for m in read_topic(bootstrap, STATUS_EVENTS.name, expect=1)]
+    assert [(e.umid, e.channel, e.event.state, e.event.error_code) for e in events] == [
+        (sample["umid"], "whatsapp", "undelivered", 15)
+    ]
+
+    # inbound messages from one user (one of them retried) fold into one conversation
+    inbound = json.loads(load("in_v3_whatsapp_text"))
+    for umid, minute in (("in-1", "10"), ("in-2", "12"), ("in-1", "10")):
+        inbound["payload"]["umid"] = umid
+        inbound["payload"]["timestamp"] = f"2026-06-09T10:{minute}:00Z"
+        r = httpx.post(f"{ingest}/v1/webhooks/chatapps", json=inbound, timeout=10)
+        assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 30
+    conversation = None
+    while time.monotonic() < deadline:
+        records = read_topic(bootstrap, CONVERSATIONS.name, idle=1.0)
+        versions = [codecs.conversations.decode(m.value()) for m in records]
+        if versions and max(v.version for v in versions) >= 2:
+            conversation = max(versions, key=lambda v: v.version)
+            break
+    assert conversation is not None, "no conversation state emitted"
+    assert conversation.message_count == 2 and conversation.last_umid == "in-2"
+    assert conversation.window_open_until is not None
+    assert conversation.window_open_until.isoformat() == "2026-06-10T10:12:00+00:00"
 
     # SIGINT stops every child and exits 0, leaving no process behind
     run_dir = tmp_path / ".chatpipe" / "run"

@@ -17,6 +17,7 @@ from processors.state import (
     apply_many,
     content_final,
     expire,
+    expire_due,
     is_sealed,
     rank,
 )
@@ -688,3 +689,23 @@ def test_status_never_regresses(case: tuple[list, list], extra: list) -> None:
     assert state is not None
     assert [s.step for s in state.steps] == list(range(1, len(state.steps) + 1))
     assert [s.first_event_at for s in state.steps] == sorted(s.first_event_at for s in state.steps)
+
+
+@pytest.mark.parametrize(
+    "receipts",
+    [
+        [rc("sent", 0), rc("delivered", 10, detail="delivered_to_recipient")],
+        [rc("sent", 0, "viber"), rc("undelivered", 30, "viber", code=2005)],
+        [rc("queued", 0)],
+        [rc("sent", 0, "viber"), rc("delivered", 5, "viber"), rc("sent", 50, "whatsapp")],
+    ],
+)
+def test_expire_seals_exactly_when_expire_due_says(receipts: list[DeliveryReceipt]) -> None:
+    cfg = StateConfig(stale_after=timedelta(days=10))
+    state, _ = fold(receipts, config=cfg)
+    due = expire_due(state, cfg)
+    assert due is not None
+    assert expire(state, now=due - timedelta(microseconds=1), config=cfg) is None
+    sealed = expire(state, now=due, config=cfg)
+    assert sealed is not None and sealed.final and sealed.version == state.version + 1
+    assert expire_due(sealed, cfg) is None
