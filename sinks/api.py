@@ -1,8 +1,19 @@
 """The read API (`chatpipe api`): 8x8's Retrieve message details, served from the materialized store.
 
-`GET /api/v1/subaccounts/{subAccountId}/messages/{umid}` answers exactly like 8x8 (`{"data": [...]}`,
-one record per fallback step); errors use 8x8's body `{code, message, errorId, timestamp}`.
-Store calls are blocking (sqlite3/psycopg), so they run in a thread.
+- `GET /api/v1/subaccounts/{subAccountId}/messages/{umid}` answers exactly like 8x8 (`{"data": [...]}`,
+  one record per fallback step); an umid unknown to this subaccount is 404.
+- `GET /api/v1/subaccounts/{subAccountId}/messages?clientMessageId=&batchId=&after=&limit=` lists message
+  summaries (`sinks.rows.summary_record`) ordered by umid: `{"data": [...], "next": cursor or null}`;
+  pass `next` as `after` for the following page.
+- `GET /api/v1/subaccounts/{subAccountId}/conversations/{channelId}/messages?user=&after=&limit=` lists
+  the inbound messages of one conversation (`sinks.rows.inbound_record`), oldest first, same paging.
+  `user` is the end user's E.164 number (`+6581968289`, matched through its keyed hash, since stores keep
+  numbers masked) or else their channelUserId.
+
+Errors use 8x8's body `{code, message, errorId, timestamp}`: 400 with 1001 (illegal subAccountId), 1008
+(malformed umid or channelId) or 1000 (any other invalid parameter); 404 with 1300.
+A subaccount only ever sees its own messages. Store calls are blocking (sqlite3/psycopg), so they run in
+a thread.
 """
 
 from __future__ import annotations
@@ -19,17 +30,31 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from chatpipe.config import Settings
 from chatpipe.metric_defs import ApiMetrics
 from schemas.timefmt import format_iso8601
-from sinks.store import Store, open_store
+from sinks.rows import parse_inbound_cursor
+from sinks.store import DEFAULT_LIMIT, MAX_LIMIT, Store, open_store
 
 SUBACCOUNT_RE = re.compile(r"^[A-Za-z0-9\-._&]{3,50}$")
 UMID_RE = re.compile(r"^[A-Za-z0-9\-]{1,100}$")
-CODE_ILLEGAL_SUBACCOUNT = 1001
+CHANNEL_ID_RE = UMID_RE
+E164_RE = re.compile(r"^\+[1-9][0-9]{5,14}$")
+MAX_PARAM_CHARS = 200
 CODE_BAD_REQUEST = 1000
+CODE_ILLEGAL_SUBACCOUNT = 1001
+CODE_INVALID_ID = 1008
 CODE_NOT_FOUND = 1300
 
 STORE = web.AppKey("store", Store)
 METRICS = web.AppKey("metrics", ApiMetrics)
 REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
+
+
+class BadRequest(Exception):
+    """A malformed request parameter: answered 400 with `code` and `message`."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 def _error(status: int, code: int, message: str) -> web.Response:
@@ -44,50 +69,103 @@ def _error(status: int, code: int, message: str) -> web.Response:
     )
 
 
-def _validated(request: web.Request) -> tuple[str, str] | web.Response:
+def _subaccount(request: web.Request) -> str:
     sub = request.match_info["subAccountId"]
-    umid = request.match_info.get("umid", "")
     if not SUBACCOUNT_RE.match(sub):
-        return _error(400, CODE_ILLEGAL_SUBACCOUNT, f"Invalid subAccountId {sub!r}")
-    if "umid" in request.match_info and not UMID_RE.match(umid):
-        return _error(400, CODE_BAD_REQUEST, f"Invalid umid {umid!r}")
-    return sub, umid
+        raise BadRequest(CODE_ILLEGAL_SUBACCOUNT, f"Invalid subAccountId {sub!r}")
+    return sub
+
+
+def _id(request: web.Request, name: str) -> str:
+    value = request.match_info[name]
+    if not UMID_RE.match(value):
+        raise BadRequest(CODE_INVALID_ID, f"Invalid {name} {value!r}")
+    return value
+
+
+def _limit(request: web.Request) -> int:
+    raw = request.query.get("limit")
+    if raw is None:
+        return DEFAULT_LIMIT
+    try:
+        limit = int(raw)
+    except ValueError:
+        raise BadRequest(CODE_BAD_REQUEST, f"limit: not an integer: {raw!r}") from None
+    if limit < 1:
+        raise BadRequest(CODE_BAD_REQUEST, f"limit: must be >= 1, got {limit}")
+    return min(limit, MAX_LIMIT)
+
+
+def _text(request: web.Request, name: str) -> str | None:
+    """A query parameter (absent or empty: None); too long or with control characters: 400."""
+    value = request.query.get(name)
+    if value is None or value == "":
+        return None
+    if len(value) > MAX_PARAM_CHARS or not value.isprintable():
+        raise BadRequest(CODE_BAD_REQUEST, f"{name}: invalid value")
+    return value
+
+
+def _answer(request: web.Request, route: str, response: web.Response) -> web.Response:
+    request.app[METRICS].requests.labels(route, str(response.status)).inc()
+    return response
 
 
 async def message_details(request: web.Request) -> web.Response:
-    checked = _validated(request)
-    if isinstance(checked, web.Response):
-        request.app[METRICS].requests.labels("message", str(checked.status)).inc()
-        return checked
-    sub, umid = checked
+    try:
+        sub, umid = _subaccount(request), _id(request, "umid")
+    except BadRequest as exc:
+        return _answer(request, "message", _error(400, exc.code, exc.message))
     records = await asyncio.to_thread(request.app[STORE].get_message, sub, umid)
     if not records:
-        request.app[METRICS].requests.labels("message", "404").inc()
-        return _error(404, CODE_NOT_FOUND, f"Message {umid} not found")
-    request.app[METRICS].requests.labels("message", "200").inc()
-    return web.json_response({"data": records})
+        return _answer(request, "message", _error(404, CODE_NOT_FOUND, f"Message {umid} not found"))
+    return _answer(request, "message", web.json_response({"data": records}))
 
 
 async def list_messages(request: web.Request) -> web.Response:
-    checked = _validated(request)
-    if isinstance(checked, web.Response):
-        return checked
-    sub, _ = checked
-    q = request.query
     try:
-        limit = max(1, min(int(q.get("limit", "100")), 1000))
-    except ValueError:
-        return _error(400, CODE_BAD_REQUEST, "limit: not an integer")
+        sub, limit = _subaccount(request), _limit(request)
+        client_message_id = _text(request, "clientMessageId")
+        batch_id = _text(request, "batchId")
+        after = _text(request, "after")
+    except BadRequest as exc:
+        return _answer(request, "list", _error(400, exc.code, exc.message))
     records, cursor = await asyncio.to_thread(
         request.app[STORE].list_messages,
         sub,
-        client_message_id=q.get("clientMessageId"),
-        batch_id=q.get("batchId"),
-        after=q.get("after"),
+        client_message_id=client_message_id,
+        batch_id=batch_id,
+        after=after,
         limit=limit,
     )
-    request.app[METRICS].requests.labels("list", "200").inc()
-    return web.json_response({"data": records, "next": cursor})
+    return _answer(request, "list", web.json_response({"data": records, "next": cursor}))
+
+
+async def conversation_messages(request: web.Request) -> web.Response:
+    try:
+        sub, channel_id, limit = _subaccount(request), _id(request, "channelId"), _limit(request)
+        user = _text(request, "user")
+        if user is None:
+            raise BadRequest(CODE_BAD_REQUEST, "user: required (channelUserId or E.164 msisdn)")
+        after = _text(request, "after")
+        if after is not None:
+            try:
+                parse_inbound_cursor(after)
+            except ValueError:
+                raise BadRequest(CODE_BAD_REQUEST, "after: not a cursor returned as next") from None
+    except BadRequest as exc:
+        return _answer(request, "conversation", _error(400, exc.code, exc.message))
+    by_msisdn = E164_RE.match(user) is not None
+    records, cursor = await asyncio.to_thread(
+        request.app[STORE].list_inbound,
+        sub,
+        channel_id=channel_id,
+        msisdn=user if by_msisdn else None,
+        channel_user_id=None if by_msisdn else user,
+        after=after,
+        limit=limit,
+    )
+    return _answer(request, "conversation", web.json_response({"data": records, "next": cursor}))
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -101,6 +179,8 @@ async def metrics_view(request: web.Request) -> web.Response:
 
 
 def create_app(settings: Settings, store: Store | None = None) -> web.Application:
+    """The API app; with `store` given it is used as is (not migrated, not closed), else the store named
+    by `settings.store_url` is opened and migrated at start-up and closed at clean-up."""
     from sinks.worker import pii_policy
 
     app = web.Application()
@@ -118,8 +198,10 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
             app[STORE].close()
 
     app.cleanup_ctx.append(store_ctx)
-    app.router.add_get("/api/v1/subaccounts/{subAccountId}/messages/{umid}", message_details)
-    app.router.add_get("/api/v1/subaccounts/{subAccountId}/messages", list_messages)
+    prefix = "/api/v1/subaccounts/{subAccountId}"
+    app.router.add_get(prefix + "/messages/{umid}", message_details)
+    app.router.add_get(prefix + "/messages", list_messages)
+    app.router.add_get(prefix + "/conversations/{channelId}/messages", conversation_messages)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_view)
     return app

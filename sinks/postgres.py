@@ -1,13 +1,24 @@
-"""PostgreSQL store (psycopg 3): COPY into TEMP staging tables + set-based upserts, one transaction a batch.
+"""PostgreSQL store (psycopg 3): binary COPY straight into the tables, one transaction a batch.
 
-Write path of `write_states` (one transaction):
-1. COPY the highest version per umid of the batch into `stage_messages`, its steps into `stage_steps`,
-   its step histories into `stage_events` (TEMP tables, ON COMMIT DELETE ROWS, created once per connection).
-2. `INSERT INTO messages ... SELECT FROM stage_messages ON CONFLICT (umid) DO UPDATE ... WHERE
-   excluded.version > messages.version RETURNING umid`, the returned umids (inserted or advanced) kept in
-   `stage_advanced`.
-3. For those umids only: delete their step rows, insert the staged ones, append their events
-   (ON CONFLICT DO NOTHING on the dedup index).
+Write path of `write_states` (one transaction, the highest version per umid of the batch):
+1. Read the stored versions of the batch's umids; drop the states that do not advance (older or equal).
+2. For the umids already stored with a lower version: `DELETE` their `messages` row, guarded by
+   `version < new version` (the deleted count must match, else a concurrent writer moved first), their
+   `message_steps` rows, and read their stored status events.
+3. Binary COPY the advancing messages, their steps, and only the status events not stored yet straight
+   into `messages`, `message_steps` and `status_events` (no staging, no per-row conflict handling).
+
+The unique keys still guard everything: if a concurrent writer (a rebalance overlap) inserted one of the
+umids in between, or events exist without their message, the COPY fails with a unique violation (or the
+guarded DELETE count differs), the transaction rolls back, and the batch is written again by the merge
+path: COPY into TEMP staging tables + `INSERT ... ON CONFLICT (umid) DO UPDATE ... WHERE excluded.version >
+messages.version`, steps replaced and events appended with `ON CONFLICT DO NOTHING` for the advanced
+umids. Either way the batch is idempotent and monotonic.
+
+`synchronous_commit=False` (opt-in; also possible with `?options=-c%20synchronous_commit%3Doff` in the
+URL) sets `synchronous_commit = off` on the session: a crash of the server (not of chatpipe) may then lose
+the last commits although the sink already committed their Kafka offsets, so at-least-once no longer
+holds across a database crash. The default keeps synchronous commits.
 
 Connection loss (`psycopg.OperationalError`, including a refused reconnect) raises `TransientError`; the
 connection is dropped and the next call reconnects, so the caller retries the same batch.
@@ -18,12 +29,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
-from datetime import datetime
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import dict_row, tuple_row
 
 from schemas.errors import TransientError
 from schemas.models import InboundMessage, MessageState
@@ -156,6 +166,23 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             " ON inbound_messages (sub_account_id, channel_id, msisdn_hash, ts)",
         ),
     ),
+    (
+        2,
+        "lighter indexes on messages",
+        (
+            # every advance of a message rewrites its row (new index entries in every index): keep the
+            # hot table's b-trees to the read API's lookups, only for rows that have the id (partial),
+            # and serve time-range analytics with a BRIN (updated_at follows insertion order closely)
+            "DROP INDEX messages_updated_at",
+            "CREATE INDEX messages_updated_at_brin ON messages USING brin (updated_at)",
+            "DROP INDEX messages_client_message_id",
+            "CREATE INDEX messages_client_message_id ON messages (sub_account_id, client_message_id)"
+            " WHERE client_message_id IS NOT NULL",
+            "DROP INDEX messages_batch_id",
+            "CREATE INDEX messages_batch_id ON messages (sub_account_id, batch_id)"
+            " WHERE batch_id IS NOT NULL",
+        ),
+    ),
 )
 
 # Staging tables: same columns as their targets, no constraints, emptied at every commit.
@@ -197,18 +224,31 @@ _INSERT_EVENTS = (
     f" SELECT {_columns(R.EVENT_COLUMNS, 'e.')} FROM stage_events e JOIN stage_advanced a ON a.umid = e.umid"
     " ON CONFLICT DO NOTHING"
 )
+_HELD_VERSIONS = "SELECT umid, version FROM messages WHERE umid = ANY(%s)"
+_DELETE_REPLACED = (
+    "DELETE FROM messages m USING unnest(%s::text[], %s::bigint[]) AS n(umid, version)"
+    " WHERE m.umid = n.umid AND m.version < n.version"
+)
+_DELETE_REPLACED_STEPS = "DELETE FROM message_steps WHERE umid = ANY(%s)"
+_STORED_EVENTS = "SELECT umid, step, state, coalesce(detail, ''), ts FROM status_events WHERE umid = ANY(%s)"
 _INSERT_INBOUND = (
     f"INSERT INTO inbound_messages ({_INBOUND_COLS}) SELECT {_INBOUND_COLS} FROM stage_inbound"
     " ON CONFLICT (umid) DO NOTHING"
 )
 
 
+class _Raced(Exception):
+    """A concurrent writer changed a row between the version read and the write: use the merge path."""
+
+
 class PostgresStore:
     """See `sinks.store.Store` for the contract."""
 
-    def __init__(self, url: str, pii: PiiPolicy) -> None:
+    def __init__(self, url: str, pii: PiiPolicy, *, synchronous_commit: bool = True) -> None:
         self.url = url
         self.pii = pii
+        self.synchronous_commit = synchronous_commit
+        self.merge_fallbacks = 0  # batches written by the merge path after a race (for tests/metrics)
         self._lock = threading.RLock()
         self._conn: psycopg.Connection[dict[str, Any]] | None = None
         self._staged = False
@@ -229,6 +269,9 @@ class PostgresStore:
             self._conn = None
             self._staged = False
             conn = psycopg.connect(self.url, row_factory=dict_row, connect_timeout=CONNECT_TIMEOUT_S)
+            if not self.synchronous_commit:
+                conn.execute("SET synchronous_commit = off")
+                conn.commit()
             self._conn = conn
         return conn
 
@@ -255,6 +298,11 @@ class PostgresStore:
         if not self._staged:
             for sql in _STAGING:
                 conn.execute(sql)
+            self._load_types(conn)
+            self._staged = True
+
+    def _load_types(self, conn: psycopg.Connection[Any]) -> None:
+        if not self._types:
             self._types = {
                 (r["table"], r["column"]): r["type"]
                 for r in conn.execute(
@@ -264,13 +312,12 @@ class PostgresStore:
                     (["messages", "message_steps", "status_events", "inbound_messages"],),
                 )
             }
-            self._staged = True
 
     def _copy_rows(
         self, conn: psycopg.Connection[Any], stage: str, table: str, columns: Sequence[str], rows: Any
     ) -> None:
-        """Binary COPY of `rows` (tuples in `columns` order) into the staging table `stage`; the column
-        types are those of the target `table` (binary COPY needs them, and is ~3x cheaper than text)."""
+        """Binary COPY of `rows` (tuples in `columns` order) into `stage` (a staging table, or the target
+        itself); the column types are those of `table` (binary COPY needs them, ~3x cheaper than text)."""
         with (
             conn.cursor() as cur,
             cur.copy(f"COPY {stage} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)") as copy,
@@ -307,29 +354,69 @@ class PostgresStore:
         latest = R.latest_states(states)
         if not latest:
             return 0
+        try:
+            return self._run(lambda conn: self._copy_states(conn, latest))
+        except (psycopg.errors.UniqueViolation, _Raced) as exc:
+            self.merge_fallbacks += 1
+            log.info("write_states: concurrent write detected (%s); writing the batch by merge", exc)
+            return self._run(lambda conn: self._merge_states(conn, latest))
+
+    def _copy_states(self, conn: psycopg.Connection[Any], latest: list[MessageState]) -> int:
+        """The fast path (module docstring); raises UniqueViolation or _Raced on a concurrent write."""
+        self._load_types(conn)
         pii = self.pii
+        with conn.cursor(row_factory=tuple_row) as cur:
+            held = dict(cur.execute(_HELD_VERSIONS, ([s.umid for s in latest],)).fetchall())
+            advancing = [s for s in latest if s.version > held.get(s.umid, -1)]
+            if not advancing:
+                return 0
+            replaced = [s for s in advancing if s.umid in held]
+            stored: set[tuple[Any, ...]] = set()
+            if replaced:
+                umids = [s.umid for s in replaced]
+                deleted = cur.execute(_DELETE_REPLACED, (umids, [s.version for s in replaced])).rowcount
+                if deleted != len(replaced):
+                    raise _Raced(f"{len(replaced) - deleted} message rows changed meanwhile")
+                cur.execute(_DELETE_REPLACED_STEPS, (umids,))
+                stored = set(cur.execute(_STORED_EVENTS, (umids,)).fetchall())
+        steps: list[tuple[Any, ...]] = []
+        events: list[tuple[Any, ...]] = []
 
-        def work(conn: psycopg.Connection[Any]) -> int:
-            self._stage(conn)
-            message_rows, step_rows, event_rows = [], [], []
-            for s in latest:
-                m, st = R.state_rows(s, pii)
-                message_rows.append(R.as_tuple(m, R.MESSAGE_COLUMNS))
-                step_rows.extend(R.as_tuple(r, R.STEP_COLUMNS) for r in st)
-                event_rows.extend(R.as_tuple(r, R.EVENT_COLUMNS) for r in R.status_event_rows(s))
-            self._copy_rows(conn, "stage_messages", "messages", R.MESSAGE_COLUMNS, message_rows)
-            self._copy_rows(conn, "stage_steps", "message_steps", R.STEP_COLUMNS, step_rows)
-            self._copy_rows(conn, "stage_events", "status_events", R.EVENT_COLUMNS, event_rows)
-            advanced = conn.execute(_UPSERT_MESSAGES).rowcount
-            if advanced:
-                # temp tables get no autovacuum statistics; without them the DELETE plans a seq scan
-                conn.execute("ANALYZE stage_advanced")
-                conn.execute(_DELETE_STEPS)
-                conn.execute(_INSERT_STEPS)
-                conn.execute(_INSERT_EVENTS)
-            return advanced
+        def message_rows() -> Iterator[tuple[Any, ...]]:
+            # built while the server ingests the previous rows of this COPY (the two overlap)
+            for s in advancing:
+                yield R.message_values(s, pii)
+                steps.extend(R.step_values(s))
+                if s.umid in held:  # only the events not stored yet
+                    events.extend(e for e in R.event_values(s) if R.event_key(e) not in stored)
+                else:  # no message row, no events (else: unique violation, and the merge path)
+                    events.extend(R.event_values(s))
 
-        return self._run(work)
+        self._copy_rows(conn, "messages", "messages", R.MESSAGE_COLUMNS, message_rows())
+        self._copy_rows(conn, "message_steps", "message_steps", R.STEP_COLUMNS, steps)
+        self._copy_rows(conn, "status_events", "status_events", R.EVENT_COLUMNS, events)
+        return len(advancing)
+
+    def _merge_states(self, conn: psycopg.Connection[Any], latest: list[MessageState]) -> int:
+        """The conflict-proof path: staging tables + guarded upsert (module docstring)."""
+        self._stage(conn)
+        pii = self.pii
+        message_rows, step_rows, event_rows = [], [], []
+        for s in latest:
+            message_rows.append(R.message_values(s, pii))
+            step_rows += R.step_values(s)
+            event_rows += R.event_values(s)
+        self._copy_rows(conn, "stage_messages", "messages", R.MESSAGE_COLUMNS, message_rows)
+        self._copy_rows(conn, "stage_steps", "message_steps", R.STEP_COLUMNS, step_rows)
+        self._copy_rows(conn, "stage_events", "status_events", R.EVENT_COLUMNS, event_rows)
+        advanced = conn.execute(_UPSERT_MESSAGES).rowcount
+        if advanced:
+            # temp tables get no autovacuum statistics; without them the DELETE plans a seq scan
+            conn.execute("ANALYZE stage_advanced")
+            conn.execute(_DELETE_STEPS)
+            conn.execute(_INSERT_STEPS)
+            conn.execute(_INSERT_EVENTS)
+        return advanced
 
     def write_inbound(self, msgs: Sequence[InboundMessage]) -> int:
         if not msgs:
@@ -415,13 +502,8 @@ class PostgresStore:
             where.append("msisdn_hash = %s")
             params.append(self.pii.hash_msisdn(msisdn))
         if after is not None:
-            ts, _, umid = after.partition("|")
-            try:
-                cursor_ts = datetime.fromisoformat(ts)
-            except ValueError as exc:
-                raise ValueError(f"malformed cursor: {after!r}") from exc
             where.append("(ts, umid) > (%s, %s)")
-            params.extend([cursor_ts, umid])
+            params.extend(R.parse_inbound_cursor(after))
         sql = f"SELECT * FROM inbound_messages WHERE {' AND '.join(where)} ORDER BY ts, umid LIMIT %s"
         found = self._run(lambda conn: conn.execute(sql, (*params, limit + 1)).fetchall())
         page = found[:limit]

@@ -231,80 +231,102 @@ class PiiPolicy:
 # --- core -> rows ----------------------------------------------------------------------------------
 
 
-def state_rows(state: MessageState, pii: PiiPolicy) -> tuple[Row, list[Row]]:
-    """The `messages` row and the `message_steps` rows of one message state."""
-    msisdn = state.user.msisdn
-    message: Row = {
-        "umid": state.umid,
-        "sub_account_id": state.sub_account_id,
-        "version": state.version,
-        "state": state.state,
-        "detail": state.detail,
-        "error_code": state.error_code,
-        "error_message": state.error_message,
-        "status_at": state.status_timestamp,
-        "channel_path": state.channel_path,
-        "current_channel": state.current_channel,
-        "fell_back": state.fell_back,
-        "step_count": len(state.steps),
-        "first_sent_at": state.first_sent_at,
-        "delivered_at": state.delivered_at,
-        "read_at": state.read_at,
-        "final": state.final,
-        "duplicates": state.duplicates,
-        "msisdn_masked": pii.mask_msisdn(msisdn),
-        "msisdn_hash": pii.hash_msisdn(msisdn),
-        "msisdn": pii.clear_msisdn(msisdn),
-        "channel_user_id": state.user.channel_user_id,
-        "batch_id": state.batch_id,
-        "client_message_id": state.client_message_id,
-        "client_batch_id": state.client_batch_id,
-        "updated_at": state.updated_at,
-    }
-    steps = [
-        {
-            "umid": state.umid,
-            "step": s.step,
-            "channel": s.channel,
-            "state": s.state,
-            "detail": s.detail,
-            "error_code": s.error_code,
-            "error_message": s.error_message,
-            "status_at": s.status_timestamp,
-            "first_event_at": s.first_event_at,
-            "sent_at": s.sent_at,
-            "delivered_at": s.delivered_at,
-            "read_at": s.read_at,
-            "failed_at": s.failed_at,
-            "channel_id": s.channel_id,
-            "country": s.country,
-            "content_type": s.content_type,
-            "created_at": s.created_at,
-            "duplicates": s.duplicates,
-            "version": state.version,
-        }
+@functools.lru_cache(maxsize=65_536)
+def _msisdn_columns(pii: PiiPolicy, msisdn: str | None) -> tuple[str | None, str | None, str | None]:
+    """(masked, keyed hash, clear) of one number: every version of a message repeats it, so cached."""
+    return pii.mask_msisdn(msisdn), pii.hash_msisdn(msisdn), pii.clear_msisdn(msisdn)
+
+
+def message_values(state: MessageState, pii: PiiPolicy) -> tuple[Any, ...]:
+    """The `messages` row of one state as a tuple in `MESSAGE_COLUMNS` order (the write paths' form)."""
+    steps = state.steps
+    masked, hashed, clear = _msisdn_columns(pii, state.user.msisdn)
+    return (
+        state.umid,
+        state.sub_account_id,
+        state.version,
+        state.state,
+        state.detail,
+        state.error_code,
+        state.error_message,
+        state.status_timestamp,
+        ">".join([s.channel for s in steps]),
+        steps[-1].channel if steps else "",
+        len(steps) > 1,
+        len(steps),
+        state.first_sent_at,
+        state.delivered_at,
+        state.read_at,
+        state.final,
+        state.duplicates,
+        masked,
+        hashed,
+        clear,
+        state.user.channel_user_id,
+        state.batch_id,
+        state.client_message_id,
+        state.client_batch_id,
+        state.updated_at,
+    )
+
+
+def step_values(state: MessageState) -> list[tuple[Any, ...]]:
+    """The `message_steps` rows of one state, tuples in `STEP_COLUMNS` order."""
+    umid, version = state.umid, state.version
+    return [
+        (
+            umid,
+            s.step,
+            s.channel,
+            s.state,
+            s.detail,
+            s.error_code,
+            s.error_message,
+            s.status_timestamp,
+            s.first_event_at,
+            s.sent_at,
+            s.delivered_at,
+            s.read_at,
+            s.failed_at,
+            s.channel_id,
+            s.country,
+            s.content_type,
+            s.created_at,
+            s.duplicates,
+            version,
+        )
         for s in state.steps
     ]
-    return message, steps
+
+
+def event_values(state: MessageState) -> list[tuple[Any, ...]]:
+    """The `status_events` rows of one state (every step's whole history), tuples in `EVENT_COLUMNS`
+    order. The store deduplicates on `event_key`."""
+    umid, sub = state.umid, state.sub_account_id
+    return [
+        (umid, s.step, sub, s.channel, e.state, e.detail, e.error_code, e.error_message, e.timestamp)
+        for s in state.steps
+        for e in s.history
+    ]
+
+
+def event_key(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    """What makes a status event distinct (the stores' unique index): (umid, step, state, detail or '',
+    ts), from an `event_values` tuple."""
+    return (values[0], values[1], values[4], values[5] or "", values[8])
+
+
+def state_rows(state: MessageState, pii: PiiPolicy) -> tuple[Row, list[Row]]:
+    """The `messages` row and the `message_steps` rows of one message state, keyed by column."""
+    return (
+        dict(zip(MESSAGE_COLUMNS, message_values(state, pii), strict=True)),
+        [dict(zip(STEP_COLUMNS, v, strict=True)) for v in step_values(state)],
+    )
 
 
 def status_event_rows(state: MessageState) -> list[Row]:
     """The `status_events` rows of one state: every step's history (dedup happens in the store)."""
-    return [
-        {
-            "umid": state.umid,
-            "step": s.step,
-            "sub_account_id": state.sub_account_id,
-            "channel": s.channel,
-            "state": e.state,
-            "detail": e.detail,
-            "error_code": e.error_code,
-            "error_message": e.error_message,
-            "ts": e.timestamp,
-        }
-        for s in state.steps
-        for e in s.history
-    ]
+    return [dict(zip(EVENT_COLUMNS, v, strict=True)) for v in event_values(state)]
 
 
 def latest_states(states: Iterable[MessageState]) -> list[MessageState]:
@@ -368,6 +390,18 @@ def fixed_iso(value: datetime) -> str:
 def inbound_cursor(row: Row) -> str:
     """The list cursor after an inbound row: `<fixed ISO ts>|<umid>` (ordered by ts, then umid)."""
     return f"{fixed_iso(row['ts'])}|{row['umid']}"
+
+
+def parse_inbound_cursor(cursor: str) -> tuple[datetime, str]:
+    """(ts, umid) of an `inbound_cursor`; ValueError when it is not one."""
+    ts, sep, umid = cursor.partition("|")
+    if not sep or not umid or not ts.endswith("Z"):
+        raise ValueError(f"malformed cursor: {cursor!r}")
+    try:
+        when = datetime.fromisoformat(ts)
+    except ValueError:
+        raise ValueError(f"malformed cursor: {cursor!r}") from None
+    return when.astimezone(UTC), umid
 
 
 _GETTERS: dict[tuple[str, ...], Callable[[Row], tuple[Any, ...]]] = {}

@@ -181,16 +181,15 @@ def from_text(value: str) -> datetime:
     return datetime.fromisoformat(value)
 
 
+def _adapt_values(values: Sequence[Any]) -> tuple[Any, ...]:
+    """A row tuple with datetimes as fixed ISO text and booleans as 0/1 (SQLite's storage)."""
+    return tuple(
+        to_text(v) if isinstance(v, datetime) else int(v) if isinstance(v, bool) else v for v in values
+    )
+
+
 def _adapt(row: R.Row, columns: Sequence[str]) -> tuple[Any, ...]:
-    out = []
-    for c in columns:
-        v = row[c]
-        if isinstance(v, datetime):
-            v = to_text(v)
-        elif isinstance(v, bool):
-            v = int(v)
-        out.append(v)
-    return tuple(out)
+    return _adapt_values([row[c] for c in columns])
 
 
 def _row(cursor: sqlite3.Cursor, values: tuple[Any, ...]) -> R.Row:
@@ -274,10 +273,9 @@ class SqliteStore:
                 return 0
             messages, steps, events = [], [], []
             for s in advancing:
-                m, st = R.state_rows(s, self.pii)
-                messages.append(_adapt(m, R.MESSAGE_COLUMNS))
-                steps.extend(_adapt(r, R.STEP_COLUMNS) for r in st)
-                events.extend(_adapt(r, R.EVENT_COLUMNS) for r in R.status_event_rows(s))
+                messages.append(_adapt_values(R.message_values(s, self.pii)))
+                steps.extend(map(_adapt_values, R.step_values(s)))
+                events.extend(map(_adapt_values, R.event_values(s)))
             conn.executemany(_UPSERT_MESSAGE, messages)
             replaced = [(s.umid,) for s in advancing if s.umid in held]
             conn.executemany("DELETE FROM message_steps WHERE umid = ?", replaced)
@@ -364,7 +362,8 @@ class SqliteStore:
             where.append("msisdn_hash = ?")
             params.append(self.pii.hash_msisdn(msisdn))
         if after is not None:
-            ts, _, umid = after.partition("|")
+            when, umid = R.parse_inbound_cursor(after)
+            ts = to_text(when)
             where.append("(ts > ? OR (ts = ? AND umid > ?))")
             params.extend([ts, ts, umid])
         found = self._read(

@@ -88,9 +88,11 @@ def sqlite_path(url: str) -> str:
     return url[len(prefix) :]
 
 
-def open_store(url: str, pii: PiiPolicy) -> Store:
+def open_store(url: str, pii: PiiPolicy, *, synchronous_commit: bool = True) -> Store:
     """Open (not migrate) the store named by `url`: `sqlite:///path` or `postgresql://...`.
 
+    `synchronous_commit=False` (PostgreSQL only, opt-in) commits without waiting for the WAL flush: a
+    server crash may lose the last committed batches although their offsets are committed.
     Raises ValueError for an unsupported URL, TransientError when PostgreSQL cannot be reached.
     """
     scheme = urlsplit(url).scheme.lower()
@@ -101,5 +103,5 @@ def open_store(url: str, pii: PiiPolicy) -> Store:
     if scheme in ("postgresql", "postgres"):
         from sinks.postgres import PostgresStore
 
-        return PostgresStore(url, pii)
+        return PostgresStore(url, pii, synchronous_commit=synchronous_commit)
     raise ValueError(f"unsupported store URL scheme {scheme!r}: use sqlite:///path or postgresql://...")

@@ -3,7 +3,8 @@
 At-least-once: offsets are committed only after the batch's transaction committed. Writes are idempotent
 and monotonic (version guard in the upsert), so a redelivered batch changes nothing. Undecodable records
 go to the sink dead-letter topic with the reason; a store outage pauses consumption and retries the same
-batch until it succeeds.
+batch until it succeeds; a schema registry outage while decoding is retried the same way (never
+dead-lettered).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from prometheus_client import CollectorRegistry
@@ -31,6 +32,8 @@ from sinks.store import Store, open_store
 log = logging.getLogger(__name__)
 
 SINK_GROUP = "chatpipe-sink"
+
+T = TypeVar("T")
 
 
 def consumer_config(settings: Settings, group: str = SINK_GROUP) -> dict[str, Any]:
@@ -59,8 +62,11 @@ class SinkWorker:
         codecs: Codecs | None = None,
         batch_size: int = 2000,
         metrics_registry: CollectorRegistry | None = None,
+        group: str = SINK_GROUP,
     ) -> None:
+        """`group` is the consumer group (a new group reads the topics from their start)."""
         self.settings = settings
+        self.group = group
         self.store = store or open_store(settings.store_url, pii_policy(settings))
         self.codecs = codecs or Codecs.connect(settings.schema_registry_url)
         self.batch_size = batch_size
@@ -88,7 +94,7 @@ class SinkWorker:
     def run(self, on_ready: Callable[[], None] | None = None) -> None:
         self.store.migrate()
         self.metrics.store_up.set(1)
-        consumer = Consumer(consumer_config(self.settings))
+        consumer = Consumer(consumer_config(self.settings, self.group))
         self._consumer = consumer
         consumer.subscribe([MESSAGE_STATE.name, INBOUND.name], on_assign=self._on_assign)
         ready_sent = False
@@ -118,13 +124,33 @@ class SinkWorker:
             topic = msg.topic()
             try:
                 if topic == MESSAGE_STATE.name:
-                    states.append(self.codecs.state.decode(msg.value()))
+                    states.append(self._decode(self.codecs.state.decode, msg))
                 elif topic == INBOUND.name:
-                    inbound.append(self.codecs.inbound.decode(msg.value()))
+                    inbound.append(self._decode(self.codecs.inbound.decode, msg))
             except (InvalidEvent, KeyError, TypeError, ValueError) as exc:
                 self._dead_letter(msg, str(getattr(exc, "reason", exc)))
         self._write_with_retry(consumer, states, inbound)
         consumer.commit(asynchronous=False)
+
+    def _decode(self, decode: Callable[[bytes], T], msg: Message) -> T:
+        """Decode one record; a registry outage (TransientError) is waited out, not dead-lettered."""
+        delay = 0.5
+        while True:
+            try:
+                return decode(msg.value() or b"")
+            except TransientError as exc:
+                if self._stop.is_set():
+                    raise
+                log.warning(
+                    "cannot decode topic=%s partition=%s offset=%s yet, retrying in %.1fs: %s",
+                    msg.topic(),
+                    msg.partition(),
+                    msg.offset(),
+                    delay,
+                    exc,
+                )
+                self._stop.wait(delay)
+                delay = min(delay * 2, 10.0)
 
     def _write_with_retry(
         self, consumer: Consumer, states: list[MessageState], inbound: list[InboundMessage]

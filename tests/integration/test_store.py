@@ -13,6 +13,8 @@ import pytest
 
 from schemas.errors import TransientError
 from schemas.models import InboundContent, InboundMessage, MessageState, StatusEvent, Step, User
+from sinks import postgres as postgres_sink
+from sinks import sqlite as sqlite_sink
 from sinks.rows import PiiPolicy
 from sinks.store import Store, open_store
 from tests.support.postgres import PostgresServer, fresh_database
@@ -144,7 +146,10 @@ def test_migrate_twice_is_a_no_op(backend: Backend) -> None:
     before = backend.snapshot()
     backend.store.migrate()
     backend.reopen().migrate()
-    assert backend.query("SELECT version FROM chatpipe_schema_migrations") == [(1,)]
+    migrations = sqlite_sink.MIGRATIONS if backend.name == "sqlite" else postgres_sink.MIGRATIONS
+    assert backend.query("SELECT version FROM chatpipe_schema_migrations ORDER BY version") == [
+        (version,) for version, _, _ in migrations
+    ]
     assert backend.snapshot() == before
 
 
@@ -472,3 +477,53 @@ def test_postgres_connection_killed_mid_session_reconnects(postgres_server: Post
         assert (store.get_message(SUB, "m-1") or [{}])[0]["status"]["state"] == "sent"
     finally:
         store.close()
+
+
+def test_postgres_fast_path_falls_back_to_merge_on_a_unique_violation(
+    postgres_server: PostgresServer,
+) -> None:
+    # events stored without their message (e.g. messages pruned, events kept): the fast path's COPY
+    # hits the dedup index; the batch is written again by the merge path, nothing doubled
+    url = fresh_database(postgres_server)
+    store = postgres_sink.PostgresStore(url, PII)
+    store.migrate()
+    try:
+        v = versions("m-1")
+        with psycopg.connect(url) as conn:
+            conn.execute(
+                "INSERT INTO status_events (umid, step, sub_account_id, channel, state, ts)"
+                " VALUES ('m-1', 1, %s, 'sms', 'queued', %s)",
+                (SUB, T0),
+            )
+        assert store.write_states([v[3], versions("m-2")[1]]) == 2
+        assert store.merge_fallbacks == 1
+        assert store.write_states([v[4]]) == 1  # the fast path again
+        assert store.merge_fallbacks == 1
+    finally:
+        store.close()
+    query = _pg_query(url)
+    assert query("SELECT umid, version FROM messages ORDER BY umid") == [("m-1", 4), ("m-2", 1)]
+    assert query("SELECT count(*) FROM status_events WHERE umid = 'm-1'") == [(6,)]
+
+
+def test_postgres_a_row_changed_after_the_version_read_is_never_overwritten(
+    postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # simulate a concurrent writer that stored v4 after this batch read the versions (seen as v0):
+    # the guarded DELETE removes nothing, so the batch goes to the merge path, which keeps v4
+    url = fresh_database(postgres_server)
+    store = postgres_sink.PostgresStore(url, PII)
+    store.migrate()
+    try:
+        v = versions("m-1")
+        assert store.write_states([v[4]]) == 1
+        before = _pg_query(url)("SELECT * FROM messages")
+        monkeypatch.setattr(
+            postgres_sink, "_HELD_VERSIONS", "SELECT umid, 0::bigint FROM messages WHERE umid = ANY(%s)"
+        )
+        assert store.write_states([v[2]]) == 0
+        assert store.merge_fallbacks == 1
+    finally:
+        store.close()
+    assert _pg_query(url)("SELECT * FROM messages") == before
+    assert _pg_query(url)("SELECT step, version FROM message_steps ORDER BY step") == [(1, 4), (2, 4)]

@@ -80,11 +80,21 @@ def _free_port() -> int:
 
 
 class PostgresServer:
-    """One private cluster. `start()` (initdb on first start), `stop()`, `restart()`, `cleanup()`."""
+    """One private cluster. `start()` (initdb on first start), `stop()`, `restart()`, `cleanup()`.
 
-    def __init__(self, bindir: str | None = None, database: str = "chatpipe_test") -> None:
+    `settings` override entries of `SETTINGS` (postgresql.conf values as written there), e.g.
+    `{"fsync": "on", "synchronous_commit": "on"}` for a durable server.
+    """
+
+    def __init__(
+        self,
+        bindir: str | None = None,
+        database: str = "chatpipe_test",
+        settings: dict[str, str] | None = None,
+    ) -> None:
         self.bindir = bindir or find_bindir()
         self.database = database
+        self.settings = {**SETTINGS, **(settings or {})}
         self.root = Path(tempfile.mkdtemp(prefix="chatpipe-pg-"))
         self.data = self.root / "data"
         self.sockets = self.root / "sock"
@@ -134,7 +144,7 @@ class PostgresServer:
         with open(self.data / "postgresql.conf", "a", encoding="utf-8") as conf:
             conf.write("\n# chatpipe tests\n")
             for key, value in {
-                **SETTINGS,
+                **self.settings,
                 "port": str(self.port),
                 "unix_socket_directories": f"'{self.sockets}'",
             }.items():

@@ -338,3 +338,36 @@ def test_summary_record_describes_the_path() -> None:
 def test_fixed_iso_sorts_like_time() -> None:
     times = [T0, T0.replace(microsecond=0), T0 + timedelta(days=400), T0 - timedelta(microseconds=1)]
     assert sorted(times) == sorted(times, key=R.fixed_iso)
+
+
+def test_event_key_is_the_dedup_identity_of_an_event() -> None:
+    s = state(
+        steps=(
+            step(
+                1,
+                "sms",
+                "undelivered",
+                T0,
+                history=(StatusEvent("sent", T0), StatusEvent("undelivered", T0, error_code=7)),
+            ),
+        )
+    )
+    keys = [R.event_key(e) for e in R.event_values(s)]
+    assert keys == [("u-1", 1, "sent", "", T0), ("u-1", 1, "undelivered", "", T0)]
+    assert [R.as_tuple(r, R.EVENT_COLUMNS) for r in R.status_event_rows(s)] == R.event_values(s)
+
+
+def test_the_tuple_builders_follow_the_column_lists() -> None:
+    s = fallback_state()
+    message, steps = R.state_rows(s, PiiPolicy(hash_key=KEY))
+    assert R.message_values(s, PiiPolicy(hash_key=KEY)) == R.as_tuple(message, R.MESSAGE_COLUMNS)
+    assert R.step_values(s) == [R.as_tuple(r, R.STEP_COLUMNS) for r in steps]
+    assert message["channel_path"] == s.channel_path and message["fell_back"] is True
+
+
+def test_inbound_cursor_round_trips_and_rejects_garbage() -> None:
+    row = {"ts": T0, "umid": "in-1|odd"}
+    assert R.parse_inbound_cursor(R.inbound_cursor(row)) == (T0, "in-1|odd")
+    for bad in ("", "nonsense", "2020-06-17T04:15:21.060000Z|", "2020-13-01T00:00:00Z|u", "x|u"):
+        with pytest.raises(ValueError, match="malformed cursor"):
+            R.parse_inbound_cursor(bad)

@@ -1,0 +1,340 @@
+"""The read API over real stores (SQLite file, throw-away PostgreSQL), filled through the store API."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from chatpipe.config import Settings
+from schemas.models import User
+from sinks.api import create_app
+from sinks.rows import PiiPolicy
+from sinks.store import Store, open_store
+from tests.integration.test_store import T0, inbound, mk_state, mk_step
+from tests.support.postgres import PostgresServer, fresh_database
+
+pytestmark = pytest.mark.integration
+
+PII = PiiPolicy(hash_key=b"k")
+SUB = "sub_account_id"
+UMID = "dec02e44-c76f-4a0a-b69f-6ac2a4386eb9"
+BATCH = "c9c01382-38bf-4e27-8962-ae0684ab56c3"
+
+# 8x8's two example answers (shared/8x8-docs/retrieve-message-details-api.txt), adapted to ONE message
+# that failed on Viber (step 1) and fell back to WhatsApp (step 2, read):
+# - example 1 becomes step 1: channel Viber and state undelivered/rejected_by_operator instead of the
+#   example's inconsistent WhatsApp + delivered/"delivered_to_carrier" with an error message; its
+#   errorCode 0 is kept (0 is a value, not "unknown"); subAccountId and ids from example 2;
+# - example 2 stays step 2 except "direction": the schema documents `outbound`, the example says
+#   "Outbound"; the user carries the channelUserId known from step 1 (same message, same user).
+# Key order is the documented one (example 1's); example 2 lists the same keys in another order.
+EXAMPLE_STEP_1 = {
+    "umid": UMID,
+    "subAccountId": SUB,
+    "channel": "Viber",
+    "channelId": "8e4d1303-5754-e911-8154-020897df5459",
+    "direction": "outbound",
+    "country": "SG",
+    "status": {
+        "state": "undelivered",
+        "detail": "rejected_by_operator",
+        "errorCode": 0,
+        "errorMessage": "Invalid message length",
+        "timestamp": "2020-06-17T04:17:21.06Z",
+    },
+    "user": {"msisdn": "+63922110xxxx", "channelUserId": "string"},
+    "contentType": "Text",
+    "content": "**MASKED**",
+    "createdAt": "2020-06-17T04:13:21.06Z",
+    "clientMessageId": "client message id",
+    "clientBatchId": "client batch id",
+    "batchId": BATCH,
+    "step": 1,
+}
+EXAMPLE_STEP_2 = {
+    "umid": UMID,
+    "subAccountId": SUB,
+    "channel": "WhatsApp",
+    "channelId": "904d1303-5754-e911-8154-020897df5459",
+    "direction": "outbound",
+    "status": {"state": "read", "timestamp": "2020-06-17T04:25:21.06Z"},
+    "contentType": "Text",
+    "createdAt": "2020-06-17T04:15:21.06Z",
+    "step": 2,
+    "country": "SG",
+    "user": {"msisdn": "+63922110xxxx", "channelUserId": "string"},
+    "content": "**MASKED**",
+    "clientMessageId": "client message id",
+    "clientBatchId": "client batch id",
+    "batchId": BATCH,
+}
+ERROR_KEYS = ["code", "message", "errorId", "timestamp"]
+
+
+def fallback_message(umid: str = UMID, sub: str = SUB, version: int = 5) -> Any:
+    viber = mk_step(
+        1,
+        "viber",
+        [("sent", 0), ("undelivered", 120)],
+        detail="rejected_by_operator",
+        error_code=0,
+        error_message="Invalid message length",
+        channel_id="8e4d1303-5754-e911-8154-020897df5459",
+        country="SG",
+        content_type="Text",
+        created_at=T0 - timedelta(minutes=2),
+    )
+    whatsapp = mk_step(
+        2,
+        "whatsapp",
+        [("sent", 130), ("delivered", 300), ("read", 600)],
+        channel_id="904d1303-5754-e911-8154-020897df5459",
+        country="SG",
+        content_type="Text",
+        created_at=T0,
+    )
+    return mk_state(
+        umid,
+        version,
+        (viber, whatsapp),
+        sub=sub,
+        user=User(msisdn="+639221101234", channel_user_id="string"),
+        client_message_id="client message id",
+        client_batch_id="client batch id",
+        batch_id=BATCH,
+        final=True,
+    )
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Store]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'chatpipe.db'}"
+    else:
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        url = fresh_database(server)
+    s = open_store(url, PII)
+    s.migrate()
+    yield s
+    s.close()
+
+
+@pytest.fixture()
+async def client(store: Store) -> AsyncIterator[TestClient]:
+    c = TestClient(TestServer(create_app(Settings(), store=store)))
+    await c.start_server()
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+async def get(client: TestClient, path: str, status: int = 200, **params: Any) -> Any:
+    r = await client.get(path, params=params)
+    text = await r.text()
+    assert r.status == status, text
+    assert r.content_type == "application/json"
+    return json.loads(text)
+
+
+def assert_error(body: dict[str, Any], code: int) -> None:
+    assert list(body) == ERROR_KEYS
+    assert body["code"] == code
+    assert isinstance(body["message"], str) and body["message"]
+    uuid.UUID(body["errorId"])
+    assert body["timestamp"].endswith("Z") and "T" in body["timestamp"]
+
+
+async def walk(client: TestClient, path: str, limit: int, **params: Any) -> tuple[list[Any], int]:
+    """Every item of a paginated list, following `next`; also how many pages it took."""
+    items: list[Any] = []
+    after, pages = None, 0
+    while True:
+        query = {**params, "limit": limit, **({"after": after} if after else {})}
+        body = await get(client, path, **query)
+        assert list(body) == ["data", "next"]
+        assert len(body["data"]) <= limit
+        items += body["data"]
+        pages += 1
+        after = body["next"]
+        if after is None:
+            return items, pages
+        assert len(body["data"]) == limit
+        assert pages < 1000
+
+
+# --- message details -----------------------------------------------------------------------------
+
+
+async def test_multi_step_message_answers_8x8s_shape(store: Store, client: TestClient) -> None:
+    assert store.write_states([fallback_message()]) == 1
+    r = await client.get(f"/api/v1/subaccounts/{SUB}/messages/{UMID}")
+    assert r.status == 200
+    body = json.loads(await r.text())
+    assert list(body) == ["data"]
+    first, second = body["data"]
+    assert first == EXAMPLE_STEP_1
+    assert list(first) == list(EXAMPLE_STEP_1)  # the documented key order
+    assert list(first["status"]) == list(EXAMPLE_STEP_1["status"])
+    assert second == EXAMPLE_STEP_2
+    assert set(second) == set(EXAMPLE_STEP_1)  # 8x8's example 2: same keys as example 1
+
+
+async def test_an_older_version_does_not_change_the_answer(store: Store, client: TestClient) -> None:
+    store.write_states([fallback_message(version=5)])
+    store.write_states([mk_state(UMID, 2, (mk_step(1, "viber", [("sent", 0)]),), sub=SUB)])
+    body = await get(client, f"/api/v1/subaccounts/{SUB}/messages/{UMID}")
+    assert body["data"] == [EXAMPLE_STEP_1, EXAMPLE_STEP_2]
+
+
+async def test_unknown_umid_is_404_with_8x8s_error_body(store: Store, client: TestClient) -> None:
+    store.write_states([fallback_message()])
+    body = await get(client, f"/api/v1/subaccounts/{SUB}/messages/0000-unknown", 404)
+    assert_error(body, 1300)
+
+
+async def test_another_subaccount_never_sees_the_message(store: Store, client: TestClient) -> None:
+    store.write_states([fallback_message(), fallback_message("other-umid-1", sub="OtherAccount")])
+    body = await get(client, f"/api/v1/subaccounts/OtherAccount/messages/{UMID}", 404)
+    assert_error(body, 1300)
+    body = await get(client, f"/api/v1/subaccounts/{SUB}/messages/other-umid-1", 404)
+    assert_error(body, 1300)
+    listed = await get(client, f"/api/v1/subaccounts/{SUB}/messages", batchId=BATCH)
+    assert [m["umid"] for m in listed["data"]] == [UMID]
+
+
+@pytest.mark.parametrize(
+    ("path", "code"),
+    [
+        ("/api/v1/subaccounts/ab/messages/m-1", 1001),  # too short
+        ("/api/v1/subaccounts/bad%20sub/messages/m-1", 1001),
+        (f"/api/v1/subaccounts/{'x' * 51}/messages/m-1", 1001),
+        (f"/api/v1/subaccounts/{SUB}/messages/bad_umid", 1008),
+        (f"/api/v1/subaccounts/{SUB}/messages/{'a' * 101}", 1008),
+        (f"/api/v1/subaccounts/{SUB}/messages/bad%20umid", 1008),
+        ("/api/v1/subaccounts/a!b/messages", 1001),
+        (f"/api/v1/subaccounts/{SUB}/messages?limit=ten", 1000),
+        (f"/api/v1/subaccounts/{SUB}/messages?limit=0", 1000),
+        (f"/api/v1/subaccounts/{SUB}/messages?batchId={'b' * 201}", 1000),
+        (f"/api/v1/subaccounts/{SUB}/conversations/ch-1/messages", 1000),  # no user
+        (f"/api/v1/subaccounts/{SUB}/conversations/ch_1/messages?user=u", 1008),
+        (f"/api/v1/subaccounts/{SUB}/conversations/ch-1/messages?user=u&after=nonsense", 1000),
+        (f"/api/v1/subaccounts/{SUB}/conversations/ch-1/messages?user=u&after=2020-01-01|", 1000),
+        (f"/api/v1/subaccounts/{SUB}/conversations/ch-1/messages?user=u&limit=-1", 1000),
+        ("/api/v1/subaccounts/x/conversations/ch-1/messages?user=u", 1001),
+    ],
+)
+async def test_malformed_requests_are_400_with_8x8s_error_body(
+    client: TestClient, path: str, code: int
+) -> None:
+    r = await client.get(path)
+    assert r.status == 400, await r.text()
+    assert_error(json.loads(await r.text()), code)
+
+
+# --- message lists ---------------------------------------------------------------------------------
+
+
+async def test_message_list_pages_walk_every_message_exactly_once(store: Store, client: TestClient) -> None:
+    mine = [
+        mk_state(
+            f"{i:04d}-m",
+            1 + i % 3,
+            (mk_step(1, "sms", [("sent", i)]),),
+            sub=SUB,
+            batch_id="b-even" if i % 2 == 0 else "b-odd",
+            client_message_id=f"c-{i % 4}",
+        )
+        for i in range(23)
+    ]
+    others = [mk_state(f"{i:04d}-o", 1, (mk_step(1, "sms", [("sent", i)]),), sub="other") for i in range(9)]
+    store.write_states(list(reversed(mine)) + others)
+    path = f"/api/v1/subaccounts/{SUB}/messages"
+
+    for limit in (1, 5, 23, 1000):
+        items, pages = await walk(client, path, limit)
+        assert [m["umid"] for m in items] == [s.umid for s in mine]
+        assert pages == -(-23 // limit)
+
+    evens, _ = await walk(client, path, 4, batchId="b-even")
+    assert [m["umid"] for m in evens] == [s.umid for s in mine[::2]]
+    both, _ = await walk(client, path, 2, batchId="b-odd", clientMessageId="c-1")
+    assert [m["umid"] for m in both] == [f"{i:04d}-m" for i in range(23) if i % 4 == 1]
+    assert await get(client, path, clientMessageId="nope") == {"data": [], "next": None}
+
+
+async def test_message_summary_is_useful(store: Store, client: TestClient) -> None:
+    store.write_states([fallback_message()])
+    body = await get(client, f"/api/v1/subaccounts/{SUB}/messages", clientMessageId="client message id")
+    assert body == {
+        "data": [
+            {
+                "umid": UMID,
+                "subAccountId": SUB,
+                "channel": "WhatsApp",
+                "channelPath": ["Viber", "WhatsApp"],
+                "fellBack": True,
+                "stepCount": 2,
+                "direction": "outbound",
+                "status": {"state": "read", "timestamp": "2020-06-17T04:25:21.06Z"},
+                "user": {"msisdn": "+63922110xxxx", "channelUserId": "string"},
+                "clientMessageId": "client message id",
+                "clientBatchId": "client batch id",
+                "batchId": BATCH,
+                "final": True,
+                "version": 5,
+                "updatedAt": "2020-06-17T04:25:22.06Z",
+            }
+        ],
+        "next": None,
+    }
+
+
+# --- conversations ---------------------------------------------------------------------------------
+
+
+async def test_conversation_pages_walk_every_inbound_message_once(store: Store, client: TestClient) -> None:
+    # 14 messages of one user with only 5 distinct timestamps (ties broken by umid), another user, and
+    # the same user on another channel and in another subaccount: none of those may show up
+    mine = [inbound(f"in-{i:02d}", i % 5, sub=SUB) for i in range(14)]
+    noise = [inbound("in-other-user", 1, user="6599999999", sub=SUB), inbound("in-other-sub", 1, sub="other")]
+    other_channel = dataclasses.replace(inbound("in-other-channel", 1, sub=SUB), channel_id="ch-2")
+    assert store.write_inbound(mine + noise + [other_channel]) == 17
+    path = f"/api/v1/subaccounts/{SUB}/conversations/ch-1/messages"
+    expected = sorted((m.timestamp, m.umid) for m in mine)
+
+    for user in ("6581968289", "+6581968289"):  # channelUserId, or the E.164 number (hash-matched)
+        for limit in (1, 3, 14, 100):
+            items, pages = await walk(client, path, limit, user=user)
+            assert [m["umid"] for m in items] == [u for _, u in expected]
+            assert pages == max(1, -(-14 // limit))
+    first = (await get(client, path, user="+6581968289", limit=1))["data"][0]
+    assert first == {
+        "umid": "in-00",
+        "subAccountId": SUB,
+        "channel": "WhatsApp",
+        "channelId": "ch-1",
+        "direction": "inbound",
+        "type": "Text",
+        "timestamp": "2020-06-17T04:15:21.06Z",
+        "user": {"msisdn": "+658196xxxx", "channelUserId": "6581968289"},
+        "content": {"text": "**MASKED**"},
+    }
+    other = await get(client, "/api/v1/subaccounts/other/conversations/ch-1/messages", user="6581968289")
+    assert [m["umid"] for m in other["data"]] == ["in-other-sub"]
+    assert await get(client, path, user="nobody") == {"data": [], "next": None}
+
+
+async def test_health_and_metrics(client: TestClient) -> None:
+    assert await get(client, "/healthz") == {"status": "ok"}
+    await client.get(f"/api/v1/subaccounts/{SUB}/messages/nope-1")
+    r = await client.get("/metrics")
+    assert r.status == 200
+    assert 'chatpipe_api_requests_total{route="message",status="404"} 1.0' in await r.text()
