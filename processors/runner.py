@@ -2,16 +2,44 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import faust
+from aiokafka.consumer.fetcher import Fetcher
 
 from chatpipe.config import Settings
 from processors.agents import install_agents
 from processors.app import create_processor, tune_gc
 
 log = logging.getLogger(__name__)
+
+
+def _patch_fetcher_close() -> None:
+    """aiokafka (0.10-0.14) `Fetcher.close` cancels its in-flight fetch tasks and then awaits them
+    without catching the CancelledError they end with. When a fetch is in flight at shutdown (always, on
+    an idle topic: fetches long-poll), that error kills Faust's consumer thread and the worker hangs in
+    shutdown until it is killed. Same close, with the cancellation of its own tasks expected."""
+    if getattr(Fetcher.close, "_chatpipe_patched", False):
+        return
+
+    async def close(self: Any) -> None:
+        self._closed = True
+        self._fetch_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._fetch_task
+        for waiter in self._fetch_waiters:
+            self._notify(waiter)
+        for task in self._pending_tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    close._chatpipe_patched = True  # type: ignore[attr-defined]
+    Fetcher.close = close  # type: ignore[method-assign]
 
 
 class _Worker(faust.Worker):
@@ -27,6 +55,7 @@ class _Worker(faust.Worker):
 
 
 def run_worker(settings: Settings, on_ready: Callable[[], None] | None = None) -> int:
+    _patch_fetcher_close()
     (settings.state_dir / "processor").mkdir(parents=True, exist_ok=True)
     processor = create_processor(settings)
     processor.codecs.register_all()

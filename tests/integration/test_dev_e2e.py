@@ -207,6 +207,7 @@ def sample_receipt_scenario(proc: DevProcess, ingest: str, api: str, tmp_path: P
     assert len(pids) >= 4
     proc.proc.send_signal(signal.SIGINT)
     assert proc.proc.wait(40) == 0, proc.output()
+    assert "did not stop" not in proc.output()  # every child stopped on its own, none was killed
     deadline = time.monotonic() + 5
     while _pids_alive(pids) and time.monotonic() < deadline:
         time.sleep(0.1)
