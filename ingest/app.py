@@ -15,10 +15,12 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -54,6 +56,9 @@ class Intake:
     """The durable hand-off: Kafka first, the local spool when Kafka cannot ack in time.
 
     While the spool holds a backlog, new records go behind it, so per-umid order is kept.
+
+    The ack deadline is enforced by one reaper task for all waiting records (they share one timeout, so
+    their deadlines expire in the order they were published) rather than a timer and a shield per request.
     """
 
     def __init__(self, producer: AsyncProducer, spool: AsyncSpool | None, timeout: float,
@@ -62,6 +67,9 @@ class Intake:
         self.spool = spool
         self.timeout = timeout
         self.metrics = metrics
+        self._waiting: deque[tuple[float, asyncio.Future[None]]] = deque()
+        self._reaper: asyncio.Task[None] | None = None
+        self._observe_produce = metrics.produce_latency.observe
 
     @property
     def spool_depth(self) -> int:
@@ -78,17 +86,44 @@ class Intake:
         """Make one record durable; returns where it went ("kafka" or "spool")."""
         if self.spool is not None and self.spool.depth > 0:
             return await self._spool(topic, key, value, "backlog")
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         fut = self.producer.publish(topic, key, value)
+        if not fut.done():
+            self._waiting.append((t0 + self.timeout, fut))
+            if self._reaper is None:
+                self._reaper = asyncio.get_running_loop().create_task(self._reap_forever())
         try:
-            await asyncio.wait_for(asyncio.shield(fut), self.timeout)
+            await fut
         except (TimeoutError, ProduceFailed) as exc:
-            fut.add_done_callback(_consume_result)  # may still be delivered: downstream dedups it
+            # after a timeout the record may still be delivered as well as spooled: downstream dedups it
             if self.spool is None:
                 raise Unavailable(str(exc) or "broker did not ack in time") from exc
             return await self._spool(topic, key, value, type(exc).__name__)
-        self.metrics.produce_latency.observe(time.perf_counter() - t0)
+        self._observe_produce(time.monotonic() - t0)
         return "kafka"
+
+    async def _reap_forever(self) -> None:
+        """Fail the wait of each record not acked by its deadline with TimeoutError (its waiter spools it)."""
+        waiting = self._waiting
+        tick = max(0.001, min(0.05, self.timeout / 10))
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            while waiting:
+                deadline, fut = waiting[0]
+                if not fut.done():
+                    if deadline > now:
+                        break
+                    fut.set_exception(TimeoutError(f"broker did not ack within {self.timeout:g} s"))
+                waiting.popleft()
+
+    async def close(self) -> None:
+        """Stop the deadline reaper (after the producer was flushed: nothing waits any more)."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+            self._reaper = None
 
     async def _spool(self, topic: str, key: bytes, value: bytes, why: str) -> str:
         assert self.spool is not None
@@ -115,16 +150,15 @@ class Intake:
             await asyncio.sleep(interval)
 
 
-def _consume_result(fut: asyncio.Future[None]) -> None:
-    if not fut.cancelled():
-        fut.exception()
-
-
 SETTINGS = web.AppKey("settings", Settings)
 CODECS = web.AppKey("codecs", Codecs)
 INTAKE = web.AppKey("intake", Intake)
 METRICS = web.AppKey("metrics", IngestMetrics)
 REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
+#: webhook counters by (kind, outcome), bound once: `.labels()` per request costs more than the increment
+OUTCOMES = web.AppKey("outcomes", dict)
+_KINDS = ("receipt", "inbound")
+_OUTCOMES = ("accepted", "spooled", "unavailable")
 
 
 class Authn:
@@ -160,10 +194,19 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _new_error_id() -> str:
+    return str(uuid.uuid4())
+
+
 def _error(status: int, code: int, message: str, error_id: str | None = None,
            headers: dict[str, str] | None = None) -> web.Response:
-    body = error_body(code, message, error_id or str(uuid.uuid4()), _now())
+    body = error_body(code, message, error_id or _new_error_id(), _now())
     return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+
+
+def _accepted(umid: str) -> web.Response:
+    return web.Response(body=b'{"status":"accepted","umid":' + orjson.dumps(umid) + b"}",
+                        content_type="application/json")
 
 
 def _unavailable(error_id: str) -> web.Response:
@@ -185,7 +228,8 @@ async def _read_body(request: web.Request, limit: int) -> tuple[bytes, bool]:
             return b"".join(chunks)[:limit], True
 
 
-async def _park(request: web.Request, body: bytes, exc: InvalidEvent, error_id: str, remote: str | None) -> None:
+async def _park(request: web.Request, body: bytes, exc: InvalidEvent, error_id: str,
+                remote: str | None) -> None:
     """Park the rejected request, whole (secrets removed from headers), in the ingest DLQ."""
     app = request.app
     headers = tuple((k, v) for k, v in request.headers.items() if k.lower() not in _SECRET_HEADERS)
@@ -202,23 +246,23 @@ async def webhook(request: web.Request) -> web.Response:
     app = request.app
     settings, metrics, authn = app[SETTINGS], app[METRICS], app[AUTHN]
     started = time.perf_counter()
-    error_id = str(uuid.uuid4())
     try:
         remote = auth.client_address(request.remote, request.headers.get("X-Forwarded-For"), authn.proxies)
         if not auth.address_allowed(remote, authn.allowlist):
             metrics.auth_failures.labels("address").inc()
             log.warning("webhook refused: source address %s not allowed", remote)
-            return _error(403, CODE_FORBIDDEN, "Source address not allowed", error_id)
+            return _error(403, CODE_FORBIDDEN, "Source address not allowed")
         if authn.required and not authn.check(request.headers.get("Authorization")):
             metrics.auth_failures.labels("credentials").inc()
             metrics.webhooks.labels("unknown", "unauthorized").inc()
-            return _error(401, CODE_UNAUTHORIZED, "Request was not authenticated properly", error_id,
+            return _error(401, CODE_UNAUTHORIZED, "Request was not authenticated properly",
                           headers={"WWW-Authenticate": 'Bearer realm="chatpipe"'})
         body, truncated = await _read_body(request, settings.max_body_bytes)
         try:
             if truncated:
+                limit = settings.max_body_bytes
                 raise InvalidEvent(
-                    f"body: larger than {settings.max_body_bytes} bytes (first {settings.max_body_bytes} kept)",
+                    f"body: larger than {limit} bytes (first {limit} kept)",
                     field="body", code=CODE_TOO_LARGE, http_status=413,
                 )
             if request.content_type not in JSON_TYPES:
@@ -228,6 +272,7 @@ async def webhook(request: web.Request) -> web.Response:
                 )
             event = parse_webhook(body, _now())
         except InvalidEvent as exc:
+            error_id = _new_error_id()
             metrics.webhooks.labels("invalid", "rejected").inc()
             try:
                 await _park(request, body, exc, error_id, remote)
@@ -243,12 +288,13 @@ async def webhook(request: web.Request) -> web.Response:
         try:
             where = await app[INTAKE].put(codec.spec.name, event.umid.encode(), codec.encode(event))  # type: ignore[arg-type]
         except Unavailable as exc:
-            metrics.webhooks.labels(kind, "unavailable").inc()
+            error_id = _new_error_id()
+            app[OUTCOMES][kind, "unavailable"].inc()
             log.error("webhook not durable topic=%s umid=%s error_id=%s: %s", codec.spec.name, event.umid,
                       error_id, exc)
             return _unavailable(error_id)
-        metrics.webhooks.labels(kind, "accepted" if where == "kafka" else "spooled").inc()
-        return web.json_response({"status": "accepted", "umid": event.umid})
+        app[OUTCOMES][kind, "accepted" if where == "kafka" else "spooled"].inc()
+        return _accepted(event.umid)
     finally:
         metrics.request_latency.observe(time.perf_counter() - started)
 
@@ -291,10 +337,12 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_view(request: web.Request) -> web.Response:
-    return web.Response(body=generate_latest(request.app[REGISTRY]), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return web.Response(body=generate_latest(request.app[REGISTRY]),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def create_app(settings: Settings, codecs: Codecs | None = None, spool_dir: Path | None = None) -> web.Application:
+def create_app(settings: Settings, codecs: Codecs | None = None,
+               spool_dir: Path | None = None) -> web.Application:
     """The ingest app. `spool_dir` defaults to STATE_DIR/spool/ingest-0 (one directory per process)."""
     app = web.Application(client_max_size=settings.max_body_bytes + 1)
     registry = CollectorRegistry()
@@ -302,6 +350,7 @@ def create_app(settings: Settings, codecs: Codecs | None = None, spool_dir: Path
     app[CODECS] = codecs or Codecs.connect(settings.schema_registry_url)
     app[REGISTRY] = registry
     app[METRICS] = IngestMetrics(registry)
+    app[OUTCOMES] = {(k, o): app[METRICS].webhooks.labels(k, o) for k in _KINDS for o in _OUTCOMES}
     app[AUTHN] = Authn(settings)
     if not app[AUTHN].required:
         log.warning("no CHATPIPE_WEBHOOK_TOKEN nor OAuth2 client: the webhook endpoint is open to anyone")
@@ -331,6 +380,7 @@ def create_app(settings: Settings, codecs: Codecs | None = None, spool_dir: Path
         remaining = producer.close(timeout=10)
         if remaining:
             log.error("shutdown: %d records still undelivered", remaining)
+        await intake.close()
         if spool is not None:
             await spool.close()
 

@@ -1,15 +1,15 @@
 """An asyncio face on confluent-kafka's producer: `await publish(...)` returns once the broker acked.
 
-librdkafka does the batching (linger) and retries; delivery reports are served by one background thread
-that resolves the waiting futures in batches (one loop wake-up per poll, not one per message).
+librdkafka does the batching (linger) and retries; its delivery reports are served on the event loop by a
+short timer while records are in flight, so one loop wake-up serves every report that arrived meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
+from functools import partial
 from typing import Any
 
 from confluent_kafka import KafkaError, Producer
@@ -43,20 +43,30 @@ class ProduceFailed(TransientError):
 
 
 class AsyncProducer:
-    def __init__(self, config: dict[str, Any]) -> None:
+    """Delivery reports are served on the event loop: `poll(0)` from a loop timer, every `poll_interval`
+    while records await their ack and every `idle_interval` otherwise (for error callbacks). Each report
+    resolves its future right there: no thread, no GIL hand-offs, no cross-thread wake-ups per batch.
+    """
+
+    def __init__(self, config: dict[str, Any], poll_interval: float = 0.001,
+                 idle_interval: float = 0.05) -> None:
+        if not 0 < poll_interval <= idle_interval:
+            raise ValueError(f"need 0 < poll_interval <= idle_interval, got {poll_interval}, {idle_interval}")
         self._producer = Producer({**config, "error_cb": self._on_error})
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._done: list[tuple[asyncio.Future[None], KafkaError | None]] = []
+        self.poll_interval = poll_interval
+        self.idle_interval = idle_interval
+        self._timer: asyncio.TimerHandle | None = None
+        self._fast = False  # the pending timer is a poll_interval one
         self._running = False
-        self._thread: threading.Thread | None = None
+        self._delivered_ok = False
         self._last_error: str | None = None
         self._last_ok = 0.0
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._running = True
-        self._thread = threading.Thread(target=self._poll_forever, name="kafka-delivery", daemon=True)
-        self._thread.start()
+        self._schedule(self.idle_interval)
 
     @property
     def healthy(self) -> bool:
@@ -68,57 +78,64 @@ class AsyncProducer:
         log.warning("kafka producer error: %s", err)
 
     def _on_delivery(self, fut: asyncio.Future[None], err: KafkaError | None, _msg: Any) -> None:
-        self._done.append((fut, err))
+        if err is None:
+            self._delivered_ok = True
+            if not fut.done():
+                fut.set_result(None)
+        elif not fut.done():
+            fut.set_exception(ProduceFailed(err))
 
-    def _poll_forever(self) -> None:
-        loop = self._loop
-        assert loop is not None
-        while self._running:
-            self._producer.poll(0.05)
-            if self._done:
-                batch, self._done = self._done, []
-                try:
-                    loop.call_soon_threadsafe(_resolve, batch)
-                except RuntimeError:  # loop closed during shutdown
-                    return
-                if any(err is None for _, err in batch):
-                    self._last_error = None
-                    self._last_ok = time.monotonic()
+    def _schedule(self, delay: float) -> None:
+        assert self._loop is not None
+        if self._timer is not None:
+            self._timer.cancel()
+        self._fast = delay <= self.poll_interval
+        self._timer = self._loop.call_later(delay, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        self._fast = False
+        self._serve()
+        if self._running:
+            self._schedule(self.poll_interval if len(self._producer) else self.idle_interval)
+
+    def _serve(self) -> None:
+        self._producer.poll(0)  # runs the delivery and error callbacks, here on the loop's thread
+        if self._delivered_ok:
+            self._delivered_ok = False
+            self._last_error = None
+            self._last_ok = time.monotonic()
 
     def publish(self, topic: str, key: bytes, value: bytes) -> asyncio.Future[None]:
-        """Queue one record; the returned future resolves on ack or fails with ProduceFailed."""
+        """Queue one record; the returned future resolves on ack or fails with ProduceFailed.
+
+        Call from the event loop's thread (the one `start()` ran on).
+        """
         assert self._loop is not None, "start() first"
         fut: asyncio.Future[None] = self._loop.create_future()
         try:
-            self._producer.produce(topic, value, key, on_delivery=lambda e, m: self._on_delivery(fut, e, m))
+            self._producer.produce(topic, value, key, on_delivery=partial(self._on_delivery, fut))
         except BufferError as exc:
             fut.set_exception(ProduceFailed(f"local producer queue full: {exc}"))
+            return fut
         except Exception as exc:  # KafkaException for unknown topic etc.
             fut.set_exception(ProduceFailed(str(exc)))
+            return fut
+        if not self._fast and self._running:
+            self._schedule(self.poll_interval)  # an ack is awaited: poll soon rather than at the idle pace
         return fut
 
     def flush(self, timeout: float = 10.0) -> int:
-        """Wait for outstanding deliveries; returns the number still undelivered."""
-        return int(self._producer.flush(timeout))
-
-    def close(self, timeout: float = 10.0) -> int:
-        """Stop the delivery thread, then flush here; call from the event loop's thread."""
-        self._running = False
-        if self._thread is not None:
-            self._thread.join(timeout=2)
-        remaining = self.flush(timeout)
-        # deliveries reported during the final flush ran in this thread: resolve them here
-        if self._done:
-            _resolve(self._done)
-            self._done = []
+        """Wait (blocking) for outstanding deliveries, resolving their futures; returns how many are left."""
+        remaining = int(self._producer.flush(timeout))
+        self._serve()
         return remaining
 
-
-def _resolve(batch: list[tuple[asyncio.Future[None], KafkaError | None]]) -> None:
-    for fut, err in batch:
-        if fut.done():
-            continue
-        if err is None:
-            fut.set_result(None)
-        else:
-            fut.set_exception(ProduceFailed(err))
+    def close(self, timeout: float = 10.0) -> int:
+        """Stop polling, then flush here; call from the event loop's thread."""
+        self._running = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._fast = False
+        return self.flush(timeout)

@@ -1,0 +1,548 @@
+"""Ingest throughput against a bare aiohttp server, side by side in one run, on the same load generator.
+
+    /tmp/venv/bin/python bench/ingest.py [--seconds 15] [--connections 64] [--workers 1[,2]] [--rounds 1]
+                                         [--with-dev-load] [--rss-requests 1000000 [--rss-only]]
+
+Per comparison, each server runs in its own process(es), apart from the load generator:
+
+- bare: an aiohttp server whose handler only reads the body, parses it with orjson and answers 200;
+- chatpipe: `chatpipe ingest` as a subprocess, as in production, producing durably (acks=all, idempotent)
+  to a fresh embedded Tansu broker with chatpipe's topics, schemas in the embedded registry (`chatpipe
+  registry` subprocess), a webhook token set (the load sends it as a Bearer token; bare ignores it).
+
+The load is every delivery-receipt fixture of tests/fixtures/webhooks in turn with the umid replaced per
+request (unique across the run), at `--connections` keep-alive connections. Load generator: `wrk` (Debian
+package) with a generated Lua script when it is on PATH, else a multi-process aiohttp client (printed).
+Each measurement is preceded by a 2 s warm-up. "non-2xx" is wrk's count of status >= 400 plus socket errors
+(neither server answers 3xx).
+
+`--workers 1,2` compares bare and chatpipe with 1 and then 2 server processes each (SO_REUSEPORT).
+`--with-dev-load` repeats the comparison on a second fresh stack where a Faust worker (`chatpipe worker`) and
+the sink (`chatpipe sink`, SQLite) also run, consuming what ingest produces: the rest of `chatpipe dev` on
+the same cores. `--rss-requests N` then drives N requests through chatpipe ingest and prints its RSS (VmRSS,
+summed over worker processes) about every N/10 requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import re
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import orjson
+
+from chatpipe.broker import free_port, start_tansu, wait_for_port
+from chatpipe.topics import ensure_topics
+from tests.fixtures.webhooks import DELIVERY_RECEIPTS, load
+
+PATH = "/v1/webhooks/chatapps"
+HOST = "127.0.0.1"
+UMID_MARK = "@@UMID@@"
+WARMUP_SECONDS = 2.0
+READY_TIMEOUT = 120.0
+PARTITIONS = 6  # what `chatpipe dev` uses
+
+
+def templates() -> list[tuple[bytes, bytes]]:
+    """(before umid, after umid) for every delivery-receipt fixture, compact JSON."""
+    out = []
+    for name in DELIVERY_RECEIPTS:
+        doc = orjson.loads(load(name))
+        doc["payload"]["umid"] = UMID_MARK
+        head, tail = orjson.dumps(doc).split(UMID_MARK.encode())
+        out.append((head, tail))
+    return out
+
+
+@dataclass
+class Result:
+    requests: int
+    seconds: float
+    non2xx: int
+    p50_ms: float
+    p99_ms: float
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def line(self, label: str) -> str:
+        return (
+            f"{label:<34} {self.rps:>9,.0f} req/s  p50 {self.p50_ms:>7.2f} ms  p99 {self.p99_ms:>7.2f} ms  "
+            f"non-2xx {self.non2xx:,}  ({self.requests:,} requests)"
+        )
+
+
+# ------------------------------------------------------------------------------------------- servers
+
+
+def serve_bare(port: int, ready_file: Path) -> None:
+    """The baseline: parse the JSON body with orjson, answer 200. Access log off, as chatpipe's."""
+    from aiohttp import web
+
+    async def handler(request: web.Request) -> web.Response:
+        orjson.loads(await request.read())
+        return web.Response(body=b'{"status":"accepted"}', content_type="application/json")
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_post(PATH, handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, HOST, port, reuse_port=True, backlog=1024).start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        ready_file.write_text(str(os.getpid()))
+        await stop.wait()
+        await runner.cleanup()
+
+    asyncio.run(main())
+
+
+class Procs:
+    """Child processes this bench started; stopped (SIGTERM, then SIGKILL) in reverse order."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.logs = workdir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        with open(self.logs / f"{name}.log", "ab") as logf:
+            proc = subprocess.Popen(
+                argv, env=env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        self.procs.append((name, proc))
+        return proc
+
+    def adopt(self, name: str, proc: subprocess.Popen[bytes]) -> None:
+        self.procs.append((name, proc))
+
+    def tail(self, name: str, lines: int = 20) -> str:
+        path = self.logs / f"{name}.log"
+        with contextlib.suppress(OSError):
+            return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def wait_ready(self, name: str, proc: subprocess.Popen[bytes], files: list[Path]) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not all(f.exists() for f in files):
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.tail(name)}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} not ready after {READY_TIMEOUT:.0f} s:\n{self.tail(name)}")
+            time.sleep(0.05)
+
+    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs = [(n, p) for n, p in self.procs if p is not proc]
+
+    def stop_all(self) -> None:
+        for _name, proc in reversed(list(self.procs)):
+            self.stop(proc)
+
+
+class Stack:
+    """A fresh Tansu broker with chatpipe's topics and the embedded registry; starts ingest and friends."""
+
+    def __init__(self, procs: Procs, name: str) -> None:
+        self.procs = procs
+        self.dir = procs.workdir / name
+        self.dir.mkdir(parents=True)
+        port = free_port()
+        self.bootstrap = f"{HOST}:{port}"
+        self.broker = start_tansu(HOST, port, procs.logs / f"{name}-broker.log")
+        procs.adopt(f"{name}-broker", self.broker)
+        ensure_topics(self.bootstrap, PARTITIONS)
+        rport = free_port()
+        self.token = secrets.token_urlsafe(24)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CHATPIPE_")}
+        self.env.update(
+            CHATPIPE_KAFKA_BOOTSTRAP=self.bootstrap,
+            CHATPIPE_SCHEMA_REGISTRY_URL=f"http://{HOST}:{rport}",
+            CHATPIPE_EMBEDDED_BROKER="1",
+            CHATPIPE_STATE_DIR=str(self.dir / "state"),
+            CHATPIPE_STORE_URL=f"sqlite:///{self.dir / 'chatpipe.db'}",
+            CHATPIPE_WEBHOOK_TOKEN=self.token,
+            CHATPIPE_PARTITIONS=str(PARTITIONS),
+            CHATPIPE_LOG_LEVEL="WARNING",
+            CHATPIPE_WORKER_WEB_PORT=str(free_port()),
+        )
+        self.name = name
+        reg = self.chatpipe("registry", "--port", str(rport), "--storage", str(self.dir / "registry.json"))
+        wait_for_port(HOST, rport)
+        self.registry = reg
+
+    def chatpipe(self, command: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
+        ready = self.dir / "run" / f"{command}.ready"
+        ready.parent.mkdir(parents=True, exist_ok=True)
+        ready.unlink(missing_ok=True)
+        name = f"{self.name}-{command}"
+        proc = self.procs.spawn(
+            name,
+            [sys.executable, "-m", "chatpipe.cli", command, *args],
+            {**self.env, "CHATPIPE_READY_FILE": str(ready), **env},
+        )
+        self.procs.wait_ready(name, proc, [ready])
+        return proc
+
+    def ingest(self, port: int, workers: int) -> subprocess.Popen[bytes]:
+        shutil.rmtree(self.dir / "state" / "spool", ignore_errors=True)
+        return self.chatpipe("ingest", CHATPIPE_INGEST_PORT=str(port), CHATPIPE_INGEST_WORKERS=str(workers))
+
+    def start_dev_load(self) -> None:
+        self.chatpipe("worker")
+        self.chatpipe("sink")
+
+
+def start_bare(procs: Procs, port: int, workers: int) -> list[subprocess.Popen[bytes]]:
+    out = []
+    for i in range(workers):
+        ready = procs.workdir / f"bare-{port}-{i}.ready"
+        proc = procs.spawn(f"bare-{i}", [sys.executable, __file__, "--serve-bare", str(port), str(ready)])
+        procs.wait_ready(f"bare-{i}", proc, [ready])
+        out.append(proc)
+    return out
+
+
+def process_tree(pid: int) -> list[int]:
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            pids.extend(process_tree(int(child)))
+    return pids
+
+
+def rss_mb(pid: int) -> float:
+    with contextlib.suppress(OSError):
+        m = re.search(r"^VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
+        if m:
+            return int(m.group(1)) / 1024
+    return 0.0
+
+
+# ------------------------------------------------------------------------------------ load generators
+
+
+def _lua_long(text: str) -> str:
+    level = 0
+    while f"]{'=' * level}]" in text:
+        level += 1
+    return f"[{'=' * level}[{text}]{'=' * level}]"
+
+
+def wrk_script(token: str) -> str:
+    bodies = ",\n".join(f"{{{_lua_long(h.decode())}, {_lua_long(t.decode())}}}" for h, t in templates())
+    nonce = secrets.randbelow(1 << 32)
+    return f"""
+local bodies = {{
+{bodies}
+}}
+local nbodies = #bodies
+local headers = {{["Content-Type"] = "application/json", ["Authorization"] = "Bearer {token}"}}
+local next_tid = 0
+local tid, n = 0, 0
+local pre, post = {{}}, {{}}
+local mark = "@@@@@@@@-@@@@-@@@@-@@@@-@@@@@@@@@@@@"
+function setup(thread)
+  thread:set("tid", next_tid)
+  next_tid = next_tid + 1
+end
+function init(args)
+  -- whole requests built once (the umid has a fixed length, so Content-Length is too): per request only
+  -- the umid is formatted and concatenated, keeping the load generator's CPU share small on 2 cores
+  for i, b in ipairs(bodies) do
+    local r = wrk.format("POST", "{PATH}", headers, b[1] .. mark .. b[2])
+    local s, e = string.find(r, mark, 1, true)
+    pre[i], post[i] = string.sub(r, 1, s - 1), string.sub(r, e + 1)
+  end
+end
+function request()
+  n = n + 1
+  local i = (n % nbodies) + 1
+  return pre[i] .. string.format("%08x-%04x-4000-8000-%012x", {nonce}, tid, n) .. post[i]
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("WRK %d %d %d %.0f %.0f\\n", summary.requests, summary.duration,
+    e.status + e.connect + e.read + e.write + e.timeout, latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def run_wrk(
+    port: int,
+    seconds: float,
+    connections: int,
+    threads: int,
+    token: str,
+    script_dir: Path,
+) -> Result:
+    script = script_dir / f"wrk-{secrets.token_hex(4)}.lua"
+    script.write_text(wrk_script(token))
+    duration = f"{max(1, round(seconds))}s"
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t",
+            str(threads),
+            "-c",
+            str(connections),
+            "-d",
+            duration,
+            "--timeout",
+            "10s",
+            "-s",
+            str(script),
+            f"http://{HOST}:{port}{PATH}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    m = re.search(r"^WRK (\d+) (\d+) (\d+) (\d+) (\d+)$", out, re.M)
+    if not m:
+        raise RuntimeError(f"unexpected wrk output:\n{out}")
+    n, us, errors, p50, p99 = (int(x) for x in m.groups())
+    return Result(n, us / 1e6, errors, p50 / 1000, p99 / 1000)
+
+
+def _client_proc(args: tuple[int, float, int, str, int]) -> tuple[int, int, list[float], float]:
+    port, seconds, connections, token, index = args
+    import aiohttp
+
+    tmpl = templates()
+    url = f"http://{HOST}:{port}{PATH}"
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+    nonce = secrets.randbelow(1 << 32)
+    latencies: list[float] = []
+    state = {"n": 0, "bad": 0}
+
+    async def main() -> float:
+        connector = aiohttp.TCPConnector(limit=connections)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            start = time.perf_counter()
+            deadline = start + seconds
+
+            async def loop() -> None:
+                while time.perf_counter() < deadline:
+                    state["n"] += 1
+                    head, tail = tmpl[state["n"] % len(tmpl)]
+                    body = head + b"%08x-%04x-4000-8000-%012x" % (nonce, index, state["n"]) + tail
+                    t0 = time.perf_counter()
+                    try:
+                        async with session.post(url, data=body, headers=headers) as r:
+                            await r.read()
+                            ok = 200 <= r.status < 300
+                    except aiohttp.ClientError:
+                        ok = False
+                    latencies.append(time.perf_counter() - t0)
+                    state["bad"] += not ok
+
+            await asyncio.gather(*(loop() for _ in range(connections)))
+            return time.perf_counter() - start
+
+    elapsed = asyncio.run(main())
+    return len(latencies), state["bad"], latencies, elapsed
+
+
+def run_aiohttp_client(port: int, seconds: float, connections: int, procs: int, token: str) -> Result:
+    per = [connections // procs + (i < connections % procs) for i in range(procs)]
+    with multiprocessing.get_context("spawn").Pool(procs) as pool:
+        parts = pool.map(_client_proc, [(port, seconds, c, token, i) for i, c in enumerate(per)])
+    lat = sorted(x for p in parts for x in p[2])
+    n = sum(p[0] for p in parts)
+    pct = (lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1000) if lat else (lambda q: 0.0)
+    return Result(n, max(p[3] for p in parts), sum(p[1] for p in parts), pct(0.50), pct(0.99))
+
+
+class Load:
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.wrk = shutil.which("wrk") is not None and args.loadgen != "aiohttp"
+        if args.loadgen == "wrk" and not self.wrk:
+            raise SystemExit("wrk not found: apt-get install -y wrk")
+
+    @property
+    def name(self) -> str:
+        a = self.args
+        if self.wrk:
+            return f"wrk -t{a.threads} -c{a.connections} (Lua script, umid varied per request)"
+        return (
+            f"aiohttp client, {a.client_procs} processes, {a.connections} connections in all "
+            "(it needs more CPU per request than the bare server: on few cores the ratio reads high)"
+        )
+
+    def run(self, port: int, seconds: float, token: str) -> Result:
+        a = self.args
+        if self.wrk:
+            return run_wrk(port, seconds, a.connections, a.threads, token, self.workdir)
+        return run_aiohttp_client(port, seconds, a.connections, a.client_procs, token)
+
+    def measure(self, port: int, token: str) -> Result:
+        self.run(port, WARMUP_SECONDS, token)
+        return self.run(port, self.args.seconds, token)
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+def compare(load: Load, procs: Procs, stack: Stack, workers: int) -> tuple[Result, Result]:
+    port = free_port()
+    bare = start_bare(procs, port, workers)
+    try:
+        b = load.measure(port, stack.token)
+    finally:
+        for p in bare:
+            procs.stop(p)
+    port = free_port()
+    ingest = stack.ingest(port, workers)
+    try:
+        c = load.measure(port, stack.token)
+    finally:
+        procs.stop(ingest)
+    return b, c
+
+
+def phase(
+    load: Load, procs: Procs, title: str, dev_load: bool, worker_counts: list[int], rounds: int
+) -> None:
+    stack = Stack(procs, "devload" if dev_load else "plain")
+    if dev_load:
+        stack.start_dev_load()
+    print(f"\n== {title}", flush=True)
+    for workers in worker_counts:
+        ratios = []
+        for r in range(rounds):
+            b, c = compare(load, procs, stack, workers)
+            ratios.append(c.rps / b.rps if b.rps else 0.0)
+            tag = f"[{workers} proc{'s' if workers > 1 else ''}{f', round {r + 1}' if rounds > 1 else ''}]"
+            print(b.line(f"bare aiohttp+orjson {tag}"), flush=True)
+            print(c.line(f"chatpipe ingest     {tag}"), flush=True)
+            print(f"ratio chatpipe/bare {tag}: {ratios[-1]:.2f}", flush=True)
+        if rounds > 1:
+            print(f"median ratio, {workers} proc(s): {statistics.median(ratios):.2f}", flush=True)
+
+
+def rss_run(load: Load, procs: Procs, total: int, workers: int) -> None:
+    stack = Stack(procs, "rss")
+    port = free_port()
+    ingest = stack.ingest(port, workers)
+    step = max(1, total // 10)
+    print(
+        f"\n== RSS of chatpipe ingest ({workers} proc(s)) over {total:,} requests, about every {step:,}",
+        flush=True,
+    )
+    pids = process_tree(ingest.pid)
+    workers_only = pids[1:] if workers > 1 else pids
+    print(
+        f"  {0:>10,} requests  RSS {sum(rss_mb(p) for p in workers_only):7.1f} MB (after start)", flush=True
+    )
+    done = bad = 0
+    rate = 0.0
+    try:
+        while done < total:
+            # load runs by duration: each chunk is sized from the last rate to carry about `step` requests
+            want = min(step, total - done)
+            r = load.run(port, want / rate if rate else 3.0, stack.token)
+            rate = r.rps or 1.0
+            done += r.requests
+            bad += r.non2xx
+            rss = [rss_mb(p) for p in workers_only]
+            print(
+                f"  {done:>10,} requests  RSS {sum(rss):7.1f} MB {[round(x, 1) for x in rss]}  "
+                f"{r.rps:,.0f} req/s  non-2xx {bad:,}  (broker RSS {rss_mb(stack.broker.pid):.0f} MB)",
+                flush=True,
+            )
+    finally:
+        procs.stop(ingest)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=15.0, help="measurement per server (default 15)")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--workers", default="1", help="server process counts to compare, e.g. 1,2")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="repeat each comparison, report the median ratio"
+    )
+    parser.add_argument(
+        "--with-dev-load",
+        action="store_true",
+        help="also compare while a Faust worker and the sink consume ingest's output",
+    )
+    parser.add_argument("--rss-requests", type=int, default=0, help="drive N requests and print ingest RSS")
+    parser.add_argument("--rss-only", action="store_true", help="skip the comparisons")
+    parser.add_argument("--loadgen", choices=["auto", "wrk", "aiohttp"], default="auto")
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: it shares the cores)")
+    parser.add_argument("--client-procs", type=int, default=2, help="aiohttp client processes")
+    parser.add_argument("--serve-bare", nargs=2, metavar=("PORT", "READY_FILE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_bare:
+        serve_bare(int(args.serve_bare[0]), Path(args.serve_bare[1]))
+        return
+    worker_counts = [int(x) for x in args.workers.split(",")]
+    workdir = Path(tempfile.mkdtemp(prefix="chatpipe-bench-ingest-"))
+    procs = Procs(workdir)
+    load = Load(args, workdir)
+    print(
+        f"load generator: {load.name}; {len(templates())} delivery-receipt bodies; "
+        f"{args.seconds:g} s per server after a {WARMUP_SECONDS:g} s warm-up; {os.cpu_count()} cores"
+    )
+    try:
+        if not args.rss_only:
+            phase(
+                load,
+                procs,
+                "bare vs chatpipe ingest (broker + registry only)",
+                False,
+                worker_counts,
+                args.rounds,
+            )
+            if args.with_dev_load:
+                procs.stop_all()
+                phase(
+                    load,
+                    procs,
+                    "bare vs chatpipe ingest, with a Faust worker and the sink consuming",
+                    True,
+                    worker_counts,
+                    args.rounds,
+                )
+        if args.rss_requests:
+            procs.stop_all()
+            rss_run(load, procs, args.rss_requests, worker_counts[0])
+    finally:
+        procs.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
