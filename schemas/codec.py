@@ -4,6 +4,13 @@ A `TopicCodec` registers its topic's value schema once (TopicNameStrategy subjec
 then encodes and decodes with fastavro's schemaless writer/reader on parsed schemas. Writer schemas
 of incoming records are fetched by id once and cached, so any registered version of a subject can be
 read with the current reader schema (schema resolution). One HTTP call per schema, never per record.
+
+Fast path (`schemas.fastpath`): the codec's own schema is also compiled once into a writer and a reader
+that produce fastavro's exact bytes and values several times faster. Encoding tries the compiled writer
+first and hands anything it does not take (a missing field to default, an int timestamp, a naive datetime,
+a bad value) to fastavro, which encodes it or raises its own error; records written with the codec's own
+schema are read by the compiled reader, malformed ones and every other writer schema (resolution) by
+fastavro. `fast=False` uses fastavro alone.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import fastavro
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
-from schemas import mapping
+from schemas import fastpath, mapping
 from schemas.catalog import (
     CONVERSATIONS,
     INBOUND,
@@ -104,17 +111,30 @@ class TopicCodec(Generic[T]):
         spec: TopicSpec,
         to_dict: Callable[[T], dict[str, Any]],
         from_dict: Callable[[dict[str, Any]], T],
+        *,
+        fast: bool = True,
     ) -> None:
         self.spec = spec
         self._registry = registry
         self._to_dict = to_dict
         self._from_dict = from_dict
         self._schema_text = load_schema(spec.schema_file)
-        self._reader = fastavro.parse_schema(json.loads(self._schema_text))
+        schema = json.loads(self._schema_text)
+        self._reader = fastavro.parse_schema(schema)
         self._schema_id: int | None = None
         self._header = b""
-        # schema id -> (writer schema, reader schema or None when the writer is this very schema)
-        self._resolutions: dict[int, tuple[Any, Any]] = {}
+        # schema id -> (writer schema, reader schema or None when the writer is this very schema,
+        #               compiled reader when the writer is this very schema and it compiled)
+        self._resolutions: dict[int, tuple[Any, Any, fastpath.Reader | None]] = {}
+        self._fast_write: fastpath.Writer | None = None
+        self._fast_read: fastpath.Reader | None = None
+        if fast:
+            try:
+                self._fast_write = fastpath.compile_writer(schema)
+                self._fast_read = fastpath.compile_reader(schema)
+            except fastpath.Unsupported as exc:
+                log.info("%s: fastavro only (%s)", spec.name, exc)
+                self._fast_write = self._fast_read = None
 
     @property
     def schema_id(self) -> int:
@@ -129,6 +149,15 @@ class TopicCodec(Generic[T]):
     def encode_dict(self, record: dict[str, Any]) -> bytes:
         if self._schema_id is None:
             _ = self.schema_id
+        write = self._fast_write
+        if write is not None:
+            out = bytearray(self._header)
+            try:
+                write(record, out)
+            except Exception:  # fastavro below encodes it or raises its own error
+                pass
+            else:
+                return bytes(out)
         buf = io.BytesIO()
         buf.write(self._header)
         fastavro.schemaless_writer(buf, self._reader, record)
@@ -141,18 +170,26 @@ class TopicCodec(Generic[T]):
         resolution = self._resolutions.get(schema_id)
         if resolution is None:
             resolution = self._resolution(schema_id)
-        writer, reader = resolution
+        writer, reader, fast = resolution
+        if fast is not None:
+            try:
+                decoded, _ = fast(data if data.__class__ is bytes else bytes(data), 5)
+            except Exception:  # malformed: fastavro below raises its own error
+                pass
+            else:
+                return decoded
         try:
             record = fastavro.schemaless_reader(io.BytesIO(data[5:]), writer, reader)
         except Exception as exc:
             raise InvalidEvent(f"{self.spec.name}: undecodable Avro body: {exc}", raw=data) from exc
         return record  # type: ignore[return-value]
 
-    def _resolution(self, schema_id: int) -> tuple[Any, Any]:
+    def _resolution(self, schema_id: int) -> tuple[Any, Any, fastpath.Reader | None]:
         # fastavro skips schema resolution when writer == reader, but it compares the two (deep dict
         # equality, about as costly as decoding a record) on every call: compare once per schema id instead.
         writer = self._registry.writer_schema(schema_id)
-        resolution = (writer, None if writer == self._reader else self._reader)
+        same = writer == self._reader
+        resolution = (writer, None if same else self._reader, self._fast_read if same else None)
         self._resolutions[schema_id] = resolution
         return resolution
 
@@ -163,31 +200,34 @@ class TopicCodec(Generic[T]):
 class Codecs:
     """All of chatpipe's topic codecs over one registry."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, *, fast: bool = True) -> None:
+        """`fast=False`: fastavro alone, without the compiled fast path (same bytes and values, slower)."""
         self.registry = registry
-        self.receipts = TopicCodec(registry, RECEIPTS, mapping.receipt_to_dict, mapping.receipt_from_dict)
-        self.inbound = TopicCodec(registry, INBOUND, mapping.inbound_to_dict, mapping.inbound_from_dict)
+        r = registry
+        self.receipts = TopicCodec(r, RECEIPTS, mapping.receipt_to_dict, mapping.receipt_from_dict, fast=fast)
+        self.inbound = TopicCodec(r, INBOUND, mapping.inbound_to_dict, mapping.inbound_from_dict, fast=fast)
         self.ingest_dlq = TopicCodec(
-            registry, INGEST_DLQ, mapping.dead_letter_to_dict, mapping.dead_letter_from_dict
+            r, INGEST_DLQ, mapping.dead_letter_to_dict, mapping.dead_letter_from_dict, fast=fast
         )
         self.sink_dlq = TopicCodec(
-            registry, SINK_DLQ, mapping.dead_letter_to_dict, mapping.dead_letter_from_dict
+            r, SINK_DLQ, mapping.dead_letter_to_dict, mapping.dead_letter_from_dict, fast=fast
         )
-        self.state = TopicCodec(registry, MESSAGE_STATE, mapping.state_to_dict, mapping.state_from_dict)
+        self.state = TopicCodec(r, MESSAGE_STATE, mapping.state_to_dict, mapping.state_from_dict, fast=fast)
         self.steps = TopicCodec(
-            registry, MESSAGE_STEPS, mapping.message_step_to_dict, mapping.message_step_from_dict
+            r, MESSAGE_STEPS, mapping.message_step_to_dict, mapping.message_step_from_dict, fast=fast
         )
         self.events = TopicCodec(
-            registry,
+            r,
             STATUS_EVENTS,
             mapping.status_event_record_to_dict,
             mapping.status_event_record_from_dict,
+            fast=fast,
         )
         self.inbound_by_conversation = TopicCodec(
-            registry, INBOUND_BY_CONVERSATION, mapping.inbound_to_dict, mapping.inbound_from_dict
+            r, INBOUND_BY_CONVERSATION, mapping.inbound_to_dict, mapping.inbound_from_dict, fast=fast
         )
         self.conversations = TopicCodec(
-            registry, CONVERSATIONS, mapping.conversation_to_dict, mapping.conversation_from_dict
+            r, CONVERSATIONS, mapping.conversation_to_dict, mapping.conversation_from_dict, fast=fast
         )
 
     def all(self) -> tuple[TopicCodec[Any], ...]:
@@ -208,5 +248,5 @@ class Codecs:
         return {c.spec.subject: c.schema_id for c in self.all()}
 
     @classmethod
-    def connect(cls, url: str) -> Codecs:
-        return cls(Registry(url))
+    def connect(cls, url: str, *, fast: bool = True) -> Codecs:
+        return cls(Registry(url), fast=fast)
