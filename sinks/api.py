@@ -9,6 +9,10 @@
   the inbound messages of one conversation (`sinks.rows.inbound_record`), oldest first, same paging.
   `user` is the end user's E.164 number (`+6581968289`, matched through its keyed hash, since stores keep
   numbers masked) or else their channelUserId.
+- `GET /api/v1/subaccounts/{subAccountId}/conversations/{channelId}?user=` answers the conversation
+  itself (`sinks.rows.conversation_record`): last inbound time, WhatsApp service window (`windowOpen`
+  evaluated now), counts by type, the last call-permission answer (`granted` evaluated now), version.
+  `user` as above (channelUserId or E.164 number, both hash-matched); unknown: 404.
 
 Errors use 8x8's body `{code, message, errorId, timestamp}`: 400 with 1001 (illegal subAccountId), 1008
 (malformed umid or channelId) or 1000 (any other invalid parameter); 404 with 1300.
@@ -21,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
 from aiohttp import web
@@ -46,6 +50,11 @@ CODE_NOT_FOUND = 1300
 STORE = web.AppKey("store", Store)
 METRICS = web.AppKey("metrics", ApiMetrics)
 REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
+CLOCK: web.AppKey[Callable[[], datetime]] = web.AppKey("clock")
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
 class BadRequest(Exception):
@@ -144,9 +153,7 @@ async def list_messages(request: web.Request) -> web.Response:
 async def conversation_messages(request: web.Request) -> web.Response:
     try:
         sub, channel_id, limit = _subaccount(request), _id(request, "channelId"), _limit(request)
-        user = _text(request, "user")
-        if user is None:
-            raise BadRequest(CODE_BAD_REQUEST, "user: required (channelUserId or E.164 msisdn)")
+        user = _user(request)
         after = _text(request, "after")
         if after is not None:
             try:
@@ -168,6 +175,30 @@ async def conversation_messages(request: web.Request) -> web.Response:
     return _answer(request, "conversation", web.json_response({"data": records, "next": cursor}))
 
 
+def _user(request: web.Request) -> str:
+    user = _text(request, "user")
+    if user is None:
+        raise BadRequest(CODE_BAD_REQUEST, "user: required (channelUserId or E.164 msisdn)")
+    return user
+
+
+async def conversation(request: web.Request) -> web.Response:
+    try:
+        sub, channel_id, user = _subaccount(request), _id(request, "channelId"), _user(request)
+    except BadRequest as exc:
+        return _answer(request, "conversation_state", _error(400, exc.code, exc.message))
+    found = await asyncio.to_thread(
+        request.app[STORE].get_conversation, sub, channel_id, user, now=request.app[CLOCK]()
+    )
+    if found is None:
+        return _answer(
+            request,
+            "conversation_state",
+            _error(404, CODE_NOT_FOUND, f"Conversation on channel {channel_id} not found"),
+        )
+    return _answer(request, "conversation_state", web.json_response(found))
+
+
 async def healthz(_request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -178,15 +209,19 @@ async def metrics_view(request: web.Request) -> web.Response:
     )
 
 
-def create_app(settings: Settings, store: Store | None = None) -> web.Application:
+def create_app(
+    settings: Settings, store: Store | None = None, clock: Callable[[], datetime] = utc_now
+) -> web.Application:
     """The API app; with `store` given it is used as is (not migrated, not closed), else the store named
-    by `settings.store_url` is opened and migrated at start-up and closed at clean-up."""
+    by `settings.store_url` is opened and migrated at start-up and closed at clean-up. `clock` is what
+    "now" means for time-dependent answers (the conversation's `windowOpen`, `granted`)."""
     from sinks.worker import pii_policy
 
     app = web.Application()
     registry = CollectorRegistry()
     app[REGISTRY] = registry
     app[METRICS] = ApiMetrics(registry)
+    app[CLOCK] = clock
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         own = store is None
@@ -201,6 +236,7 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
     prefix = "/api/v1/subaccounts/{subAccountId}"
     app.router.add_get(prefix + "/messages/{umid}", message_details)
     app.router.add_get(prefix + "/messages", list_messages)
+    app.router.add_get(prefix + "/conversations/{channelId}", conversation)
     app.router.add_get(prefix + "/conversations/{channelId}/messages", conversation_messages)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_view)

@@ -15,6 +15,10 @@ path: COPY into TEMP staging tables + `INSERT ... ON CONFLICT (umid) DO UPDATE .
 messages.version`, steps replaced and events appended with `ON CONFLICT DO NOTHING` for the advanced
 umids. Either way the batch is idempotent and monotonic.
 
+`write_conversations` always takes the staging path (COPY into `stage_conversations`, one guarded
+`INSERT ... ON CONFLICT (key_hash) DO UPDATE ... WHERE excluded.version > t.version`): one row per
+inbound message at most, so the simple path is fast enough.
+
 `synchronous_commit=False` (opt-in; also possible with `?options=-c%20synchronous_commit%3Doff` in the
 URL) sets `synchronous_commit = off` on the session: a crash of the server (not of chatpipe) may then lose
 the last commits although the sink already committed their Kafka offsets, so at-least-once no longer
@@ -30,13 +34,15 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
 from typing import Any, TypeVar
 
 import psycopg
 from psycopg.rows import dict_row, tuple_row
+from psycopg.types.json import Jsonb
 
 from schemas.errors import TransientError
-from schemas.models import InboundMessage, MessageState
+from schemas.models import Conversation, InboundMessage, MessageState
 from sinks import rows as R
 from sinks.rows import PiiPolicy
 from sinks.store import DEFAULT_LIMIT, MIGRATIONS_TABLE, clamp_limit
@@ -183,6 +189,47 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             " WHERE batch_id IS NOT NULL",
         ),
     ),
+    (
+        3,
+        "conversations",
+        (
+            """
+            CREATE TABLE conversations (
+                key_hash                  text PRIMARY KEY,
+                conversation_key          text,
+                sub_account_id            text NOT NULL,
+                channel                   text NOT NULL,
+                channel_id                text,
+                user_key                  text,
+                user_key_hash             text,
+                msisdn_masked             text,
+                msisdn_hash               text,
+                msisdn                    text,
+                channel_user_id           text,
+                version                   bigint NOT NULL,
+                first_inbound_at          timestamptz NOT NULL,
+                last_inbound_at           timestamptz NOT NULL,
+                last_umid                 text NOT NULL,
+                last_type                 text NOT NULL,
+                last_reply_to_umid        text,
+                window_open_until         timestamptz,
+                message_count             bigint NOT NULL,
+                duplicates                bigint NOT NULL DEFAULT 0,
+                counts_by_type            jsonb NOT NULL,
+                call_permission           text,
+                call_permission_at        timestamptz,
+                call_permission_until     timestamptz,
+                call_permission_permanent boolean,
+                updated_at                timestamptz NOT NULL
+            )
+            """,
+            "CREATE INDEX conversations_by_last_inbound"
+            " ON conversations (sub_account_id, channel_id, last_inbound_at)",
+            "CREATE INDEX conversations_by_user ON conversations (sub_account_id, channel_id, user_key_hash)",
+            "CREATE INDEX conversations_by_msisdn ON conversations (sub_account_id, channel_id, msisdn_hash)"
+            " WHERE msisdn_hash IS NOT NULL",
+        ),
+    ),
 )
 
 # Staging tables: same columns as their targets, no constraints, emptied at every commit.
@@ -193,6 +240,7 @@ _STAGING = (
     f"{_TEMP} stage_events (LIKE status_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS",
     f"{_TEMP} stage_inbound (LIKE inbound_messages INCLUDING DEFAULTS) ON COMMIT DELETE ROWS",
     f"{_TEMP} stage_advanced (umid text NOT NULL, updated boolean NOT NULL) ON COMMIT DELETE ROWS",
+    f"{_TEMP} stage_conversations (LIKE conversations INCLUDING DEFAULTS) ON COMMIT DELETE ROWS",
 )
 
 
@@ -204,6 +252,7 @@ _MESSAGE_COLS = _columns(R.MESSAGE_COLUMNS)
 _STEP_COLS = _columns(R.STEP_COLUMNS)
 _EVENT_COLS = _columns(R.EVENT_COLUMNS)
 _INBOUND_COLS = _columns(R.INBOUND_COLUMNS)
+_CONVERSATION_COLS = _columns(R.CONVERSATION_COLUMNS)
 
 _UPSERT_MESSAGES = (
     f"WITH advanced AS ("
@@ -234,6 +283,20 @@ _STORED_EVENTS = "SELECT umid, step, state, coalesce(detail, ''), ts FROM status
 _INSERT_INBOUND = (
     f"INSERT INTO inbound_messages ({_INBOUND_COLS}) SELECT {_INBOUND_COLS} FROM stage_inbound"
     " ON CONFLICT (umid) DO NOTHING"
+)
+
+_UPSERT_CONVERSATIONS = (
+    f"INSERT INTO conversations AS t ({_CONVERSATION_COLS})"
+    f" SELECT {_CONVERSATION_COLS} FROM stage_conversations"
+    " ON CONFLICT (key_hash) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in R.CONVERSATION_COLUMNS if c != "key_hash")
+    + " WHERE excluded.version > t.version"
+)
+# the user's own conversation first (keyed by `user`), then the most recent; key_hash breaks ties
+_GET_CONVERSATION = (
+    "SELECT * FROM conversations WHERE sub_account_id = %(sub)s AND channel_id = %(channel_id)s"
+    " AND (user_key_hash = %(hash)s OR msisdn_hash = %(hash)s)"
+    " ORDER BY (user_key_hash = %(hash)s) IS TRUE DESC, last_inbound_at DESC, key_hash LIMIT 1"
 )
 
 
@@ -301,15 +364,15 @@ class PostgresStore:
             self._load_types(conn)
             self._staged = True
 
-    def _load_types(self, conn: psycopg.Connection[Any]) -> None:
-        if not self._types:
+    def _load_types(self, conn: psycopg.Connection[Any], *, refresh: bool = False) -> None:
+        if refresh or not self._types:
             self._types = {
                 (r["table"], r["column"]): r["type"]
                 for r in conn.execute(
                     "SELECT attrelid::regclass::text AS table, attname AS column,"
                     " format_type(atttypid, atttypmod) AS type FROM pg_attribute"
                     " WHERE attrelid = ANY(%s::regclass[]) AND attnum > 0 AND NOT attisdropped",
-                    (["messages", "message_steps", "status_events", "inbound_messages"],),
+                    (["messages", "message_steps", "status_events", "inbound_messages", "conversations"],),
                 )
             }
 
@@ -322,6 +385,8 @@ class PostgresStore:
             conn.cursor() as cur,
             cur.copy(f"COPY {stage} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)") as copy,
         ):
+            if (table, columns[0]) not in self._types:  # a table created since the types were read
+                self._load_types(conn, refresh=True)
             copy.set_types([self._types[(table, c)] for c in columns])
             for row in rows:
                 copy.write_row(row)
@@ -366,7 +431,7 @@ class PostgresStore:
         self._load_types(conn)
         pii = self.pii
         with conn.cursor(row_factory=tuple_row) as cur:
-            held = dict(cur.execute(_HELD_VERSIONS, ([s.umid for s in latest],)).fetchall())
+            held: dict[str, int] = dict(cur.execute(_HELD_VERSIONS, ([s.umid for s in latest],)).fetchall())
             advancing = [s for s in latest if s.version > held.get(s.umid, -1)]
             if not advancing:
                 return 0
@@ -434,6 +499,28 @@ class PostgresStore:
 
         return self._run(work)
 
+    def write_conversations(self, convs: Sequence[Conversation]) -> int:
+        """COPY into a staging table, then one guarded upsert (`WHERE excluded.version > t.version`);
+        the batch holds one row per key (highest version), as ON CONFLICT DO UPDATE requires."""
+        latest = R.latest_conversations(convs)
+        if not latest:
+            return 0
+        pii = self.pii
+        jsonb = R.CONVERSATION_COLUMNS.index("counts_by_type")
+
+        def rows() -> Iterator[tuple[Any, ...]]:
+            for c in latest:
+                values = list(R.conversation_values(c, pii))
+                values[jsonb] = Jsonb(values[jsonb])
+                yield tuple(values)
+
+        def work(conn: psycopg.Connection[Any]) -> int:
+            self._stage(conn)
+            self._copy_rows(conn, "stage_conversations", "conversations", R.CONVERSATION_COLUMNS, rows())
+            return conn.execute(_UPSERT_CONVERSATIONS).rowcount
+
+        return self._run(work)
+
     # --- reads -------------------------------------------------------------------------------
 
     def get_message(self, sub_account_id: str, umid: str) -> list[dict[str, Any]] | None:
@@ -452,6 +539,13 @@ class PostgresStore:
         if message is None:
             return None
         return R.detail_records(message, steps, clear=self.pii.clear)
+
+    def get_conversation(
+        self, sub_account_id: str, channel_id: str, user: str, *, now: datetime
+    ) -> dict[str, Any] | None:
+        params = {"sub": sub_account_id, "channel_id": channel_id, "hash": self.pii.hash_msisdn(user)}
+        found = self._run(lambda conn: conn.execute(_GET_CONVERSATION, params).fetchone())
+        return R.conversation_record(found, now) if found else None
 
     def list_messages(
         self,

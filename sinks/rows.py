@@ -8,6 +8,16 @@ PII policy (`PiiPolicy`): by default a row never holds a phone number or message
 `msisdn_masked` is masked the way 8x8 masks it (`+63922110xxxx`), `msisdn_hash` is an HMAC-SHA256 of the
 number (for joins), text is `**MASKED**`, and the clear-only columns (`msisdn`, `raw_json`, ...) are NULL.
 With `clear=True` those columns are filled too.
+
+Conversations (`conversations` table): the conversation key `subAccountId|channel|channelId|user` holds
+the user id, which is the phone number whenever the user has no channelUserId (SMS, older webhooks). So
+the table's primary key is `key_hash`, an HMAC-SHA256 of the whole key with the policy's `hash_key`,
+under BOTH policies: the identity of a row never depends on `clear` (switching it never splits a
+conversation in two), and the read API finds a row by hashing what it is asked for (`user_key_hash`,
+`msisdn_hash`). `conversation_key` (the key itself) is a clear-only column; `user_key` is masked like an
+msisdn when it looks like a phone number. Changing `hash_key` orphans every stored hash: rebuild the
+table from the compacted `chatpipe.conversations.state` topic (a new sink consumer group) after rotating.
+`channel_user_id` follows the inbound table (kept as is: it is how services address the user).
 """
 
 from __future__ import annotations
@@ -15,13 +25,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import json
 import operator
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from schemas.models import InboundMessage, MessageState
+from schemas.models import Conversation, InboundMessage, MessageState
 from schemas.timefmt import format_iso8601
 
 Row = dict[str, Any]
@@ -124,6 +136,35 @@ INBOUND_COLUMNS: tuple[str, ...] = (
     "raw_json",
 )
 
+CONVERSATION_COLUMNS: tuple[str, ...] = (
+    "key_hash",
+    "conversation_key",
+    "sub_account_id",
+    "channel",
+    "channel_id",
+    "user_key",
+    "user_key_hash",
+    "msisdn_masked",
+    "msisdn_hash",
+    "msisdn",
+    "channel_user_id",
+    "version",
+    "first_inbound_at",
+    "last_inbound_at",
+    "last_umid",
+    "last_type",
+    "last_reply_to_umid",
+    "window_open_until",
+    "message_count",
+    "duplicates",
+    "counts_by_type",
+    "call_permission",
+    "call_permission_at",
+    "call_permission_until",
+    "call_permission_permanent",
+    "updated_at",
+)
+
 # Columns holding a timestamp, per table: the stores convert these (SQLite keeps ISO text).
 TIMESTAMP_COLUMNS: frozenset[str] = frozenset(
     {
@@ -139,9 +180,18 @@ TIMESTAMP_COLUMNS: frozenset[str] = frozenset(
         "ts",
         "received_at",
         "call_permission_expires_at",
+        "first_inbound_at",
+        "last_inbound_at",
+        "window_open_until",
+        "call_permission_at",
+        "call_permission_until",
     }
 )
-BOOLEAN_COLUMNS: frozenset[str] = frozenset({"fell_back", "final", "call_permission_is_permanent"})
+BOOLEAN_COLUMNS: frozenset[str] = frozenset(
+    {"fell_back", "final", "call_permission_is_permanent", "call_permission_permanent"}
+)
+# What "looks like a phone number" for masking a conversation's user id: E.164 with or without `+`.
+PHONE_LIKE = re.compile(r"^\+?[1-9][0-9]{5,14}$")
 
 # 8x8's display casing of channel names (the core keeps them lower-case).
 CHANNEL_DISPLAY: dict[str, str] = {
@@ -217,6 +267,17 @@ class PiiPolicy:
     def clear_msisdn(self, msisdn: str | None) -> str | None:
         """The number itself when the policy keeps it in clear, else None."""
         return msisdn.strip() if self.clear and msisdn else None
+
+    def hash_key_text(self, value: str) -> str:
+        """HMAC-SHA256 (hex) of any identifier (a conversation key) with `hash_key`, taken as is."""
+        return _hmac_hex(self.hash_key, value.encode("utf-8"))
+
+    def user_id(self, value: str | None) -> str | None:
+        """A user id as stored: masked like an msisdn when it looks like a phone number and the policy
+        is not clear, else itself."""
+        if value is None or self.clear or not PHONE_LIKE.match(value.strip()):
+            return value
+        return self.mask_msisdn(value)
 
     def text(self, value: str | None) -> str | None:
         """Content as stored: itself when clear, `**MASKED**` otherwise; None stays None."""
@@ -380,6 +441,54 @@ def inbound_row(msg: InboundMessage, pii: PiiPolicy) -> Row:
         "version": msg.version,
         "raw_json": pii.clear_only(msg.raw_json),
     }
+
+
+def latest_conversations(convs: Iterable[Conversation]) -> list[Conversation]:
+    """Keep only the highest version per conversation key, in first-seen order of the keys."""
+    best: dict[str, Conversation] = {}
+    for c in convs:
+        held = best.get(c.key)
+        if held is None or c.version > held.version:
+            best[c.key] = c
+    return list(best.values())
+
+
+def conversation_values(conv: Conversation, pii: PiiPolicy) -> tuple[Any, ...]:
+    """The `conversations` row of one conversation, a tuple in `CONVERSATION_COLUMNS` order.
+
+    `counts_by_type` is a dict (type -> count); each store adapts it (JSON text / jsonb). The user part
+    of the key is hashed the way `PiiPolicy.hash_msisdn` hashes a query's user (stripped), so a lookup by
+    the user's id or number finds it.
+    """
+    masked, hashed, clear = _msisdn_columns(pii, conv.user.msisdn)
+    return (
+        pii.hash_key_text(conv.key),
+        pii.clear_only(conv.key),
+        conv.sub_account_id,
+        conv.channel,
+        conv.channel_id,
+        pii.user_id(conv.user_key),
+        pii.hash_msisdn(conv.user_key),
+        masked,
+        hashed,
+        clear,
+        conv.user.channel_user_id,
+        conv.version,
+        conv.first_inbound_at,
+        conv.last_inbound_at,
+        conv.last_umid,
+        conv.last_type,
+        conv.last_reply_to_umid,
+        conv.window_open_until,
+        conv.message_count,
+        conv.duplicates,
+        dict(conv.counts_by_type),
+        conv.call_permission,
+        conv.call_permission_at,
+        conv.call_permission_until,
+        conv.call_permission_permanent,
+        conv.updated_at,
+    )
 
 
 def fixed_iso(value: datetime) -> str:
@@ -561,3 +670,43 @@ def inbound_record(row: Row) -> dict[str, Any]:
             "replyToUmid": row.get("reply_to_umid"),
         }
     )
+
+
+def conversation_record(row: Row, now: datetime) -> dict[str, Any]:
+    """The read API's conversation: the stored row in camelCase, with `windowOpen` and
+    `callPermission.granted` evaluated at `now` (the same rules as `processors.conversation.window_open`
+    and `call_permission_granted`). Every key is present; unknown values are null."""
+    counts = row["counts_by_type"]
+    if isinstance(counts, str):  # SQLite keeps JSON text, PostgreSQL answers jsonb as a dict
+        counts = json.loads(counts)
+    until = row["window_open_until"]
+    response = row["call_permission"]
+    permanent = None if row["call_permission_permanent"] is None else bool(row["call_permission_permanent"])
+    perm_until = row["call_permission_until"]
+    granted = response == "accept" and (bool(permanent) or (perm_until is not None and now < perm_until))
+    return {
+        "subAccountId": row["sub_account_id"],
+        "channel": display_channel(row["channel"]),
+        "channelId": row["channel_id"],
+        "user": {
+            "msisdn": row.get("msisdn") or row.get("msisdn_masked"),
+            "channelUserId": row.get("channel_user_id"),
+        },
+        "firstInboundAt": _iso(row["first_inbound_at"]),
+        "lastInboundAt": _iso(row["last_inbound_at"]),
+        "lastUmid": row["last_umid"],
+        "lastType": row["last_type"],
+        "lastReplyToUmid": row["last_reply_to_umid"],
+        "windowOpenUntil": _iso(until),
+        "windowOpen": until is not None and now < until,
+        "messageCount": row["message_count"],
+        "countsByType": dict(sorted(counts.items())),
+        "callPermission": {
+            "response": response,
+            "at": _iso(row["call_permission_at"]),
+            "until": _iso(perm_until),
+            "permanent": permanent,
+            "granted": granted,
+        },
+        "version": row["version"],
+    }

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from schemas.errors import TransientError
-from schemas.models import InboundMessage, MessageState
+from schemas.models import Conversation, InboundMessage, MessageState
 from sinks import rows as R
 from sinks.rows import PiiPolicy
 from sinks.store import DEFAULT_LIMIT, MIGRATIONS_TABLE, clamp_limit
@@ -144,6 +144,49 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             " ON inbound_messages (sub_account_id, channel_id, msisdn_hash, ts)",
         ),
     ),
+    # PostgreSQL's migration 2 (lighter indexes on messages) has nothing to change here; kept as a
+    # no-op so that one version number means the same schema change in both dialects.
+    (2, "lighter indexes on messages (PostgreSQL only)", ()),
+    (
+        3,
+        "conversations",
+        (
+            """
+            CREATE TABLE conversations (
+                key_hash                  TEXT PRIMARY KEY,
+                conversation_key          TEXT,
+                sub_account_id            TEXT NOT NULL,
+                channel                   TEXT NOT NULL,
+                channel_id                TEXT,
+                user_key                  TEXT,
+                user_key_hash             TEXT,
+                msisdn_masked             TEXT,
+                msisdn_hash               TEXT,
+                msisdn                    TEXT,
+                channel_user_id           TEXT,
+                version                   INTEGER NOT NULL,
+                first_inbound_at          TEXT NOT NULL,
+                last_inbound_at           TEXT NOT NULL,
+                last_umid                 TEXT NOT NULL,
+                last_type                 TEXT NOT NULL,
+                last_reply_to_umid        TEXT,
+                window_open_until         TEXT,
+                message_count             INTEGER NOT NULL,
+                duplicates                INTEGER NOT NULL DEFAULT 0,
+                counts_by_type            TEXT NOT NULL,
+                call_permission           TEXT,
+                call_permission_at        TEXT,
+                call_permission_until     TEXT,
+                call_permission_permanent INTEGER,
+                updated_at                TEXT NOT NULL
+            )
+            """,
+            "CREATE INDEX conversations_by_last_inbound"
+            " ON conversations (sub_account_id, channel_id, last_inbound_at)",
+            "CREATE INDEX conversations_by_user ON conversations (sub_account_id, channel_id, user_key_hash)",
+            "CREATE INDEX conversations_by_msisdn ON conversations (sub_account_id, channel_id, msisdn_hash)",
+        ),
+    ),
 )
 
 
@@ -170,6 +213,19 @@ _INSERT_INBOUND = (
     f"INSERT INTO inbound_messages ({_columns(R.INBOUND_COLUMNS)}) VALUES ({_params(R.INBOUND_COLUMNS)})"
     " ON CONFLICT (umid) DO NOTHING"
 )
+_UPSERT_CONVERSATION = (
+    f"INSERT INTO conversations ({_columns(R.CONVERSATION_COLUMNS)})"
+    f" VALUES ({_params(R.CONVERSATION_COLUMNS)})"
+    " ON CONFLICT (key_hash) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in R.CONVERSATION_COLUMNS if c != "key_hash")
+    + " WHERE excluded.version > conversations.version"
+)
+# the user's own conversation first (keyed by `user`), then the most recent; key_hash breaks ties
+_GET_CONVERSATION = (
+    "SELECT * FROM conversations WHERE sub_account_id = ? AND channel_id = ?"
+    " AND (user_key_hash = ? OR msisdn_hash = ?)"
+    " ORDER BY user_key_hash = ? DESC, last_inbound_at DESC, key_hash LIMIT 1"
+)
 _VERSIONS = "SELECT umid, version FROM messages WHERE umid IN (SELECT value FROM json_each(?))"
 
 
@@ -181,11 +237,20 @@ def from_text(value: str) -> datetime:
     return datetime.fromisoformat(value)
 
 
+def _adapt_value(v: Any) -> Any:
+    if isinstance(v, datetime):
+        return to_text(v)
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, dict):
+        return json.dumps(v, sort_keys=True, separators=(",", ":"))
+    return v
+
+
 def _adapt_values(values: Sequence[Any]) -> tuple[Any, ...]:
-    """A row tuple with datetimes as fixed ISO text and booleans as 0/1 (SQLite's storage)."""
-    return tuple(
-        to_text(v) if isinstance(v, datetime) else int(v) if isinstance(v, bool) else v for v in values
-    )
+    """A row tuple with datetimes as fixed ISO text, booleans as 0/1 and dicts as JSON (SQLite's
+    storage)."""
+    return tuple(map(_adapt_value, values))
 
 
 def _adapt(row: R.Row, columns: Sequence[str]) -> tuple[Any, ...]:
@@ -271,7 +336,9 @@ class SqliteStore:
             advancing = [s for s in latest if s.umid not in held or s.version > held[s.umid]]
             if not advancing:
                 return 0
-            messages, steps, events = [], [], []
+            messages: list[tuple[Any, ...]] = []
+            steps: list[tuple[Any, ...]] = []
+            events: list[tuple[Any, ...]] = []
             for s in advancing:
                 messages.append(_adapt_values(R.message_values(s, self.pii)))
                 steps.extend(map(_adapt_values, R.step_values(s)))
@@ -291,6 +358,23 @@ class SqliteStore:
                 _INSERT_INBOUND, [_adapt(R.inbound_row(m, self.pii), R.INBOUND_COLUMNS) for m in msgs]
             )
             return max(cur.rowcount, 0)
+
+    def write_conversations(self, convs: Sequence[Conversation]) -> int:
+        latest = R.latest_conversations(convs)
+        if not latest:
+            return 0
+        rows = [_adapt_values(R.conversation_values(c, self.pii)) for c in latest]
+        with self._write() as conn:
+            before = conn.total_changes
+            conn.executemany(_UPSERT_CONVERSATION, rows)
+            return conn.total_changes - before  # an upsert stopped by the version guard changes nothing
+
+    def get_conversation(
+        self, sub_account_id: str, channel_id: str, user: str, *, now: datetime
+    ) -> dict[str, Any] | None:
+        hashed = self.pii.hash_msisdn(user)
+        found = self._read(_GET_CONVERSATION, (sub_account_id, channel_id, hashed, hashed, hashed))
+        return R.conversation_record(found[0], now) if found else None
 
     def _read(self, sql: str, params: Sequence[Any]) -> list[R.Row]:
         with self._lock:
@@ -351,7 +435,8 @@ class SqliteStore:
         limit: int = DEFAULT_LIMIT,
     ) -> tuple[list[dict[str, Any]], str | None]:
         limit = clamp_limit(limit)
-        where, params = ["sub_account_id = ?"], [sub_account_id]
+        where: list[str] = ["sub_account_id = ?"]
+        params: list[Any] = [sub_account_id]
         if channel_id is not None:
             where.append("channel_id = ?")
             params.append(channel_id)

@@ -9,6 +9,10 @@ Contract shared by both dialects (`sinks.sqlite`, `sinks.postgres`):
   message backwards. Status events from the step histories are appended, deduplicated on
   (umid, step, state, detail, ts). Returns how many messages were inserted or advanced.
 - `write_inbound(msgs)` inserts inbound messages, ignoring umids already stored. Returns rows inserted.
+- `write_conversations(convs)` upserts conversations in ONE transaction, idempotent and monotonic like
+  `write_states`: the highest version per conversation key in the batch, stored only when greater than
+  the stored version. Returns how many conversations were inserted or advanced. Rows are keyed by the
+  keyed hash of the conversation key (PII: see `sinks.rows`).
 - Reads never see another subaccount's messages: an umid of another subaccount is "unknown".
 - A lost database connection raises `schemas.errors.TransientError` (nothing of the batch is committed);
   the next call reconnects, so the caller pauses and retries the same batch.
@@ -18,10 +22,11 @@ Contract shared by both dialects (`sinks.sqlite`, `sinks.postgres`):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from schemas.models import InboundMessage, MessageState
+from schemas.models import Conversation, InboundMessage, MessageState
 from sinks.rows import PiiPolicy
 
 MIGRATIONS_TABLE = "chatpipe_schema_migrations"
@@ -38,6 +43,19 @@ class Store(Protocol):
 
     def write_inbound(self, msgs: Sequence[InboundMessage]) -> int:
         """Insert inbound messages, idempotent by umid; returns rows inserted."""
+
+    def write_conversations(self, convs: Sequence[Conversation]) -> int:
+        """Upsert one batch of conversations in one transaction (version guard); returns how many were
+        inserted or advanced."""
+
+    def get_conversation(
+        self, sub_account_id: str, channel_id: str, user: str, *, now: datetime
+    ) -> dict[str, Any] | None:
+        """The conversation (`sinks.rows.conversation_record`, evaluated at `now`) of `user` on one of the
+        subaccount's channels, or None. `user` is the channelUserId, the E.164 number, or whatever
+        else keyed the conversation; matched through keyed hashes (the user id of the key, the msisdn).
+        When several conversations match (a number seen before its channelUserId was), the one keyed by
+        `user` itself wins, then the most recent."""
 
     def get_message(self, sub_account_id: str, umid: str) -> list[dict[str, Any]] | None:
         """8x8 Retrieve-message-details `data[]` (one record per step), or None when the umid is unknown

@@ -1,4 +1,5 @@
-"""The sink worker (`chatpipe sink`): consume state and inbound topics, write batches to the store.
+"""The sink worker (`chatpipe sink`): consume the message-state, inbound and conversation topics, write
+batches to the store.
 
 At-least-once: offsets are committed only after the batch's transaction committed. Writes are idempotent
 and monotonic (version guard in the upsert), so a redelivered batch changes nothing. Undecodable records
@@ -22,10 +23,10 @@ from prometheus_client import CollectorRegistry
 
 from chatpipe.config import Settings
 from chatpipe.metric_defs import SinkMetrics
-from schemas.catalog import INBOUND, MESSAGE_STATE
+from schemas.catalog import CONVERSATIONS, INBOUND, MESSAGE_STATE
 from schemas.codec import Codecs
 from schemas.errors import InvalidEvent, TransientError
-from schemas.models import DeadLetter, InboundMessage, MessageState
+from schemas.models import Conversation, DeadLetter, InboundMessage, MessageState
 from sinks.rows import PiiPolicy
 from sinks.store import Store, open_store
 
@@ -96,7 +97,7 @@ class SinkWorker:
         self.metrics.store_up.set(1)
         consumer = Consumer(consumer_config(self.settings, self.group))
         self._consumer = consumer
-        consumer.subscribe([MESSAGE_STATE.name, INBOUND.name], on_assign=self._on_assign)
+        consumer.subscribe([MESSAGE_STATE.name, INBOUND.name, CONVERSATIONS.name], on_assign=self._on_assign)
         ready_sent = False
         try:
             while not self._stop.is_set():
@@ -115,6 +116,7 @@ class SinkWorker:
     def _handle(self, consumer: Consumer, messages: list[Message]) -> None:
         states: list[MessageState] = []
         inbound: list[InboundMessage] = []
+        conversations: list[Conversation] = []
         for msg in messages:
             err = msg.error()
             if err is not None:
@@ -127,9 +129,11 @@ class SinkWorker:
                     states.append(self._decode(self.codecs.state.decode, msg))
                 elif topic == INBOUND.name:
                     inbound.append(self._decode(self.codecs.inbound.decode, msg))
+                elif topic == CONVERSATIONS.name:
+                    conversations.append(self._decode(self.codecs.conversations.decode, msg))
             except (InvalidEvent, KeyError, TypeError, ValueError) as exc:
                 self._dead_letter(msg, str(getattr(exc, "reason", exc)))
-        self._write_with_retry(consumer, states, inbound)
+        self._write_with_retry(consumer, states, inbound, conversations)
         consumer.commit(asynchronous=False)
 
     def _decode(self, decode: Callable[[bytes], T], msg: Message) -> T:
@@ -153,7 +157,11 @@ class SinkWorker:
                 delay = min(delay * 2, 10.0)
 
     def _write_with_retry(
-        self, consumer: Consumer, states: list[MessageState], inbound: list[InboundMessage]
+        self,
+        consumer: Consumer,
+        states: list[MessageState],
+        inbound: list[InboundMessage],
+        conversations: list[Conversation],
     ) -> None:
         delay = 0.5
         paused: list[TopicPartition] = []
@@ -164,6 +172,8 @@ class SinkWorker:
                     self.store.write_states(states)
                 if inbound:
                     self.store.write_inbound(inbound)
+                if conversations:
+                    self.store.write_conversations(conversations)
             except TransientError as exc:
                 self.metrics.store_up.set(0)
                 if not paused:
@@ -180,6 +190,7 @@ class SinkWorker:
             self.metrics.batch_seconds.observe(time.perf_counter() - started)
             self.metrics.rows.labels(MESSAGE_STATE.name, "written").inc(len(states))
             self.metrics.rows.labels(INBOUND.name, "written").inc(len(inbound))
+            self.metrics.rows.labels(CONVERSATIONS.name, "written").inc(len(conversations))
             if paused:
                 consumer.resume(paused)
                 self.metrics.store_up.set(1)

@@ -17,7 +17,7 @@ from schemas.models import User
 from sinks.api import create_app
 from sinks.rows import PiiPolicy
 from sinks.store import Store, open_store
-from tests.integration.test_store import T0, inbound, mk_state, mk_step
+from tests.integration.test_store import MSISDN, T0, conversation_versions, inbound, mk_state, mk_step
 from tests.support.postgres import PostgresServer, fresh_database
 
 pytestmark = pytest.mark.integration
@@ -76,6 +76,7 @@ EXAMPLE_STEP_2 = {
     "batchId": BATCH,
 }
 ERROR_KEYS = ["code", "message", "errorId", "timestamp"]
+NOW = T0 + timedelta(hours=30)  # the API's clock: past the WhatsApp window, inside the call permission
 
 
 def fallback_message(umid: str = UMID, sub: str = SUB, version: int = 5) -> Any:
@@ -128,7 +129,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Store]:
 
 @pytest.fixture()
 async def client(store: Store) -> AsyncIterator[TestClient]:
-    c = TestClient(TestServer(create_app(Settings(), store=store)))
+    c = TestClient(TestServer(create_app(Settings(), store=store, clock=lambda: NOW)))
     await c.start_server()
     try:
         yield c
@@ -229,6 +230,12 @@ async def test_another_subaccount_never_sees_the_message(store: Store, client: T
         (f"/api/v1/subaccounts/{SUB}/conversations/ch-1/messages?user=u&after=2020-01-01|", 1000),
         (f"/api/v1/subaccounts/{SUB}/conversations/ch-1/messages?user=u&limit=-1", 1000),
         ("/api/v1/subaccounts/x/conversations/ch-1/messages?user=u", 1001),
+        (f"/api/v1/subaccounts/{SUB}/conversations/ch-1", 1000),  # no user
+        (f"/api/v1/subaccounts/{SUB}/conversations/ch-1?user=", 1000),
+        (f"/api/v1/subaccounts/{SUB}/conversations/ch-1?user=%07bell", 1000),
+        (f"/api/v1/subaccounts/{SUB}/conversations/ch-1?user={'u' * 201}", 1000),
+        (f"/api/v1/subaccounts/{SUB}/conversations/ch_1?user=u", 1008),
+        ("/api/v1/subaccounts/x/conversations/ch-1?user=u", 1001),
     ],
 )
 async def test_malformed_requests_are_400_with_8x8s_error_body(
@@ -330,6 +337,51 @@ async def test_conversation_pages_walk_every_inbound_message_once(store: Store, 
     other = await get(client, "/api/v1/subaccounts/other/conversations/ch-1/messages", user="6581968289")
     assert [m["umid"] for m in other["data"]] == ["in-other-sub"]
     assert await get(client, path, user="nobody") == {"data": [], "next": None}
+
+
+async def test_conversation_answers_by_channel_user_id_or_number(store: Store, client: TestClient) -> None:
+    versions = conversation_versions(sub=SUB)
+    theirs = conversation_versions(sub="other", n=1)[-1]
+    assert store.write_conversations([*reversed(versions), theirs]) == 2
+    path = f"/api/v1/subaccounts/{SUB}/conversations/ch-1"
+    body = await get(client, path, user="BSUID.1")
+    assert body == {
+        "subAccountId": SUB,
+        "channel": "WhatsApp",
+        "channelId": "ch-1",
+        "user": {"msisdn": "+658196xxxx", "channelUserId": "BSUID.1"},
+        "firstInboundAt": "2020-06-17T04:15:21.06Z",
+        "lastInboundAt": "2020-06-17T04:15:51.06Z",
+        "lastUmid": versions[-1].last_umid,
+        "lastType": "Text",
+        "lastReplyToUmid": None,
+        "windowOpenUntil": "2020-06-18T04:15:51.06Z",
+        "windowOpen": False,
+        "messageCount": 4,
+        "countsByType": {"Interactive": 1, "Text": 3},
+        "callPermission": {
+            "response": "accept",
+            "at": "2020-06-17T04:15:31.06Z",
+            "until": "2020-06-24T04:15:21.06Z",
+            "permanent": False,
+            "granted": True,
+        },
+        "version": 4,
+    }
+    assert await get(client, path, user=MSISDN) == body
+    other = await get(client, "/api/v1/subaccounts/other/conversations/ch-1", user="BSUID.1")
+    assert other["messageCount"] == 1 and other["subAccountId"] == "other"
+
+
+async def test_unknown_conversation_is_404_with_8x8s_error_body(store: Store, client: TestClient) -> None:
+    store.write_conversations([conversation_versions(sub=SUB, n=1)[-1]])
+    for path, user in [
+        (f"/api/v1/subaccounts/{SUB}/conversations/ch-1", "BSUID.2"),
+        (f"/api/v1/subaccounts/{SUB}/conversations/ch-1", "+6581968288"),
+        (f"/api/v1/subaccounts/{SUB}/conversations/ch-2", "BSUID.1"),
+        ("/api/v1/subaccounts/OtherAccount/conversations/ch-1", "BSUID.1"),
+    ]:
+        assert_error(await get(client, path, 404, user=user), 1300)
 
 
 async def test_health_and_metrics(client: TestClient) -> None:

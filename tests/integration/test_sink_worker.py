@@ -2,7 +2,8 @@
 
 MessageState versions are produced to `chatpipe.messages.state` with the codec (keyed by umid, several
 versions per umid in scrambled order, some redelivered); the worker, run in a thread, must leave exactly
-the highest version per umid. Every test uses its own umid prefix and consumer group (shared broker).
+the highest version per umid. Conversations likewise on `chatpipe.conversations.state` (keyed by the
+conversation key). Every test uses its own prefix and consumer group (shared broker).
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from chatpipe.config import Settings
-from schemas.catalog import MESSAGE_STATE, SINK_DLQ
+from schemas.catalog import CONVERSATIONS, MESSAGE_STATE, SINK_DLQ
 from schemas.codec import Codecs
-from schemas.models import MessageState
+from schemas.models import Conversation, MessageState
 from sinks.worker import SinkWorker
-from tests.integration.test_store import versions
+from tests.integration.test_store import conversation_versions, versions
 from tests.support.kafka import read_topic
 from tests.support.postgres import PostgresServer, fresh_database
 
@@ -78,12 +79,14 @@ def produce_states(bootstrap: str, codecs: Codecs, states: list[MessageState]) -
     return produce(bootstrap, codecs, MESSAGE_STATE.name, [(s.umid, codecs.state.encode(s)) for s in states])
 
 
-def wait_committed(bootstrap: str, group: str, ends: dict[int, int], timeout: float = 40.0) -> None:
-    """Until `group` committed at least `ends` (offsets from the producer's delivery reports: Tansu's
-    ListOffsets cannot be trusted)."""
+def wait_committed(
+    bootstrap: str, group: str, ends: dict[int, int], timeout: float = 40.0, topic: str = MESSAGE_STATE.name
+) -> None:
+    """Until `group` committed at least `ends` on `topic` (offsets from the producer's delivery reports:
+    Tansu's ListOffsets cannot be trusted)."""
     probe = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
     try:
-        wanted = [TopicPartition(MESSAGE_STATE.name, p) for p in ends]
+        wanted = [TopicPartition(topic, p) for p in ends]
         deadline = time.monotonic() + timeout
         while True:
             got = {tp.partition: tp.offset for tp in probe.committed(wanted, timeout=10)}
@@ -233,6 +236,68 @@ def test_rows_equal_ground_truth_and_a_full_redelivery_changes_nothing(
     assert written is not None and written >= len(records)
 
 
+def conversation_stream(
+    prefix: str, keys: int, seed: int
+) -> tuple[list[Conversation], dict[str, Conversation]]:
+    """Like `stream`, for conversations of subaccount `prefix`: 1-4 versions per conversation."""
+    rnd = random.Random(seed)
+    records: list[Conversation] = []
+    truth: dict[str, Conversation] = {}
+    for i in range(keys):
+        v = conversation_versions(f"U.{i:04d}", msisdn=f"+6581{i:06d}", sub=prefix, n=4)
+        top = rnd.randint(1, 4)
+        chosen = [v[n - 1] for n in range(1, top + 1) if n == top or rnd.random() < 0.7]
+        records += chosen + rnd.sample(chosen, k=min(len(chosen), rnd.randint(0, 2)))
+        truth[v[top - 1].key] = v[top - 1]
+    rnd.shuffle(records)
+    return records, truth
+
+
+def conversation_rows(query: Query, sub: str) -> list[tuple[Any, ...]]:
+    return query(
+        "SELECT user_key, version, message_count, last_umid, msisdn_masked FROM conversations"
+        f" WHERE sub_account_id = '{sub}' ORDER BY user_key"
+    )
+
+
+def test_conversation_rows_equal_the_highest_version_per_key(
+    broker: str, registry_url: str, codecs: Codecs, store: tuple[str, Query]
+) -> None:
+    url, query = store
+    prefix = f"cv-{uuid.uuid4().hex[:8]}"
+    records, truth = conversation_stream(prefix, keys=120, seed=3)
+    want = [
+        (c.user_key, c.version, c.message_count, c.last_umid, c.user.msisdn[:-4] + "xxxx")  # type: ignore[index]
+        for c in sorted(truth.values(), key=lambda c: c.user_key)
+    ]
+    group = f"sink-{prefix}"
+    running = Running(settings_for(broker, registry_url, url), group=group)
+    try:
+        ends = produce(
+            broker, codecs, CONVERSATIONS.name, [(c.key, codecs.conversations.encode(c)) for c in records]
+        )
+        deadline = time.monotonic() + 40
+        while (got := conversation_rows(query, prefix)) != want:
+            assert time.monotonic() < deadline, f"conversations never matched the ground truth: {got!r}"
+            time.sleep(0.2)
+        wait_committed(broker, group, ends, topic=CONVERSATIONS.name)
+    finally:
+        running.stop()
+    written = running.worker.metrics_registry.get_sample_value(
+        "chatpipe_sink_records_total", {"topic": CONVERSATIONS.name, "outcome": "written"}
+    )
+    assert written is not None and written >= len(records)  # the topic also holds other tests' records
+
+    # a redelivery of every version (a new group from offset 0) changes nothing
+    before = query(f"SELECT * FROM conversations WHERE sub_account_id = '{prefix}' ORDER BY key_hash")
+    again = Running(settings_for(broker, registry_url, url), group=f"{group}-2")
+    try:
+        wait_committed(broker, f"{group}-2", ends, topic=CONVERSATIONS.name)
+    finally:
+        again.stop()
+    assert query(f"SELECT * FROM conversations WHERE sub_account_id = '{prefix}' ORDER BY key_hash") == before
+
+
 def test_a_database_restart_mid_load_loses_nothing(
     broker: str, registry_url: str, codecs: Codecs, postgres_server: PostgresServer
 ) -> None:
@@ -273,6 +338,7 @@ def test_an_undecodable_record_is_dead_lettered_and_the_worker_keeps_going(
         (f"{prefix}-bad-1", f"not avro at all {prefix}".encode()),
         (f"{prefix}-bad-2", bytes([0, 0x7F, 0xFF, 0xFF, 0xFF]) + f"unknown schema {prefix}".encode()),
     ]
+    conversation_garbage = (f"{prefix}|whatsapp|ch-1|u", f"not a conversation {prefix}".encode())
     running = Running(settings_for(broker, registry_url, f"sqlite:///{path}"), group=f"sink-{prefix}")
     try:
         produce(
@@ -287,16 +353,18 @@ def test_an_undecodable_record_is_dead_lettered_and_the_worker_keeps_going(
             with sqlite3.connect(path) as conn:
                 return conn.execute(sql).fetchall()
 
+        produce(broker, codecs, CONVERSATIONS.name, [conversation_garbage])
         wait_for(query, prefix, expected({s.umid: s for s in good}))
     finally:
         running.stop()
 
-    bodies = {value: key for key, value in garbage}
+    bodies = {value: key for key, value in [*garbage, conversation_garbage]}
     letters = [codecs.sink_dlq.decode(m.value()) for m in read_topic(broker, SINK_DLQ.name, idle=3.0)]
     ours = {bodies[d.body]: d for d in letters if d.body in bodies}
-    assert set(ours) == {f"{prefix}-bad-1", f"{prefix}-bad-2"}
-    for letter in ours.values():
+    assert set(ours) == {f"{prefix}-bad-1", f"{prefix}-bad-2", conversation_garbage[0]}
+    for key, letter in ours.items():
         assert letter.source == "sink"
-        assert letter.reason.startswith(f"{MESSAGE_STATE.name}[")
+        topic = CONVERSATIONS.name if key == conversation_garbage[0] else MESSAGE_STATE.name
+        assert letter.reason.startswith(f"{topic}[")
     assert "magic byte" in ours[f"{prefix}-bad-1"].reason
     assert "unknown schema id" in ours[f"{prefix}-bad-2"].reason

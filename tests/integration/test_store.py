@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -11,8 +12,19 @@ from typing import Any
 import psycopg
 import pytest
 
+from processors.conversation import apply_inbound
 from schemas.errors import TransientError
-from schemas.models import InboundContent, InboundMessage, MessageState, StatusEvent, Step, User
+from schemas.models import (
+    CallPermissionReply,
+    Conversation,
+    InboundContent,
+    InboundMessage,
+    Interactive,
+    MessageState,
+    StatusEvent,
+    Step,
+    User,
+)
 from sinks import postgres as postgres_sink
 from sinks import sqlite as sqlite_sink
 from sinks.rows import PiiPolicy
@@ -29,6 +41,7 @@ TABLES = {
     "message_steps": "umid, step",
     "status_events": "umid, step, ts, state",
     "inbound_messages": "umid",
+    "conversations": "key_hash",
 }
 
 
@@ -527,3 +540,175 @@ def test_postgres_a_row_changed_after_the_version_read_is_never_overwritten(
         store.close()
     assert _pg_query(url)("SELECT * FROM messages") == before
     assert _pg_query(url)("SELECT step, version FROM message_steps ORDER BY step") == [(1, 4), (2, 4)]
+
+
+# --- conversations -----------------------------------------------------------------------------
+
+MSISDN = "+6581968289"
+
+
+def conversation_versions(
+    user: str | None = "BSUID.1",
+    *,
+    msisdn: str | None = MSISDN,
+    sub: str = SUB,
+    channel_id: str = "ch-1",
+    n: int = 4,
+) -> list[Conversation]:
+    """Versions 1..n of one WhatsApp conversation, folded by the processor's pure function from
+    realistic inbound messages: texts 10 s apart, the second one a call-permission answer (accept,
+    temporary for 7 days) replying to an outbound message. `user` None: keyed by the number."""
+    out: list[Conversation] = []
+    conv = None
+    for i in range(n):
+        msg = inbound(f"{sub}-{user or 'by-number'}-{channel_id}-{i}", 10 * i, sub=sub)
+        msg = dataclasses.replace(
+            msg, channel_id=channel_id, user=User(msisdn=msisdn, channel_user_id=user, name="Jane Tan")
+        )
+        if i == 1:
+            reply = CallPermissionReply("accept", False, T0 + timedelta(days=7), "user_action")
+            msg = dataclasses.replace(
+                msg,
+                type="Interactive",
+                reply_to_umid="out-1",
+                content=InboundContent(
+                    interactive=Interactive("callPermissionReply", call_permission_reply=reply)
+                ),
+            )
+        conv, changed = apply_inbound(conv, msg, now=T0 + timedelta(seconds=10 * i, milliseconds=5))
+        assert changed
+        out.append(conv)
+    return out
+
+
+def test_conversation_answers_its_documented_shape(backend: Backend) -> None:
+    v = conversation_versions()
+    assert backend.store.write_conversations([v[3]]) == 1
+    now = T0 + timedelta(hours=1)
+    found = backend.store.get_conversation(SUB, "ch-1", "BSUID.1", now=now)
+    assert found == {
+        "subAccountId": SUB,
+        "channel": "WhatsApp",
+        "channelId": "ch-1",
+        "user": {"msisdn": "+658196xxxx", "channelUserId": "BSUID.1"},
+        "firstInboundAt": "2020-06-17T04:15:21.06Z",
+        "lastInboundAt": "2020-06-17T04:15:51.06Z",
+        "lastUmid": f"{SUB}-BSUID.1-ch-1-3",
+        "lastType": "Text",
+        "lastReplyToUmid": None,
+        "windowOpenUntil": "2020-06-18T04:15:51.06Z",
+        "windowOpen": True,
+        "messageCount": 4,
+        "countsByType": {"Interactive": 1, "Text": 3},
+        "callPermission": {
+            "response": "accept",
+            "at": "2020-06-17T04:15:31.06Z",
+            "until": "2020-06-24T04:15:21.06Z",
+            "permanent": False,
+            "granted": True,
+        },
+        "version": 4,
+    }
+    # the number finds the same conversation (through its keyed hash)
+    assert backend.store.get_conversation(SUB, "ch-1", MSISDN, now=now) == found
+    # time-dependent fields follow `now`: the window closes after 24 h, the permission after 7 days
+    later = backend.store.get_conversation(SUB, "ch-1", "BSUID.1", now=T0 + timedelta(days=2))
+    assert later is not None and later["windowOpen"] is False
+    assert later["callPermission"]["granted"] is True
+    expired = backend.store.get_conversation(SUB, "ch-1", "BSUID.1", now=T0 + timedelta(days=8))
+    assert expired is not None and expired["callPermission"]["granted"] is False
+
+
+def test_conversation_older_version_never_overwrites_newer(backend: Backend) -> None:
+    v = conversation_versions()
+    assert backend.store.write_conversations([v[2]]) == 1
+    after = backend.snapshot()
+    assert backend.store.write_conversations([v[1]]) == 0
+    assert backend.store.write_conversations([v[0], v[1], v[2]]) == 0
+    assert backend.snapshot() == after
+    assert backend.store.write_conversations([v[3]]) == 1
+    assert backend.query("SELECT version, message_count FROM conversations") == [(4, 4)]
+
+
+@pytest.mark.parametrize("order", [(2, 3), (3, 2), (1, 3, 2, 3), (4, 1, 2)])
+def test_a_conversation_batch_with_several_versions_keeps_the_highest(
+    backend: Backend, order: tuple[int, ...]
+) -> None:
+    v = conversation_versions()
+    assert backend.store.write_conversations([v[n - 1] for n in order]) == 1
+    top = max(order)
+    assert backend.query("SELECT version, message_count, last_umid FROM conversations") == [
+        (top, top, v[top - 1].last_umid)
+    ]
+
+
+def test_rewriting_the_same_conversations_changes_nothing(backend: Backend) -> None:
+    batch = [conversation_versions(f"U.{i}", msisdn=f"+65811100{i:02d}")[i % 4] for i in range(20)]
+    assert backend.store.write_conversations(batch) == 20
+    first = backend.snapshot()
+    assert backend.store.write_conversations(batch) == 0
+    assert backend.store.write_conversations(list(reversed(batch))) == 0
+    assert backend.snapshot() == first
+    assert backend.count("conversations") == 20
+
+
+def test_a_conversation_keyed_by_the_number_is_found_by_the_number(backend: Backend) -> None:
+    backend.store.write_conversations([conversation_versions(None, msisdn=MSISDN, n=2)[-1]])
+    found = backend.store.get_conversation(SUB, "ch-1", MSISDN, now=T0)
+    assert found is not None and found["user"] == {"msisdn": "+658196xxxx", "channelUserId": None}
+    assert found["messageCount"] == 2
+    assert backend.store.get_conversation(SUB, "ch-1", "6581968289", now=T0) is None
+    assert backend.store.get_conversation(SUB, "ch-1", "+6581968288", now=T0) is None
+
+
+def test_the_users_own_conversation_wins_over_one_sharing_the_number(backend: Backend) -> None:
+    # the number wrote before WhatsApp gave a channelUserId: two conversations carry the same msisdn
+    by_number = conversation_versions(None, msisdn=MSISDN, n=3)[-1]
+    by_id = conversation_versions("BSUID.1", msisdn=MSISDN, n=1)[-1]
+    backend.store.write_conversations([by_number, by_id])
+    found = backend.store.get_conversation(SUB, "ch-1", MSISDN, now=T0)
+    assert found is not None and found["messageCount"] == 3  # keyed by the number itself
+    found = backend.store.get_conversation(SUB, "ch-1", "BSUID.1", now=T0)
+    assert found is not None and found["messageCount"] == 1
+
+
+def test_conversations_are_isolated_by_subaccount_and_channel(backend: Backend) -> None:
+    mine = conversation_versions(n=2)[-1]
+    theirs = conversation_versions(sub="other", n=3)[-1]
+    elsewhere = conversation_versions(channel_id="ch-2", n=1)[-1]
+    assert backend.store.write_conversations([mine, theirs, elsewhere]) == 3
+    for user in ("BSUID.1", MSISDN):
+        assert (backend.store.get_conversation(SUB, "ch-1", user, now=T0) or {})["messageCount"] == 2
+        assert (backend.store.get_conversation("other", "ch-1", user, now=T0) or {})["messageCount"] == 3
+        assert (backend.store.get_conversation(SUB, "ch-2", user, now=T0) or {})["messageCount"] == 1
+        assert backend.store.get_conversation("nobody", "ch-1", user, now=T0) is None
+        assert backend.store.get_conversation(SUB, "ch-3", user, now=T0) is None
+    assert backend.store.get_conversation(SUB, "ch-1", "BSUID.2", now=T0) is None
+
+
+def test_conversations_keep_no_number_in_clear_unless_the_policy_is_clear(backend: Backend) -> None:
+    by_number = conversation_versions(None, msisdn=MSISDN, n=2)[-1]
+    backend.store.write_conversations([by_number, conversation_versions(n=1)[-1]])
+    rows = backend.query(
+        "SELECT key_hash, conversation_key, user_key, msisdn_masked, msisdn FROM conversations"
+        " ORDER BY user_key"
+    )
+    assert [r[1:] for r in rows] == [
+        (None, "+658196xxxx", "+658196xxxx", None),
+        (None, "BSUID.1", "+658196xxxx", None),
+    ]
+    everything = repr(backend.query("SELECT * FROM conversations"))
+    assert "81968289" not in everything
+    assert {r[0] for r in rows} == {
+        PII.hash_key_text(by_number.key),
+        PII.hash_key_text(f"{SUB}|whatsapp|ch-1|BSUID.1"),
+    }
+
+    store = backend.reopen(PiiPolicy(clear=True, hash_key=b"k"))
+    store.write_conversations([dataclasses.replace(by_number, version=by_number.version + 1)])
+    assert backend.query(
+        f"SELECT conversation_key, user_key, msisdn FROM conversations WHERE key_hash = '{rows[0][0]}'"
+    ) == [(by_number.key, MSISDN, MSISDN)]
+    found = store.get_conversation(SUB, "ch-1", MSISDN, now=T0)
+    assert found is not None and found["user"]["msisdn"] == MSISDN
+    assert backend.count("conversations") == 2  # switching the policy never splits a conversation

@@ -10,8 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from processors.conversation import call_permission_granted, window_open
 from schemas.models import (
     ButtonReply,
+    Conversation,
     InboundContent,
     InboundMessage,
     Interactive,
@@ -371,3 +373,111 @@ def test_inbound_cursor_round_trips_and_rejects_garbage() -> None:
     for bad in ("", "nonsense", "2020-06-17T04:15:21.060000Z|", "2020-13-01T00:00:00Z|u", "x|u"):
         with pytest.raises(ValueError, match="malformed cursor"):
             R.parse_inbound_cursor(bad)
+
+
+# --- conversations ---------------------------------------------------------------------------------
+
+
+def conversation(
+    user: str | None = "BSUID.1", msisdn: str | None = "+6581968289", **kw: object
+) -> Conversation:
+    key_user = user or msisdn or ""
+    fields: dict[str, object] = {
+        "key": f"acme_01|whatsapp|ch-1|{key_user}",
+        "sub_account_id": "acme_01",
+        "channel": "whatsapp",
+        "user_key": key_user,
+        "version": 3,
+        "first_inbound_at": T0,
+        "last_inbound_at": T0 + timedelta(minutes=5),
+        "last_umid": "in-3",
+        "last_type": "Text",
+        "updated_at": T0 + timedelta(minutes=5, seconds=1),
+        "channel_id": "ch-1",
+        "user": User(msisdn=msisdn, channel_user_id=user),
+        "message_count": 3,
+        "counts_by_type": (("Interactive", 1), ("Text", 2)),
+        "window_open_until": T0 + timedelta(hours=24, minutes=5),
+    }
+    fields.update(kw)
+    return Conversation(**fields)  # type: ignore[arg-type]
+
+
+KEYED_PII = PiiPolicy(hash_key=KEY)
+
+
+def conversation_row(conv: Conversation, pii: PiiPolicy = KEYED_PII) -> dict[str, object]:
+    return dict(zip(R.CONVERSATION_COLUMNS, R.conversation_values(conv, pii), strict=True))
+
+
+def test_conversation_row_is_keyed_by_the_keyed_hash_and_holds_no_clear_number() -> None:
+    by_number = conversation_row(conversation(None))
+    assert (
+        by_number["key_hash"]
+        == hmac.new(KEY, b"acme_01|whatsapp|ch-1|+6581968289", hashlib.sha256).hexdigest()
+    )
+    assert by_number["conversation_key"] is None and by_number["msisdn"] is None
+    assert by_number["user_key"] == by_number["msisdn_masked"] == "+658196xxxx"
+    assert by_number["user_key_hash"] == by_number["msisdn_hash"] == KEYED_PII.hash_msisdn("+6581968289")
+    assert "81968289" not in repr(by_number)
+    by_id = conversation_row(conversation("BSUID.1"))
+    assert (by_id["user_key"], by_id["channel_user_id"]) == ("BSUID.1", "BSUID.1")
+    assert by_id["user_key_hash"] == KEYED_PII.hash_msisdn("BSUID.1")
+    assert conversation_row(conversation("6581968289"))["user_key"] == "658196xxxx"  # a number by its look
+    assert by_id["counts_by_type"] == {"Interactive": 1, "Text": 2}
+
+
+def test_conversation_row_keeps_the_key_in_clear_when_clear() -> None:
+    pii = PiiPolicy(clear=True, hash_key=KEY)
+    row = conversation_row(conversation(None), pii)
+    assert (row["conversation_key"], row["user_key"], row["msisdn"]) == (
+        "acme_01|whatsapp|ch-1|+6581968289",
+        "+6581968289",
+        "+6581968289",
+    )
+    assert row["key_hash"] == conversation_row(conversation(None))["key_hash"]  # same row either way
+
+
+def test_latest_conversations_keeps_the_highest_version_per_key() -> None:
+    a1, a3, b2 = conversation(version=1), conversation(version=3), conversation("B", version=2)
+    assert R.latest_conversations([a1, b2, a3, a1]) == [a3, b2]
+
+
+@given(
+    now_offset=st.integers(min_value=-3 * 86_400, max_value=10 * 86_400),
+    response=st.sampled_from([None, "accept", "reject"]),
+    permanent=st.sampled_from([None, False, True]),
+    until_offset=st.one_of(st.none(), st.integers(min_value=-86_400, max_value=8 * 86_400)),
+    window=st.booleans(),
+)
+def test_conversation_record_evaluates_now_like_the_processor(
+    now_offset: int, response: str | None, permanent: bool | None, until_offset: int | None, window: bool
+) -> None:
+    conv = conversation(
+        call_permission=response,
+        call_permission_at=T0 if response else None,
+        call_permission_until=None if until_offset is None else T0 + timedelta(seconds=until_offset),
+        call_permission_permanent=permanent,
+        window_open_until=(T0 + timedelta(hours=24)) if window else None,
+    )
+    now = T0 + timedelta(seconds=now_offset)
+    record = R.conversation_record(conversation_row(conv), now)
+    assert record["windowOpen"] is window_open(conv, now)
+    assert record["callPermission"]["granted"] is call_permission_granted(conv, now)
+
+
+def test_conversation_record_reads_json_text_and_shows_the_masked_number() -> None:
+    row = conversation_row(conversation())
+    row["counts_by_type"] = '{"Text":2,"Interactive":1}'  # as SQLite stores it
+    row["call_permission_permanent"] = None
+    record = R.conversation_record(row, T0)
+    assert record["countsByType"] == {"Interactive": 1, "Text": 2}
+    assert record["user"] == {"msisdn": "+658196xxxx", "channelUserId": "BSUID.1"}
+    assert record["callPermission"] == {
+        "response": None,
+        "at": None,
+        "until": None,
+        "permanent": None,
+        "granted": False,
+    }
+    assert (record["windowOpen"], record["windowOpenUntil"]) == (True, "2020-06-18T04:20:21.06Z")
