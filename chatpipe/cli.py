@@ -155,6 +155,12 @@ def cmd_api(settings: Settings, args: argparse.Namespace, env: dict[str, str]) -
     return 0
 
 
+def cmd_reconcile(settings: Settings, args: argparse.Namespace, env: dict[str, str]) -> int:
+    from chatpipe.reconciler import run_reconciler
+
+    return run_reconciler(settings, _ready_callback(env, "reconcile"))
+
+
 def cmd_registry(settings: Settings, args: argparse.Namespace, env: dict[str, str]) -> int:
     from chatpipe.serve import serve_until_signal
     from schemas.registry import create_registry_app
@@ -236,6 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", dest="api_host", help="env CHATPIPE_API_HOST")
     p.set_defaults(func=cmd_api)
 
+    p = sub.add_parser(
+        "reconcile",
+        help="look up messages stuck in a non-final state with 8x8's Retrieve message details API "
+        "(off unless CHATPIPE_8X8_API_KEY is set)",
+    )
+    p.add_argument("--metrics-port", type=int, help="serve /healthz and /metrics on this port")
+    p.add_argument(
+        "--reconcile-after",
+        dest="reconcile_after",
+        type=float,
+        help="seconds without a status change before a lookup (env CHATPIPE_RECONCILE_AFTER, default 900)",
+    )
+    p.set_defaults(func=cmd_reconcile)
+
     p = sub.add_parser("registry", help="run the embedded Confluent-compatible schema registry")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8085)
@@ -270,6 +290,7 @@ _FLAG_FIELDS = (
     "metrics_port",
     "log_level",
     "log_format",
+    "reconcile_after",
 )
 
 

@@ -79,3 +79,33 @@ class ApiMetrics:
             ["route", "status"],
             registry=registry,
         )
+
+
+class ReconcilerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "chatpipe_reconciler_requests_total",
+            "Requests to 8x8 Retrieve message details by HTTP status (timeout/error: no answer)",
+            ["status"],
+            registry=registry,
+        )
+        self.receipts = Counter(
+            "chatpipe_reconciler_receipts_total", "Synthetic delivery receipts produced", registry=registry
+        )
+        self.rate_limited_waits = Counter(
+            "chatpipe_reconciler_rate_limited_waits_total",
+            "Waits before a request: bucket (our 1/s per subaccount) or quota (8x8 answered 429)",
+            ["reason"],
+            registry=registry,
+        )
+        self.lookups = Counter(
+            "chatpipe_reconciler_lookups_total", "Lookups by outcome", ["outcome"], registry=registry
+        )
+        self.candidates = Gauge(
+            "chatpipe_reconciler_candidates", "Messages picked by the last pass", registry=registry
+        )
+        self.last_pass = Gauge(
+            "chatpipe_reconciler_last_pass_timestamp_seconds",
+            "When the last pass completed (Unix time)",
+            registry=registry,
+        )
