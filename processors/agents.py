@@ -19,9 +19,13 @@ Processing guarantee (at-least-once, outputs idempotent and monotonic), per batc
        alone in its batch, so ListOffsets gives the true end to the next recovery);
     3. send the changed states to the state topic and wait for the acks;
     4. return to Faust, which acks the events; offsets are committed only for acked events.
-Each stored value carries the input offset of the last receipt folded into it. After a crash the input is
-replayed from the last commit; a receipt at or below its key's stored offset is already in the state and
-is NOT applied again: the stored value is sent again (changelog and state topic) instead, byte for byte.
+Each stored value carries the highest input offset folded into it. After a crash the input is replayed
+from the last commit. Every receipt is applied again (the pure core is idempotent: one already folded is a
+duplicate); when a batch brings nothing new for a key but holds receipts at or below its stored offset,
+the stored value may never have been emitted (a crash between 1 and 3), so it is sent again (changelog
+and state topic), byte for byte. The offset is never used to skip a receipt: Faust redelivers what was
+not committed, but not always in offset order within one process (a rebalance drops buffered events and
+fetches them again later), so "at or below the stored offset" does not prove "already folded".
 Because the changelog is acked before a version is emitted (2 before 3), any emitted version is in the
 changelog, so a worker that restores from it (RocksDB lost) never computes a second, different content
 under a version that was already emitted: no lost and no contradicting transition. A version may be
@@ -105,6 +109,7 @@ class _Batch:
     values: dict[int, list[tuple[bytes, bytes | None]]] = field(default_factory=dict)  # p -> (key, value)
     emits: list[tuple[int, bytes, bytes]] = field(default_factory=list)  # (p, key, state avro)
     derived: list[tuple[str, int, bytes, bytes]] = field(default_factory=list)  # (topic, p, key, value)
+    not_ours: int = 0  # events of partitions revoked while they waited: never acked here
 
     def put(self, p: int, key: bytes, value: bytes | None) -> None:
         self.values.setdefault(p, []).append((key, value))
@@ -132,6 +137,7 @@ class Folder:
         self.state_producer = Producer({**common, "linger.ms": 5, "client.id": "chatpipe-state"})
         self._errors: list[str] = []
         self._changelog_offsets: dict[int, int] = {}
+        self._skipped: set[int] = set()
 
     # --- partitions ----------------------------------------------------------------------------
 
@@ -204,10 +210,12 @@ class Folder:
         groups: dict[int, dict[bytes, list[tuple[int, DeliveryReceipt]]]] = {}
         decode = self.codecs.receipts.decode
         invalid = 0
+        skipped: set[int] = set()
         for ev in events:
             msg = ev.message
             partition = msg.partition
             if partition not in owned:  # revoked while buffered: the new owner reads it again
+                skipped.add(id(ev))
                 continue
             try:
                 receipt = decode(ev.value)
@@ -230,7 +238,8 @@ class Folder:
         if invalid:
             self.metrics.events.labels("invalid").inc(invalid)
 
-        out = _Batch()
+        out = _Batch(not_ours=len(skipped))
+        self._skipped = skipped
         counts = {"applied": 0, "unchanged": 0, "duplicate": 0, "replayed": 0, "late": 0}
         config = self.config
         final_retention = int(self.rt.final_retention.total_seconds() * 1_000_000)
@@ -243,40 +252,47 @@ class Folder:
                 if stored is not None and stored.kind == GONE:
                     counts["late"] += len(items)
                     continue
+                # Every receipt is applied, even one at or below the stored offset: Faust redelivers what
+                # was not committed, but not necessarily in offset order within one process (a rebalance
+                # drops buffered events and refetches them later), so "offset <= stored" does not prove
+                # "already folded". The pure core is idempotent: a receipt already folded is a duplicate.
                 last_offset = stored.offset if stored is not None else -1
-                fresh = [r for off, r in items if off > last_offset]
-                replayed = len(items) - len(fresh)
+                replayed = sum(1 for off, _ in items if off <= last_offset)
                 counts["replayed"] += replayed
-                if not fresh:  # all already folded before a crash: send the stored value again
-                    assert stored is not None and stored.state is not None
-                    out.put(partition, key, encode_stored(stored))
-                    out.emits.append((partition, key, stored.avro))
-                    history = [(s.step, e) for s in stored.state.steps for e in s.history]
-                    self._derive(out, partition, key, stored.state, history)
-                    continue
                 prev = stored.state if stored is not None else None
-                outcome = apply_many(prev, fresh, now=now, config=config)
+                outcome = apply_many(prev, [r for _, r in items], now=now, config=config)
                 state = outcome.state
                 if state.final:
                     check_at = wm_us + final_retention
                 else:
                     due = next_check(state, config)
                     check_at = _us(due) if due is not None else -1
+                last = max(last_offset, max(off for off, _ in items))
+                if not outcome.changed and replayed and stored is not None:
+                    # possibly folded before a crash that came before its emission: send the stored value
+                    # again, byte for byte (same version, same content), with its steps and history
+                    assert stored.state is not None
+                    out.put(partition, key, encode_stored(stored))
+                    out.emits.append((partition, key, stored.avro))
+                    history = [(s.step, e) for s in stored.state.steps for e in s.history]
+                    self._derive(out, partition, key, stored.state, history)
+                    counts["duplicate"] += len(items) - replayed
+                    continue
                 avro = self.codecs.state.encode(state)
-                last = max(off for off, _ in items)
                 new = Stored(LIVE, last, check_at, state=state, avro=avro, version=state.version)
                 out.put(partition, key, encode_stored(new))
-                if outcome.changed or replayed:
+                if outcome.changed:
                     out.emits.append((partition, key, avro))
                     self._derive(out, partition, key, state, outcome.new_events)
                 self._remember(part, key, new)
                 self._schedule(part, key, check_at)
+                fresh = len(items) - replayed
                 if outcome.changed:
-                    counts["applied"] += len(fresh)
+                    counts["applied"] += fresh
                 elif outcome.duplicate:
-                    counts["duplicate"] += len(fresh)
+                    counts["duplicate"] += fresh
                 else:
-                    counts["unchanged"] += len(fresh)
+                    counts["unchanged"] += fresh
         for outcome_name, n in counts.items():
             if n:
                 self.metrics.events.labels(outcome_name).inc(n)
@@ -350,10 +366,17 @@ class Folder:
             await self._flush(sp)
             self.metrics.states_emitted.inc(len(out.emits))
 
-    async def process(self, events: Sequence[Any]) -> None:
+    async def process(self, events: Sequence[Any]) -> list[Any]:
+        """Fold and send one batch; returns the events to ack: all but those of partitions this worker
+        no longer owns (acking those would commit offsets past receipts nobody processed)."""
         async with self.lock:
             out = self.fold(events, datetime.now(UTC))
             await self.send(out)
+            if not out.not_ours:
+                return list(events)
+            skipped, self._skipped = self._skipped, set()
+            log.info("%d buffered receipts of revoked partitions left for their new owner", len(skipped))
+            return [ev for ev in events if id(ev) not in skipped]
 
     # --- the timer -----------------------------------------------------------------------------
 
@@ -487,8 +510,7 @@ def install_agents(p: Processor) -> Folder:
         # the batch is fully processed and acknowledged by the broker (at-least-once).
         channel = aiter(stream.channel)
         async for events in take_batches(channel.queue, rt.batch_size, rt.batch_within):
-            await folder.process(events)
-            for event in events:
+            for event in await folder.process(events):
                 event.ack()
 
     @p.app.timer(interval=rt.expire_interval)

@@ -200,8 +200,6 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
         "broker_heartbeat_interval": 1.0,
         "broker_commit_interval": 1.0,
         "table_cleanup_interval": 60.0,
-        "stream_buffer_maxsize": 16384,
-        "broker_max_poll_records": 5000,
     }
     if settings.embedded_broker:
         # Tansu's ListOffsets answers the base offset of the last batch + 1 as the end offset; with one

@@ -54,8 +54,33 @@ class _Worker(faust.Worker):
             self.on_ready()
 
 
+def _patch_gap_acking() -> None:
+    """Faust treats a jump in the offsets it delivers as a compaction gap and acks the missing offsets,
+    so its next commit moves past them. chatpipe's input topics are never compacted: a jump means records
+    were fetched but not delivered (seen after rebalances on the embedded broker: 531 offsets at once),
+    and acking them loses them after a crash. Never ack a gap: the commit waits at the first offset that
+    was not processed, and a restart or rebalance delivers it again (at-least-once; the pure core is
+    idempotent, so a redelivered receipt is a duplicate)."""
+    from faust.transport.consumer import Consumer
+
+    if getattr(Consumer._add_gap, "_chatpipe_patched", False):
+        return
+
+    async def _add_gap(self: Any, tp: Any, offset_from: int, offset_to: int) -> None:
+        log.warning(
+            "offsets %s..%s of %s were not delivered: not acked, they come again",
+            offset_from,
+            offset_to - 1,
+            tp,
+        )
+
+    _add_gap._chatpipe_patched = True  # type: ignore[attr-defined]
+    Consumer._add_gap = _add_gap  # type: ignore[method-assign]
+
+
 def run_worker(settings: Settings, on_ready: Callable[[], None] | None = None) -> int:
     _patch_fetcher_close()
+    _patch_gap_acking()
     (settings.state_dir / "processor").mkdir(parents=True, exist_ok=True)
     processor = create_processor(settings)
     processor.codecs.register_all()

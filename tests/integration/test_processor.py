@@ -79,14 +79,23 @@ class Worker:
         self.log_path = logs / f"{name}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("CHATPIPE_")}
         env.update(
-            CHATPIPE_KAFKA_BOOTSTRAP=bootstrap, CHATPIPE_SCHEMA_REGISTRY_URL=registry_url,
-            CHATPIPE_STATE_DIR=str(state_dir), CHATPIPE_PARTITIONS=str(PARTITIONS),
-            CHATPIPE_EMBEDDED_BROKER="1", CHATPIPE_WORKER_WEB_PORT=str(self.port),
-            CHATPIPE_READY_FILE=str(self.ready), CHATPIPE_LOG_LEVEL="WARNING",
+            CHATPIPE_KAFKA_BOOTSTRAP=bootstrap,
+            CHATPIPE_SCHEMA_REGISTRY_URL=registry_url,
+            CHATPIPE_STATE_DIR=str(state_dir),
+            CHATPIPE_PARTITIONS=str(PARTITIONS),
+            CHATPIPE_EMBEDDED_BROKER="1",
+            CHATPIPE_WORKER_WEB_PORT=str(self.port),
+            CHATPIPE_READY_FILE=str(self.ready),
+            CHATPIPE_LOG_LEVEL=os.environ.get("TEST_WORKER_LOG_LEVEL", "WARNING"),
         )
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "chatpipe.cli", "worker"], env=env,
-                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "chatpipe.cli", "worker"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
@@ -103,8 +112,11 @@ class Worker:
                 text = r.read().decode()
         except OSError:
             return 0.0
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("chatpipe_processor_events_total{"))
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("chatpipe_processor_events_total{")
+        )
 
     def kill9(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -139,8 +151,14 @@ def workers(bootstrap: str, registry_url: str, tmp_path: Path) -> Iterator[Any]:
 
 # --- receipts and ground truth ---------------------------------------------------------------------
 
-CHAINS = [["whatsapp"], ["sms"], ["viber", "sms"], ["whatsapp", "sms"], ["viber", "whatsapp", "sms"],
-          ["rcs", "viber", "whatsapp", "sms"]]
+CHAINS = [
+    ["whatsapp"],
+    ["sms"],
+    ["viber", "sms"],
+    ["whatsapp", "sms"],
+    ["viber", "whatsapp", "sms"],
+    ["rcs", "viber", "whatsapp", "sms"],
+]
 
 
 def receipts_for(umid: str, rng: random.Random) -> list[DeliveryReceipt]:
@@ -158,11 +176,19 @@ def receipts_for(umid: str, rng: random.Random) -> list[DeliveryReceipt]:
         for st in states:
             t += timedelta(milliseconds=rng.randrange(50, 5000))
             code = 15 if st == "undelivered" else None
-            status = Status(st, t, "delivered_to_recipient" if st == "delivered" else None, code,
-                            "Invalid destination" if code else None)
+            status = Status(
+                st,
+                t,
+                "delivered_to_recipient" if st == "delivered" else None,
+                code,
+                "Invalid destination" if code else None,
+            )
             received = t + timedelta(seconds=rng.random() * 90)
-            out.append(DeliveryReceipt(umid, "acme", channel, status, received, "{}", user=user,
-                                       client_message_id=f"c-{umid}"))
+            out.append(
+                DeliveryReceipt(
+                    umid, "acme", channel, status, received, "{}", user=user, client_message_id=f"c-{umid}"
+                )
+            )
     out += [rng.choice(out) for _ in range(len(out) // 5)]  # 8x8 retries: exact duplicates
     return out
 
@@ -208,8 +234,9 @@ def emitted(bootstrap: str, codecs: Codecs, prefix: str) -> list[tuple[int, int,
     return out
 
 
-def wait_for_truth(bootstrap: str, codecs: Codecs, prefix: str, expected: dict[str, MessageState],
-                   timeout: float = 90.0) -> list[tuple[int, int, MessageState]]:
+def wait_for_truth(
+    bootstrap: str, codecs: Codecs, prefix: str, expected: dict[str, MessageState], timeout: float = 90.0
+) -> list[tuple[int, int, MessageState]]:
     """Read the state topic until every umid's highest version equals the ground truth."""
     deadline = time.monotonic() + timeout
     while True:
@@ -224,8 +251,12 @@ def wait_for_truth(bootstrap: str, codecs: Codecs, prefix: str, expected: dict[s
         if time.monotonic() > deadline:
             u = wrong[0]
             got = comparable(latest[u]) if u in latest else None
-            pytest.fail(f"{len(wrong)} of {len(expected)} umids differ from the ground truth after "
-                        f"{timeout}s; first {u}:\n got      {got}\n expected {comparable(expected[u])}")
+            history = [(p, o, st.version, st.state, len(st.steps)) for p, o, st in records if st.umid == u]
+            pytest.fail(
+                f"{len(wrong)} of {len(expected)} umids differ from the ground truth after "
+                f"{timeout}s; first {u}, emitted (partition, offset, version, state, steps): "
+                f"{history}\n got      {got}\n expected {comparable(expected[u])}"
+            )
         time.sleep(1.0)
 
 
@@ -273,8 +304,9 @@ def test_scrambled_duplicated_receipts_give_the_ground_truth(
     per_umid = defaultdict(set)
     for _, _, s in records:
         per_umid[s.umid].add(s.version)
-    assert max(len(v) for v in per_umid.values()) <= max(len([r for r in receipts if r.umid == u])
-                                                          for u in per_umid)
+    assert max(len(v) for v in per_umid.values()) <= max(
+        len([r for r in receipts if r.umid == u]) for u in per_umid
+    )
 
 
 def test_kill_9_mid_stream_then_restart_with_and_without_local_state(
