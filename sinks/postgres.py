@@ -45,7 +45,7 @@ from schemas.errors import TransientError
 from schemas.models import Conversation, InboundMessage, MessageState
 from sinks import rows as R
 from sinks.rows import PiiPolicy
-from sinks.store import DEFAULT_LIMIT, MIGRATIONS_TABLE, clamp_limit
+from sinks.store import DEFAULT_LIMIT, MIGRATIONS_TABLE, clamp_limit, inbound_filters, message_filters
 
 log = logging.getLogger(__name__)
 
@@ -557,13 +557,9 @@ class PostgresStore:
         limit: int = DEFAULT_LIMIT,
     ) -> tuple[list[dict[str, Any]], str | None]:
         limit = clamp_limit(limit)
-        where, params = ["sub_account_id = %s"], [sub_account_id]
-        if client_message_id is not None:
-            where.append("client_message_id = %s")
-            params.append(client_message_id)
-        if batch_id is not None:
-            where.append("batch_id = %s")
-            params.append(batch_id)
+        filters = message_filters(sub_account_id, client_message_id, batch_id)
+        where = [f"{column} = %s" for column, _ in filters]
+        params: list[Any] = [value for _, value in filters]
         if after is not None:
             where.append("umid > %s")
             params.append(after)
@@ -584,17 +580,9 @@ class PostgresStore:
         limit: int = DEFAULT_LIMIT,
     ) -> tuple[list[dict[str, Any]], str | None]:
         limit = clamp_limit(limit)
-        where: list[str] = ["sub_account_id = %s"]
-        params: list[Any] = [sub_account_id]
-        if channel_id is not None:
-            where.append("channel_id = %s")
-            params.append(channel_id)
-        if channel_user_id is not None:
-            where.append("channel_user_id = %s")
-            params.append(channel_user_id)
-        if msisdn is not None:
-            where.append("msisdn_hash = %s")
-            params.append(self.pii.hash_msisdn(msisdn))
+        filters = inbound_filters(self.pii, sub_account_id, channel_id, channel_user_id, msisdn)
+        where = [f"{column} = %s" for column, _ in filters]
+        params: list[Any] = [value for _, value in filters]
         if after is not None:
             where.append("(ts, umid) > (%s, %s)")
             params.extend(R.parse_inbound_cursor(after))

@@ -22,7 +22,7 @@ from schemas.errors import TransientError
 from schemas.models import Conversation, InboundMessage, MessageState
 from sinks import rows as R
 from sinks.rows import PiiPolicy
-from sinks.store import DEFAULT_LIMIT, MIGRATIONS_TABLE, clamp_limit
+from sinks.store import DEFAULT_LIMIT, MIGRATIONS_TABLE, clamp_limit, inbound_filters, message_filters
 
 BUSY_TIMEOUT_MS = 30_000
 
@@ -407,13 +407,9 @@ class SqliteStore:
         limit: int = DEFAULT_LIMIT,
     ) -> tuple[list[dict[str, Any]], str | None]:
         limit = clamp_limit(limit)
-        where, params = ["sub_account_id = ?"], [sub_account_id]
-        if client_message_id is not None:
-            where.append("client_message_id = ?")
-            params.append(client_message_id)
-        if batch_id is not None:
-            where.append("batch_id = ?")
-            params.append(batch_id)
+        filters = message_filters(sub_account_id, client_message_id, batch_id)
+        where = [f"{column} = ?" for column, _ in filters]
+        params: list[Any] = [value for _, value in filters]
         if after is not None:
             where.append("umid > ?")
             params.append(after)
@@ -435,17 +431,9 @@ class SqliteStore:
         limit: int = DEFAULT_LIMIT,
     ) -> tuple[list[dict[str, Any]], str | None]:
         limit = clamp_limit(limit)
-        where: list[str] = ["sub_account_id = ?"]
-        params: list[Any] = [sub_account_id]
-        if channel_id is not None:
-            where.append("channel_id = ?")
-            params.append(channel_id)
-        if channel_user_id is not None:
-            where.append("channel_user_id = ?")
-            params.append(channel_user_id)
-        if msisdn is not None:
-            where.append("msisdn_hash = ?")
-            params.append(self.pii.hash_msisdn(msisdn))
+        filters = inbound_filters(self.pii, sub_account_id, channel_id, channel_user_id, msisdn)
+        where = [f"{column} = ?" for column, _ in filters]
+        params: list[Any] = [value for _, value in filters]
         if after is not None:
             when, umid = R.parse_inbound_cursor(after)
             ts = to_text(when)

@@ -123,3 +123,33 @@ def open_store(url: str, pii: PiiPolicy, *, synchronous_commit: bool = True) -> 
 
         return PostgresStore(url, pii, synchronous_commit=synchronous_commit)
     raise ValueError(f"unsupported store URL scheme {scheme!r}: use sqlite:///path or postgresql://...")
+
+
+def message_filters(
+    sub_account_id: str, client_message_id: str | None, batch_id: str | None
+) -> list[tuple[str, Any]]:
+    """The equality filters (column, value) of `Store.list_messages`, for both dialects."""
+    filters: list[tuple[str, Any]] = [("sub_account_id", sub_account_id)]
+    if client_message_id is not None:
+        filters.append(("client_message_id", client_message_id))
+    if batch_id is not None:
+        filters.append(("batch_id", batch_id))
+    return filters
+
+
+def inbound_filters(
+    pii: PiiPolicy,
+    sub_account_id: str,
+    channel_id: str | None,
+    channel_user_id: str | None,
+    msisdn: str | None,
+) -> list[tuple[str, Any]]:
+    """The equality filters (column, value) of `Store.list_inbound`; a msisdn is matched by its hash."""
+    filters: list[tuple[str, Any]] = [("sub_account_id", sub_account_id)]
+    if channel_id is not None:
+        filters.append(("channel_id", channel_id))
+    if channel_user_id is not None:
+        filters.append(("channel_user_id", channel_user_id))
+    if msisdn is not None:
+        filters.append(("msisdn_hash", pii.hash_msisdn(msisdn)))
+    return filters
