@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
-import httpx
 import pytest
 from confluent_kafka import DeserializingConsumer, Message, Producer, TopicPartition
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
@@ -27,6 +26,7 @@ from schemas.catalog import TOPICS, TopicSpec, load_schema
 from schemas.codec import Codecs, TopicCodec
 from schemas.evolution import cmd_register, register_all
 from tests.fixtures.records import TO_DICT, plain, sample
+from tests.support.containers import production_parts
 
 pytestmark = pytest.mark.integration
 
@@ -153,40 +153,8 @@ def test_embedded_registry_honours_the_contract(registry_url: str) -> None:
 
 @pytest.fixture(scope="module")
 def confluent_registry() -> Iterator[str]:
-    docker = pytest.importorskip("docker")
-    try:
-        docker.from_env().ping()
-    except Exception as exc:
-        pytest.skip(f"no Docker engine: {exc}")
-    from testcontainers.community.kafka import KafkaContainer
-    from testcontainers.core.container import DockerContainer
-    from testcontainers.core.network import Network
-
-    with Network() as network:
-        kafka = (
-            KafkaContainer("confluentinc/cp-kafka:7.6.0").with_network(network).with_network_aliases("kafka")
-        )
-        registry = (
-            DockerContainer("confluentinc/cp-schema-registry:7.6.0")
-            .with_network(network)
-            .with_env("SCHEMA_REGISTRY_HOST_NAME", "schema-registry")
-            .with_env("SCHEMA_REGISTRY_LISTENERS", "http://0.0.0.0:8081")
-            .with_env("SCHEMA_REGISTRY_KAFKASTORE_BOOTSTRAP_SERVERS", "PLAINTEXT://kafka:9092")
-            .with_exposed_ports(8081)
-        )
-        with kafka, registry:
-            url = f"http://{registry.get_container_host_ip()}:{registry.get_exposed_port(8081)}"
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if httpx.get(f"{url}/subjects", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"cp-schema-registry did not start: {registry.get_logs()}")
-                time.sleep(1)
-            yield url
+    with production_parts() as parts:
+        yield parts["CHATPIPE_SCHEMA_REGISTRY_URL"]
 
 
 @pytest.mark.docker
