@@ -69,7 +69,7 @@ from processors.app import (
     stored_header,
 )
 from processors.conversation import apply_inbound, conversation_key
-from processors.state import StateConfig, apply_many, expire, expire_due
+from processors.state import apply_many, expire, expire_due
 from schemas.errors import InvalidEvent, TransientError
 from schemas.models import DeliveryReceipt, MessageState, MessageStep, StatusEvent, StatusEventRecord
 
@@ -86,11 +86,6 @@ _METRICS_CONTENT_TYPE = "; ".join(p for p in CONTENT_TYPE_LATEST.split("; ") if 
 def _us(t: datetime) -> int:
     d = t - _EPOCH
     return (d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds
-
-
-def next_check(state: MessageState, config: StateConfig) -> datetime | None:
-    """Earliest ingest time at which the timer must look at `state` again; None: never."""
-    return expire_due(state, config)
 
 
 @dataclass
@@ -265,7 +260,7 @@ class Folder:
                 if state.final:
                     check_at = wm_us + final_retention
                 else:
-                    due = next_check(state, config)
+                    due = expire_due(state, config)
                     check_at = _us(due) if due is not None else -1
                 last = max(last_offset, max(off for off, _ in items))
                 if not outcome.changed and replayed and stored is not None:
@@ -444,8 +439,8 @@ class Folder:
                         out.emits.append((partition, key, avro))
                         self._derive(out, partition, key, sealed, ())
                         counts["sealed"] += 1
-                    else:  # not due after all (see next_check): look again later
-                        due = next_check(state, config)
+                    else:  # not due after all: look again later
+                        due = expire_due(state, config)
                         later = _us(due) if due is not None else -1
                         if 0 <= later <= wm_us:
                             later = wm_us + interval
