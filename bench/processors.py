@@ -81,21 +81,37 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def run_worker(bootstrap: str, registry_url: str, partitions: int, total: int, workdir: Path) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU time of a process so far (from /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_worker(
+    bootstrap: str, registry_url: str, partitions: int, total: int, workdir: Path, broker_pid: int
+) -> dict:
     port = free_port()
     ready = workdir / "worker.ready"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATPIPE_")}
     env.update(
-        CHATPIPE_KAFKA_BOOTSTRAP=bootstrap, CHATPIPE_SCHEMA_REGISTRY_URL=registry_url,
-        CHATPIPE_STATE_DIR=str(workdir / "state"), CHATPIPE_PARTITIONS=str(partitions),
-        CHATPIPE_EMBEDDED_BROKER="1", CHATPIPE_WORKER_WEB_PORT=str(port), CHATPIPE_READY_FILE=str(ready),
+        CHATPIPE_KAFKA_BOOTSTRAP=bootstrap,
+        CHATPIPE_SCHEMA_REGISTRY_URL=registry_url,
+        CHATPIPE_STATE_DIR=str(workdir / "state"),
+        CHATPIPE_PARTITIONS=str(partitions),
+        CHATPIPE_EMBEDDED_BROKER="1",
+        CHATPIPE_WORKER_WEB_PORT=str(port),
+        CHATPIPE_READY_FILE=str(ready),
         CHATPIPE_LOG_LEVEL="WARNING",
     )
     log = open(workdir / "worker.log", "wb")  # noqa: SIM115 - closed below
     t_start = time.perf_counter()
     profile = ["-m", "cProfile", "-o", os.environ["BENCH_PROFILE"]] if os.environ.get("BENCH_PROFILE") else []
-    proc = subprocess.Popen([sys.executable, *profile, "-m", "chatpipe.cli", "worker"], env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, *profile, "-m", "chatpipe.cli", "worker"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         while not ready.exists():
             if proc.poll() is not None:
@@ -118,12 +134,21 @@ def run_worker(bootstrap: str, registry_url: str, partitions: int, total: int, w
             now = time.perf_counter()
             if first_t is None and n > 0:
                 first_t, first_n = now, n
+                cpu0 = (cpu_seconds(proc.pid), cpu_seconds(broker_pid))
             time.sleep(0.1)
         last_t = time.perf_counter()
+        cpu = (cpu_seconds(proc.pid) - cpu0[0], cpu_seconds(broker_pid) - cpu0[1])
         rss = rss_mb(proc.pid)
         assert first_t is not None and first_n is not None
         rate = (total - first_n) / max(last_t - first_t, 1e-9) if total > first_n else float("nan")
-        return {"rate": rate, "rss": rss, "startup": first_t - t_start}
+        wall = last_t - first_t
+        return {
+            "rate": rate,
+            "rss": rss,
+            "startup": first_t - t_start,
+            "cpu": cpu[0] / wall,
+            "broker_cpu": cpu[1] / wall,
+        }
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -135,8 +160,14 @@ def run_worker(bootstrap: str, registry_url: str, partitions: int, total: int, w
 
 
 def run_plain(bootstrap: str, codecs: Codecs, partitions: int, total: int, batch: int = 5000) -> dict:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-plain",
-                         "enable.auto.commit": False, "enable.partition.eof": False})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "bench-plain",
+            "enable.auto.commit": False,
+            "enable.partition.eof": False,
+        }
+    )
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True})
     consumer.assign([TopicPartition(RECEIPTS.name, p, OFFSET_BEGINNING) for p in range(partitions)])
     decode, encode = codecs.receipts.decode, codecs.state.encode
@@ -212,10 +243,13 @@ def main() -> None:
 
         worker = plain = None
         if args.only in (None, "worker"):
-            worker = run_worker(bootstrap, registry_url, args.partitions, total, workdir)
-            print(f"(a) chatpipe Faust worker: {worker['rate']:,.0f} receipts/s  "
-                  f"(ready + first batch after {worker['startup']:.1f}s; RSS at end {worker['rss']:,.0f} MB "
-                  f"holding {umids:,} umids)")
+            worker = run_worker(bootstrap, registry_url, args.partitions, total, workdir, tansu.pid)
+            print(
+                f"(a) chatpipe Faust worker: {worker['rate']:,.0f} receipts/s  "
+                f"(ready + first batch after {worker['startup']:.1f}s; RSS at end {worker['rss']:,.0f} MB "
+                f"holding {umids:,} umids; CPU while processing: worker {worker['cpu']:.2f} cores, "
+                f"broker {worker['broker_cpu']:.2f})"
+            )
         if args.only in (None, "plain"):
             plain = run_plain(bootstrap, codecs, args.partitions, total)
             print(f"(b) plain confluent loop:  {plain['rate']:,.0f} receipts/s")

@@ -50,6 +50,7 @@ class Settings:
     processor_batch_size: int = 5000
     processor_batch_within: float = 0.1
     processor_cache_size: int = 200_000
+    processor_in_flight: int = 4
     processor_expire_interval: float = 30.0
     emit_steps_and_events: bool = True
     pii_clear: bool = False

@@ -18,7 +18,10 @@ Processing guarantee (at-least-once, outputs idempotent and monotonic), per batc
     2. send them to the changelog and wait for the acks (on Tansu: then one marker record per partition,
        alone in its batch, so ListOffsets gives the true end to the next recovery);
     3. send the changed states to the state topic and wait for the acks;
-    4. return to Faust, which acks the events; offsets are committed only for acked events.
+    4. ack the events to Faust; offsets are committed only for acked events.
+Steps 2-4 run in a sender task, so the agent folds the next batches (step 1) while the broker acks
+earlier ones: at most `in_flight` folded batches wait, and the sender takes all that wait as ONE send
+(one changelog flush, one marker flush, one state flush for all of them), in the order they were folded.
 Each stored value carries the highest input offset folded into it. After a crash the input is replayed
 from the last commit. Every receipt is applied again (the pure core is idempotent: one already folded is a
 duplicate); when a batch brings nothing new for a key but holds receipts at or below its stored offset,
@@ -47,6 +50,7 @@ version (the only residual effect is that fresh fragment in the table until it e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -104,10 +108,26 @@ class _Batch:
     values: dict[int, list[tuple[bytes, bytes | None]]] = field(default_factory=dict)  # p -> (key, value)
     emits: list[tuple[int, bytes, bytes]] = field(default_factory=list)  # (p, key, state avro)
     derived: list[tuple[str, int, bytes, bytes]] = field(default_factory=list)  # (topic, p, key, value)
-    not_ours: int = 0  # events of partitions revoked while they waited: never acked here
+    events: Sequence[Any] = ()  # the Faust events folded into this batch, acked once it is sent
+    not_ours: set[int] = field(default_factory=set)  # ids of events of partitions revoked while they
+    # waited: never acked here (acking them would commit offsets past receipts nobody processed)
 
     def put(self, p: int, key: bytes, value: bytes | None) -> None:
         self.values.setdefault(p, []).append((key, value))
+
+
+def merge(batches: Sequence[_Batch]) -> _Batch:
+    """One send for several folded batches: their writes concatenated in folding order (a key written by
+    two of them ends with the later value, in RocksDB as in the changelog)."""
+    if len(batches) == 1:
+        return batches[0]
+    out = _Batch()
+    for b in batches:
+        for partition, kvs in b.values.items():
+            out.values.setdefault(partition, []).extend(kvs)
+        out.emits.extend(b.emits)
+        out.derived.extend(b.derived)
+    return out
 
 
 class Folder:
@@ -125,14 +145,16 @@ class Folder:
         self.emit_derived = p.settings.emit_steps_and_events
         self.changelog_topic = p.table.changelog_topic.get_topic_name()
         self.parts: dict[int, _Partition] = {}
-        self.lock = asyncio.Lock()
         bootstrap = p.settings.kafka_bootstrap
         common = {"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all"}
         self.changelog_producer = Producer({**common, "linger.ms": 2, "client.id": "chatpipe-changelog"})
         self.state_producer = Producer({**common, "linger.ms": 5, "client.id": "chatpipe-state"})
         self._errors: list[str] = []
         self._changelog_offsets: dict[int, int] = {}
-        self._skipped: set[int] = set()
+        self._waiting: list[_Batch] = []  # folded, not yet taken by the sender
+        self._progress = asyncio.Event()  # set when the sender takes batches or fails
+        self._sender: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
 
     # --- partitions ----------------------------------------------------------------------------
 
@@ -181,13 +203,20 @@ class Folder:
         key: bytes,
         state: MessageState,
         new_events: Sequence[tuple[int, StatusEvent]],
+        prev: MessageState | None = None,
     ) -> None:
-        """The step records of a new version and its newly recorded status events (history topic)."""
+        """The step records that changed since `prev` (all of them without `prev`) and the newly
+        recorded status events (history topic) of a new version. A step record changes with its step
+        (status, history, counters) and with the step count; a step the core left untouched is the same
+        object in both states, so an unchanged step is recognised by identity (never re-encoded)."""
         if not self.emit_derived:
             return
         steps, events = self.codecs.steps, self.codecs.events
         n = len(state.steps)
-        for step in state.steps:
+        before = prev.steps if prev is not None and len(prev.steps) == n else ()
+        for i, step in enumerate(state.steps):
+            if before and before[i] is step:
+                continue
             record = MessageStep(state.umid, state.sub_account_id, state.version, n, step)
             out.derived.append((steps.spec.name, partition, key, steps.encode(record)))
         for number, event in new_events:
@@ -233,8 +262,7 @@ class Folder:
         if invalid:
             self.metrics.events.labels("invalid").inc(invalid)
 
-        out = _Batch(not_ours=len(skipped))
-        self._skipped = skipped
+        out = _Batch(events=events, not_ours=skipped)
         counts = {"applied": 0, "unchanged": 0, "duplicate": 0, "replayed": 0, "late": 0}
         config = self.config
         final_retention = int(self.rt.final_retention.total_seconds() * 1_000_000)
@@ -278,7 +306,7 @@ class Folder:
                 out.put(partition, key, encode_stored(new))
                 if outcome.changed:
                     out.emits.append((partition, key, avro))
-                    self._derive(out, partition, key, state, outcome.new_events)
+                    self._derive(out, partition, key, state, outcome.new_events, prev)
                 self._remember(part, key, new)
                 self._schedule(part, key, check_at)
                 fresh = len(items) - replayed
@@ -361,17 +389,61 @@ class Folder:
             await self._flush(sp)
             self.metrics.states_emitted.inc(len(out.emits))
 
-    async def process(self, events: Sequence[Any]) -> list[Any]:
-        """Fold and send one batch; returns the events to ack: all but those of partitions this worker
-        no longer owns (acking those would commit offsets past receipts nobody processed)."""
-        async with self.lock:
-            out = self.fold(events, datetime.now(UTC))
-            await self.send(out)
-            if not out.not_ours:
-                return list(events)
-            skipped, self._skipped = self._skipped, set()
+    # --- the pipeline --------------------------------------------------------------------------
+
+    async def submit(self, events: Sequence[Any]) -> None:
+        """Fold one batch now and queue it for the sender; waits while `in_flight` batches wait."""
+        await self._room()
+        self._enqueue(self.fold(events, datetime.now(UTC)))
+
+    async def _room(self) -> None:
+        while True:
+            if self._failure is not None:
+                raise TransientError(f"the sender failed: {self._failure!r}") from self._failure
+            if len(self._waiting) < self.rt.in_flight:
+                return
+            self._progress.clear()
+            await self._progress.wait()
+
+    def _enqueue(self, out: _Batch) -> None:
+        # no await between `_room` and here: batches are queued in the order they were folded
+        self._waiting.append(out)
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.get_running_loop().create_task(self._send_loop(), name="chatpipe-sender")
+        self._progress.set()
+
+    async def _send_loop(self) -> None:
+        try:
+            while True:
+                while not self._waiting:
+                    self._progress.clear()
+                    await self._progress.wait()
+                batches, self._waiting = self._waiting, []
+                self._progress.set()  # room again for the folder
+                await self.send(merge(batches))
+                for out in batches:
+                    self._ack(out)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            log.error("sending folded batches failed: %r", exc)
+            self._failure = exc
+            self._progress.set()
+            raise
+
+    def _ack(self, out: _Batch) -> None:
+        skipped = out.not_ours
+        if skipped:
             log.info("%d buffered receipts of revoked partitions left for their new owner", len(skipped))
-            return [ev for ev in events if id(ev) not in skipped]
+        for event in out.events:
+            if id(event) not in skipped:
+                event.ack()
+
+    async def stop(self) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._sender
 
     # --- the timer -----------------------------------------------------------------------------
 
@@ -437,7 +509,7 @@ class Folder:
                             version=sealed.version,
                         )
                         out.emits.append((partition, key, avro))
-                        self._derive(out, partition, key, sealed, ())
+                        self._derive(out, partition, key, sealed, (), state)  # steps unchanged
                         counts["sealed"] += 1
                     else:  # not due after all: look again later
                         due = expire_due(state, config)
@@ -463,12 +535,12 @@ class Folder:
     async def tick(self) -> None:
         if self.app.rebalancing or self.app.tables.recovery.in_recovery:
             return
-        async with self.lock:
-            while True:
-                out = self.expire_due()
-                if not out.values:
-                    return
-                await self.send(out)
+        while True:
+            await self._room()
+            out = self.expire_due()
+            if not out.values:
+                return
+            self._enqueue(out)
 
 
 async def take_batches(queue: Any, size: int, within: float) -> AsyncIterator[list[Any]]:
@@ -504,9 +576,11 @@ def install_agents(p: Processor) -> Folder:
         # would be; its queue holds decoded Events, drained here in bulk. Acks go to the consumer after
         # the batch is fully processed and acknowledged by the broker (at-least-once).
         channel = aiter(stream.channel)
-        async for events in take_batches(channel.queue, rt.batch_size, rt.batch_within):
-            for event in await folder.process(events):
-                event.ack()
+        try:
+            async for events in take_batches(channel.queue, rt.batch_size, rt.batch_within):
+                await folder.submit(events)
+        finally:
+            await folder.stop()  # what was not sent is not acked: it comes again (at-least-once)
 
     @p.app.timer(interval=rt.expire_interval)
     async def expire_states() -> None:

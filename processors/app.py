@@ -50,20 +50,22 @@ class RuntimeConfig:
 
     Proposed `Settings` fields (env `CHATPIPE_<NAME>`), read here with these defaults until they exist:
     processor_batch_size, processor_batch_within, processor_cache_size, processor_expire_interval,
+    processor_in_flight,
     final_retention_hours, tombstone_retention_hours, stale_after_hours.
     """
 
     batch_size: int = 5000  # receipts per take_events batch (all partitions of this worker)
     batch_within: float = 0.1  # seconds to wait for a batch to fill
     cache_size: int = 200_000  # decoded states kept in memory (all partitions)
+    in_flight: int = 4  # batches folded while earlier ones wait for the broker's acks
     expire_interval: float = 30.0  # seconds between expiry timer runs
     final_retention: timedelta = timedelta(days=1)  # a final state stays this long, then becomes GONE
     tombstone_retention: timedelta = timedelta(days=30)  # a GONE marker stays this long, then is deleted
     changelog_one_record_per_batch: bool = False  # Tansu: exact end offsets for table recovery
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.cache_size < 0:
-            raise ValueError("batch_size must be >= 1 and cache_size >= 0")
+        if self.batch_size < 1 or self.cache_size < 0 or self.in_flight < 1:
+            raise ValueError("batch_size and in_flight must be >= 1 and cache_size >= 0")
         if self.batch_within <= 0 or self.expire_interval <= 0:
             raise ValueError("batch_within and expire_interval must be positive")
         if self.final_retention < timedelta(0) or self.tombstone_retention < timedelta(0):
@@ -168,6 +170,7 @@ def runtime_config(settings: Settings) -> RuntimeConfig:
         batch_size=settings.processor_batch_size,
         batch_within=settings.processor_batch_within,
         cache_size=settings.processor_cache_size,
+        in_flight=settings.processor_in_flight,
         expire_interval=settings.processor_expire_interval,
         final_retention=timedelta(hours=settings.final_retention_hours),
         tombstone_retention=timedelta(hours=settings.tombstone_retention_hours),

@@ -29,7 +29,7 @@ from chatpipe.broker import free_port, start_tansu
 from chatpipe.topics import ensure_topics
 from processors.state import apply
 from schemas import mapping
-from schemas.catalog import MESSAGE_STATE, RECEIPTS
+from schemas.catalog import MESSAGE_STATE, MESSAGE_STEPS, RECEIPTS
 from schemas.codec import Codecs
 from schemas.models import DeliveryReceipt, MessageState, Status, User
 from tests.support.kafka import read_topic
@@ -307,6 +307,23 @@ def test_scrambled_duplicated_receipts_give_the_ground_truth(
     assert max(len(v) for v in per_umid.values()) <= max(
         len([r for r in receipts if r.umid == u]) for u in per_umid
     )
+    # the step topic carries only the steps a version changed: the latest record per (umid, step)
+    # must still be that step of the final state (so no change was left out)
+    latest: dict[tuple[str, int], Any] = {}
+    for m in read_topic(bootstrap, MESSAGE_STEPS.name, timeout=60, idle=1.5):
+        if m.key().decode().startswith("a-"):
+            rec = codecs.steps.decode(m.value())
+            k = (rec.umid, rec.step.step)
+            if k not in latest or rec.message_version >= latest[k].message_version:
+                latest[k] = rec
+    assert len(latest) == sum(len(s.steps) for s in expected.values())
+    for umid, state in expected.items():
+        for step in state.steps:
+            got = mapping.step_to_dict(latest[(umid, step.step)].step)
+            want = mapping.step_to_dict(step)
+            got.pop("duplicates")
+            want.pop("duplicates")
+            assert got == want, f"{umid} step {step.step}"
 
 
 def test_kill_9_mid_stream_then_restart_with_and_without_local_state(
