@@ -92,6 +92,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from schemas.frozen import fast_init
 from schemas.models import DeliveryReceipt, MessageState, StatusEvent, Step, User
 
 __all__ = [
@@ -156,6 +157,7 @@ class StateConfig:
 DEFAULT_CONFIG = StateConfig()
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """Result of `apply`/`apply_many`.

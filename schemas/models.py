@@ -12,6 +12,8 @@ import enum
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from schemas.frozen import fast_init
+
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -20,6 +22,7 @@ class EventKind(enum.StrEnum):
     INBOUND_MESSAGE = "inbound_message_received"
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class User:
     """The end user a message is about. Any field may be absent (v9 drops msisdn for LINE)."""
@@ -30,6 +33,7 @@ class User:
     username: str | None = None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Status:
     """8x8's universal status object, normalised (state/detail lower-case)."""
@@ -41,6 +45,7 @@ class Status:
     error_message: str | None = None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class DeliveryReceipt:
     """One `outbound_message_status_changed` webhook, parsed.
@@ -68,12 +73,14 @@ class DeliveryReceipt:
         return EventKind.DELIVERY_RECEIPT
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ButtonReply:
     id: str | None = None
     title: str | None = None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ListReply:
     id: str | None = None
@@ -81,6 +88,7 @@ class ListReply:
     description: str | None = None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class CallPermissionReply:
     response: str | None = None
@@ -89,6 +97,7 @@ class CallPermissionReply:
     response_source: str | None = None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Interactive:
     """`content.interactive` of an inbound message; `type` is kept as 8x8 spells it (e.g. `nfmReply`)."""
@@ -100,6 +109,7 @@ class Interactive:
     call_permission_reply: CallPermissionReply | None = None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class InboundContent:
     text: str | None = None
@@ -110,6 +120,7 @@ class InboundContent:
     interactive: Interactive | None = None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class InboundMessage:
     """One `inbound_message_received` webhook, parsed. `type` is canonical 8x8 casing (`Text`, ...)."""
@@ -135,6 +146,7 @@ class InboundMessage:
 Event = DeliveryReceipt | InboundMessage
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     """A request (or record) that could not be accepted, parked whole for replay after a fix."""
@@ -154,6 +166,7 @@ class DeadLetter:
 # --- derived state (processors) ------------------------------------------------------------------
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class StatusEvent:
     """One distinct status observed for one step; the identity used for dedup is the whole tuple
@@ -166,6 +179,7 @@ class StatusEvent:
     error_message: str | None = None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Step:
     """One channel attempt of a message: its current (never regressing) status and its history."""
@@ -191,6 +205,7 @@ class Step:
     created_at: datetime | None = None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MessageState:
     """The truth about one outbound message (umid), folded from its receipts.
@@ -231,6 +246,7 @@ class MessageState:
         return self.steps[-1].channel if self.steps else ""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MessageStep:
     """A step as published on the step topic: the step plus which message version it belongs to."""
@@ -242,6 +258,7 @@ class MessageStep:
     step: Step
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class StatusEventRecord:
     """A distinct status newly recorded for a step, as published on the history topic."""
@@ -254,6 +271,7 @@ class StatusEventRecord:
     event: StatusEvent
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Conversation:
     """What inbound messages tell about one (subaccount, channel, channelId, user); see
