@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import struct
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -40,7 +40,9 @@ _NAMED = ("record", "enum", "fixed")
 _TABLE = 4096
 
 Writer = Callable[[dict[str, Any], bytearray], None]
-Reader = Callable[[bytes, int], tuple[dict[str, Any], int]]
+Reader = Callable[[bytes, int], tuple[Any, int]]
+#: how `compile_reader` builds one record type: (constructor, {Avro field name: keyword argument})
+Build = tuple[Callable[..., Any], Mapping[str, str]]
 
 
 class Unsupported(Exception):
@@ -402,6 +404,13 @@ def _read_length(data: bytes, pos: int) -> tuple[int, int]:
 
 
 class _ReaderGen(_Gen):
+    build: dict[str, Build]
+
+    def __init__(self, schema: Any, cache_timestamps: bool | None) -> None:
+        super().__init__(schema, cache_timestamps)
+        self.build = {}
+        self.built: set[str] = set()
+
     def value(self, schema: Any, t: str, ind: int, ns: str | None) -> None:
         """Emit code reading one value at `pos` into local `t`, advancing `pos`."""
         src, emit = self.src, self.src.emit
@@ -478,13 +487,24 @@ class _ReaderGen(_Gen):
             emit(ind + 1, f"{count}, pos = read_long(data, pos)")
         elif kind == "record":
             self.enter(schema, ns)
-            fields = []
+            full = self.stack[-1]
+            values = []
             for f in schema["fields"]:
                 fv = src.var()
                 self.value(f["type"], fv, ind, ns)
-                fields.append(f"{f['name']!r}: {fv}")
+                values.append((f["name"], fv))
             self.stack.pop()
-            emit(ind, f"{t} = {{{', '.join(fields)}}}")
+            built = self.build.get(full)
+            if built is None:
+                emit(ind, f"{t} = {{{', '.join(f'{name!r}: {fv}' for name, fv in values)}}}")
+            else:
+                ctor, keywords = built
+                missing = [name for name, _ in values if name not in keywords]
+                if missing:
+                    raise Unsupported(f"{full}: no keyword for fields {missing}")
+                self.built.add(full)
+                args = ", ".join(f"{keywords[name]}={fv}" for name, fv in values)
+                emit(ind, f"{t} = {src.const(ctor, 'C')}({args})")
         else:
             raise Unsupported(f"type {kind}")
 
@@ -515,11 +535,19 @@ class _ReaderGen(_Gen):
         emit(ind + 1, f"{t} = EPOCH + timedelta(0, 0, {t})")
 
 
-def compile_reader(schema: Any, cache_timestamps: bool | None = None) -> Reader:
-    """`read(data, pos) -> (record, end)`: decode a record written with `schema` (the module contract)."""
+def compile_reader(
+    schema: Any, cache_timestamps: bool | None = None, build: Mapping[str, Build] | None = None
+) -> Reader:
+    """`read(data, pos) -> (record, end)`: decode a record written with `schema` (the module contract).
+
+    `build`: record full name -> (constructor, {Avro field name: keyword}); those records are returned
+    as `constructor(keyword=value, ...)` instead of dicts (the other records inside stay dicts), which
+    saves building a dict only to map it to an object. Every field of such a record must have a keyword,
+    and every name must be a record of the schema, else `Unsupported`."""
     if not (isinstance(schema, dict) and schema.get("type") == "record"):
         raise Unsupported("top-level schema must be a record")
     gen = _ReaderGen(schema, cache_timestamps)
+    gen.build = dict(build or {})
     gen.src.consts.update(
         _words=struct.Struct("<4H").unpack_from,
         _NO_WORDS=(0, 0, 0, 0),
@@ -535,6 +563,8 @@ def compile_reader(schema: Any, cache_timestamps: bool | None = None) -> Reader:
     if gen.cache:
         gen.src.emit(1, "seen = {}")
     gen.value(schema, "record", 1, None)
+    if set(gen.build) - gen.built:
+        raise Unsupported(f"no such records to build: {sorted(set(gen.build) - gen.built)}")
     gen.src.emit(1, "if pos > len(data):")
     gen.src.emit(2, "raise EOFError('truncated record')")
     gen.src.emit(1, "return record, pos")

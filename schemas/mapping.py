@@ -90,6 +90,45 @@ def receipt_from_dict(d: Record) -> DeliveryReceipt:
     )
 
 
+#: DeliveryReceipt objects straight from the compiled Avro reader (schemas/fastpath.py); equal to
+#: `receipt_from_dict` of the same record (tests/unit/test_codec.py checks every sample)
+RECEIPT_BUILD = {
+    "io.chatpipe.raw.DeliveryReceipt": (
+        DeliveryReceipt,
+        {
+            "umid": "umid",
+            "subAccountId": "sub_account_id",
+            "channel": "channel",
+            "status": "status",
+            "user": "user",
+            "batchId": "batch_id",
+            "clientMessageId": "client_message_id",
+            "clientBatchId": "client_batch_id",
+            "version": "version",
+            "whatsappProviderErrorCode": "whatsapp_provider_error_code",
+            "whatsappPricingCategory": "whatsapp_pricing_category",
+            "outboundContentJson": "outbound_content_json",
+            "receivedAt": "received_at",
+            "rawJson": "raw_json",
+        },
+    ),
+    "io.chatpipe.common.Status": (
+        Status,
+        {
+            "state": "state",
+            "detail": "detail",
+            "timestamp": "timestamp",
+            "errorCode": "error_code",
+            "errorMessage": "error_message",
+        },
+    ),
+    "io.chatpipe.common.User": (
+        User,
+        {"msisdn": "msisdn", "channelUserId": "channel_user_id", "name": "name", "username": "username"},
+    ),
+}
+
+
 def _interactive_to_dict(i: Interactive | None) -> Record | None:
     if i is None:
         return None
