@@ -247,8 +247,8 @@ def main() -> None:
             print(
                 f"(a) chatpipe Faust worker: {worker['rate']:,.0f} receipts/s  "
                 f"(ready + first batch after {worker['startup']:.1f}s; RSS at end {worker['rss']:,.0f} MB "
-                f"holding {umids:,} umids; CPU while processing: worker {worker['cpu']:.2f} cores, "
-                f"broker {worker['broker_cpu']:.2f})"
+                f"holding {umids:,} umids; CPU while processing: worker {worker['cpu']:.2f} cores = "
+                f"{worker['cpu'] / worker['rate'] * 1e6:.0f} us/receipt, broker {worker['broker_cpu']:.2f})"
             )
         if args.only in (None, "plain"):
             plain = run_plain(bootstrap, codecs, args.partitions, total)
