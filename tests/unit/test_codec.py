@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ingest.parse import parse_webhook
-from schemas import fastpath
+from schemas import fastpath, mapping
 from schemas.catalog import (
     CONVERSATIONS,
     INBOUND,
@@ -367,3 +367,30 @@ def test_damaged_records_decode_or_fail_exactly_as_with_fastavro(
             return "InvalidEvent"
 
     assert outcome(fast) == outcome(reference)
+
+
+def test_building_objects_needs_a_keyword_for_every_field_and_known_records() -> None:
+    schema = json.loads(load_schema(RECEIPTS.schema_file))
+    build = dict(mapping.RECEIPT_BUILD)
+    ctor, keywords = build["io.chatpipe.common.User"]
+    build["io.chatpipe.common.User"] = (ctor, {k: v for k, v in keywords.items() if k != "username"})
+    with pytest.raises(fastpath.Unsupported, match="username"):
+        fastpath.compile_reader(schema, build=build)
+    with pytest.raises(fastpath.Unsupported, match="no such records"):
+        fastpath.compile_reader(schema, build={**mapping.RECEIPT_BUILD, "io.chatpipe.Nope": (dict, {})})
+
+
+def test_receipts_from_another_writer_schema_are_resolved_not_built(codecs: Codecs) -> None:
+    """Objects are built straight from the bytes only for data written with the codec's own schema."""
+    model = parse_webhook(load("dr_v9_whatsapp_read"), RECEIVED)
+    assert model.whatsapp_pricing_category is not None
+    older = json.loads(load_schema(RECEIPTS.schema_file))
+    older["fields"] = [f for f in older["fields"] if f["name"] != "whatsappPricingCategory"]
+    writer_id = codecs.registry.register(RECEIPTS.subject, json.dumps(older))
+    assert writer_id != codecs.receipts.schema_id
+    record = {k: v for k, v in mapping.receipt_to_dict(model).items() if k != "whatsappPricingCategory"}
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, fastavro.parse_schema(older), record)
+    old_data = _HEADER.pack(0, writer_id) + buf.getvalue()
+    assert codecs.receipts.decode(old_data) == dataclasses.replace(model, whatsapp_pricing_category=None)
+    assert codecs.receipts.decode(codecs.receipts.encode(model)) == model
