@@ -392,5 +392,16 @@ def test_receipts_from_another_writer_schema_are_resolved_not_built(codecs: Code
     buf = io.BytesIO()
     fastavro.schemaless_writer(buf, fastavro.parse_schema(older), record)
     old_data = _HEADER.pack(0, writer_id) + buf.getvalue()
+    built: list[int] = []
+    build = codecs.receipts._fast_build
+    assert build is not None
+
+    def spy(data: bytes, pos: int) -> Any:
+        built.append(struct.unpack_from(">I", data, 1)[0])
+        return build(data, pos)
+
+    codecs.receipts._fast_build = spy
     assert codecs.receipts.decode(old_data) == dataclasses.replace(model, whatsapp_pricing_category=None)
+    assert built == []  # resolved by fastavro, never read by the builder compiled for the new schema
     assert codecs.receipts.decode(codecs.receipts.encode(model)) == model
+    assert built == [codecs.receipts.schema_id]
