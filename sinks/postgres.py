@@ -444,22 +444,28 @@ class PostgresStore:
                     raise _Raced(f"{len(replaced) - deleted} message rows changed meanwhile")
                 cur.execute(_DELETE_REPLACED_STEPS, (umids,))
                 stored = set(cur.execute(_STORED_EVENTS, (umids,)).fetchall())
-        steps: list[tuple[Any, ...]] = []
-        events: list[tuple[Any, ...]] = []
 
+        # Each table's rows are built lazily inside its own COPY: the server ingests (parses, checks
+        # keys, updates indexes) the rows already sent while the next ones are built, so the client's
+        # work and the server's overlap instead of adding up.
         def message_rows() -> Iterator[tuple[Any, ...]]:
-            # built while the server ingests the previous rows of this COPY (the two overlap)
             for s in advancing:
                 yield R.message_values(s, pii)
-                steps.extend(R.step_values(s))
+
+        def step_rows() -> Iterator[tuple[Any, ...]]:
+            for s in advancing:
+                yield from R.step_values(s)
+
+        def event_rows() -> Iterator[tuple[Any, ...]]:
+            for s in advancing:
                 if s.umid in held:  # only the events not stored yet
-                    events.extend(e for e in R.event_values(s) if R.event_key(e) not in stored)
+                    yield from (e for e in R.event_values(s) if R.event_key(e) not in stored)
                 else:  # no message row, no events (else: unique violation, and the merge path)
-                    events.extend(R.event_values(s))
+                    yield from R.event_values(s)
 
         self._copy_rows(conn, "messages", "messages", R.MESSAGE_COLUMNS, message_rows())
-        self._copy_rows(conn, "message_steps", "message_steps", R.STEP_COLUMNS, steps)
-        self._copy_rows(conn, "status_events", "status_events", R.EVENT_COLUMNS, events)
+        self._copy_rows(conn, "message_steps", "message_steps", R.STEP_COLUMNS, step_rows())
+        self._copy_rows(conn, "status_events", "status_events", R.EVENT_COLUMNS, event_rows())
         return len(advancing)
 
     def _merge_states(self, conn: psycopg.Connection[Any], latest: list[MessageState]) -> int:
