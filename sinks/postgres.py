@@ -230,6 +230,17 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             " WHERE msisdn_hash IS NOT NULL",
         ),
     ),
+    (
+        4,
+        "message_steps: BRIN for time ranges",
+        (
+            # the read API reads steps by umid only (the primary key); every advance of a message
+            # rewrites its steps, and the (channel, status_at) b-tree cost ~7% of the sink's server time
+            # for analytics alone: serve those by a BRIN on status_at, as migration 2 did for messages
+            "DROP INDEX message_steps_channel_day",
+            "CREATE INDEX message_steps_status_at_brin ON message_steps USING brin (status_at)",
+        ),
+    ),
 )
 
 # Staging tables: same columns as their targets, no constraints, emptied at every commit.
