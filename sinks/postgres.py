@@ -284,13 +284,14 @@ _INSERT_EVENTS = (
     f" SELECT {_columns(R.EVENT_COLUMNS, 'e.')} FROM stage_events e JOIN stage_advanced a ON a.umid = e.umid"
     " ON CONFLICT DO NOTHING"
 )
-_HELD_VERSIONS = "SELECT umid, version FROM messages WHERE umid = ANY(%s)"
+# umid lists go as binary arrays (%b): half the client time of dumping thousands of strings as text
+_HELD_VERSIONS = "SELECT umid, version FROM messages WHERE umid = ANY(%b)"
 _DELETE_REPLACED = (
-    "DELETE FROM messages m USING unnest(%s::text[], %s::bigint[]) AS n(umid, version)"
+    "DELETE FROM messages m USING unnest(%b::text[], %b::bigint[]) AS n(umid, version)"
     " WHERE m.umid = n.umid AND m.version < n.version"
 )
-_DELETE_REPLACED_STEPS = "DELETE FROM message_steps WHERE umid = ANY(%s)"
-_STORED_EVENTS = "SELECT umid, step, state, coalesce(detail, ''), ts FROM status_events WHERE umid = ANY(%s)"
+_DELETE_REPLACED_STEPS = "DELETE FROM message_steps WHERE umid = ANY(%b)"
+_STORED_EVENTS = "SELECT umid, step, state, coalesce(detail, ''), ts FROM status_events WHERE umid = ANY(%b)"
 _INSERT_INBOUND = (
     f"INSERT INTO inbound_messages ({_INBOUND_COLS}) SELECT {_INBOUND_COLS} FROM stage_inbound"
     " ON CONFLICT (umid) DO NOTHING"
