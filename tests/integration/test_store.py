@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from schemas.models import (
     User,
 )
 from sinks import postgres as postgres_sink
+from sinks import rows as R
 from sinks import sqlite as sqlite_sink
 from sinks.rows import PiiPolicy
 from sinks.store import Store, open_store
@@ -490,6 +492,52 @@ def test_postgres_connection_killed_mid_session_reconnects(postgres_server: Post
         assert (store.get_message(SUB, "m-1") or [{}])[0]["status"]["state"] == "sent"
     finally:
         store.close()
+
+
+def test_postgres_fast_and_merge_paths_leave_the_exact_final_rows(postgres_server: PostgresServer) -> None:
+    # a shuffled stream mixing new umids, advances over stored rows, stale and redelivered versions, in
+    # small batches: both write paths must end with exactly the highest version of every umid, only its
+    # steps (none stale), and each distinct status event once
+    stream = [versions(f"m-{i:02d}")[n] for i in range(12) for n in (1, 2, 3, 4, 2, 4)]
+    random.Random(5).shuffle(stream)
+    batches = [stream[i : i + 7] for i in range(0, len(stream), 7)]
+    tables: dict[bool, dict[str, list[tuple[Any, ...]]]] = {}
+    for merge in (False, True):
+        url = fresh_database(postgres_server)
+        store = postgres_sink.PostgresStore(url, PII)
+        store.migrate()
+        try:
+            for batch in batches:
+                latest = R.latest_states(batch)
+                if merge:
+                    store._run(lambda conn, s=store, latest=latest: s._merge_states(conn, latest))
+                else:
+                    store.write_states(batch)
+            assert store.merge_fallbacks == 0
+        finally:
+            store.close()
+        query = _pg_query(url)
+        tables[merge] = {t: query(f"SELECT * FROM {t} ORDER BY {order}") for t, order in TABLES.items()}
+        umids = [f"m-{i:02d}" for i in range(12)]
+        assert query("SELECT umid, version, state FROM messages ORDER BY umid") == [
+            (u, 4, "read") for u in umids
+        ]
+        assert query("SELECT umid, step, state, version FROM message_steps ORDER BY umid, step") == [
+            row for u in umids for row in ((u, 1, "undelivered", 4), (u, 2, "read", 4))
+        ]
+        assert query("SELECT umid, step, state FROM status_events ORDER BY umid, step, ts") == [
+            (u, step, state)
+            for u in umids
+            for step, state in (
+                (1, "queued"),
+                (1, "sent"),
+                (1, "undelivered"),
+                (2, "sent"),
+                (2, "delivered"),
+                (2, "read"),
+            )
+        ]
+    assert tables[False] == tables[True]
 
 
 def test_postgres_fast_path_falls_back_to_merge_on_a_unique_violation(
