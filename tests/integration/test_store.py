@@ -99,6 +99,10 @@ def versions(umid: str) -> dict[int, MessageState]:
     }
 
 
+# every distinct (step, state) of the histories of `versions` up to v4, in time order
+V4_EVENTS = [(1, "queued"), (1, "sent"), (1, "undelivered"), (2, "sent"), (2, "delivered"), (2, "read")]
+
+
 # --- backends ----------------------------------------------------------------------------------
 
 
@@ -335,15 +339,7 @@ def test_status_events_are_deduplicated(backend: Backend) -> None:
     v = versions("m-1")
     for n in (1, 2, 2, 3, 1, 4, 4):
         backend.store.write_states([v[n]])
-    events = backend.query("SELECT step, state FROM status_events ORDER BY step, ts")
-    assert events == [
-        (1, "queued"),
-        (1, "sent"),
-        (1, "undelivered"),
-        (2, "sent"),
-        (2, "delivered"),
-        (2, "read"),
-    ]
+    assert backend.query("SELECT step, state FROM status_events ORDER BY step, ts") == V4_EVENTS
 
 
 def test_status_events_with_a_null_detail_are_deduplicated_too(backend: Backend) -> None:
@@ -526,16 +522,7 @@ def test_postgres_fast_and_merge_paths_leave_the_exact_final_rows(postgres_serve
             row for u in umids for row in ((u, 1, "undelivered", 4), (u, 2, "read", 4))
         ]
         assert query("SELECT umid, step, state FROM status_events ORDER BY umid, step, ts") == [
-            (u, step, state)
-            for u in umids
-            for step, state in (
-                (1, "queued"),
-                (1, "sent"),
-                (1, "undelivered"),
-                (2, "sent"),
-                (2, "delivered"),
-                (2, "read"),
-            )
+            (u, step, state) for u in umids for step, state in V4_EVENTS
         ]
     assert tables[False] == tables[True]
 
