@@ -222,39 +222,20 @@ class Codecs:
     def __init__(self, registry: Registry, *, fast: bool = True) -> None:
         """`fast=False`: fastavro alone, without the compiled fast path (same bytes and values, slower)."""
         self.registry = registry
-        r = registry
-        self.receipts = TopicCodec(
-            r,
-            RECEIPTS,
-            mapping.receipt_to_dict,
-            mapping.receipt_from_dict,
-            fast=fast,
-            build=mapping.RECEIPT_BUILD,
-        )
-        self.inbound = TopicCodec(r, INBOUND, mapping.inbound_to_dict, mapping.inbound_from_dict, fast=fast)
-        self.ingest_dlq = TopicCodec(
-            r, INGEST_DLQ, mapping.dead_letter_to_dict, mapping.dead_letter_from_dict, fast=fast
-        )
-        self.sink_dlq = TopicCodec(
-            r, SINK_DLQ, mapping.dead_letter_to_dict, mapping.dead_letter_from_dict, fast=fast
-        )
-        self.state = TopicCodec(r, MESSAGE_STATE, mapping.state_to_dict, mapping.state_from_dict, fast=fast)
-        self.steps = TopicCodec(
-            r, MESSAGE_STEPS, mapping.message_step_to_dict, mapping.message_step_from_dict, fast=fast
-        )
-        self.events = TopicCodec(
-            r,
-            STATUS_EVENTS,
-            mapping.status_event_record_to_dict,
-            mapping.status_event_record_from_dict,
-            fast=fast,
-        )
-        self.inbound_by_conversation = TopicCodec(
-            r, INBOUND_BY_CONVERSATION, mapping.inbound_to_dict, mapping.inbound_from_dict, fast=fast
-        )
-        self.conversations = TopicCodec(
-            r, CONVERSATIONS, mapping.conversation_to_dict, mapping.conversation_from_dict, fast=fast
-        )
+        m = mapping
+
+        def codec(spec: TopicSpec, to_dict: Any, from_dict: Any, build: Any = None) -> TopicCodec[Any]:
+            return TopicCodec(registry, spec, to_dict, from_dict, fast=fast, build=build)
+
+        self.receipts = codec(RECEIPTS, m.receipt_to_dict, m.receipt_from_dict, m.RECEIPT_BUILD)
+        self.inbound = codec(INBOUND, m.inbound_to_dict, m.inbound_from_dict)
+        self.ingest_dlq = codec(INGEST_DLQ, m.dead_letter_to_dict, m.dead_letter_from_dict)
+        self.sink_dlq = codec(SINK_DLQ, m.dead_letter_to_dict, m.dead_letter_from_dict)
+        self.state = codec(MESSAGE_STATE, m.state_to_dict, m.state_from_dict, m.STATE_BUILD)
+        self.steps = codec(MESSAGE_STEPS, m.message_step_to_dict, m.message_step_from_dict)
+        self.events = codec(STATUS_EVENTS, m.status_event_record_to_dict, m.status_event_record_from_dict)
+        self.inbound_by_conversation = codec(INBOUND_BY_CONVERSATION, m.inbound_to_dict, m.inbound_from_dict)
+        self.conversations = codec(CONVERSATIONS, m.conversation_to_dict, m.conversation_from_dict)
 
     def all(self) -> tuple[TopicCodec[Any], ...]:
         return (

@@ -489,10 +489,13 @@ class _ReaderGen(_Gen):
             self.enter(schema, ns)
             full = self.stack[-1]
             values = []
+            arrays = set()
             for f in schema["fields"]:
                 fv = src.var()
                 self.value(f["type"], fv, ind, ns)
                 values.append((f["name"], fv))
+                if isinstance(f["type"], dict) and f["type"].get("type") == "array":
+                    arrays.add(f["name"])
             self.stack.pop()
             built = self.build.get(full)
             if built is None:
@@ -503,7 +506,9 @@ class _ReaderGen(_Gen):
                 if missing:
                     raise Unsupported(f"{full}: no keyword for fields {missing}")
                 self.built.add(full)
-                args = ", ".join(f"{keywords[name]}={fv}" for name, fv in values)
+                args = ", ".join(
+                    f"{keywords[name]}={f'tuple({fv})' if name in arrays else fv}" for name, fv in values
+                )
                 emit(ind, f"{t} = {src.const(ctor, 'C')}({args})")
         else:
             raise Unsupported(f"type {kind}")
@@ -542,7 +547,8 @@ def compile_reader(
 
     `build`: record full name -> (constructor, {Avro field name: keyword}); those records are returned
     as `constructor(keyword=value, ...)` instead of dicts (the other records inside stay dicts), which
-    saves building a dict only to map it to an object. Every field of such a record must have a keyword,
+    saves building a dict only to map it to an object. Their array fields are passed as tuples (the
+    objects are frozen). Every field of such a record must have a keyword,
     and every name must be a record of the schema, else `Unsupported`."""
     if not (isinstance(schema, dict) and schema.get("type") == "record"):
         raise Unsupported("top-level schema must be a record")

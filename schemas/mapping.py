@@ -129,6 +129,71 @@ RECEIPT_BUILD = {
 }
 
 
+_USER_BUILD = RECEIPT_BUILD["io.chatpipe.common.User"]
+
+#: MessageState objects straight from the compiled Avro reader; equal to `state_from_dict`
+STATE_BUILD = {
+    "io.chatpipe.state.MessageState": (
+        MessageState,
+        {
+            "umid": "umid",
+            "subAccountId": "sub_account_id",
+            "version": "version",
+            "state": "state",
+            "detail": "detail",
+            "errorCode": "error_code",
+            "errorMessage": "error_message",
+            "statusTimestamp": "status_timestamp",
+            "user": "user",
+            "batchId": "batch_id",
+            "clientMessageId": "client_message_id",
+            "clientBatchId": "client_batch_id",
+            "firstSentAt": "first_sent_at",
+            "deliveredAt": "delivered_at",
+            "readAt": "read_at",
+            "final": "final",
+            "duplicates": "duplicates",
+            "updatedAt": "updated_at",
+            "steps": "steps",
+        },
+    ),
+    "io.chatpipe.state.Step": (
+        Step,
+        {
+            "step": "step",
+            "channel": "channel",
+            "state": "state",
+            "detail": "detail",
+            "errorCode": "error_code",
+            "errorMessage": "error_message",
+            "statusTimestamp": "status_timestamp",
+            "firstEventAt": "first_event_at",
+            "sentAt": "sent_at",
+            "deliveredAt": "delivered_at",
+            "readAt": "read_at",
+            "failedAt": "failed_at",
+            "duplicates": "duplicates",
+            "channelId": "channel_id",
+            "country": "country",
+            "contentType": "content_type",
+            "createdAt": "created_at",
+            "history": "history",
+        },
+    ),
+    "io.chatpipe.state.StatusEvent": (
+        StatusEvent,
+        {
+            "state": "state",
+            "detail": "detail",
+            "timestamp": "timestamp",
+            "errorCode": "error_code",
+            "errorMessage": "error_message",
+        },
+    ),
+    "io.chatpipe.common.User": _USER_BUILD,
+}
+
+
 def _interactive_to_dict(i: Interactive | None) -> Record | None:
     if i is None:
         return None
