@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -504,9 +505,8 @@ def test_postgres_fast_and_merge_paths_leave_the_exact_final_rows(postgres_serve
         store.migrate()
         try:
             for batch in batches:
-                latest = R.latest_states(batch)
                 if merge:
-                    store._run(lambda conn, s=store, latest=latest: s._merge_states(conn, latest))
+                    store._run(functools.partial(store._merge_states, latest=R.latest_states(batch)))
                 else:
                     store.write_states(batch)
             assert store.merge_fallbacks == 0
