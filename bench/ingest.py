@@ -31,6 +31,7 @@ import contextlib
 import multiprocessing
 import os
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -76,6 +77,7 @@ class Result:
     non2xx: int
     p50_ms: float
     p99_ms: float
+    cpu: str = ""  # CPU used while measuring, in cores, per party (filled by Load.measure)
 
     @property
     def rps(self) -> float:
@@ -85,6 +87,7 @@ class Result:
         return (
             f"{label:<34} {self.rps:>9,.0f} req/s  p50 {self.p50_ms:>7.2f} ms  p99 {self.p99_ms:>7.2f} ms  "
             f"non-2xx {self.non2xx:,}  ({self.requests:,} requests)"
+            + (f"\n{'':<35}CPU {self.cpu}" if self.cpu else "")
         )
 
 
@@ -193,6 +196,7 @@ class Stack:
             CHATPIPE_WORKER_WEB_PORT=str(free_port()),
         )
         self.name = name
+        self.dev_load: list[subprocess.Popen[bytes]] = []
         reg = self.chatpipe("registry", "--port", str(rport), "--storage", str(self.dir / "registry.json"))
         wait_for_port(HOST, rport)
         self.registry = reg
@@ -215,8 +219,10 @@ class Stack:
         return self.chatpipe("ingest", CHATPIPE_INGEST_PORT=str(port), CHATPIPE_INGEST_WORKERS=str(workers))
 
     def start_dev_load(self) -> None:
-        self.chatpipe("worker")
-        self.chatpipe("sink")
+        self.dev_load = [self.chatpipe("worker"), self.chatpipe("sink")]
+
+    def consumers(self) -> dict[str, list[int]]:
+        return {"worker+sink": [p.pid for p in self.dev_load]} if self.dev_load else {}
 
 
 def start_bare(procs: Procs, port: int, workers: int) -> list[subprocess.Popen[bytes]]:
@@ -235,6 +241,14 @@ def process_tree(pid: int) -> list[int]:
         for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
             pids.extend(process_tree(int(child)))
     return pids
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU time of a process so far (0 once it is gone)."""
+    with contextlib.suppress(OSError, IndexError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
 
 
 def rss_mb(pid: int) -> float:
@@ -404,9 +418,23 @@ class Load:
             return run_wrk(port, seconds, a.connections, a.threads, token, self.workdir)
         return run_aiohttp_client(port, seconds, a.connections, a.client_procs, token)
 
-    def measure(self, port: int, token: str) -> Result:
+    def measure(self, port: int, token: str, parties: dict[str, list[int]]) -> Result:
+        """Warm up, then measure; `parties` (name -> pids) get their CPU use printed, with the load."""
         self.run(port, WARMUP_SECONDS, token)
-        return self.run(port, self.args.seconds, token)
+        before = {name: sum(cpu_seconds(p) for p in pids) for name, pids in parties.items()}
+        load_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.monotonic()
+        result = self.run(port, self.args.seconds, token)
+        wall = time.monotonic() - t0
+        load_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        used = {
+            name: (sum(cpu_seconds(p) for p in pids) - before[name]) / wall for name, pids in parties.items()
+        }
+        used["load generator"] = (
+            load_after.ru_utime + load_after.ru_stime - load_before.ru_utime - load_before.ru_stime
+        ) / wall
+        result.cpu = ", ".join(f"{name} {cores:.2f}" for name, cores in used.items()) + " cores"
+        return result
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -415,15 +443,16 @@ class Load:
 def compare(load: Load, procs: Procs, stack: Stack, workers: int) -> tuple[Result, Result]:
     port = free_port()
     bare = start_bare(procs, port, workers)
+    others = {"broker": [stack.broker.pid], **stack.consumers()}
     try:
-        b = load.measure(port, stack.token)
+        b = load.measure(port, stack.token, {"server": [p.pid for p in bare], **others})
     finally:
         for p in bare:
             procs.stop(p)
     port = free_port()
     ingest = stack.ingest(port, workers)
     try:
-        c = load.measure(port, stack.token)
+        c = load.measure(port, stack.token, {"server": process_tree(ingest.pid), **others})
     finally:
         procs.stop(ingest)
     return b, c
