@@ -152,7 +152,17 @@ class Folder:
         bootstrap = p.settings.kafka_bootstrap
         common = {"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all"}
         self.changelog_producer = Producer({**common, "linger.ms": 2, "client.id": "chatpipe-changelog"})
-        self.state_producer = Producer({**common, "linger.ms": 5, "client.id": "chatpipe-state"})
+        # state, step and history records: delivery reports for failures only (no Python call per record
+        # acked); a failure reaches `_on_state` and fails the flush, as for the changelog
+        self.state_producer = Producer(
+            {
+                **common,
+                "linger.ms": 5,
+                "client.id": "chatpipe-state",
+                "delivery.report.only.error": True,
+                "on_delivery": self._on_state,
+            }
+        )
         self._errors: list[str] = []
         self._changelog_offsets: dict[int, int] = {}
         self._waiting: list[_Batch] = []  # folded, not yet taken by the sender
@@ -363,7 +373,10 @@ class Folder:
     ) -> None:
         while True:
             try:
-                producer.produce(topic, value, key, partition=partition, on_delivery=callback)
+                if callback is None:
+                    producer.produce(topic, value, key, partition=partition)
+                else:
+                    producer.produce(topic, value, key, partition=partition, on_delivery=callback)
                 return
             except BufferError:
                 producer.poll(0.05)
@@ -388,9 +401,9 @@ class Folder:
         if out.emits:
             sp = self.state_producer
             for partition, key, avro in out.emits:
-                self._produce(sp, self.states_topic, partition, key, avro, self._on_state)
+                self._produce(sp, self.states_topic, partition, key, avro, None)
             for topic, partition, key, value in out.derived:
-                self._produce(sp, topic, partition, key, value, self._on_state)
+                self._produce(sp, topic, partition, key, value, None)
             await self._flush(sp)
             self.metrics.states_emitted.inc(len(out.emits))
 
