@@ -132,6 +132,7 @@ class TopicCodec(Generic[T]):
         self._fast_write: fastpath.Writer | None = None
         self._fast_read: fastpath.Reader | None = None
         self._fast_build: fastpath.Reader | None = None
+        self._fast_write_obj: fastpath.Writer | None = None
         if fast:
             try:
                 self._fast_write = fastpath.compile_writer(schema)
@@ -142,8 +143,10 @@ class TopicCodec(Generic[T]):
             if build and self._fast_read is not None:
                 try:
                     self._fast_build = fastpath.compile_reader(schema, build=build)
+                    self._fast_write_obj = fastpath.compile_writer(schema, build=build)
                 except fastpath.Unsupported as exc:
                     log.warning("%s: objects via dicts (%s)", spec.name, exc)
+                    self._fast_build = self._fast_write_obj = None
 
     @property
     def schema_id(self) -> int:
@@ -153,6 +156,17 @@ class TopicCodec(Generic[T]):
         return self._schema_id
 
     def encode(self, value: T) -> bytes:
+        write = self._fast_write_obj
+        if write is not None:  # straight from the object's attributes: no dict built
+            if self._schema_id is None:
+                _ = self.schema_id
+            out = bytearray(self._header)
+            try:
+                write(value, out)
+            except Exception:  # the dict path below encodes it (fastavro) or raises its error
+                pass
+            else:
+                return bytes(out)
         return self.encode_dict(self._to_dict(value))
 
     def encode_dict(self, record: dict[str, Any]) -> bytes:
@@ -232,8 +246,15 @@ class Codecs:
         self.ingest_dlq = codec(INGEST_DLQ, m.dead_letter_to_dict, m.dead_letter_from_dict)
         self.sink_dlq = codec(SINK_DLQ, m.dead_letter_to_dict, m.dead_letter_from_dict)
         self.state = codec(MESSAGE_STATE, m.state_to_dict, m.state_from_dict, m.STATE_BUILD)
-        self.steps = codec(MESSAGE_STEPS, m.message_step_to_dict, m.message_step_from_dict)
-        self.events = codec(STATUS_EVENTS, m.status_event_record_to_dict, m.status_event_record_from_dict)
+        self.steps = codec(
+            MESSAGE_STEPS, m.message_step_to_dict, m.message_step_from_dict, m.MESSAGE_STEP_BUILD
+        )
+        self.events = codec(
+            STATUS_EVENTS,
+            m.status_event_record_to_dict,
+            m.status_event_record_from_dict,
+            m.STATUS_EVENT_RECORD_BUILD,
+        )
         self.inbound_by_conversation = codec(INBOUND_BY_CONVERSATION, m.inbound_to_dict, m.inbound_from_dict)
         self.conversations = codec(CONVERSATIONS, m.conversation_to_dict, m.conversation_from_dict)
 

@@ -39,7 +39,7 @@ _NAMED = ("record", "enum", "fixed")
 #: lengths below this are looked up in a table of pre-encoded varints instead of computed
 _TABLE = 4096
 
-Writer = Callable[[dict[str, Any], bytearray], None]
+Writer = Callable[[Any, bytearray], None]
 Reader = Callable[[bytes, int], tuple[Any, int]]
 #: how `compile_reader` builds one record type: (constructor, {Avro field name: keyword argument})
 Build = tuple[Callable[..., Any], Mapping[str, str]]
@@ -246,6 +246,11 @@ class _Gen:
 
 
 class _WriterGen(_Gen):
+    def __init__(self, schema: Any, cache_timestamps: bool | None) -> None:
+        super().__init__(schema, cache_timestamps)
+        self.attributes: dict[str, Mapping[str, str]] = {}
+        self.read: set[str] = set()
+
     def value(self, schema: Any, v: str, ind: int, ns: str | None, checked: bool) -> None:
         """Emit code appending the encoding of local `v`; `checked`: validate like a union branch."""
         src, emit = self.src, self.src.emit
@@ -300,9 +305,19 @@ class _WriterGen(_Gen):
             emit(ind, "buf += b'\\x00'")
         elif kind == "record":
             self.enter(schema, ns)
+            full = self.stack[-1]
+            attributes = self.attributes.get(full)
+            if attributes is not None:
+                missing = [f["name"] for f in schema["fields"] if f["name"] not in attributes]
+                if missing:
+                    raise Unsupported(f"{full}: no attribute for fields {missing}")
+                self.read.add(full)
             for f in schema["fields"]:
                 fv = src.var()
-                emit(ind, f"{fv} = {v}[{f['name']!r}]")
+                if attributes is None:
+                    emit(ind, f"{fv} = {v}[{f['name']!r}]")
+                else:
+                    emit(ind, f"{fv} = {v}.{attributes[f['name']]}")
                 self.value(f["type"], fv, ind, ns, checked)
             self.stack.pop()
         else:
@@ -361,11 +376,17 @@ def _count_timestamps(schema: Any, in_array: bool = False) -> tuple[int, bool]:
     return count, nested
 
 
-def compile_writer(schema: Any, cache_timestamps: bool | None = None) -> Writer:
-    """`write(record, buf)`: append the Avro binary encoding of `record` (see the module contract)."""
+def compile_writer(
+    schema: Any, cache_timestamps: bool | None = None, build: Mapping[str, Build] | None = None
+) -> Writer:
+    """`write(record, buf)`: append the Avro binary encoding of `record` (see the module contract).
+
+    `build` (the same mapping as `compile_reader`'s): those records are read from objects, field by
+    attribute (`obj.keyword`), instead of from dicts; the bytes are those of the equivalent dict."""
     if not (isinstance(schema, dict) and schema.get("type") == "record"):
         raise Unsupported("top-level schema must be a record")
     gen = _WriterGen(schema, cache_timestamps)
+    gen.attributes = {name: keywords for name, (_, keywords) in (build or {}).items()}
     gen.src.consts.update(
         EPOCH=EPOCH,
         ONE_MICROSECOND=ONE_MICROSECOND,
@@ -387,6 +408,8 @@ def compile_writer(schema: Any, cache_timestamps: bool | None = None) -> Writer:
         gen.src.emit(1, "seen = {}")
         gen.src.emit(1, "keep = []")
     gen.value(schema, "record", 1, None, checked=False)
+    if set(gen.attributes) - gen.read:
+        raise Unsupported(f"no such records to read: {sorted(set(gen.attributes) - gen.read)}")
     return gen.src.build("write", "def write(record, buf):")  # type: ignore[return-value]
 
 

@@ -194,6 +194,40 @@ STATE_BUILD = {
 }
 
 
+_STEP_BUILD = STATE_BUILD["io.chatpipe.state.Step"]
+_EVENT_BUILD = STATE_BUILD["io.chatpipe.state.StatusEvent"]
+
+#: the step and history topics' records (see RECEIPT_BUILD)
+MESSAGE_STEP_BUILD = {
+    "io.chatpipe.state.MessageStep": (
+        MessageStep,
+        {
+            "umid": "umid",
+            "subAccountId": "sub_account_id",
+            "messageVersion": "message_version",
+            "stepCount": "step_count",
+            "step": "step",
+        },
+    ),
+    "io.chatpipe.state.Step": _STEP_BUILD,
+    "io.chatpipe.state.StatusEvent": _EVENT_BUILD,
+}
+STATUS_EVENT_RECORD_BUILD = {
+    "io.chatpipe.state.StatusEventRecord": (
+        StatusEventRecord,
+        {
+            "umid": "umid",
+            "subAccountId": "sub_account_id",
+            "channel": "channel",
+            "step": "step",
+            "messageVersion": "message_version",
+            "event": "event",
+        },
+    ),
+    "io.chatpipe.state.StatusEvent": _EVENT_BUILD,
+}
+
+
 def _interactive_to_dict(i: Interactive | None) -> Record | None:
     if i is None:
         return None

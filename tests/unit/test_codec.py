@@ -369,13 +369,17 @@ def test_damaged_records_decode_or_fail_exactly_as_with_fastavro(
     assert outcome(fast) == outcome(reference)
 
 
-def test_building_objects_needs_a_keyword_for_every_field_and_known_records() -> None:
+def test_objects_need_a_keyword_for_every_field_and_known_records() -> None:
     schema = json.loads(load_schema(RECEIPTS.schema_file))
     build = dict(mapping.RECEIPT_BUILD)
     ctor, keywords = build["io.chatpipe.common.User"]
     build["io.chatpipe.common.User"] = (ctor, {k: v for k, v in keywords.items() if k != "username"})
     with pytest.raises(fastpath.Unsupported, match="username"):
         fastpath.compile_reader(schema, build=build)
+    with pytest.raises(fastpath.Unsupported, match="username"):
+        fastpath.compile_writer(schema, build=build)
+    with pytest.raises(fastpath.Unsupported, match="no such records"):
+        fastpath.compile_writer(schema, build={**mapping.RECEIPT_BUILD, "io.chatpipe.Nope": (dict, {})})
     with pytest.raises(fastpath.Unsupported, match="no such records"):
         fastpath.compile_reader(schema, build={**mapping.RECEIPT_BUILD, "io.chatpipe.Nope": (dict, {})})
 
