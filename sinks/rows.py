@@ -492,8 +492,11 @@ def conversation_values(conv: Conversation, pii: PiiPolicy) -> tuple[Any, ...]:
 
 
 def fixed_iso(value: datetime) -> str:
-    """Fixed-width ISO 8601 UTC text (`2020-06-17T04:17:21.060000Z`): sorts as time does."""
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """Fixed-width ISO 8601 UTC text (`2020-06-17T04:17:21.060000Z`): sorts as time does (the year is
+    zero-padded to four digits, which strftime's %Y is not on Linux)."""
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.isoformat(timespec="microseconds")[:-6] + "Z"  # drop "+00:00"
 
 
 def inbound_cursor(row: Row) -> str:

@@ -237,9 +237,20 @@ def from_text(value: str) -> datetime:
     return datetime.fromisoformat(value)
 
 
+#: datetime -> its text, for the timestamps a batch repeats (a step's times recur in its history and in
+#: its message's row); cleared when it reaches _TEXT_CACHE_SIZE
+_TEXT_CACHE: dict[datetime, str] = {}
+_TEXT_CACHE_SIZE = 1 << 16
+
+
 def _adapt_value(v: Any) -> Any:
     if isinstance(v, datetime):
-        return to_text(v)
+        text = _TEXT_CACHE.get(v)
+        if text is None:
+            if len(_TEXT_CACHE) >= _TEXT_CACHE_SIZE:
+                _TEXT_CACHE.clear()
+            text = _TEXT_CACHE[v] = to_text(v)
+        return text
     if isinstance(v, bool):
         return int(v)
     if isinstance(v, dict):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from hypothesis import given
@@ -481,3 +481,20 @@ def test_conversation_record_reads_json_text_and_shows_the_masked_number() -> No
         "granted": False,
     }
     assert (record["windowOpen"], record["windowOpenUntil"]) == (True, "2020-06-18T04:20:21.06Z")
+
+
+@given(
+    st.datetimes(
+        min_value=datetime(1000, 1, 1), timezones=st.sampled_from([UTC, timezone(timedelta(hours=-7))])
+    )
+)
+def test_fixed_iso_is_utc_with_six_fraction_digits(value: datetime) -> None:
+    expected = value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    assert R.fixed_iso(value) == expected
+    assert datetime.fromisoformat(R.fixed_iso(value)) == value
+
+
+def test_fixed_iso_pads_small_years_so_text_order_is_time_order() -> None:
+    early, late = datetime(5, 1, 1, tzinfo=UTC), datetime(1999, 1, 1, tzinfo=UTC)
+    assert R.fixed_iso(early) == "0005-01-01T00:00:00.000000Z"
+    assert R.fixed_iso(early) < R.fixed_iso(late)
