@@ -417,7 +417,10 @@ class Folder:
     async def _room(self) -> None:
         while True:
             if self._failure is not None:
-                raise TransientError(f"the sender failed: {self._failure!r}") from self._failure
+                # raised once (the agent crashes and Faust restarts it); the batches still waiting go out
+                # with the next sender, the failed ones' receipts stay unacked and come again
+                failure, self._failure = self._failure, None
+                raise TransientError(f"the sender failed: {failure!r}") from failure
             if len(self._waiting) < self.rt.in_flight:
                 return
             self._progress.clear()
