@@ -74,7 +74,7 @@ def make_folder(in_flight: int = 2) -> Any:
 
 
 async def settle(condition: Callable[[], bool]) -> None:
-    for _ in range(500):
+    for _ in range(2500):  # up to 5 s on a loaded machine
         if condition():
             return
         await asyncio.sleep(0.002)
