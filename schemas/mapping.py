@@ -6,6 +6,7 @@ Only the edges (codec users) call these; the pure core never sees an Avro dict. 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from schemas.models import (
@@ -90,142 +91,35 @@ def receipt_from_dict(d: Record) -> DeliveryReceipt:
     )
 
 
-#: DeliveryReceipt objects straight from the compiled Avro reader (schemas/fastpath.py); equal to
-#: `receipt_from_dict` of the same record (tests/unit/test_codec.py checks every sample)
-RECEIPT_BUILD = {
-    "io.chatpipe.raw.DeliveryReceipt": (
-        DeliveryReceipt,
-        {
-            "umid": "umid",
-            "subAccountId": "sub_account_id",
-            "channel": "channel",
-            "status": "status",
-            "user": "user",
-            "batchId": "batch_id",
-            "clientMessageId": "client_message_id",
-            "clientBatchId": "client_batch_id",
-            "version": "version",
-            "whatsappProviderErrorCode": "whatsapp_provider_error_code",
-            "whatsappPricingCategory": "whatsapp_pricing_category",
-            "outboundContentJson": "outbound_content_json",
-            "receivedAt": "received_at",
-            "rawJson": "raw_json",
-        },
-    ),
-    "io.chatpipe.common.Status": (
-        Status,
-        {
-            "state": "state",
-            "detail": "detail",
-            "timestamp": "timestamp",
-            "errorCode": "error_code",
-            "errorMessage": "error_message",
-        },
-    ),
-    "io.chatpipe.common.User": (
-        User,
-        {"msisdn": "msisdn", "channelUserId": "channel_user_id", "name": "name", "username": "username"},
-    ),
-}
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(word.title() for word in rest)
 
 
-_USER_BUILD = RECEIPT_BUILD["io.chatpipe.common.User"]
-
-#: MessageState objects straight from the compiled Avro reader; equal to `state_from_dict`
-STATE_BUILD = {
-    "io.chatpipe.state.MessageState": (
-        MessageState,
-        {
-            "umid": "umid",
-            "subAccountId": "sub_account_id",
-            "version": "version",
-            "state": "state",
-            "detail": "detail",
-            "errorCode": "error_code",
-            "errorMessage": "error_message",
-            "statusTimestamp": "status_timestamp",
-            "user": "user",
-            "batchId": "batch_id",
-            "clientMessageId": "client_message_id",
-            "clientBatchId": "client_batch_id",
-            "firstSentAt": "first_sent_at",
-            "deliveredAt": "delivered_at",
-            "readAt": "read_at",
-            "final": "final",
-            "duplicates": "duplicates",
-            "updatedAt": "updated_at",
-            "steps": "steps",
-        },
-    ),
-    "io.chatpipe.state.Step": (
-        Step,
-        {
-            "step": "step",
-            "channel": "channel",
-            "state": "state",
-            "detail": "detail",
-            "errorCode": "error_code",
-            "errorMessage": "error_message",
-            "statusTimestamp": "status_timestamp",
-            "firstEventAt": "first_event_at",
-            "sentAt": "sent_at",
-            "deliveredAt": "delivered_at",
-            "readAt": "read_at",
-            "failedAt": "failed_at",
-            "duplicates": "duplicates",
-            "channelId": "channel_id",
-            "country": "country",
-            "contentType": "content_type",
-            "createdAt": "created_at",
-            "history": "history",
-        },
-    ),
-    "io.chatpipe.state.StatusEvent": (
-        StatusEvent,
-        {
-            "state": "state",
-            "detail": "detail",
-            "timestamp": "timestamp",
-            "errorCode": "error_code",
-            "errorMessage": "error_message",
-        },
-    ),
-    "io.chatpipe.common.User": _USER_BUILD,
-}
+def _by_field_name(records: dict[str, type]) -> dict[str, tuple[type, dict[str, str]]]:
+    """Objects straight from (and to) the compiled Avro codec (`fastpath.compile_reader/writer(build=)`)
+    for records whose Avro fields are their dataclass's attributes in camelCase: {record full name:
+    (class, {Avro field: attribute})}. A field missing from the class makes the compiler refuse the
+    topic (the codec then goes through the dicts below); tests/unit/test_codec.py compares both paths
+    on every sample and checks that these topics compile."""
+    return {
+        name: (cls, {_camel(f.name): f.name for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+        for name, cls in records.items()
+    }
 
 
-_STEP_BUILD = STATE_BUILD["io.chatpipe.state.Step"]
-_EVENT_BUILD = STATE_BUILD["io.chatpipe.state.StatusEvent"]
-
-#: the step and history topics' records (see RECEIPT_BUILD)
-MESSAGE_STEP_BUILD = {
-    "io.chatpipe.state.MessageStep": (
-        MessageStep,
-        {
-            "umid": "umid",
-            "subAccountId": "sub_account_id",
-            "messageVersion": "message_version",
-            "stepCount": "step_count",
-            "step": "step",
-        },
-    ),
-    "io.chatpipe.state.Step": _STEP_BUILD,
-    "io.chatpipe.state.StatusEvent": _EVENT_BUILD,
-}
-STATUS_EVENT_RECORD_BUILD = {
-    "io.chatpipe.state.StatusEventRecord": (
-        StatusEventRecord,
-        {
-            "umid": "umid",
-            "subAccountId": "sub_account_id",
-            "channel": "channel",
-            "step": "step",
-            "messageVersion": "message_version",
-            "event": "event",
-        },
-    ),
-    "io.chatpipe.state.StatusEvent": _EVENT_BUILD,
-}
+_STEP = {"io.chatpipe.state.Step": Step, "io.chatpipe.state.StatusEvent": StatusEvent}
+RECEIPT_BUILD = _by_field_name(
+    {"io.chatpipe.raw.DeliveryReceipt": DeliveryReceipt, "io.chatpipe.common.Status": Status,
+     "io.chatpipe.common.User": User}
+)  # fmt: skip
+STATE_BUILD = _by_field_name(
+    {"io.chatpipe.state.MessageState": MessageState, **_STEP, "io.chatpipe.common.User": User}
+)
+MESSAGE_STEP_BUILD = _by_field_name({"io.chatpipe.state.MessageStep": MessageStep, **_STEP})
+STATUS_EVENT_RECORD_BUILD = _by_field_name(
+    {"io.chatpipe.state.StatusEventRecord": StatusEventRecord, "io.chatpipe.state.StatusEvent": StatusEvent}
+)
 
 
 def _interactive_to_dict(i: Interactive | None) -> Record | None:

@@ -30,7 +30,9 @@ from schemas.catalog import (
     INBOUND,
     INGEST_DLQ,
     MESSAGE_STATE,
+    MESSAGE_STEPS,
     RECEIPTS,
+    STATUS_EVENTS,
     TOPICS,
     TopicSpec,
     load_schema,
@@ -172,6 +174,11 @@ def test_every_topic_codec_compiles_its_fast_path(codecs: Codecs, slow: Codecs) 
     for codec in codecs.all():
         assert codec._fast_write is not None and codec._fast_read is not None, codec.spec.name
     assert all(c._fast_write is None and c._fast_read is None for c in slow.all())
+    # the hot topics also go straight to and from objects (mapping.*_BUILD); any other would be a fallback
+    objects = {
+        c.spec.name for c in codecs.all() if c._fast_build is not None and c._fast_write_obj is not None
+    }
+    assert objects == {RECEIPTS.name, MESSAGE_STATE.name, MESSAGE_STEPS.name, STATUS_EVENTS.name}
 
 
 @pytest.mark.parametrize("spec", TOPICS, ids=[t.name for t in TOPICS])
