@@ -88,9 +88,13 @@ async def test_a_suspended_callback_is_abandoned_when_the_flow_is_suspended() ->
 async def test_while_the_flow_is_suspended_the_original_path_runs() -> None:
     consumer = FakeConsumer()
     consumer.suspend_flow.set()
+    ran_in: list[asyncio.Task[object] | None] = []
 
     async def callback() -> None:
-        return None
+        ran_in.append(asyncio.current_task())
 
     result = await deliver_first(consumer, callback(), consumer.suspend_flow.wait())
     assert not result.stopped and result.done  # Faust's own wait_first answered (either may win)
+    # not run inline but in a task of its own, as Faust's wait_first runs it (its first step runs before
+    # either task can finish)
+    assert len(ran_in) == 1 and ran_in[0] is not asyncio.current_task()
