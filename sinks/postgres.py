@@ -45,7 +45,15 @@ from schemas.errors import TransientError
 from schemas.models import Conversation, InboundMessage, MessageState
 from sinks import rows as R
 from sinks.rows import PiiPolicy
-from sinks.store import DEFAULT_LIMIT, MIGRATIONS_TABLE, clamp_limit, inbound_filters, message_filters
+from sinks.store import (
+    DEFAULT_LIMIT,
+    MIGRATIONS_TABLE,
+    clamp_limit,
+    equalities,
+    inbound_filters,
+    message_filters,
+    paginate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -576,16 +584,13 @@ class PostgresStore:
     ) -> tuple[list[dict[str, Any]], str | None]:
         limit = clamp_limit(limit)
         filters = message_filters(sub_account_id, client_message_id, batch_id)
-        where = [f"{column} = %s" for column, _ in filters]
-        params: list[Any] = [value for _, value in filters]
+        where, params = equalities(filters, "%s")
         if after is not None:
             where.append("umid > %s")
             params.append(after)
         sql = f"SELECT * FROM messages WHERE {' AND '.join(where)} ORDER BY umid LIMIT %s"
         found = self._run(lambda conn: conn.execute(sql, (*params, limit + 1)).fetchall())
-        page = found[:limit]
-        cursor = page[-1]["umid"] if len(found) > limit else None
-        return [R.summary_record(r) for r in page], cursor
+        return paginate(found, limit, R.summary_record, lambda row: row["umid"])
 
     def list_inbound(
         self,
@@ -599,16 +604,13 @@ class PostgresStore:
     ) -> tuple[list[dict[str, Any]], str | None]:
         limit = clamp_limit(limit)
         filters = inbound_filters(self.pii, sub_account_id, channel_id, channel_user_id, msisdn)
-        where = [f"{column} = %s" for column, _ in filters]
-        params: list[Any] = [value for _, value in filters]
+        where, params = equalities(filters, "%s")
         if after is not None:
             where.append("(ts, umid) > (%s, %s)")
             params.extend(R.parse_inbound_cursor(after))
         sql = f"SELECT * FROM inbound_messages WHERE {' AND '.join(where)} ORDER BY ts, umid LIMIT %s"
         found = self._run(lambda conn: conn.execute(sql, (*params, limit + 1)).fetchall())
-        page = found[:limit]
-        cursor = R.inbound_cursor(page[-1]) if len(found) > limit else None
-        return [R.inbound_record(r) for r in page], cursor
+        return paginate(found, limit, R.inbound_record, R.inbound_cursor)
 
     def close(self) -> None:
         with self._lock:

@@ -22,7 +22,15 @@ from schemas.errors import TransientError
 from schemas.models import Conversation, InboundMessage, MessageState
 from sinks import rows as R
 from sinks.rows import PiiPolicy
-from sinks.store import DEFAULT_LIMIT, MIGRATIONS_TABLE, clamp_limit, inbound_filters, message_filters
+from sinks.store import (
+    DEFAULT_LIMIT,
+    MIGRATIONS_TABLE,
+    clamp_limit,
+    equalities,
+    inbound_filters,
+    message_filters,
+    paginate,
+)
 
 BUSY_TIMEOUT_MS = 30_000
 
@@ -419,17 +427,14 @@ class SqliteStore:
     ) -> tuple[list[dict[str, Any]], str | None]:
         limit = clamp_limit(limit)
         filters = message_filters(sub_account_id, client_message_id, batch_id)
-        where = [f"{column} = ?" for column, _ in filters]
-        params: list[Any] = [value for _, value in filters]
+        where, params = equalities(filters, "?")
         if after is not None:
             where.append("umid > ?")
             params.append(after)
         found = self._read(
             f"SELECT * FROM messages WHERE {' AND '.join(where)} ORDER BY umid LIMIT ?", (*params, limit + 1)
         )
-        page = found[:limit]
-        cursor = page[-1]["umid"] if len(found) > limit else None
-        return [R.summary_record(r) for r in page], cursor
+        return paginate(found, limit, R.summary_record, lambda row: row["umid"])
 
     def list_inbound(
         self,
@@ -443,8 +448,7 @@ class SqliteStore:
     ) -> tuple[list[dict[str, Any]], str | None]:
         limit = clamp_limit(limit)
         filters = inbound_filters(self.pii, sub_account_id, channel_id, channel_user_id, msisdn)
-        where = [f"{column} = ?" for column, _ in filters]
-        params: list[Any] = [value for _, value in filters]
+        where, params = equalities(filters, "?")
         if after is not None:
             when, umid = R.parse_inbound_cursor(after)
             ts = to_text(when)
@@ -454,9 +458,7 @@ class SqliteStore:
             f"SELECT * FROM inbound_messages WHERE {' AND '.join(where)} ORDER BY ts, umid LIMIT ?",
             (*params, limit + 1),
         )
-        page = found[:limit]
-        cursor = R.inbound_cursor(page[-1]) if len(found) > limit else None
-        return [R.inbound_record(r) for r in page], cursor
+        return paginate(found, limit, R.inbound_record, R.inbound_cursor)
 
     def close(self) -> None:
         with self._lock:

@@ -21,7 +21,7 @@ Contract shared by both dialects (`sinks.sqlite`, `sinks.postgres`):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -153,3 +153,16 @@ def inbound_filters(
     if msisdn is not None:
         filters.append(("msisdn_hash", pii.hash_msisdn(msisdn)))
     return filters
+
+
+def equalities(filters: Sequence[tuple[str, Any]], mark: str) -> tuple[list[str], list[Any]]:
+    """The `column = <mark>` clauses of `filters` and their values, for a dialect's placeholder."""
+    return [f"{column} = {mark}" for column, _ in filters], [value for _, value in filters]
+
+
+def paginate(
+    found: Sequence[Any], limit: int, record: Callable[[Any], dict[str, Any]], cursor: Callable[[Any], str]
+) -> tuple[list[dict[str, Any]], str | None]:
+    """A page from up to `limit` + 1 rows: its records, and the cursor after it (None on the last page)."""
+    page = found[:limit]
+    return [record(r) for r in page], (cursor(page[-1]) if len(found) > limit else None)
