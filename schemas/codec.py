@@ -123,6 +123,7 @@ class TopicCodec(Generic[T]):
         self._from_dict = from_dict
         self._schema_text = load_schema(spec.schema_file)
         schema = json.loads(self._schema_text)
+        self.schema: dict[str, Any] = schema  # the parsed .avsc this codec writes
         self._reader = fastavro.parse_schema(schema)
         self._schema_id: int | None = None
         self._header = b""
@@ -154,6 +155,13 @@ class TopicCodec(Generic[T]):
             self._schema_id = self._registry.register(self.spec.subject, self._schema_text)
             self._header = _HEADER.pack(MAGIC, self._schema_id)
         return self._schema_id
+
+    @property
+    def header(self) -> bytes:
+        """The Confluent framing (magic byte, schema id) that starts every value `encode` returns."""
+        if self._schema_id is None:
+            _ = self.schema_id
+        return self._header
 
     def encode(self, value: T) -> bytes:
         write = self._fast_write_obj
