@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from chatpipe.config import Settings
 from chatpipe.metric_defs import IngestMetrics
 from ingest import auth
+from ingest.fastreceipt import encode_receipt, matches
 from ingest.parse import error_body, parse_webhook
 from ingest.publisher import AsyncProducer, ProduceFailed, producer_config
 from ingest.spool import AsyncSpool, Spool
@@ -188,6 +189,8 @@ class Authn:
 
 
 AUTHN = web.AppKey("authn", Authn)
+#: whether the receipts codec writes the schema `ingest.fastreceipt` encodes (else every body is parsed)
+FAST_RECEIPTS = web.AppKey("fast_receipts", bool)
 
 
 def _now() -> datetime:
@@ -216,6 +219,9 @@ def _unavailable(error_id: str) -> web.Response:
 
 async def _read_body(request: web.Request, limit: int) -> tuple[bytes, bool]:
     """Up to `limit` bytes of the body, and whether there was more."""
+    length = request.content_length
+    if length is not None and length <= limit:  # the HTTP parser delivers exactly that many bytes
+        return await request.read(), False
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -226,6 +232,10 @@ async def _read_body(request: web.Request, limit: int) -> tuple[bytes, bool]:
         size += len(chunk)
         if size > limit:
             return b"".join(chunks)[:limit], True
+
+
+def _remote(request: web.Request, authn: Authn) -> str | None:
+    return auth.client_address(request.remote, request.headers.get("X-Forwarded-For"), authn.proxies)
 
 
 async def _park(request: web.Request, body: bytes, exc: InvalidEvent, error_id: str,
@@ -247,11 +257,13 @@ async def webhook(request: web.Request) -> web.Response:
     settings, metrics, authn = app[SETTINGS], app[METRICS], app[AUTHN]
     started = time.perf_counter()
     try:
-        remote = auth.client_address(request.remote, request.headers.get("X-Forwarded-For"), authn.proxies)
-        if not auth.address_allowed(remote, authn.allowlist):
-            metrics.auth_failures.labels("address").inc()
-            log.warning("webhook refused: source address %s not allowed", remote)
-            return _error(403, CODE_FORBIDDEN, "Source address not allowed")
+        remote: str | None = None  # worked out here only when an allowlist needs it, else for the DLQ
+        if authn.allowlist:
+            remote = _remote(request, authn)
+            if not auth.address_allowed(remote, authn.allowlist):
+                metrics.auth_failures.labels("address").inc()
+                log.warning("webhook refused: source address %s not allowed", remote)
+                return _error(403, CODE_FORBIDDEN, "Source address not allowed")
         if authn.required and not authn.check(request.headers.get("Authorization")):
             metrics.auth_failures.labels("credentials").inc()
             metrics.webhooks.labels("unknown", "unauthorized").inc()
@@ -265,36 +277,45 @@ async def webhook(request: web.Request) -> web.Response:
                     f"body: larger than {limit} bytes (first {limit} kept)",
                     field="body", code=CODE_TOO_LARGE, http_status=413,
                 )
-            if request.content_type not in JSON_TYPES:
+            raw_type = request.headers.get("Content-Type")
+            if raw_type != "application/json" and request.content_type not in JSON_TYPES:
                 raise InvalidEvent(
                     f"Content-Type: expected application/json, got {request.content_type}",
                     field="Content-Type", code=CODE_BAD_CONTENT_TYPE, http_status=415,
                 )
-            event = parse_webhook(body, _now())
+            received_at = _now()
+            receipts = app[CODECS].receipts
+            # the common case straight to Avro; anything else (or a refusal) through the full parser
+            fast = encode_receipt(body, received_at, receipts.header) if app[FAST_RECEIPTS] else None
+            if fast is None:
+                event = parse_webhook(body, received_at)
         except InvalidEvent as exc:
             error_id = _new_error_id()
             metrics.webhooks.labels("invalid", "rejected").inc()
             try:
-                await _park(request, body, exc, error_id, remote)
+                await _park(request, body, exc, error_id, remote or _remote(request, authn))
             except Unavailable as unavailable:
                 log.error("dead-letter write failed error_id=%s: %s", error_id, unavailable)
                 return _unavailable(error_id)
             log.info("webhook rejected error_id=%s field=%s reason=%s", error_id, exc.field, exc.reason)
             return _error(exc.http_status, exc.code, exc.reason, error_id)
-        codecs = app[CODECS]
-        is_receipt = isinstance(event, DeliveryReceipt)
-        codec = codecs.receipts if is_receipt else codecs.inbound
-        kind = "receipt" if is_receipt else "inbound"
+        if fast is not None:
+            umid, value = fast
+            topic, kind = receipts.spec.name, "receipt"
+        else:
+            is_receipt = isinstance(event, DeliveryReceipt)
+            codec = receipts if is_receipt else app[CODECS].inbound
+            umid, value = event.umid, codec.encode(event)  # type: ignore[arg-type]
+            topic, kind = codec.spec.name, "receipt" if is_receipt else "inbound"
         try:
-            where = await app[INTAKE].put(codec.spec.name, event.umid.encode(), codec.encode(event))  # type: ignore[arg-type]
+            where = await app[INTAKE].put(topic, umid.encode(), value)
         except Unavailable as exc:
             error_id = _new_error_id()
             app[OUTCOMES][kind, "unavailable"].inc()
-            log.error("webhook not durable topic=%s umid=%s error_id=%s: %s", codec.spec.name, event.umid,
-                      error_id, exc)
+            log.error("webhook not durable topic=%s umid=%s error_id=%s: %s", topic, umid, error_id, exc)
             return _unavailable(error_id)
         app[OUTCOMES][kind, "accepted" if where == "kafka" else "spooled"].inc()
-        return _accepted(event.umid)
+        return _accepted(umid)
     finally:
         metrics.request_latency.observe(time.perf_counter() - started)
 
@@ -352,6 +373,9 @@ def create_app(settings: Settings, codecs: Codecs | None = None,
     app[METRICS] = IngestMetrics(registry)
     app[OUTCOMES] = {(k, o): app[METRICS].webhooks.labels(k, o) for k in _KINDS for o in _OUTCOMES}
     app[AUTHN] = Authn(settings)
+    app[FAST_RECEIPTS] = matches(app[CODECS].receipts.schema)
+    if not app[FAST_RECEIPTS]:
+        log.warning("receipts schema is not ingest.fastreceipt.LAYOUT: every receipt takes the full parser")
     if not app[AUTHN].required:
         log.warning("no CHATPIPE_WEBHOOK_TOKEN nor OAuth2 client: the webhook endpoint is open to anyone")
     spool_path = spool_dir or settings.state_dir / "spool" / "ingest-0"

@@ -1,0 +1,200 @@
+"""ingest.fastreceipt: whenever it answers, its bytes are the codec's encoding of parse_webhook's receipt."""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ingest import fastreceipt, parse
+from ingest.fastreceipt import encode_receipt, matches
+from ingest.parse import parse_webhook
+from schemas.catalog import load_schema
+from schemas.codec import Codecs, Registry, TopicCodec
+from schemas.errors import InvalidEvent
+from schemas.fastpath import varint, write_long
+from schemas.models import DeliveryReceipt
+from tests.fixtures import webhooks
+from tests.unit.test_codec import InMemoryClient
+from tests.unit.test_parse import DELETE, _at, _paths, doc, json_values, patched
+
+RECEIVED_AT = datetime(2026, 7, 3, 3, 45, 0, 123456, tzinfo=UTC)
+DR = "dr_v9_whatsapp_undelivered_provider_error"
+
+
+@pytest.fixture(scope="module")
+def receipts() -> TopicCodec[DeliveryReceipt]:
+    return Codecs(Registry("memory://", client=InMemoryClient())).receipts  # type: ignore[arg-type]
+
+
+def reference(body: bytes, codec: TopicCodec[DeliveryReceipt]) -> bytes | None:
+    """The codec's bytes for parse_webhook's receipt; None when it is refused or not a receipt."""
+    try:
+        event = parse_webhook(body, RECEIVED_AT)
+    except InvalidEvent:
+        return None
+    return codec.encode(event) if isinstance(event, DeliveryReceipt) else None
+
+
+def check(body: bytes, codec: TopicCodec[DeliveryReceipt]) -> tuple[str, bytes] | None:
+    """The contract: an answer only for a receipt parse_webhook accepts, then byte for byte its encoding."""
+    fast = encode_receipt(body, RECEIVED_AT, codec.header)
+    if fast is not None:
+        expected = reference(body, codec)
+        assert expected is not None, f"fast path accepted what parse_webhook refuses: {body!r}"
+        assert fast[1] == expected
+        assert fast[0] == codec.decode(expected).umid
+    return fast
+
+
+def test_layout_is_the_receipts_schema() -> None:
+    schema = json.loads(load_schema("delivery_receipt.avsc"))
+    assert matches(schema)
+    for change in (
+        lambda s: s["fields"].append({"name": "extra", "type": ["null", "string"], "default": None}),
+        lambda s: s["fields"].reverse(),
+        lambda s: s["fields"][3]["type"]["fields"][1].update(type="string"),  # status.detail
+        lambda s: s["fields"][-2].update(type="long"),  # receivedAt without its logical type
+    ):
+        changed = copy.deepcopy(schema)
+        change(changed)
+        assert not matches(changed)
+
+
+def test_channel_aliases_are_the_parsers() -> None:
+    assert fastreceipt._CHANNEL_ALIASES == parse._CHANNEL_ALIASES
+
+
+@pytest.mark.parametrize("name", webhooks.DELIVERY_RECEIPTS)
+def test_every_documented_receipt_takes_the_fast_path(
+    name: str, receipts: TopicCodec[DeliveryReceipt]
+) -> None:
+    for body in (webhooks.load(name), orjson.dumps(doc(name))):
+        assert check(body, receipts) is not None
+
+
+@pytest.mark.parametrize("name", [n for n in webhooks.ALL if n not in webhooks.DELIVERY_RECEIPTS])
+def test_other_webhooks_are_left_to_the_parser(name: str, receipts: TopicCodec[DeliveryReceipt]) -> None:
+    assert encode_receipt(webhooks.load(name), RECEIVED_AT) is None
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"payload.status.errorCode": "15"},  # numbers as strings: the parser converts them
+        {"version": "9"},
+        {"payload.umid": "x" * 101},  # too long: the parser refuses it with its reason
+        {"payload.umid": "   "},
+        {"payload.status.timestamp": "yesterday"},
+        {"payload.status.timestamp": DELETE},
+        {"payload.status.errorCode": 2**31},
+        {"payload.status.errorCode": True},
+        {"payload.whatsapp.providerErrorCode": False},
+        {"payload.user": []},
+        {"payload.user": 0},
+        {"payload.user": ["msisdn"]},
+        {"payload.whatsapp": [1]},
+        {"payload.status": [1]},
+        {"payload": [1]},
+        {"payload.whatsapp": ""},
+        {"payload.outboundContent": "text"},
+        {"payload.batchId": 7},
+        {"namespace": "other"},
+        {"eventType": "outbound_message_status_changed_v2"},
+    ],
+)
+def test_unusual_or_invalid_receipts_are_left_to_the_parser(
+    changes: dict[str, Any], receipts: TopicCodec[DeliveryReceipt]
+) -> None:
+    assert encode_receipt(patched(DR, changes), RECEIVED_AT, receipts.header) is None
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"payload.status.timestamp": "2026-07-03T11:30:12+08:00"},  # the reference parser's path
+        {"payload.status.timestamp": "2026-07-03T11:30:12.1Z"},
+        {"payload.status.timestamp": "2026-07-03T11:30:12.123456789Z"},
+        {"payload.status.detail": ""},
+        {"payload.user": {}},
+        {"payload.user": None},
+        {"payload.whatsapp": {}},
+        {"payload.whatsapp.providerErrorCode": 131026},
+        {"payload.channel": "GoogleRCS"},
+        {"payload.version": 8, "version": DELETE},
+        {"payload.outboundContent": {"text": "ü ✓ \u2028", "nested": [[{"a": None}]]}},
+        {"payload.umid": "é" * 100},
+    ],
+)
+def test_lenient_receipts_encode_like_the_parser(
+    changes: dict[str, Any], receipts: TopicCodec[DeliveryReceipt]
+) -> None:
+    assert check(patched(DR, changes), receipts) is not None
+
+
+def test_bom_deep_nesting_and_bad_utf8_are_left_to_the_parser(receipts: TopicCodec[DeliveryReceipt]) -> None:
+    body = webhooks.load(DR)
+    assert encode_receipt(b"\xef\xbb\xbf" + body, RECEIVED_AT) is None
+    deep = patched(DR, {"payload.outboundContent": {"a": json.loads("[" * 40 + "]" * 40)}})
+    assert encode_receipt(deep, RECEIVED_AT) is None
+    bad_utf8 = body.replace(b'"Message rejected"', b'"Message rejected\xff"')
+    assert bad_utf8 != body and encode_receipt(bad_utf8, RECEIVED_AT) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512))
+def test_arbitrary_bytes(body: bytes) -> None:
+    codec = Codecs(Registry("memory://", client=InMemoryClient())).receipts  # type: ignore[arg-type]
+    check(body, codec)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(webhooks.DELIVERY_RECEIPTS), data=st.data())
+def test_mutated_receipts_encode_like_the_parser_or_fall_back(name: str, data: st.DataObject) -> None:
+    codec = Codecs(Registry("memory://", client=InMemoryClient())).receipts  # type: ignore[arg-type]
+    value = doc(name)
+    for _ in range(data.draw(st.integers(1, 3), label="mutations")):
+        paths = _paths(value)
+        path = data.draw(st.sampled_from(paths), label="path")
+        parent = _at(value, path[:-1])
+        action = data.draw(st.sampled_from(["drop", "replace", "case"]), label="action")
+        if action == "drop":
+            del parent[path[-1]]
+        elif action == "replace":
+            parent[path[-1]] = data.draw(json_values | st.none(), label="new value")
+        elif isinstance(parent[path[-1]], str):
+            parent[path[-1]] = data.draw(st.sampled_from([str.upper, str.title, str.swapcase]))(
+                parent[path[-1]]
+            )
+    check(orjson.dumps(value), codec)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30)),
+    st.integers(0, 9),
+    st.sampled_from(["Z", "z", "", "+00:00", "-0730"]),
+)
+def test_timestamps_encode_like_the_parser(when: datetime, digits: int, suffix: str) -> None:
+    codec = Codecs(Registry("memory://", client=InMemoryClient())).receipts  # type: ignore[arg-type]
+    text = when.strftime("%Y-%m-%dT%H:%M:%S")
+    if digits:
+        text += "." + f"{when.microsecond:06d}{when.microsecond % 997:03d}"[:digits]
+    body = patched(DR, {"payload.status.timestamp": text + suffix})
+    assert (check(body, codec) is None) == (reference(body, codec) is None)
+
+
+@given(st.integers(-(2**63), 2**63 - 1))
+def test_write_long_is_varint(n: int) -> None:
+    assert write_long(n) == varint(n)
+
+
+@pytest.mark.parametrize("n", [2**48, 2**48 - 1, 2**55 - 1, 2**55, 1_700_000_000_000_000, -(2**50)])
+def test_write_long_table_edges(n: int) -> None:
+    assert write_long(n) == varint(n)
