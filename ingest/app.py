@@ -381,7 +381,8 @@ def create_app(settings: Settings, codecs: Codecs | None = None,
     spool_path = spool_dir or settings.state_dir / "spool" / "ingest-0"
 
     async def intake_ctx(app: web.Application) -> AsyncIterator[None]:
-        producer = AsyncProducer(producer_config(settings.kafka_bootstrap))
+        config = producer_config(settings.kafka_bootstrap, **{"linger.ms": settings.ingest_linger_ms})
+        producer = AsyncProducer(config)
         producer.start()
         spool = None
         if settings.spool_max_bytes:

@@ -1,0 +1,18 @@
+"""Settings.from_env: the ingest producer's linger is a setting, parsed and bounded."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatpipe.config import Settings
+
+
+def test_ingest_linger_defaults_to_one_millisecond_and_parses_fractions() -> None:
+    assert Settings.from_env({}).ingest_linger_ms == 1.0
+    assert Settings.from_env({"CHATPIPE_INGEST_LINGER_MS": "0.5"}).ingest_linger_ms == 0.5
+
+
+@pytest.mark.parametrize("raw", ["-1", "1001", "soon"])
+def test_ingest_linger_out_of_range_or_not_a_number_names_the_variable(raw: str) -> None:
+    with pytest.raises(ValueError, match="CHATPIPE_INGEST_LINGER_MS"):
+        Settings.from_env({"CHATPIPE_INGEST_LINGER_MS": raw})
