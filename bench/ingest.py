@@ -19,8 +19,10 @@ Each measurement is preceded by a 2 s warm-up. "non-2xx" is wrk's count of statu
 `--workers 1,2` compares bare and chatpipe with 1 and then 2 server processes each (SO_REUSEPORT).
 `--with-dev-load` repeats the comparison on a second fresh stack where a Faust worker (`chatpipe worker`) and
 the sink (`chatpipe sink`, SQLite) also run, consuming what ingest produces: the rest of `chatpipe dev` on
-the same cores. `--rss-requests N` then drives N requests through chatpipe ingest and prints its RSS (VmRSS,
-summed over worker processes) about every N/10 requests.
+the same cores, at the CPU priority `chatpipe dev` gives them (`--dev-nice`, default
+CHATPIPE_DEV_DOWNSTREAM_NICE's; `--dev-nice 0,10` compares), and it prints how long they stay busy with
+their backlog once the load stops. `--rss-requests N` then drives N requests through chatpipe ingest and
+prints its RSS (VmRSS, summed over worker processes) about every N/10 requests.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import orjson
 
 from chatpipe.broker import free_port, start_tansu, wait_for_port
+from chatpipe.config import Settings
 from chatpipe.topics import ensure_topics
 from tests.fixtures.webhooks import DELIVERY_RECEIPTS, load
 
@@ -128,10 +131,17 @@ class Procs:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
 
-    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None, nice: int = 0
+    ) -> subprocess.Popen[bytes]:
         with open(self.logs / f"{name}.log", "ab") as logf:
             proc = subprocess.Popen(
-                argv, env=env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                argv,
+                env=env,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=(lambda: os.nice(nice)) if nice else None,
             )
         self.procs.append((name, proc))
         return proc
@@ -201,7 +211,7 @@ class Stack:
         wait_for_port(HOST, rport)
         self.registry = reg
 
-    def chatpipe(self, command: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
+    def chatpipe(self, command: str, *args: str, nice: int = 0, **env: str) -> subprocess.Popen[bytes]:
         ready = self.dir / "run" / f"{command}.ready"
         ready.parent.mkdir(parents=True, exist_ok=True)
         ready.unlink(missing_ok=True)
@@ -210,6 +220,7 @@ class Stack:
             name,
             [sys.executable, "-m", "chatpipe.cli", command, *args],
             {**self.env, "CHATPIPE_READY_FILE": str(ready), **env},
+            nice,
         )
         self.procs.wait_ready(name, proc, [ready])
         return proc
@@ -218,8 +229,9 @@ class Stack:
         shutil.rmtree(self.dir / "state" / "spool", ignore_errors=True)
         return self.chatpipe("ingest", CHATPIPE_INGEST_PORT=str(port), CHATPIPE_INGEST_WORKERS=str(workers))
 
-    def start_dev_load(self) -> None:
-        self.dev_load = [self.chatpipe("worker"), self.chatpipe("sink")]
+    def start_dev_load(self, nice: int) -> None:
+        """The worker and the sink as `chatpipe dev` runs them: at CHATPIPE_DEV_DOWNSTREAM_NICE."""
+        self.dev_load = [self.chatpipe("worker", nice=nice), self.chatpipe("sink", nice=nice)]
 
     def consumers(self) -> dict[str, list[int]]:
         return {"worker+sink": [p.pid for p in self.dev_load]} if self.dev_load else {}
@@ -458,12 +470,31 @@ def compare(load: Load, procs: Procs, stack: Stack, workers: int) -> tuple[Resul
     return b, c
 
 
+def settle_seconds(pids: list[int], limit: float = 180.0) -> float:
+    """Seconds until `pids` use under 5% of a core over two 0.5 s samples in a row (their backlog done)."""
+    t0 = time.monotonic()
+    quiet = 0
+    last = sum(cpu_seconds(p) for p in pids)
+    while quiet < 2 and time.monotonic() - t0 < limit:
+        time.sleep(0.5)
+        now = sum(cpu_seconds(p) for p in pids)
+        quiet = quiet + 1 if now - last < 0.025 else 0
+        last = now
+    return time.monotonic() - t0 - 1.0
+
+
 def phase(
-    load: Load, procs: Procs, title: str, dev_load: bool, worker_counts: list[int], rounds: int
+    load: Load,
+    procs: Procs,
+    title: str,
+    dev_nice: int | None,
+    worker_counts: list[int],
+    rounds: int,
 ) -> None:
-    stack = Stack(procs, "devload" if dev_load else "plain")
-    if dev_load:
-        stack.start_dev_load()
+    """One stack; `dev_nice` not None: with the worker and the sink running at that niceness."""
+    stack = Stack(procs, "plain" if dev_nice is None else f"devload-nice{dev_nice}")
+    if dev_nice is not None:
+        stack.start_dev_load(dev_nice)
     print(f"\n== {title}", flush=True)
     for workers in worker_counts:
         ratios = []
@@ -474,6 +505,9 @@ def phase(
             print(b.line(f"bare aiohttp+orjson {tag}"), flush=True)
             print(c.line(f"chatpipe ingest     {tag}"), flush=True)
             print(f"ratio chatpipe/bare {tag}: {ratios[-1]:.2f}", flush=True)
+            if stack.dev_load:
+                behind = settle_seconds([p for d in stack.dev_load for p in process_tree(d.pid)])
+                print(f"worker+sink busy {behind:.1f} s after the load stopped (their backlog)", flush=True)
         if rounds > 1:
             print(f"median ratio, {workers} proc(s): {statistics.median(ratios):.2f}", flush=True)
 
@@ -527,6 +561,11 @@ def main() -> None:
         action="store_true",
         help="also compare while a Faust worker and the sink consume ingest's output",
     )
+    parser.add_argument(
+        "--dev-nice",
+        default=str(Settings().dev_downstream_nice),
+        help="niceness of that worker and sink, as `chatpipe dev` runs them; a list (0,10) compares",
+    )
     parser.add_argument("--rss-requests", type=int, default=0, help="drive N requests and print ingest RSS")
     parser.add_argument("--rss-only", action="store_true", help="skip the comparisons")
     parser.add_argument("--loadgen", choices=["auto", "wrk", "aiohttp"], default="auto")
@@ -551,17 +590,17 @@ def main() -> None:
                 load,
                 procs,
                 "bare vs chatpipe ingest (broker + registry only)",
-                False,
+                None,
                 worker_counts,
                 args.rounds,
             )
-            if args.with_dev_load:
+            for nice in [int(n) for n in args.dev_nice.split(",")] if args.with_dev_load else []:
                 procs.stop_all()
                 phase(
                     load,
                     procs,
-                    "bare vs chatpipe ingest, with a Faust worker and the sink consuming",
-                    True,
+                    f"bare vs chatpipe ingest, with a Faust worker and the sink consuming (nice {nice})",
+                    nice,
                     worker_counts,
                     args.rounds,
                 )

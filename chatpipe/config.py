@@ -44,6 +44,7 @@ class Settings:
     produce_timeout: float = 3.0
     ingest_workers: int = 1
     ingest_linger_ms: float = 1.0
+    dev_downstream_nice: int = 19
     read_window_hours: float = 48.0
     stale_after_hours: float = 240.0
     final_retention_hours: float = 24.0
@@ -107,6 +108,8 @@ class Settings:
             raise ValueError("CHATPIPE_OAUTH_CLIENT_ID and CHATPIPE_OAUTH_CLIENT_SECRET go together")
         if self.ingest_workers < 1:
             raise ValueError("CHATPIPE_INGEST_WORKERS must be >= 1")
+        if not 0 <= self.dev_downstream_nice <= 19:
+            raise ValueError("CHATPIPE_DEV_DOWNSTREAM_NICE must be between 0 and 19")
         if not 0 <= self.ingest_linger_ms <= 1000:
             raise ValueError("CHATPIPE_INGEST_LINGER_MS must be between 0 and 1000")
         from ingest.auth import parse_networks
