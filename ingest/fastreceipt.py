@@ -25,8 +25,12 @@ import orjson
 from ingest.parse import (
     DEFAULT_MAX_DEPTH,
     EVENT_DELIVERY_RECEIPT,
+    INT32_MAX,
+    INT32_MIN,
     MAX_ID_LENGTH,
     NAMESPACE,
+    UTF8_BOM,
+    normalise_channel,
 )
 from schemas.fastpath import EPOCH, ONE_MICROSECOND, write_long
 from schemas.timefmt import parse_iso8601
@@ -91,10 +95,7 @@ def matches(schema: dict[str, Any]) -> bool:
     return layout_of(schema) == LAYOUT
 
 
-_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
-_UTF8_BOM = b"\xef\xbb\xbf"
 _RECEIPT = EVENT_DELIVERY_RECEIPT
-_CHANNEL_ALIASES = {"googlercs": "rcs"}  # as ingest.parse._channel (a test pins them together)
 _NONE = b"\x00"
 _USER_NONE = b"\x00\x00\x00\x00"
 
@@ -135,7 +136,7 @@ def encode_receipt(
     body: bytes, received_at: datetime, prefix: bytes = b"", *, max_depth: int = DEFAULT_MAX_DEPTH
 ) -> tuple[str, bytes] | None:
     """`(umid, prefix + Avro body)` for a simple delivery receipt, None for anything else (see module doc)."""
-    if body[:3] == _UTF8_BOM:
+    if body[:3] == UTF8_BOM:
         return None
     try:
         env = orjson.loads(body)
@@ -162,12 +163,12 @@ def encode_receipt(
         return None
     if not (detail is None or type(detail) is str) or not (message is None or type(message) is str):
         return None
-    if code is not None and (type(code) is not int or not _INT32_MIN <= code <= _INT32_MAX):
+    if code is not None and (type(code) is not int or not INT32_MIN <= code <= INT32_MAX):
         return None
     version = env.get("version")
     if version is None:
         version = get("version")
-    if version is not None and (type(version) is not int or not _INT32_MIN <= version <= _INT32_MAX):
+    if version is not None and (type(version) is not int or not INT32_MIN <= version <= INT32_MAX):
         return None
     try:
         micros = _micros(ts)
@@ -177,8 +178,7 @@ def encode_receipt(
     buf = bytearray(prefix)
     _string(buf, umid)
     _string(buf, sub)
-    channel = channel.lower()
-    _string(buf, _CHANNEL_ALIASES.get(channel, channel))
+    _string(buf, normalise_channel(channel))
     _string(buf, state.lower())
     _opt(buf, detail.lower() if detail else None)
     buf += write_long(micros)

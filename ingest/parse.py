@@ -51,18 +51,18 @@ HTTP_UNSUPPORTED = 422
 
 DEFAULT_MAX_DEPTH = 32
 MAX_ID_LENGTH = 100
-_INT32_MIN = -(2**31)
-_INT32_MAX = 2**31 - 1
+INT32_MIN = -(2**31)
+INT32_MAX = 2**31 - 1
 
 NAMESPACE = "chatapps"
 EVENT_DELIVERY_RECEIPT = "outbound_message_status_changed"
 EVENT_INBOUND_MESSAGE = "inbound_message_received"
 
-_UTF8_BOM = b"\xef\xbb\xbf"
+UTF8_BOM = b"\xef\xbb\xbf"
 _ORJSON_MAX_DEPTH = 1024
 _SHOW_MAX = 80
 
-_CHANNEL_ALIASES = {"googlercs": "rcs"}
+CHANNEL_ALIASES = {"googlercs": "rcs"}
 
 # inbound `type`, lower-case -> 8x8 casing; values not listed are kept as sent
 _INBOUND_TYPES = {
@@ -192,7 +192,7 @@ def _opt_int(obj: JSONObject, key: str, parent: str) -> int | None:
         number = int(text)
     else:
         _wrong_type(parent, key, "integer", value)
-    if not _INT32_MIN <= number <= _INT32_MAX:
+    if not INT32_MIN <= number <= INT32_MAX:
         _bad(parent, key, f"out of range: {number}")
     return number
 
@@ -255,9 +255,10 @@ def _opt_timestamp(obj: JSONObject, key: str, parent: str) -> datetime | None:
     return None if value is None else _timestamp(value, parent, key)
 
 
-def _channel(value: str) -> str:
+def normalise_channel(value: str) -> str:
+    """Lower case, aliases resolved (`GoogleRCS` -> `rcs`): the channel as chatpipe stores it."""
     lowered = value.lower()
-    return _CHANNEL_ALIASES.get(lowered, lowered)
+    return CHANNEL_ALIASES.get(lowered, lowered)
 
 
 def _compact_json(value: object, parent: str, key: str) -> str:
@@ -311,7 +312,7 @@ def _delivery_receipt(
     p = "payload"
     umid = _req_str(payload, "umid", p, MAX_ID_LENGTH)
     sub_account_id = _req_str(payload, "subAccountId", p, MAX_ID_LENGTH)
-    channel = _channel(_req_str(payload, "channel", p))
+    channel = normalise_channel(_req_str(payload, "channel", p))
     status = _status(payload)
     provider_error_code = pricing_category = None
     whatsapp = _opt_obj(payload, "whatsapp", p)
@@ -415,7 +416,7 @@ def _inbound_message(
     sub_account_id = _req_str(payload, "subAccountId", p, MAX_ID_LENGTH)
     timestamp = _req_timestamp(payload, "timestamp", p)
     recipient = _req_obj(payload, "recipient", p)
-    channel = _channel(_req_str(recipient, "channel", "payload.recipient"))
+    channel = normalise_channel(_req_str(recipient, "channel", "payload.recipient"))
     mtype = _req_str(payload, "type", p)
     return InboundMessage(
         umid=umid,
@@ -456,7 +457,7 @@ def _decode(body: bytes, max_depth: int) -> tuple[JSONObject, str]:
         raise _Bad("body", f"not UTF-8 (byte {exc.start})") from None
     if not raw_json or raw_json.isspace():
         raise _Bad("body", "empty")
-    data = body[len(_UTF8_BOM) :] if body.startswith(_UTF8_BOM) else body
+    data = body[len(UTF8_BOM) :] if body.startswith(UTF8_BOM) else body
     try:
         value = orjson.loads(data)
     except orjson.JSONDecodeError as exc:

@@ -33,6 +33,7 @@ from typing import Any, NoReturn
 
 import orjson
 
+from ingest.parse import INT32_MAX, INT32_MIN, normalise_channel
 from schemas.errors import InvalidEvent
 from schemas.models import DeliveryReceipt, Status, User
 from schemas.timefmt import parse_iso8601
@@ -49,8 +50,6 @@ __all__ = [
 ]
 
 MAX_ID_LENGTH = 100
-_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
-_CHANNEL_ALIASES = {"googlercs": "rcs"}  # as ingest.parse
 _SHOW_MAX = 80
 
 
@@ -118,7 +117,7 @@ def _int(value: object, path: str) -> int:
         number = int(text)
     else:
         _bad(path, f"expected integer, got {_jtype(value)}")
-    if not _INT32_MIN <= number <= _INT32_MAX:
+    if not INT32_MIN <= number <= INT32_MAX:
         _bad(path, f"out of range: {number}")
     return number
 
@@ -140,8 +139,7 @@ def _channel(value: str, known: Sequence[str]) -> str:
     """Lower case (`GoogleRCS` -> `rcs`). When the message's known channels lack it but have exactly one
     `<it>notification` (`Zalo` in the details API, `ZaloNotification` in webhooks), that one: the same
     attempt must not become a second step under another spelling."""
-    lowered = value.lower()
-    channel = _CHANNEL_ALIASES.get(lowered, lowered)
+    channel = normalise_channel(value)
     if known and channel not in known:
         matches = [k for k in known if k == channel + "notification"]
         if len(matches) == 1:

@@ -12,7 +12,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingest import fastreceipt, parse
 from ingest.fastreceipt import encode_receipt, matches
 from ingest.parse import parse_webhook
 from schemas.catalog import load_schema
@@ -65,10 +64,6 @@ def test_layout_is_the_receipts_schema() -> None:
         changed = copy.deepcopy(schema)
         change(changed)
         assert not matches(changed)
-
-
-def test_channel_aliases_are_the_parsers() -> None:
-    assert fastreceipt._CHANNEL_ALIASES == parse._CHANNEL_ALIASES
 
 
 @pytest.mark.parametrize("name", webhooks.DELIVERY_RECEIPTS)
