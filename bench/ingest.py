@@ -19,10 +19,11 @@ Each measurement is preceded by a 2 s warm-up. "non-2xx" is wrk's count of statu
 `--workers 1,2` compares bare and chatpipe with 1 and then 2 server processes each (SO_REUSEPORT).
 `--with-dev-load` repeats the comparison on a second fresh stack where a Faust worker (`chatpipe worker`) and
 the sink (`chatpipe sink`, SQLite) also run, consuming what ingest produces: the rest of `chatpipe dev` on
-the same cores, at the CPU priority `chatpipe dev` gives them (`--dev-nice`, default
-CHATPIPE_DEV_DOWNSTREAM_NICE's; `--dev-nice 0,10` compares), and it prints how long they stay busy with
-their backlog once the load stops. `--rss-requests N` then drives N requests through chatpipe ingest and
-prints its RSS (VmRSS, summed over worker processes) about every N/10 requests.
+the same cores, at the CPU priority `chatpipe dev` gives them (`--dev-nice` and `--dev-idle`, defaults
+CHATPIPE_DEV_DOWNSTREAM_NICE's and _IDLE's; `--dev-nice 0,19 --dev-idle 1,0` compares all four), and
+it prints how long they stay busy with their backlog once the load stops. `--rss-requests N` then drives
+N requests through chatpipe ingest and prints its RSS (VmRSS, summed over worker processes) about every
+N/10 requests.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import multiprocessing
 import os
 import re
@@ -51,6 +53,7 @@ import orjson
 
 from chatpipe.broker import free_port, start_tansu, wait_for_port
 from chatpipe.config import Settings
+from chatpipe.dev import _die_with_parent
 from chatpipe.topics import ensure_topics
 from tests.fixtures.webhooks import DELIVERY_RECEIPTS, load
 
@@ -132,7 +135,12 @@ class Procs:
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
 
     def spawn(
-        self, name: str, argv: list[str], env: dict[str, str] | None = None, nice: int = 0
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        nice: int = 0,
+        idle: bool = False,
     ) -> subprocess.Popen[bytes]:
         with open(self.logs / f"{name}.log", "ab") as logf:
             proc = subprocess.Popen(
@@ -141,7 +149,7 @@ class Procs:
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=(lambda: os.nice(nice)) if nice else None,
+                preexec_fn=functools.partial(_die_with_parent, nice, idle),
             )
         self.procs.append((name, proc))
         return proc
@@ -211,7 +219,9 @@ class Stack:
         wait_for_port(HOST, rport)
         self.registry = reg
 
-    def chatpipe(self, command: str, *args: str, nice: int = 0, **env: str) -> subprocess.Popen[bytes]:
+    def chatpipe(
+        self, command: str, *args: str, nice: int = 0, idle: bool = False, **env: str
+    ) -> subprocess.Popen[bytes]:
         ready = self.dir / "run" / f"{command}.ready"
         ready.parent.mkdir(parents=True, exist_ok=True)
         ready.unlink(missing_ok=True)
@@ -221,6 +231,7 @@ class Stack:
             [sys.executable, "-m", "chatpipe.cli", command, *args],
             {**self.env, "CHATPIPE_READY_FILE": str(ready), **env},
             nice,
+            idle,
         )
         self.procs.wait_ready(name, proc, [ready])
         return proc
@@ -229,9 +240,12 @@ class Stack:
         shutil.rmtree(self.dir / "state" / "spool", ignore_errors=True)
         return self.chatpipe("ingest", CHATPIPE_INGEST_PORT=str(port), CHATPIPE_INGEST_WORKERS=str(workers))
 
-    def start_dev_load(self, nice: int) -> None:
-        """The worker and the sink as `chatpipe dev` runs them: at CHATPIPE_DEV_DOWNSTREAM_NICE."""
-        self.dev_load = [self.chatpipe("worker", nice=nice), self.chatpipe("sink", nice=nice)]
+    def start_dev_load(self, nice: int, idle: bool) -> None:
+        """The worker and the sink as `chatpipe dev` runs them: CHATPIPE_DEV_DOWNSTREAM_NICE and _IDLE."""
+        self.dev_load = [
+            self.chatpipe("worker", nice=nice, idle=idle),
+            self.chatpipe("sink", nice=nice, idle=idle),
+        ]
 
     def consumers(self) -> dict[str, list[int]]:
         return {"worker+sink": [p.pid for p in self.dev_load]} if self.dev_load else {}
@@ -487,14 +501,14 @@ def phase(
     load: Load,
     procs: Procs,
     title: str,
-    dev_nice: int | None,
+    dev: tuple[int, bool] | None,
     worker_counts: list[int],
     rounds: int,
 ) -> None:
-    """One stack; `dev_nice` not None: with the worker and the sink running at that niceness."""
-    stack = Stack(procs, "plain" if dev_nice is None else f"devload-nice{dev_nice}")
-    if dev_nice is not None:
-        stack.start_dev_load(dev_nice)
+    """One stack; `dev` = (nice, idle) not None: with the worker and the sink running at that priority."""
+    stack = Stack(procs, "plain" if dev is None else f"devload-nice{dev[0]}-idle{int(dev[1])}")
+    if dev is not None:
+        stack.start_dev_load(*dev)
     print(f"\n== {title}", flush=True)
     for workers in worker_counts:
         ratios = []
@@ -566,6 +580,11 @@ def main() -> None:
         default=str(Settings().dev_downstream_nice),
         help="niceness of that worker and sink, as `chatpipe dev` runs them; a list (0,10) compares",
     )
+    parser.add_argument(
+        "--dev-idle",
+        default=str(int(Settings().dev_downstream_idle)),
+        help="1: that worker and sink under SCHED_IDLE, as `chatpipe dev` runs them; 1,0 compares",
+    )
     parser.add_argument("--rss-requests", type=int, default=0, help="drive N requests and print ingest RSS")
     parser.add_argument("--rss-only", action="store_true", help="skip the comparisons")
     parser.add_argument("--loadgen", choices=["auto", "wrk", "aiohttp"], default="auto")
@@ -594,13 +613,18 @@ def main() -> None:
                 worker_counts,
                 args.rounds,
             )
-            for nice in [int(n) for n in args.dev_nice.split(",")] if args.with_dev_load else []:
+            priorities = [
+                (int(n), bool(int(i))) for n in args.dev_nice.split(",") for i in args.dev_idle.split(",")
+            ]
+            for nice, idle in priorities if args.with_dev_load else []:
                 procs.stop_all()
+                policy = ", SCHED_IDLE" if idle else ""
                 phase(
                     load,
                     procs,
-                    f"bare vs chatpipe ingest, with a Faust worker and the sink consuming (nice {nice})",
-                    nice,
+                    "bare vs chatpipe ingest, with a Faust worker and the sink consuming "
+                    f"(nice {nice}{policy})",
+                    (nice, idle),
                     worker_counts,
                     args.rounds,
                 )

@@ -45,6 +45,7 @@ class Settings:
     ingest_workers: int = 1
     ingest_linger_ms: float = 1.0
     dev_downstream_nice: int = 19
+    dev_downstream_idle: bool = True
     read_window_hours: float = 48.0
     stale_after_hours: float = 240.0
     final_retention_hours: float = 24.0

@@ -29,14 +29,22 @@ READY_TIMEOUT = 90.0
 STOP_TIMEOUT = 15.0
 
 
-def _die_with_parent(nice: int = 0) -> None:  # pragma: no cover - runs in the child before exec
-    """Ask Linux to SIGTERM the child if `dev` itself dies (even by SIGKILL): no orphans. `nice`: lower
-    the child's CPU priority by that much (inherited by every thread it starts)."""
+def _die_with_parent(nice: int = 0, idle: bool = False) -> None:  # pragma: no cover - runs in the child
+    """Ask Linux to SIGTERM the child if `dev` itself dies (even by SIGKILL): no orphans.
+
+    `nice`: lower the child's CPU priority by that much. `idle`: run it under SCHED_IDLE, the policy for
+    background work: it gets a core when nothing else wants it, and a normal thread that wakes up on its
+    core preempts it at once (a nice 19 thread may keep the core for the rest of its slice). Both are
+    inherited by every thread the child starts.
+    """
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     if nice:
         with contextlib.suppress(OSError):
             os.nice(nice)
+    if idle:
+        with contextlib.suppress(OSError, AttributeError):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 @dataclass
@@ -68,7 +76,13 @@ class DevStack:
         print(text, flush=True)
 
     def _spawn(
-        self, name: str, argv: list[str], env: dict[str, str], ready: bool = True, nice: int = 0
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str],
+        ready: bool = True,
+        nice: int = 0,
+        idle: bool = False,
     ) -> Child:
         log_path = self.logs / f"{name}.log"
         ready_file = self.run_dir / f"{name}.ready" if ready else None
@@ -83,15 +97,15 @@ class DevStack:
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=functools.partial(_die_with_parent, nice),
+                preexec_fn=functools.partial(_die_with_parent, nice, idle),
             )
         child = Child(name, proc, log_path, ready_file)
         self.children.append(child)
         return child
 
-    def _chatpipe(self, name: str, *args: str, nice: int = 0) -> Child:
+    def _chatpipe(self, name: str, *args: str, nice: int = 0, idle: bool = False) -> Child:
         argv = [sys.executable, "-m", "chatpipe.cli", name, *args]
-        return self._spawn(name, argv, self.child_env, nice=nice)
+        return self._spawn(name, argv, self.child_env, nice=nice, idle=idle)
 
     def _wait_ready(self, children: list[Child], timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -153,9 +167,9 @@ class DevStack:
             self._chatpipe("ingest"),
             # behind ingest for the CPU: what ingest does not take in time 8x8 gives up on, whereas the
             # worker and the sink only lag (Kafka holds the backlog) and catch up when the burst is over
-            # (measured: bench/ingest.py --with-dev-load --dev-nice 0,10,19)
-            self._chatpipe("worker", nice=s.dev_downstream_nice),
-            self._chatpipe("sink", nice=s.dev_downstream_nice),
+            # (measured: bench/ingest.py --with-dev-load --dev-nice 0,19 --dev-idle 1,0)
+            self._chatpipe("worker", nice=s.dev_downstream_nice, idle=s.dev_downstream_idle),
+            self._chatpipe("sink", nice=s.dev_downstream_nice, idle=s.dev_downstream_idle),
             self._chatpipe("api"),
         ]
         self._wait_ready(services, READY_TIMEOUT)
