@@ -1,7 +1,8 @@
 """Ingest throughput against a bare aiohttp server, side by side in one run, on the same load generator.
 
     /tmp/venv/bin/python bench/ingest.py [--seconds 15] [--connections 64] [--workers 1[,2]] [--rounds 1]
-                                         [--with-dev-load] [--rss-requests 1000000 [--rss-only]]
+                                         [--partitions 2[,6]] [--with-dev-load [--dev-load-only]]
+                                         [--rss-requests 1000000 [--rss-only]]
 
 Per comparison, each server runs in its own process(es), apart from the load generator:
 
@@ -17,6 +18,8 @@ Each measurement is preceded by a 2 s warm-up. "non-2xx" is wrk's count of statu
 (neither server answers 3xx).
 
 `--workers 1,2` compares bare and chatpipe with 1 and then 2 server processes each (SO_REUSEPORT).
+`--partitions 2,6` repeats everything with topics of 2 and then 6 partitions (default: CHATPIPE_PARTITIONS's
+default, what `chatpipe dev` creates).
 `--with-dev-load` repeats the comparison on a second fresh stack where a Faust worker (`chatpipe worker`) and
 the sink (`chatpipe sink`, SQLite) also run, consuming what ingest produces: the rest of `chatpipe dev` on
 the same cores, at the CPU priority `chatpipe dev` gives them (`--dev-nice` and `--dev-idle`, defaults
@@ -32,6 +35,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import itertools
 import multiprocessing
 import os
 import re
@@ -62,7 +66,6 @@ HOST = "127.0.0.1"
 UMID_MARK = "@@UMID@@"
 WARMUP_SECONDS = 2.0
 READY_TIMEOUT = 120.0
-PARTITIONS = 6  # what `chatpipe dev` uses
 
 
 def templates() -> list[tuple[bytes, bytes]]:
@@ -190,15 +193,20 @@ class Procs:
 class Stack:
     """A fresh Tansu broker with chatpipe's topics and the embedded registry; starts ingest and friends."""
 
-    def __init__(self, procs: Procs, name: str) -> None:
+    def __init__(self, procs: Procs, name: str, partitions: int) -> None:
         self.procs = procs
         self.dir = procs.workdir / name
+        for n in itertools.count(2):  # a phase repeated (--partitions 2,6,2) gets a fresh directory
+            if not self.dir.exists():
+                break
+            self.dir = procs.workdir / f"{name}-{n}"
         self.dir.mkdir(parents=True)
+        name = self.dir.name
         port = free_port()
         self.bootstrap = f"{HOST}:{port}"
         self.broker = start_tansu(HOST, port, procs.logs / f"{name}-broker.log")
         procs.adopt(f"{name}-broker", self.broker)
-        ensure_topics(self.bootstrap, PARTITIONS)
+        ensure_topics(self.bootstrap, partitions)
         rport = free_port()
         self.token = secrets.token_urlsafe(24)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CHATPIPE_")}
@@ -209,7 +217,7 @@ class Stack:
             CHATPIPE_STATE_DIR=str(self.dir / "state"),
             CHATPIPE_STORE_URL=f"sqlite:///{self.dir / 'chatpipe.db'}",
             CHATPIPE_WEBHOOK_TOKEN=self.token,
-            CHATPIPE_PARTITIONS=str(PARTITIONS),
+            CHATPIPE_PARTITIONS=str(partitions),
             CHATPIPE_LOG_LEVEL="WARNING",
             CHATPIPE_WORKER_WEB_PORT=str(free_port()),
         )
@@ -504,9 +512,11 @@ def phase(
     dev: tuple[int, bool] | None,
     worker_counts: list[int],
     rounds: int,
+    partitions: int,
 ) -> None:
     """One stack; `dev` = (nice, idle) not None: with the worker and the sink running at that priority."""
-    stack = Stack(procs, "plain" if dev is None else f"devload-nice{dev[0]}-idle{int(dev[1])}")
+    name = "plain" if dev is None else f"devload-nice{dev[0]}-idle{int(dev[1])}"
+    stack = Stack(procs, f"{name}-p{partitions}", partitions)
     if dev is not None:
         stack.start_dev_load(*dev)
     print(f"\n== {title}", flush=True)
@@ -526,8 +536,8 @@ def phase(
             print(f"median ratio, {workers} proc(s): {statistics.median(ratios):.2f}", flush=True)
 
 
-def rss_run(load: Load, procs: Procs, total: int, workers: int) -> None:
-    stack = Stack(procs, "rss")
+def rss_run(load: Load, procs: Procs, total: int, workers: int, partitions: int) -> None:
+    stack = Stack(procs, "rss", partitions)
     port = free_port()
     ingest = stack.ingest(port, workers)
     step = max(1, total // 10)
@@ -585,6 +595,14 @@ def main() -> None:
         default=str(int(Settings().dev_downstream_idle)),
         help="1: that worker and sink under SCHED_IDLE, as `chatpipe dev` runs them; 1,0 compares",
     )
+    parser.add_argument(
+        "--partitions",
+        default=str(Settings().partitions),
+        help="partitions of every topic, as CHATPIPE_PARTITIONS (default: its default); a list compares",
+    )
+    parser.add_argument(
+        "--dev-load-only", action="store_true", help="skip the comparison without the dev load"
+    )
     parser.add_argument("--rss-requests", type=int, default=0, help="drive N requests and print ingest RSS")
     parser.add_argument("--rss-only", action="store_true", help="skip the comparisons")
     parser.add_argument("--loadgen", choices=["auto", "wrk", "aiohttp"], default="auto")
@@ -596,6 +614,7 @@ def main() -> None:
         serve_bare(int(args.serve_bare[0]), Path(args.serve_bare[1]))
         return
     worker_counts = [int(x) for x in args.workers.split(",")]
+    partition_counts = [int(x) for x in args.partitions.split(",")]
     workdir = Path(tempfile.mkdtemp(prefix="chatpipe-bench-ingest-"))
     procs = Procs(workdir)
     load = Load(args, workdir)
@@ -604,33 +623,26 @@ def main() -> None:
         f"{args.seconds:g} s per server after a {WARMUP_SECONDS:g} s warm-up; {os.cpu_count()} cores"
     )
     try:
-        if not args.rss_only:
-            phase(
-                load,
-                procs,
-                "bare vs chatpipe ingest (broker + registry only)",
-                None,
-                worker_counts,
-                args.rounds,
-            )
-            priorities = [
-                (int(n), bool(int(i))) for n in args.dev_nice.split(",") for i in args.dev_idle.split(",")
-            ]
+        priorities = [
+            (int(n), bool(int(i))) for n in args.dev_nice.split(",") for i in args.dev_idle.split(",")
+        ]
+        for partitions in [] if args.rss_only else partition_counts:
+            topics = f"{partitions} partitions"
+            if not args.dev_load_only:
+                procs.stop_all()
+                title = f"bare vs chatpipe ingest (broker + registry only; {topics})"
+                phase(load, procs, title, None, worker_counts, args.rounds, partitions)
             for nice, idle in priorities if args.with_dev_load else []:
                 procs.stop_all()
                 policy = ", SCHED_IDLE" if idle else ""
-                phase(
-                    load,
-                    procs,
+                title = (
                     "bare vs chatpipe ingest, with a Faust worker and the sink consuming "
-                    f"(nice {nice}{policy})",
-                    (nice, idle),
-                    worker_counts,
-                    args.rounds,
+                    f"(nice {nice}{policy}; {topics})"
                 )
+                phase(load, procs, title, (nice, idle), worker_counts, args.rounds, partitions)
         if args.rss_requests:
             procs.stop_all()
-            rss_run(load, procs, args.rss_requests, worker_counts[0])
+            rss_run(load, procs, args.rss_requests, worker_counts[0], partition_counts[0])
     finally:
         procs.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
