@@ -1,7 +1,8 @@
 """Ingest throughput against a bare aiohttp server, side by side in one run, on the same load generator.
 
     /tmp/venv/bin/python bench/ingest.py [--seconds 15] [--connections 64] [--workers 1[,2]] [--rounds 1]
-                                         [--partitions 2[,6]] [--with-dev-load [--dev-load-only]]
+                                         [--partitions 2[,6]] [--loops uvloop[,asyncio]]
+                                         [--with-dev-load [--dev-load-only]]
                                          [--rss-requests 1000000 [--rss-only]]
 
 Per comparison, each server runs in its own process(es), apart from the load generator:
@@ -19,7 +20,8 @@ Each measurement is preceded by a 2 s warm-up. "non-2xx" is wrk's count of statu
 
 `--workers 1,2` compares bare and chatpipe with 1 and then 2 server processes each (SO_REUSEPORT).
 `--partitions 2,6` repeats everything with topics of 2 and then 6 partitions (default: CHATPIPE_PARTITIONS's
-default, what `chatpipe dev` creates).
+default, what `chatpipe dev` creates). Both servers run on the event loop chatpipe runs on
+(CHATPIPE_EVENT_LOOP's default); `--loops uvloop,asyncio` repeats everything on each.
 `--with-dev-load` repeats the comparison on a second fresh stack where a Faust worker (`chatpipe worker`) and
 the sink (`chatpipe sink`, SQLite) also run, consuming what ingest produces: the rest of `chatpipe dev` on
 the same cores, at the CPU priority `chatpipe dev` gives them (`--dev-nice` and `--dev-idle`, defaults
@@ -58,6 +60,7 @@ import orjson
 from chatpipe.broker import free_port, start_tansu, wait_for_port
 from chatpipe.config import Settings
 from chatpipe.dev import _die_with_parent
+from chatpipe.serve import run
 from chatpipe.topics import ensure_topics
 from tests.fixtures.webhooks import DELIVERY_RECEIPTS, load
 
@@ -103,8 +106,9 @@ class Result:
 # ------------------------------------------------------------------------------------------- servers
 
 
-def serve_bare(port: int, ready_file: Path) -> None:
-    """The baseline: parse the JSON body with orjson, answer 200. Access log off, as chatpipe's."""
+def serve_bare(port: int, ready_file: Path, event_loop: str) -> None:
+    """The baseline: parse the JSON body with orjson, answer 200. Access log off and on the same event
+    loop, as chatpipe's."""
     from aiohttp import web
 
     async def handler(request: web.Request) -> web.Response:
@@ -125,7 +129,7 @@ def serve_bare(port: int, ready_file: Path) -> None:
         await stop.wait()
         await runner.cleanup()
 
-    asyncio.run(main())
+    run(main(), event_loop)
 
 
 class Procs:
@@ -190,11 +194,23 @@ class Procs:
             self.stop(proc)
 
 
+@dataclass(frozen=True)
+class Setup:
+    """What every process of a stack is configured with (CHATPIPE_PARTITIONS, CHATPIPE_EVENT_LOOP)."""
+
+    partitions: int
+    event_loop: str
+
+    def __str__(self) -> str:
+        return f"{self.partitions} partitions, {self.event_loop}"
+
+
 class Stack:
     """A fresh Tansu broker with chatpipe's topics and the embedded registry; starts ingest and friends."""
 
-    def __init__(self, procs: Procs, name: str, partitions: int) -> None:
+    def __init__(self, procs: Procs, name: str, setup: Setup) -> None:
         self.procs = procs
+        self.event_loop = setup.event_loop
         self.dir = procs.workdir / name
         for n in itertools.count(2):  # a phase repeated (--partitions 2,6,2) gets a fresh directory
             if not self.dir.exists():
@@ -206,7 +222,7 @@ class Stack:
         self.bootstrap = f"{HOST}:{port}"
         self.broker = start_tansu(HOST, port, procs.logs / f"{name}-broker.log")
         procs.adopt(f"{name}-broker", self.broker)
-        ensure_topics(self.bootstrap, partitions)
+        ensure_topics(self.bootstrap, setup.partitions)
         rport = free_port()
         self.token = secrets.token_urlsafe(24)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CHATPIPE_")}
@@ -217,7 +233,8 @@ class Stack:
             CHATPIPE_STATE_DIR=str(self.dir / "state"),
             CHATPIPE_STORE_URL=f"sqlite:///{self.dir / 'chatpipe.db'}",
             CHATPIPE_WEBHOOK_TOKEN=self.token,
-            CHATPIPE_PARTITIONS=str(partitions),
+            CHATPIPE_PARTITIONS=str(setup.partitions),
+            CHATPIPE_EVENT_LOOP=setup.event_loop,
             CHATPIPE_LOG_LEVEL="WARNING",
             CHATPIPE_WORKER_WEB_PORT=str(free_port()),
         )
@@ -259,11 +276,12 @@ class Stack:
         return {"worker+sink": [p.pid for p in self.dev_load]} if self.dev_load else {}
 
 
-def start_bare(procs: Procs, port: int, workers: int) -> list[subprocess.Popen[bytes]]:
+def start_bare(procs: Procs, port: int, workers: int, event_loop: str) -> list[subprocess.Popen[bytes]]:
     out = []
     for i in range(workers):
         ready = procs.workdir / f"bare-{port}-{i}.ready"
-        proc = procs.spawn(f"bare-{i}", [sys.executable, __file__, "--serve-bare", str(port), str(ready)])
+        argv = [sys.executable, __file__, "--serve-bare", str(port), str(ready), event_loop]
+        proc = procs.spawn(f"bare-{i}", argv)
         procs.wait_ready(f"bare-{i}", proc, [ready])
         out.append(proc)
     return out
@@ -476,7 +494,7 @@ class Load:
 
 def compare(load: Load, procs: Procs, stack: Stack, workers: int) -> tuple[Result, Result]:
     port = free_port()
-    bare = start_bare(procs, port, workers)
+    bare = start_bare(procs, port, workers, stack.event_loop)
     others = {"broker": [stack.broker.pid], **stack.consumers()}
     try:
         b = load.measure(port, stack.token, {"server": [p.pid for p in bare], **others})
@@ -512,11 +530,11 @@ def phase(
     dev: tuple[int, bool] | None,
     worker_counts: list[int],
     rounds: int,
-    partitions: int,
+    setup: Setup,
 ) -> None:
     """One stack; `dev` = (nice, idle) not None: with the worker and the sink running at that priority."""
     name = "plain" if dev is None else f"devload-nice{dev[0]}-idle{int(dev[1])}"
-    stack = Stack(procs, f"{name}-p{partitions}", partitions)
+    stack = Stack(procs, f"{name}-p{setup.partitions}-{setup.event_loop}", setup)
     if dev is not None:
         stack.start_dev_load(*dev)
     print(f"\n== {title}", flush=True)
@@ -536,8 +554,8 @@ def phase(
             print(f"median ratio, {workers} proc(s): {statistics.median(ratios):.2f}", flush=True)
 
 
-def rss_run(load: Load, procs: Procs, total: int, workers: int, partitions: int) -> None:
-    stack = Stack(procs, "rss", partitions)
+def rss_run(load: Load, procs: Procs, total: int, workers: int, setup: Setup) -> None:
+    stack = Stack(procs, "rss", setup)
     port = free_port()
     ingest = stack.ingest(port, workers)
     step = max(1, total // 10)
@@ -601,6 +619,11 @@ def main() -> None:
         help="partitions of every topic, as CHATPIPE_PARTITIONS (default: its default); a list compares",
     )
     parser.add_argument(
+        "--loops",
+        default=Settings().event_loop,
+        help="event loop of both servers, as CHATPIPE_EVENT_LOOP (default: its default); a list compares",
+    )
+    parser.add_argument(
         "--dev-load-only", action="store_true", help="skip the comparison without the dev load"
     )
     parser.add_argument("--rss-requests", type=int, default=0, help="drive N requests and print ingest RSS")
@@ -608,10 +631,12 @@ def main() -> None:
     parser.add_argument("--loadgen", choices=["auto", "wrk", "aiohttp"], default="auto")
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: it shares the cores)")
     parser.add_argument("--client-procs", type=int, default=2, help="aiohttp client processes")
-    parser.add_argument("--serve-bare", nargs=2, metavar=("PORT", "READY_FILE"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--serve-bare", nargs=3, metavar=("PORT", "READY_FILE", "LOOP"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.serve_bare:
-        serve_bare(int(args.serve_bare[0]), Path(args.serve_bare[1]))
+        serve_bare(int(args.serve_bare[0]), Path(args.serve_bare[1]), args.serve_bare[2])
         return
     worker_counts = [int(x) for x in args.workers.split(",")]
     partition_counts = [int(x) for x in args.partitions.split(",")]
@@ -626,23 +651,23 @@ def main() -> None:
         priorities = [
             (int(n), bool(int(i))) for n in args.dev_nice.split(",") for i in args.dev_idle.split(",")
         ]
-        for partitions in [] if args.rss_only else partition_counts:
-            topics = f"{partitions} partitions"
+        setups = [Setup(p, loop) for p in partition_counts for loop in args.loops.split(",")]
+        for setup in [] if args.rss_only else setups:
             if not args.dev_load_only:
                 procs.stop_all()
-                title = f"bare vs chatpipe ingest (broker + registry only; {topics})"
-                phase(load, procs, title, None, worker_counts, args.rounds, partitions)
+                title = f"bare vs chatpipe ingest (broker + registry only; {setup})"
+                phase(load, procs, title, None, worker_counts, args.rounds, setup)
             for nice, idle in priorities if args.with_dev_load else []:
                 procs.stop_all()
                 policy = ", SCHED_IDLE" if idle else ""
                 title = (
                     "bare vs chatpipe ingest, with a Faust worker and the sink consuming "
-                    f"(nice {nice}{policy}; {topics})"
+                    f"(nice {nice}{policy}; {setup})"
                 )
-                phase(load, procs, title, (nice, idle), worker_counts, args.rounds, partitions)
+                phase(load, procs, title, (nice, idle), worker_counts, args.rounds, setup)
         if args.rss_requests:
             procs.stop_all()
-            rss_run(load, procs, args.rss_requests, worker_counts[0], partition_counts[0])
+            rss_run(load, procs, args.rss_requests, worker_counts[0], setups[0])
     finally:
         procs.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)

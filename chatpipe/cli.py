@@ -6,7 +6,6 @@ Configuration comes from `CHATPIPE_*` environment variables (see README); flags 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import signal
@@ -41,21 +40,22 @@ def cmd_dev(settings: Settings, args: argparse.Namespace, env: dict[str, str]) -
 
 
 def cmd_ingest(settings: Settings, args: argparse.Namespace, env: dict[str, str]) -> int:
-    from chatpipe.serve import serve_until_signal
+    from chatpipe.serve import run, serve_until_signal
     from ingest.app import create_app
 
     if settings.ingest_workers > 1 and args.worker_index is None:
         return _ingest_workers(settings, env)
     index = args.worker_index or 0
     app = create_app(settings, spool_dir=settings.state_dir / "spool" / f"ingest-{index}")
-    asyncio.run(
+    run(
         serve_until_signal(
             app,
             settings.ingest_host,
             settings.ingest_port,
             _ready_callback(env, "ingest"),
             reuse_port=args.reuse_port or args.worker_index is not None,
-        )
+        ),
+        settings.event_loop,
     )
     return 0
 
@@ -147,11 +147,12 @@ def cmd_sink(settings: Settings, args: argparse.Namespace, env: dict[str, str]) 
 
 
 def cmd_api(settings: Settings, args: argparse.Namespace, env: dict[str, str]) -> int:
-    from chatpipe.serve import serve_until_signal
+    from chatpipe.serve import run, serve_until_signal
     from sinks.api import create_app
 
     app = create_app(settings)
-    asyncio.run(serve_until_signal(app, settings.api_host, settings.api_port, _ready_callback(env, "api")))
+    ready = _ready_callback(env, "api")
+    run(serve_until_signal(app, settings.api_host, settings.api_port, ready), settings.event_loop)
     return 0
 
 
@@ -162,12 +163,12 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace, env: dict[str, s
 
 
 def cmd_registry(settings: Settings, args: argparse.Namespace, env: dict[str, str]) -> int:
-    from chatpipe.serve import serve_until_signal
+    from chatpipe.serve import run, serve_until_signal
     from schemas.registry import create_registry_app
 
     storage = Path(args.storage) if args.storage else settings.state_dir / "registry.json"
     app = create_registry_app(storage)
-    asyncio.run(serve_until_signal(app, args.host, args.port, _ready_callback(env, "registry")))
+    run(serve_until_signal(app, args.host, args.port, _ready_callback(env, "registry")), settings.event_loop)
     return 0
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 _SECRET = "***"
+#: what the HTTP services (ingest, api, registry, reconciler) can run on
+EVENT_LOOPS = ("asyncio", "uvloop")
 
 
 def _secret_field(default: str | None = None) -> str | None:
@@ -63,6 +65,7 @@ class Settings:
     metrics_port: int = 0
     log_level: str = "INFO"
     log_format: str = "text"
+    event_loop: str = "asyncio"
 
     def __repr__(self) -> str:
         shown = []
@@ -111,6 +114,8 @@ class Settings:
             raise ValueError("CHATPIPE_INGEST_WORKERS must be >= 1")
         if not 0 <= self.dev_downstream_nice <= 19:
             raise ValueError("CHATPIPE_DEV_DOWNSTREAM_NICE must be between 0 and 19")
+        if self.event_loop not in EVENT_LOOPS:
+            raise ValueError(f"CHATPIPE_EVENT_LOOP must be one of {', '.join(EVENT_LOOPS)}")
         if not 0 <= self.ingest_linger_ms <= 1000:
             raise ValueError("CHATPIPE_INGEST_LINGER_MS must be between 0 and 1000")
         from ingest.auth import parse_networks

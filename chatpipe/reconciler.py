@@ -522,5 +522,7 @@ def run_reconciler(settings: Settings, on_ready: Callable[[], None] | None = Non
     if not settings.api_8x8_key:
         log.info("reconciler off: CHATPIPE_8X8_API_KEY is not set")
         return 0
-    asyncio.run(serve(settings, on_ready))
+    from chatpipe.serve import run
+
+    run(serve(settings, on_ready), settings.event_loop)
     return 0

@@ -143,8 +143,9 @@ async def test_a_spool_left_by_a_crash_is_drained_at_start(
     assert set(umids) <= set(found)
 
 
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
 def test_sigterm_during_load_loses_no_acknowledged_webhook(
-    own_broker: tuple[str, subprocess.Popen[bytes]], registry_url: str, tmp_path: Path
+    own_broker: tuple[str, subprocess.Popen[bytes]], registry_url: str, tmp_path: Path, event_loop: str
 ) -> None:
     bootstrap, _ = own_broker
     port = free_port()
@@ -155,6 +156,7 @@ def test_sigterm_during_load_loses_no_acknowledged_webhook(
         CHATPIPE_INGEST_PORT=str(port),
         CHATPIPE_STATE_DIR=str(tmp_path),
         CHATPIPE_PARTITIONS="4",
+        CHATPIPE_EVENT_LOOP=event_loop,
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "chatpipe.cli", "ingest"],
