@@ -2,9 +2,56 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class LoopHistogram(Collector):
+    """A Prometheus histogram for one thread's hot path (an event loop's): `observe` is a bisect and two
+    additions, with no lock (prometheus_client's Histogram takes a lock per bucket and for the sum: about
+    0.6 us, against 0.1). Observe it from one thread only; `collect` may run on any (a scrape racing an
+    observation may see the count and the sum one observation apart, as Prometheus tolerates).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        buckets: Sequence[float],
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = tuple(float(b) for b in buckets)
+        if list(self.bounds) != sorted(set(self.bounds)):
+            raise ValueError("buckets must be strictly increasing")
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        if registry is not None:
+            registry.register(self)
+
+    def observe(self, amount: float) -> None:
+        # bisect_left: a value equal to a bound falls in that bound's bucket (le is inclusive)
+        self.counts[bisect_left(self.bounds, amount)] += 1
+        self.sum += amount
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        counts, total = list(self.counts), self.sum
+        cumulative, buckets = 0, []
+        for bound, n in zip((*self.bounds, float("inf")), counts, strict=True):
+            cumulative += n
+            buckets.append((_le(bound), cumulative))
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=total)
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
 
 
 class IngestMetrics:
@@ -30,13 +77,14 @@ class IngestMetrics:
         self.spool_depth = Gauge(
             "chatpipe_ingest_spool_depth", "Events waiting in the local spool", registry=registry
         )
-        self.produce_latency = Histogram(
+        # observed on the event loop for every webhook: lock-free
+        self.produce_latency = LoopHistogram(
             "chatpipe_ingest_produce_seconds",
             "Time from produce to broker ack",
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
-        self.request_latency = Histogram(
+        self.request_latency = LoopHistogram(
             "chatpipe_ingest_request_seconds",
             "Webhook request latency",
             buckets=_LATENCY_BUCKETS,

@@ -218,10 +218,7 @@ def _unavailable(error_id: str) -> web.Response:
 
 
 async def _read_body(request: web.Request, limit: int) -> tuple[bytes, bool]:
-    """Up to `limit` bytes of the body, and whether there was more."""
-    length = request.content_length
-    if length is not None and length <= limit:  # the HTTP parser delivers exactly that many bytes
-        return await request.read(), False
+    """Up to `limit` bytes of a body of unknown or too large a length, and whether there was more."""
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -269,7 +266,12 @@ async def webhook(request: web.Request) -> web.Response:
             metrics.webhooks.labels("unknown", "unauthorized").inc()
             return _error(401, CODE_UNAUTHORIZED, "Request was not authenticated properly",
                           headers={"WWW-Authenticate": 'Bearer realm="chatpipe"'})
-        body, truncated = await _read_body(request, settings.max_body_bytes)
+        length = request.content_length
+        if length is not None and length <= settings.max_body_bytes:
+            # the common case: the HTTP parser delivers exactly that many bytes (no helper coroutine)
+            body, truncated = await request.read(), False
+        else:
+            body, truncated = await _read_body(request, settings.max_body_bytes)
         try:
             if truncated:
                 limit = settings.max_body_bytes

@@ -274,3 +274,47 @@ async def test_arbitrary_and_mutated_bodies_never_get_a_5xx(client: TestClient) 
         assert r.status < 500, (body, await r.text())
         assert r.status in (200, 400, 413, 415, 422)
     assert len(bodies) >= 100
+
+
+def _samples(text: str) -> dict[str, float]:
+    """`name{labels} value` lines of a Prometheus exposition, by `name{labels}`."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+async def test_metrics_count_webhooks_by_kind_and_outcome_with_latency_histograms(
+    broker: str, registry_url: str, state_dir: Path
+) -> None:
+    client = await client_for(ingest_settings(broker, registry_url, state_dir, webhook_token="s3cret"))
+    auth = {**JSON, "Authorization": "Bearer s3cret"}
+    try:
+        for _ in range(5):
+            body = with_umid("dr_source_whatsapp_undelivered", str(uuid.uuid4()))
+            assert (await client.post(URL, data=body, headers=auth)).status == 200
+        inbound = with_umid("in_source_whatsapp_text", str(uuid.uuid4()))
+        assert (await client.post(URL, data=inbound, headers=auth)).status == 200
+        assert (await client.post(URL, data=b"{", headers=auth)).status == 400
+        assert (await client.post(URL, data=inbound, headers=JSON)).status == 401
+        r = await client.get("/metrics")
+        assert r.status == 200
+        m = _samples(await r.text())
+    finally:
+        await client.close()
+    assert m['chatpipe_ingest_webhooks_total{kind="receipt",outcome="accepted"}'] == 5
+    assert m['chatpipe_ingest_webhooks_total{kind="inbound",outcome="accepted"}'] == 1
+    assert m['chatpipe_ingest_webhooks_total{kind="invalid",outcome="rejected"}'] == 1
+    assert m['chatpipe_ingest_webhooks_total{kind="unknown",outcome="unauthorized"}'] == 1
+    assert m['chatpipe_ingest_auth_failures_total{reason="credentials"}'] == 1
+    assert sum(v for k, v in m.items() if k.startswith("chatpipe_ingest_dead_letters_total{")) == 1
+    assert m["chatpipe_ingest_spool_depth"] == 0
+    # every webhook request is timed; every record the broker acked (6 events, 1 dead letter) too
+    for name, count in (("request", 8), ("produce", 7)):
+        assert m[f"chatpipe_ingest_{name}_seconds_count"] == count
+        assert m[f'chatpipe_ingest_{name}_seconds_bucket{{le="+Inf"}}'] == count
+        assert 0 < m[f"chatpipe_ingest_{name}_seconds_sum"] < 30
+        buckets = [v for k, v in m.items() if k.startswith(f"chatpipe_ingest_{name}_seconds_bucket")]
+        assert buckets == sorted(buckets)
