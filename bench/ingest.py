@@ -19,8 +19,8 @@ Each measurement is preceded by a 2 s warm-up. "non-2xx" is wrk's count of statu
 (neither server answers 3xx).
 
 `--workers 1,2` compares bare and chatpipe with 1 and then 2 server processes each (SO_REUSEPORT).
-`--partitions 2,6` repeats everything with topics of 2 and then 6 partitions (default: CHATPIPE_PARTITIONS's
-default, what `chatpipe dev` creates). Both servers run on the event loop chatpipe runs on
+`--partitions 2,6` repeats everything with topics of 2 and then 6 partitions (default: what `chatpipe dev`
+creates on its embedded broker, 2). Both servers run on the event loop chatpipe runs on
 (CHATPIPE_EVENT_LOOP's default); `--loops uvloop,asyncio` repeats everything on each.
 `--with-dev-load` repeats the comparison on a second fresh stack where a Faust worker (`chatpipe worker`) and
 the sink (`chatpipe sink`, SQLite) also run, consuming what ingest produces: the rest of `chatpipe dev` on
@@ -59,7 +59,7 @@ import orjson
 
 from chatpipe.broker import free_port, start_tansu, wait_for_port
 from chatpipe.config import Settings
-from chatpipe.dev import _die_with_parent
+from chatpipe.dev import EMBEDDED_PARTITIONS, _die_with_parent
 from chatpipe.serve import run
 from chatpipe.topics import ensure_topics
 from tests.fixtures.webhooks import DELIVERY_RECEIPTS, load
@@ -615,8 +615,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--partitions",
-        default=str(Settings().partitions),
-        help="partitions of every topic, as CHATPIPE_PARTITIONS (default: its default); a list compares",
+        default=str(EMBEDDED_PARTITIONS),
+        help="partitions of every topic (default: what `chatpipe dev` creates on its embedded broker)",
     )
     parser.add_argument(
         "--loops",

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,20 @@ from chatpipe.topics import ensure_topics
 
 READY_TIMEOUT = 90.0
 STOP_TIMEOUT = 15.0
+#: partitions of every topic on the embedded broker unless CHATPIPE_PARTITIONS says otherwise. On Tansu the
+#: cost of a produce request grows with the number of batches a topic holds (measured: a load that cost
+#: 0.09 cores on an empty topic costs 1.03 after 200,000 records in batches of 4), and librdkafka sends one
+#: batch per partition per linger: 2 partitions instead of 6 mean a third of the batches and requests, so
+#: the broker's share of the 2 cores grows three times slower (bench/ingest.py --partitions 2,6).
+EMBEDDED_PARTITIONS = 2
+
+
+def dev_partitions(env: Mapping[str, str], settings: Settings, embedded: bool) -> int:
+    """Partitions of the topics `chatpipe dev` creates: CHATPIPE_PARTITIONS when set, else
+    EMBEDDED_PARTITIONS on the embedded broker and the settings' default on an external one."""
+    if env.get("CHATPIPE_PARTITIONS") or not embedded:
+        return settings.partitions
+    return EMBEDDED_PARTITIONS
 
 
 def _die_with_parent(nice: int = 0, idle: bool = False) -> None:  # pragma: no cover - runs in the child
@@ -140,9 +155,12 @@ class DevStack:
             # the broker is in memory: processor state from an earlier broker must not be mixed in
             shutil.rmtree(self.state / "processor", ignore_errors=True)
             self.say(f"  broker (tansu, in memory) on {bootstrap}")
-        ensure_topics(bootstrap, s.partitions, s.replication_factor)
+        partitions = dev_partitions(env, s, embedded)
+        ensure_topics(bootstrap, partitions, s.replication_factor)
+        self.say(f"  topics: {partitions} partitions each")
         registry_url = env.get("CHATPIPE_SCHEMA_REGISTRY_URL")
         env.update(
+            CHATPIPE_PARTITIONS=str(partitions),
             CHATPIPE_KAFKA_BOOTSTRAP=bootstrap,
             CHATPIPE_EMBEDDED_BROKER="1" if embedded else "0",
             CHATPIPE_STATE_DIR=str(self.state),

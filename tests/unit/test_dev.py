@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from chatpipe.config import Settings
-from chatpipe.dev import _die_with_parent
+from chatpipe.dev import EMBEDDED_PARTITIONS, _die_with_parent, dev_partitions
 
 PRINT_NICE_OF_A_THREAD = (
     "import os, threading; out = []; "
@@ -64,3 +64,11 @@ def test_downstream_niceness_defaults_to_nineteen_and_is_bounded() -> None:
     assert Settings.from_env({"CHATPIPE_DEV_DOWNSTREAM_NICE": "0"}).dev_downstream_nice == 0
     with pytest.raises(ValueError, match="CHATPIPE_DEV_DOWNSTREAM_NICE"):
         Settings.from_env({"CHATPIPE_DEV_DOWNSTREAM_NICE": "20"})
+
+
+def test_dev_topics_have_fewer_partitions_on_the_embedded_broker_unless_configured() -> None:
+    default = Settings.from_env({})
+    assert dev_partitions({}, default, embedded=True) == EMBEDDED_PARTITIONS == 2
+    assert dev_partitions({}, default, embedded=False) == default.partitions == 6
+    env = {"CHATPIPE_PARTITIONS": "6"}
+    assert dev_partitions(env, Settings.from_env(env), embedded=True) == 6
