@@ -210,7 +210,7 @@ class Stack:
 
     def __init__(self, procs: Procs, name: str, setup: Setup) -> None:
         self.procs = procs
-        self.event_loop = setup.event_loop
+        self.setup = setup
         self.dir = procs.workdir / name
         for n in itertools.count(2):  # a phase repeated (--partitions 2,6,2) gets a fresh directory
             if not self.dir.exists():
@@ -494,7 +494,7 @@ class Load:
 
 def compare(load: Load, procs: Procs, stack: Stack, workers: int) -> tuple[Result, Result]:
     port = free_port()
-    bare = start_bare(procs, port, workers, stack.event_loop)
+    bare = start_bare(procs, port, workers, stack.setup.event_loop)
     others = {"broker": [stack.broker.pid], **stack.consumers()}
     try:
         b = load.measure(port, stack.token, {"server": [p.pid for p in bare], **others})

@@ -29,10 +29,11 @@ from chatpipe.topics import ensure_topics
 READY_TIMEOUT = 90.0
 STOP_TIMEOUT = 15.0
 #: partitions of every topic on the embedded broker unless CHATPIPE_PARTITIONS says otherwise. On Tansu the
-#: cost of a produce request grows with the number of batches a topic holds (measured: a load that cost
-#: 0.09 cores on an empty topic costs 1.03 after 200,000 records in batches of 4), and librdkafka sends one
-#: batch per partition per linger: 2 partitions instead of 6 mean a third of the batches and requests, so
-#: the broker's share of the 2 cores grows three times slower (bench/ingest.py --partitions 2,6).
+#: cost of a request grows with the number of batches a topic holds, not of records (bench/tansu_batches.py:
+#: the same probe cost 0.21 cores on an empty topic and 1.09 after 200,000 records in batches of 4, 0.23 after
+#: the same records in large batches), and librdkafka sends one batch per partition per linger: 2 partitions
+#: instead of 6 mean a third of the batches and requests, so the broker's share of the 2 cores grows about
+#: three times slower (bench/ingest.py --partitions 2,6).
 EMBEDDED_PARTITIONS = 2
 
 

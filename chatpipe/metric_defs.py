@@ -31,7 +31,8 @@ class LoopHistogram(Collector):
         self.bounds = tuple(float(b) for b in buckets)
         if list(self.bounds) != sorted(set(self.bounds)):
             raise ValueError("buckets must be strictly increasing")
-        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.labels = [repr(b) for b in self.bounds] + ["+Inf"]  # `le`, as prometheus_client writes it
+        self.counts = [0] * len(self.labels)  # the last one is +Inf
         self.sum = 0.0
         if registry is not None:
             registry.register(self)
@@ -44,14 +45,10 @@ class LoopHistogram(Collector):
     def collect(self) -> Iterator[HistogramMetricFamily]:
         counts, total = list(self.counts), self.sum
         cumulative, buckets = 0, []
-        for bound, n in zip((*self.bounds, float("inf")), counts, strict=True):
+        for label, n in zip(self.labels, counts, strict=True):
             cumulative += n
-            buckets.append((_le(bound), cumulative))
+            buckets.append((label, cumulative))
         yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=total)
-
-
-def _le(bound: float) -> str:
-    return "+Inf" if bound == float("inf") else repr(bound)
 
 
 class IngestMetrics:

@@ -33,7 +33,7 @@ from typing import Any, NoReturn
 
 import orjson
 
-from ingest.parse import INT32_MAX, INT32_MIN, normalise_channel
+from ingest.parse import INT32_MAX, INT32_MIN, MAX_ID_LENGTH, normalise_channel
 from schemas.errors import InvalidEvent
 from schemas.models import DeliveryReceipt, Status, User
 from schemas.timefmt import parse_iso8601
@@ -49,7 +49,6 @@ __all__ = [
     "select_candidates",
 ]
 
-MAX_ID_LENGTH = 100
 _SHOW_MAX = 80
 
 
