@@ -41,7 +41,7 @@ def cmd_dev(settings: Settings, args: argparse.Namespace, env: dict[str, str]) -
 
 def cmd_ingest(settings: Settings, args: argparse.Namespace, env: dict[str, str]) -> int:
     from chatpipe.serve import run, serve_until_signal
-    from ingest.app import create_app
+    from ingest.app import create_app, fast_dispatch
 
     if settings.ingest_workers > 1 and args.worker_index is None:
         return _ingest_workers(settings, env)
@@ -54,6 +54,7 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace, env: dict[str, str]
             settings.ingest_port,
             _ready_callback(env, "ingest"),
             reuse_port=args.reuse_port or args.worker_index is not None,
+            dispatch=fast_dispatch,
         ),
         settings.event_loop,
     )

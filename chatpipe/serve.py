@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
@@ -62,6 +62,44 @@ def run(main: Coroutine[Any, Any, Any], event_loop: str = "asyncio") -> Any:
         return runner.run(main)
 
 
+#: a server's request handler
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+#: wraps a server's request handler (the app's router): see `ingest.app.fast_dispatch`
+Dispatch = Callable[[web.Application, Handler], Handler]
+
+
+def install_dispatch(runner: web.BaseRunner, app: web.Application, dispatch: Dispatch) -> None:
+    """Make `dispatch(app, handler)` the request handler of `runner`'s server, which must not have accepted
+    a connection yet (each connection keeps the handler it started with)."""
+    server = runner.server
+    if server is None:
+        raise RuntimeError("runner.setup() first")
+    server.request_handler = dispatch(app, server.request_handler)
+
+
+async def start_site(
+    app: web.Application,
+    host: str,
+    port: int,
+    reuse_port: bool = False,
+    shutdown_timeout: float = 15.0,
+    dispatch: Dispatch | None = None,
+) -> web.AppRunner:
+    """Start `app` (its start-up runs here) listening on host:port; `runner.cleanup()` stops it.
+
+    With `dispatch`, the server's request handler becomes `dispatch(app, handler)`: a way for a hot route
+    to skip the router. Set before the site starts, so every connection gets it.
+    """
+    runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout, access_log=None)
+    await runner.setup()
+    if dispatch is not None:
+        install_dispatch(runner, app, dispatch)
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
+    await site.start()
+    logging.getLogger(__name__).info("listening on http://%s:%d", host, port)
+    return runner
+
+
 async def serve_until_signal(
     app: web.Application,
     host: str,
@@ -69,13 +107,10 @@ async def serve_until_signal(
     on_ready: Callable[[], None] | None = None,
     reuse_port: bool = False,
     shutdown_timeout: float = 15.0,
+    dispatch: Dispatch | None = None,
 ) -> None:
     """Serve `app` until SIGINT/SIGTERM, then stop accepting, finish in-flight requests, clean up."""
-    runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
-    await site.start()
-    logging.getLogger(__name__).info("listening on http://%s:%d", host, port)
+    runner = await start_site(app, host, port, reuse_port, shutdown_timeout, dispatch)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -14,8 +14,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from chatpipe.broker import free_port
 from chatpipe.config import Settings
-from ingest.app import create_app
+from chatpipe.serve import install_dispatch, start_site
+from ingest.app import WEBHOOK, create_app, fast_dispatch
 from ingest.parse import parse_webhook
 from schemas.catalog import INBOUND, INGEST_DLQ, RECEIPTS
 from schemas.codec import Codecs
@@ -41,8 +43,11 @@ def ingest_settings(broker: str, registry_url: str, state_dir: Path, **kw: objec
 
 
 async def client_for(settings: Settings) -> TestClient:
-    client = TestClient(TestServer(create_app(settings)))
+    """A client of the app served as `chatpipe ingest` serves it: webhooks through `fast_dispatch`."""
+    app = create_app(settings)
+    client = TestClient(TestServer(app))
     await client.start_server()
+    install_dispatch(client.server.runner, app, fast_dispatch)  # type: ignore[attr-defined]
     return client
 
 
@@ -74,6 +79,7 @@ async def test_every_documented_webhook_is_accepted_and_readable_from_its_topic(
         assert r.status == 200, (name, await r.text())
         assert (await r.json())["umid"] == umid
         sent[umid] = body
+    assert client.app is not None and client.app[WEBHOOK].fast_dispatched == len(ALL)
     codecs = Codecs.connect(registry_url)
     got = {}
     for topic, codec in ((RECEIPTS.name, codecs.receipts), (INBOUND.name, codecs.inbound)):
@@ -88,6 +94,41 @@ async def test_every_documented_webhook_is_accepted_and_readable_from_its_topic(
         expected = parse_webhook(sent[umid], event.received_at)
         assert event == expected
         assert isinstance(event, DeliveryReceipt) == ('"outbound_message_status_changed"' in event.raw_json)
+
+
+async def test_requests_fast_dispatch_leaves_to_the_router_are_still_served(client: TestClient) -> None:
+    assert client.app is not None
+    webhook = client.app[WEBHOOK]
+    umid = str(uuid.uuid4())
+    # a client that waits for "100 Continue" gets it from the app's route, then its webhook is accepted
+    r = await client.post(URL, data=with_umid(ALL[0], umid), headers={**JSON, "Expect": "100-continue"})
+    assert r.status == 200 and (await r.json())["umid"] == umid
+    assert webhook.fast_dispatched == 0
+    assert (await client.get(URL)).status == 405
+    assert (await client.post(URL + "/x", data=b"{}", headers=JSON)).status == 404
+    assert (await client.get("/healthz")).status == 200
+    r = await client.post(URL, data=with_umid(ALL[0], str(uuid.uuid4())), headers=JSON)
+    assert r.status == 200 and webhook.fast_dispatched == 1
+
+
+async def test_start_site_serves_webhooks_through_fast_dispatch(
+    broker: str, registry_url: str, state_dir: Path
+) -> None:
+    import aiohttp
+
+    app = create_app(ingest_settings(broker, registry_url, state_dir))
+    port = free_port()
+    runner = await start_site(app, "127.0.0.1", port, dispatch=fast_dispatch)
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
+            for _ in range(3):
+                async with session.post(URL, data=with_umid(ALL[0], str(uuid.uuid4())), headers=JSON) as r:
+                    assert r.status == 200, await r.text()
+            async with session.get("/readyz") as r:
+                assert r.status == 200
+    finally:
+        await runner.cleanup()
+    assert app[WEBHOOK].fast_dispatched == 3
 
 
 BAD_INPUTS = [
