@@ -278,8 +278,11 @@ class Webhook:
                               headers={"WWW-Authenticate": 'Bearer realm="chatpipe"'})
             length = request.content_length
             if length is not None and length <= settings.max_body_bytes:
-                # the common case: the HTTP parser delivers exactly that many bytes (no helper coroutine)
-                body, truncated = await request.read(), False
+                # the common case: the HTTP parser delivers exactly that many bytes, and usually already
+                # has all of them (then no coroutine at all)
+                content = request.content
+                body = content.read_nowait(-1) if content.is_eof() else await request.read()
+                truncated = False
             else:
                 body, truncated = await _read_body(request, settings.max_body_bytes)
             try:

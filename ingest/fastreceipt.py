@@ -32,7 +32,15 @@ from ingest.parse import (
     UTF8_BOM,
     normalise_channel,
 )
-from schemas.fastpath import EPOCH, ONE_MICROSECOND, write_long
+from schemas.fastpath import (
+    EPOCH,
+    LENGTHS,
+    LENGTHS_TABLE,
+    ONE_MICROSECOND,
+    UNION1_LENGTHS,
+    varint,
+    write_long,
+)
 from schemas.timefmt import parse_iso8601
 
 __all__ = ["LAYOUT", "encode_receipt", "layout_of", "matches"]
@@ -97,7 +105,6 @@ def matches(schema: dict[str, Any]) -> bool:
 
 _RECEIPT = EVENT_DELIVERY_RECEIPT
 _NONE = b"\x00"
-_USER_NONE = b"\x00\x00\x00\x00"
 
 
 def _micros(ts: str) -> int:
@@ -112,19 +119,13 @@ def _micros(ts: str) -> int:
     return (dt - EPOCH) // ONE_MICROSECOND
 
 
-def _string(buf: bytearray, s: str) -> None:
-    b = s.encode()
-    buf += write_long(len(b))
-    buf += b
-
-
 def _opt(buf: bytearray, s: str | None) -> None:
     if s is None:
         buf += _NONE
     else:
         b = s.encode()
-        buf += b"\x02"
-        buf += write_long(len(b))
+        n = len(b)
+        buf += UNION1_LENGTHS[n] if n < LENGTHS_TABLE else b"\x02" + varint(n)
         buf += b
 
 
@@ -175,11 +176,21 @@ def encode_receipt(
     except (ValueError, OverflowError):
         return None
 
+    # no helper call per field for the common short values: their length prefixes come from tables (umid
+    # and subAccountId are at most MAX_ID_LENGTH characters, so theirs always do)
+    e_umid, e_sub = umid.encode(), sub.encode()
+    e_channel, e_state = normalise_channel(channel).encode(), state.lower().encode()
     buf = bytearray(prefix)
-    _string(buf, umid)
-    _string(buf, sub)
-    _string(buf, normalise_channel(channel))
-    _string(buf, state.lower())
+    buf += LENGTHS[len(e_umid)]
+    buf += e_umid
+    buf += LENGTHS[len(e_sub)]
+    buf += e_sub
+    n = len(e_channel)
+    buf += LENGTHS[n] if n < LENGTHS_TABLE else varint(n)
+    buf += e_channel
+    n = len(e_state)
+    buf += LENGTHS[n] if n < LENGTHS_TABLE else varint(n)
+    buf += e_state
     _opt(buf, detail.lower() if detail else None)
     buf += write_long(micros)
     if code is None:
@@ -193,20 +204,22 @@ def encode_receipt(
     if user:
         if type(user) is not dict:
             return None
-        for key in ("msisdn", "channelUserId", "name", "username"):
-            v = user.get(key)
-            if not (v is None or type(v) is str):
-                return None
-            _opt(buf, v)
+        uget = user.get
+        users: tuple[Any, ...] = (uget("msisdn"), uget("channelUserId"), uget("name"), uget("username"))
     elif user is None or type(user) is dict:
-        buf += _USER_NONE
+        users = (None, None, None, None)
     else:
         return None  # a falsy non-object (0, "", [], false): the reference rejects it
-    for key in ("batchId", "clientMessageId", "clientBatchId"):
-        v = get(key)
-        if not (v is None or type(v) is str):
+    for v in (*users, get("batchId"), get("clientMessageId"), get("clientBatchId")):
+        if v is None:
+            buf += _NONE
+        elif type(v) is str:
+            e = v.encode()
+            n = len(e)
+            buf += UNION1_LENGTHS[n] if n < LENGTHS_TABLE else b"\x02" + varint(n)
+            buf += e
+        else:
             return None
-        _opt(buf, v)
     if version is None:
         buf += _NONE
     else:
@@ -239,8 +252,8 @@ def encode_receipt(
             compact = orjson.dumps(outbound)
         except orjson.JSONEncodeError:
             return None
-        buf += b"\x02"
-        buf += write_long(len(compact))
+        n = len(compact)
+        buf += UNION1_LENGTHS[n] if n < LENGTHS_TABLE else b"\x02" + varint(n)
         buf += compact
     else:
         return None

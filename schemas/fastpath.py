@@ -66,6 +66,9 @@ _SMALL = [varint(i) for i in range(_TABLE)]  # non-negative longs
 _NEG = [varint(-i) for i in range(_TABLE)]  # _NEG[i] encodes -i
 # union index 1 (b"\x02") followed by a length: one append instead of two for ["null", "string"]
 _UNION1_SMALL = [b"\x02" + b for b in _SMALL]
+#: for hand-written encoders: `LENGTHS[n] == write_long(n)` and `UNION1_LENGTHS[n] == b"\x02" + write_long(n)`
+#: (a present `["null", ...]` value's branch and length) for 0 <= n < LENGTHS_TABLE
+LENGTHS, UNION1_LENGTHS, LENGTHS_TABLE = _SMALL, _UNION1_SMALL, _TABLE
 # A timestamp-micros between 1978 and 3111 is a non-negative long whose zig-zag value z = 2n has 50 to 56
 # bits: exactly 8 varint bytes, written as four 14-bit groups (tables of 2-byte pieces, the last without
 # the continuation bit) and read back as four little-endian 16-bit words.

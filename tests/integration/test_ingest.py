@@ -111,6 +111,30 @@ async def test_requests_fast_dispatch_leaves_to_the_router_are_still_served(clie
     assert r.status == 200 and webhook.fast_dispatched == 1
 
 
+async def test_a_body_that_arrives_in_pieces_is_read_whole(client: TestClient, broker: str) -> None:
+    """The handler reads a body the parser already holds without waiting, and waits for one still coming."""
+    import asyncio
+
+    umid = str(uuid.uuid4())
+    body = with_umid(ALL[0], umid)
+    head = (
+        f"POST {URL} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(head + body[:10])
+    await writer.drain()
+    await asyncio.sleep(0.2)  # the handler is waiting for the rest by now
+    writer.write(body[10:])
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    assert answer.endswith(b'"umid":"' + umid.encode() + b'"}')
+    stored = {m.key(): m.value() for m in read_topic(broker, RECEIPTS.name, idle=2.0)}
+    assert umid.encode() in stored and body in stored[umid.encode()]
+
+
 async def test_start_site_serves_webhooks_through_fast_dispatch(
     broker: str, registry_url: str, state_dir: Path
 ) -> None:

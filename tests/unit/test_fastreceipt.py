@@ -17,7 +17,7 @@ from ingest.parse import parse_webhook
 from schemas.catalog import load_schema
 from schemas.codec import Codecs, Registry, TopicCodec
 from schemas.errors import InvalidEvent
-from schemas.fastpath import varint, write_long
+from schemas.fastpath import LENGTHS, LENGTHS_TABLE, UNION1_LENGTHS, varint, write_long
 from schemas.models import DeliveryReceipt
 from tests.fixtures import webhooks
 from tests.unit.test_codec import InMemoryClient
@@ -125,6 +125,20 @@ def test_unusual_or_invalid_receipts_are_left_to_the_parser(
         {"payload.version": 8, "version": DELETE},
         {"payload.outboundContent": {"text": "ü ✓ \u2028", "nested": [[{"a": None}]]}},
         {"payload.umid": "é" * 100},
+        # strings on both sides of the encoder's 4096-entry length tables, in every kind of field
+        *(
+            {
+                "payload.channel": "w" * n,
+                "payload.status.state": "s" * n,
+                "payload.status.detail": "d" * n,
+                "payload.status.errorMessage": "m" * (n - 1),
+                "payload.user": {"name": "é" * (n // 2), "msisdn": "1" * n},
+                "payload.batchId": "b" * n,
+                "payload.whatsapp.pricingCategory": "p" * n,
+                "payload.outboundContent": {"text": "t" * (n - 11)},
+            }
+            for n in (4095, 4096, 70000)
+        ),
     ],
 )
 def test_lenient_receipts_encode_like_the_parser(
@@ -188,6 +202,14 @@ def test_timestamps_encode_like_the_parser(when: datetime, digits: int, suffix: 
 @given(st.integers(-(2**63), 2**63 - 1))
 def test_write_long_is_varint(n: int) -> None:
     assert write_long(n) == varint(n)
+
+
+def test_length_tables_are_write_long() -> None:
+    assert len(LENGTHS) == len(UNION1_LENGTHS) == LENGTHS_TABLE
+    assert all(
+        LENGTHS[n] == write_long(n) and UNION1_LENGTHS[n] == b"\x02" + write_long(n)
+        for n in range(LENGTHS_TABLE)
+    )
 
 
 @pytest.mark.parametrize("n", [2**48, 2**48 - 1, 2**55 - 1, 2**55, 1_700_000_000_000_000, -(2**50)])
