@@ -3,8 +3,15 @@
 Starts, in order: the embedded Tansu broker (unless CHATPIPE_KAFKA_BOOTSTRAP names one), the topics, the
 embedded schema registry (unless CHATPIPE_SCHEMA_REGISTRY_URL names one), then the ingest service, the
 Faust worker, the sink and the read API as child processes. Prints the addresses and `chatpipe ready`
-once every child reported ready. SIGINT/SIGTERM stop every child (exit 0); a child that dies makes dev
-say which and exit 1.
+once every child reported ready. SIGINT/SIGTERM stop every child (exit 0).
+
+Supervision: a child that dies after start-up is restarted, with the same command line, environment and
+ports, after a back-off that doubles with each failure (`RESTART_BACKOFF` .. `RESTART_BACKOFF_MAX`); dev
+says so and shows the child's last log lines. Only a child that fails more than `MAX_RESTARTS` times within
+`RESTART_WINDOW` makes dev give up (stop everything, exit 1). A child that dies during start-up is fatal at
+once (a configuration error does not get better by retrying). When the embedded broker dies it is started
+again on the same port and the topics are created again; a memory-only broker comes back empty, so the
+processor's local state is wiped and every service is restarted against the new broker.
 """
 
 from __future__ import annotations
@@ -28,6 +35,13 @@ from chatpipe.topics import ensure_topics
 
 READY_TIMEOUT = 90.0
 STOP_TIMEOUT = 15.0
+#: first restart delay of a child that died; doubles with each failure within RESTART_WINDOW
+RESTART_BACKOFF = 0.5
+RESTART_BACKOFF_MAX = 30.0
+#: a child failing more than MAX_RESTARTS times within RESTART_WINDOW seconds makes dev give up
+MAX_RESTARTS = 5
+RESTART_WINDOW = 120.0
+INFRA = ("registry", "broker")
 #: partitions of every topic on the embedded broker unless CHATPIPE_PARTITIONS says otherwise. On Tansu the
 #: cost of a request grows with the number of batches a topic holds, not of records (bench/tansu_batches.py:
 #: the same probe cost 0.21 cores on an empty topic and 1.09 after 200,000 records in batches of 4, 0.23 after
@@ -63,6 +77,11 @@ def _die_with_parent(nice: int = 0, idle: bool = False) -> None:  # pragma: no c
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
+def restart_delay(failures: int) -> float:
+    """Back-off before restarting a child that failed `failures` (>= 1) times within the window."""
+    return min(RESTART_BACKOFF_MAX, RESTART_BACKOFF * 2 ** max(0, failures - 1))
+
+
 @dataclass
 class Child:
     name: str
@@ -70,6 +89,15 @@ class Child:
     log_path: Path
     ready_file: Path | None = None
     started: float = field(default_factory=time.monotonic)
+    #: how to start it again (None: dev does not restart it this way, e.g. the broker)
+    argv: list[str] | None = None
+    env: dict[str, str] | None = None
+    nice: int = 0
+    idle: bool = False
+    failures: list[float] = field(default_factory=list)  # monotonic times of its deaths within the window
+    restart_at: float | None = None  # set while it waits for its back-off
+    restarts: int = 0
+    announced: bool = True  # its readiness after the last (re)start was said
 
     def tail(self, lines: int = 30) -> str:
         try:
@@ -102,12 +130,27 @@ class DevStack:
     ) -> Child:
         log_path = self.logs / f"{name}.log"
         ready_file = self.run_dir / f"{name}.ready" if ready else None
+        proc = self._popen(argv, env, log_path, ready_file, nice, idle)
+        child = Child(name, proc, log_path, ready_file, argv=argv, env=env, nice=nice, idle=idle)
+        self.children.append(child)
+        return child
+
+    def _launch(self, child: Child) -> None:
+        """Start `child` again from its command line and environment."""
+        c = child
+        c.proc = self._popen(c.argv, c.env, c.log_path, c.ready_file, c.nice, c.idle)  # type: ignore[arg-type]
+        child.started = time.monotonic()
+
+    @staticmethod
+    def _popen(
+        argv: list[str], env: dict[str, str], log_path: Path, ready_file: Path | None, nice: int, idle: bool
+    ) -> subprocess.Popen[bytes]:
         child_env = dict(env)
         if ready_file is not None:
             ready_file.unlink(missing_ok=True)
             child_env["CHATPIPE_READY_FILE"] = str(ready_file)
         with open(log_path, "ab") as logf:
-            proc = subprocess.Popen(
+            return subprocess.Popen(
                 argv,
                 env=child_env,
                 stdout=logf,
@@ -115,9 +158,6 @@ class DevStack:
                 stdin=subprocess.DEVNULL,
                 preexec_fn=functools.partial(_die_with_parent, nice, idle),
             )
-        child = Child(name, proc, log_path, ready_file)
-        self.children.append(child)
-        return child
 
     def _chatpipe(self, name: str, *args: str, nice: int = 0, idle: bool = False) -> Child:
         argv = [sys.executable, "-m", "chatpipe.cli", name, *args]
@@ -153,11 +193,13 @@ class DevStack:
             bootstrap = f"127.0.0.1:{port}"
             tansu = start_tansu("127.0.0.1", port, self.logs / "broker.log")
             self.children.append(Child("broker", tansu, self.logs / "broker.log"))
+            self.broker_port = port
             # the broker is in memory: processor state from an earlier broker must not be mixed in
             shutil.rmtree(self.state / "processor", ignore_errors=True)
             self.say(f"  broker (tansu, in memory) on {bootstrap}")
         partitions = dev_partitions(env, s, embedded)
         ensure_topics(bootstrap, partitions, s.replication_factor)
+        self.bootstrap, self.partitions = bootstrap, partitions
         self.say(f"  topics: {partitions} partitions each")
         registry_url = env.get("CHATPIPE_SCHEMA_REGISTRY_URL")
         env.update(
@@ -198,42 +240,95 @@ class DevStack:
         self.say(f"logs: {self.logs}/")
         self.say(f"chatpipe ready in {time.monotonic() - t0:.1f}s")
 
-    def supervise(self) -> int:
+    def supervise(self, poll: float = 0.2) -> int:
+        """Watch the children until a stop is requested: restart the ones that die (see the module
+        docstring); raises `ChildDied` for a child that keeps failing."""
         while not self._stopping:
-            for child in self.children:
-                if child.proc.poll() is not None:
-                    raise ChildDied(child)
-            time.sleep(0.2)
+            now = time.monotonic()
+            for child in list(self.children):
+                if child.restart_at is not None:
+                    if now >= child.restart_at:
+                        self._restart(child)
+                    continue
+                code = child.proc.poll()
+                if code is not None:
+                    self._died(child, code, now)
+                elif not child.announced and child.ready_file is not None and child.ready_file.exists():
+                    child.announced = True
+                    self.say(f"  {child.name} ready again in {now - child.started:.1f}s")
+            time.sleep(poll)
         return 0
+
+    def _died(self, child: Child, code: int, now: float) -> None:
+        child.failures = [t for t in child.failures if now - t < RESTART_WINDOW] + [now]
+        if len(child.failures) > MAX_RESTARTS:
+            raise ChildDied(child, f"failed {len(child.failures)} times within {RESTART_WINDOW:.0f}s")
+        delay = restart_delay(len(child.failures))
+        self.say(
+            f"  {child.name} exited with code {code}; restarting it in {delay:.1f}s "
+            f"(failure {len(child.failures)} of at most {MAX_RESTARTS} within {RESTART_WINDOW:.0f}s); "
+            f"last lines of {child.log_path}:"
+        )
+        for line in child.tail(10).splitlines():
+            self.say(f"    | {line}")
+        child.restart_at = now + delay
+
+    def _restart(self, child: Child) -> None:
+        child.restart_at = None
+        child.restarts += 1
+        if child.name == "broker":
+            self._restart_broker(child)
+            return
+        self._launch(child)
+        child.announced = child.ready_file is None
+        self.say(f"  {child.name} restarted (pid {child.proc.pid}, restart {child.restarts})")
+
+    def _restart_broker(self, broker: Child) -> None:
+        """The embedded broker again on its port, its topics, and (memory storage: it came back empty)
+        every service restarted against it with the processor's local state wiped."""
+        broker.proc = start_tansu("127.0.0.1", self.broker_port, broker.log_path)
+        broker.started = time.monotonic()
+        ensure_topics(self.bootstrap, self.partitions, self.settings.replication_factor)
+        self.say(
+            f"  broker restarted on {self.bootstrap} (pid {broker.proc.pid}); it keeps records in memory "
+            "only, so what it held is gone: restarting the services against the empty broker"
+        )
+        services = [c for c in self.children if c.name not in INFRA]
+        self._terminate(services)
+        shutil.rmtree(self.state / "processor", ignore_errors=True)
+        for child in services:
+            child.restart_at = None
+            self._launch(child)
+            child.announced = child.ready_file is None
 
     def request_stop(self, *_: object) -> None:
         self._stopping = True
 
     def stop(self) -> None:
         """Stop the services together (they flush to the broker), then the registry, the broker last."""
-        infra = ("registry", "broker")
-        waves = [
-            [c for c in self.children if c.name not in infra],
-            [c for c in self.children if c.name == "registry"],
-            [c for c in self.children if c.name == "broker"],
-        ]
-        for wave in waves:
-            for child in wave:
-                if child.proc.poll() is None:
-                    child.proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + STOP_TIMEOUT
-            for child in wave:
-                while child.proc.poll() is None and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                if child.proc.poll() is None:
-                    self.say(f"  {child.name} did not stop in {STOP_TIMEOUT:.0f}s, killing it")
-                    child.proc.kill()
-                    child.proc.wait()
+        self._terminate([c for c in self.children if c.name not in INFRA])
+        self._terminate([c for c in self.children if c.name == "registry"])
+        self._terminate([c for c in self.children if c.name == "broker"])
+
+    def _terminate(self, wave: list[Child]) -> None:
+        """SIGTERM every child of `wave` that runs, then wait for all of them (SIGKILL after STOP_TIMEOUT)."""
+        for child in wave:
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for child in wave:
+            while child.proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if child.proc.poll() is None:
+                self.say(f"  {child.name} did not stop in {STOP_TIMEOUT:.0f}s, killing it")
+                child.proc.kill()
+                child.proc.wait()
 
 
 class ChildDied(RuntimeError):
-    def __init__(self, child: Child) -> None:
-        super().__init__(f"{child.name} exited with code {child.proc.returncode}")
+    def __init__(self, child: Child, why: str = "") -> None:
+        why = f" ({why})" if why else ""
+        super().__init__(f"{child.name} exited with code {child.proc.returncode}{why}")
         self.child = child
 
 

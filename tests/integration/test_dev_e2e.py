@@ -5,13 +5,9 @@ Real embedded broker, real registry, real Faust worker, real SQLite; nothing moc
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,70 +15,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from chatpipe.broker import free_port
 from schemas.catalog import CONVERSATIONS, MESSAGE_STEPS, STATUS_EVENTS
 from schemas.codec import Codecs
 from tests.fixtures.webhooks import load
+from tests.support.dev import DevProcess, running_dev
 from tests.support.kafka import read_topic
 
 pytestmark = pytest.mark.integration
-
-READY_TIMEOUT = 120.0
-
-
-class DevProcess:
-    def __init__(self, cwd: Path, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "chatpipe.cli", "dev"],
-            cwd=cwd,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-            if "chatpipe ready" in line:
-                self.ready.set()
-
-    def env_value(self, name: str) -> str:
-        for line in self.lines:
-            if line.startswith(name + "="):
-                return line.split("=", 1)[1]
-        raise KeyError(name)
-
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-
-@contextlib.contextmanager
-def running_dev(tmp_path: Path, **extra_env: str) -> Iterator[tuple[DevProcess, str, str]]:
-    """`chatpipe dev` in `tmp_path` on free ports; `extra_env` may point it at an external broker,
-    registry or store (CHATPIPE_KAFKA_BOOTSTRAP, CHATPIPE_SCHEMA_REGISTRY_URL, CHATPIPE_STORE_URL)."""
-    ingest_port, api_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATPIPE_")}
-    env.update(CHATPIPE_INGEST_PORT=str(ingest_port), CHATPIPE_API_PORT=str(api_port), PYTHONUNBUFFERED="1")
-    env.update(extra_env)
-    proc = DevProcess(tmp_path, env)
-    try:
-        if not proc.ready.wait(READY_TIMEOUT):
-            pytest.fail(f"chatpipe dev not ready in {READY_TIMEOUT}s:\n{proc.output()}")
-        yield proc, f"http://127.0.0.1:{ingest_port}", f"http://127.0.0.1:{api_port}"
-    finally:
-        if proc.proc.poll() is None:
-            proc.proc.send_signal(signal.SIGINT)
-            try:
-                proc.proc.wait(40)
-            except subprocess.TimeoutExpired:
-                proc.proc.kill()
-
 
 @pytest.fixture()
 def dev(tmp_path: Path) -> Iterator[tuple[DevProcess, str, str]]:

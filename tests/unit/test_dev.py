@@ -7,9 +7,12 @@ import functools
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
+from chatpipe import dev
 from chatpipe.config import Settings
 from chatpipe.dev import EMBEDDED_PARTITIONS, _die_with_parent, dev_partitions
 
@@ -72,3 +75,66 @@ def test_dev_topics_have_fewer_partitions_on_the_embedded_broker_unless_configur
     assert dev_partitions({}, default, embedded=False) == default.partitions == 6
     env = {"CHATPIPE_PARTITIONS": "6"}
     assert dev_partitions(env, Settings.from_env(env), embedded=True) == 6
+
+
+def test_restart_back_off_doubles_up_to_its_cap() -> None:
+    delays = [dev.restart_delay(n) for n in range(1, 10)]
+    assert delays[:4] == [dev.RESTART_BACKOFF * f for f in (1, 2, 4, 8)]
+    assert max(delays) == dev.RESTART_BACKOFF_MAX
+    assert delays == sorted(delays)
+
+
+def _stack(tmp_path: Path) -> dev.DevStack:
+    stack = dev.DevStack(Settings.from_env({"CHATPIPE_STATE_DIR": str(tmp_path)}), {})
+    for d in (stack.state, stack.logs, stack.run_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    return stack
+
+
+def test_a_child_that_dies_is_restarted_and_a_child_that_keeps_failing_ends_dev(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(dev, "RESTART_BACKOFF", 0.01)
+    stack = _stack(tmp_path)
+    starts = tmp_path / "starts"
+    # each start appends a line, then the child fails
+    script = f"open({str(starts)!r}, 'a').write('x\\n'); raise SystemExit(3)"
+    stack._spawn("flaky", [sys.executable, "-c", script], dict(os.environ), ready=False)
+    with pytest.raises(dev.ChildDied, match=r"flaky exited with code 3 \(failed 6 times within"):
+        stack.supervise(poll=0.01)
+    assert starts.read_text().count("x") == dev.MAX_RESTARTS + 1  # the first start and 5 restarts
+    out = capsys.readouterr().out
+    assert out.count("flaky exited with code 3; restarting it in") == dev.MAX_RESTARTS
+    assert "flaky restarted (pid" in out
+
+
+def test_a_restarted_child_that_comes_up_is_announced_ready_and_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(dev, "RESTART_BACKOFF", 0.01)
+    stack = _stack(tmp_path)
+    marker = tmp_path / "crashed-once"
+    # the first run crashes; the second writes its ready file (as chatpipe's children do) and stays up
+    script = (
+        "import os, pathlib, time\n"
+        f"m = pathlib.Path({str(marker)!r})\n"
+        "if not m.exists():\n    m.write_text('1'); os._exit(9)\n"
+        "pathlib.Path(os.environ['CHATPIPE_READY_FILE']).write_text(str(os.getpid()))\n"
+        "time.sleep(60)\n"
+    )
+    child = stack._spawn("phoenix", [sys.executable, "-c", script], dict(os.environ))
+    deadline = time.monotonic() + 20
+
+    def stop_when_ready(*_a: object) -> None:
+        if "phoenix ready again" in capsys.readouterr().out or time.monotonic() > deadline:
+            stack.request_stop()
+
+    monkeypatch.setattr(stack, "say", lambda text: (print(text), stop_when_ready()))
+    try:
+        stack.supervise(poll=0.01)
+    finally:
+        child.proc.kill()
+        child.proc.wait()
+    assert child.restarts == 1
+    assert child.announced
+    assert child.ready_file is not None and int(child.ready_file.read_text()) == child.proc.pid
