@@ -310,6 +310,7 @@ def state_to_dict(m: MessageState) -> Record:
         "umid": m.umid,
         "subAccountId": m.sub_account_id,
         "version": m.version,
+        "lineage": m.lineage,
         "state": m.state,
         "detail": m.detail,
         "errorCode": m.error_code,
@@ -350,6 +351,7 @@ def state_from_dict(d: Record) -> MessageState:
         read_at=d.get("readAt"),
         final=d.get("final", False),
         duplicates=d.get("duplicates", 0),
+        lineage=d.get("lineage", 0),
     )
 
 

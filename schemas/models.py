@@ -210,7 +210,10 @@ class Step:
 class MessageState:
     """The truth about one outbound message (umid), folded from its receipts.
 
-    `version` grows by one each time the state really changes, so sinks can refuse older versions.
+    `version` grows by one each time the state really changes, so sinks can refuse older versions of the
+    same `lineage`: a random id given when the state was created and kept by every later version. Two
+    states of different lineages were folded from different sets of receipts (processor state lost or
+    rebuilt in between): they are merged by content (`processors.join`), never ordered by version.
     """
 
     umid: str
@@ -232,6 +235,7 @@ class MessageState:
     read_at: datetime | None = None
     final: bool = False
     duplicates: int = 0
+    lineage: int = 0
 
     @property
     def channel_path(self) -> str:

@@ -152,7 +152,9 @@ def test_incompatible_change_fails_naming_the_field(
     # the step and history schemas embed message_state's Step/StatusEvent records, so they may break too
     assert "message_state.avsc" in {p.schema for p in problems}
     assert {p.schema for p in problems} <= {"message_state.avsc", "message_step.avsc", "status_event.avsc"}
-    assert {p.version for p in problems if p.schema == "message_state.avsc"} == {1}
+    # it breaks every released version, each reported
+    released = set(released_versions(schema_dir, "message_state.avsc"))
+    assert {p.version for p in problems if p.schema == "message_state.avsc"} == released
     assert field in {p.field for p in problems if p.schema == "message_state.avsc"}
     text = "\n".join(map(str, problems))
     assert f"field {field!r}" in text and "message_state.avsc vs released v1 (FULL)" in text
@@ -171,11 +173,12 @@ def test_cli_check_reports_the_broken_subject_and_field(
 
 
 def test_a_change_breaking_an_older_release_is_caught_too(schema_dir: Path) -> None:
-    # v2: an optional field is added and released; v3 drops a required field: breaks v1 and v2 consumers
+    # vN+1: an optional field is added and released; then a required field dropped breaks every release
+    last = max(released_versions(schema_dir, "message_state.avsc"))
     edit(schema_dir, "message_state.avsc", lambda s: s["fields"].append({"name": "note", **OPTIONAL}))
-    assert [p.name for p in release(schema_dir)] == ["v2.avsc"]
+    assert [p.name for p in release(schema_dir)] == [f"v{last + 1}.avsc"]
     edit(schema_dir, "message_state.avsc", _remove_required)
-    assert {p.version for p in check_history(schema_dir)} == {1, 2}
+    assert {p.version for p in check_history(schema_dir)} == set(range(1, last + 2))
 
 
 # --- compatible changes pass ---------------------------------------------------------------------------
@@ -232,10 +235,11 @@ def test_release_snapshots_only_what_changed(schema_dir: Path) -> None:
 
 
 def test_release_refuses_an_incompatible_schema(schema_dir: Path) -> None:
+    before = list(released_versions(schema_dir, "message_state.avsc"))
     edit(schema_dir, "message_state.avsc", _add_required)
     with pytest.raises(SchemaError, match="channelPath"):
         release(schema_dir)
-    assert list(released_versions(schema_dir, "message_state.avsc")) == [1]
+    assert list(released_versions(schema_dir, "message_state.avsc")) == before
 
 
 # --- old and new consumers read each other's records ------------------------------------------------
@@ -292,18 +296,20 @@ def _with_new_fields(name: str, record: dict[str, Any], tenant: str | None, prio
 
 @pytest.mark.parametrize("name", schema_files())
 def test_old_consumer_reads_new_records_and_new_consumer_reads_old(name: str) -> None:
-    old = released_versions(SCHEMA_DIR, name)[1]
+    released = released_versions(SCHEMA_DIR, name)
+    last = max(released)
+    old = released[last]
     new = _evolved(old, name)
-    assert check_schema(name, new, {1: old}) == []
+    assert check_schema(name, new, {last: old}) == []
     model = sample(name)
     record = TO_DICT[name](model)
 
-    # a v1 producer, a consumer built with the new schema
+    # a producer of the last release, a consumer built with the new schema
     from_old = _read(_write(old, record), writer=old, reader=new)
     assert from_old == _with_new_fields(name, record, None, 0)
     assert FROM_DICT[name](from_old) == model
 
-    # a new producer filling the new fields, a consumer still on v1
+    # a new producer filling the new fields, a consumer still on the last release
     from_new = _read(_write(new, _with_new_fields(name, record, "acme-eu", 7)), writer=new, reader=old)
     assert from_new == record
     assert FROM_DICT[name](from_new) == model
