@@ -43,8 +43,9 @@ MERGED = -1
 
 def descends(held_lineage: int, incoming: MessageState) -> bool:
     """Whether `incoming` continues the lineage of a stored state (then its version alone orders them).
-    Lineage 0 (unknown, records written before lineages existed) and `MERGED` never do."""
-    return incoming.lineage > 0 and incoming.lineage == held_lineage
+    Nothing continues `MERGED`. Lineage 0 is that of records written before lineages existed: they
+    continue each other (as versions always did), and any processor lineage differs from it."""
+    return incoming.lineage == held_lineage and held_lineage != MERGED
 
 
 def receipts_of(state: MessageState) -> list[DeliveryReceipt]:
@@ -84,6 +85,21 @@ def _fill_step(s: Step, other: Step | None) -> Step:
     return replace(s, **changes) if changes else s  # type: ignore[arg-type]
 
 
+def _same_ids(a: MessageState, b: MessageState) -> bool:
+    """Same ids and the same user as far as a store keeps it (channel user id; a number only when both
+    have one: a state rebuilt from a masked row has none, and filling it in is no news, the row keeps its
+    masked and hashed columns)."""
+    ua, ub = a.user, b.user
+    ids = (a.batch_id, a.client_message_id, a.client_batch_id, ua.channel_user_id)
+    return ids == (b.batch_id, b.client_message_id, b.client_batch_id, ub.channel_user_id) and (
+        ua.msisdn == ub.msisdn or not ua.msisdn or not ub.msisdn
+    )
+
+
+def _no_counts(steps: tuple[Step, ...]) -> tuple[Step, ...]:
+    return tuple(replace(s, duplicates=0) if s.duplicates else s for s in steps)
+
+
 def join(
     held: MessageState, incoming: MessageState, config: StateConfig = DEFAULT_CONFIG
 ) -> MessageState | None:
@@ -104,13 +120,8 @@ def join(
         for s in state.steps
     )
     final = state.final or sealed
-    extras_changed = any(
-        getattr(a, name) != getattr(b, name)
-        for a, b in zip(steps, held.steps, strict=False)
-        for name in _STEP_EXTRAS
-    )
-    if not out.changed and not extras_changed and final == held.final:
-        return None
+    if final == held.final and _no_counts(steps) == _no_counts(held.steps) and _same_ids(state, held):
+        return None  # only counters or a number the held state could not keep: nothing to write
     return dataclasses.replace(
         state,
         steps=steps,

@@ -31,6 +31,7 @@ One connection per store guarded by a lock.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +42,7 @@ import psycopg
 from psycopg.rows import dict_row, tuple_row
 from psycopg.types.json import Jsonb
 
+from processors.join import descends, join
 from schemas.errors import TransientError
 from schemas.models import Conversation, InboundMessage, MessageState
 from sinks import rows as R
@@ -249,6 +251,11 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             "CREATE INDEX message_steps_status_at_brin ON message_steps USING brin (status_at)",
         ),
     ),
+    (
+        5,
+        "messages.lineage: states of another lineage are merged by content",
+        ("ALTER TABLE messages ADD COLUMN lineage bigint NOT NULL DEFAULT 0",),
+    ),
 )
 
 # Staging tables: same columns as their targets, no constraints, emptied at every commit.
@@ -293,7 +300,11 @@ _INSERT_EVENTS = (
     " ON CONFLICT DO NOTHING"
 )
 # umid lists go as binary arrays (%b): half the client time of dumping thousands of strings as text
-_HELD_VERSIONS = "SELECT umid, version FROM messages WHERE umid = ANY(%b)"
+_HELD_VERSIONS = "SELECT umid, version, lineage FROM messages WHERE umid = ANY(%b)"
+# the rows of messages a batch merges by content (a few: those whose lineage changed), locked
+_LOAD_MESSAGES = "SELECT * FROM messages WHERE umid = ANY(%s) FOR UPDATE"
+_LOAD_STEPS = "SELECT * FROM message_steps WHERE umid = ANY(%s)"
+_LOAD_EVENTS = "SELECT * FROM status_events WHERE umid = ANY(%s)"
 _DELETE_REPLACED = (
     "DELETE FROM messages m USING unnest(%b::text[], %b::bigint[]) AS n(umid, version)"
     " WHERE m.umid = n.umid AND m.version < n.version"
@@ -436,23 +447,52 @@ class PostgresStore:
     # --- writes ------------------------------------------------------------------------------
 
     def write_states(self, states: Sequence[MessageState]) -> int:
-        latest = R.latest_states(states)
-        if not latest:
+        if not states:
             return 0
         try:
-            return self._run(lambda conn: self._copy_states(conn, latest))
+            return self._run(lambda conn: self._copy_states(conn, states))
         except (psycopg.errors.UniqueViolation, _Raced) as exc:
             self.merge_fallbacks += 1
             log.info("write_states: concurrent write detected (%s); writing the batch by merge", exc)
-            return self._run(lambda conn: self._merge_states(conn, latest))
+            return self._run(lambda conn: self._merge_states(conn, states))
 
-    def _copy_states(self, conn: psycopg.Connection[Any], latest: list[MessageState]) -> int:
+    def _resolve(
+        self, conn: psycopg.Connection[Any], states: Sequence[MessageState]
+    ) -> tuple[dict[str, int], R.Merged]:
+        """The stored versions of the batch's umids, and the states to write by the lineage rule
+        (`sinks.rows.resolve_lineages`)."""
+        umids = list(dict.fromkeys(s.umid for s in states))
+        with conn.cursor(row_factory=tuple_row) as cur:
+            held = {u: (v, g) for u, v, g in cur.execute(_HELD_VERSIONS, (umids,)).fetchall()}
+        load = functools.partial(self._load_states, conn)
+        return {u: v for u, (v, _) in held.items()}, R.resolve_lineages(states, held, load, join, descends)
+
+    @staticmethod
+    def _load_states(
+        conn: psycopg.Connection[Any], umids: list[str]
+    ) -> dict[str, tuple[MessageState, R.Row]]:
+        """The stored states of `umids` (those that have a row), rebuilt from their rows, locked."""
+        if not umids:
+            return {}
+        messages = conn.execute(_LOAD_MESSAGES, (umids,)).fetchall()
+        steps: dict[str, list[R.Row]] = {}
+        for r in conn.execute(_LOAD_STEPS, (umids,)):
+            steps.setdefault(r["umid"], []).append(r)
+        events: dict[str, list[R.Row]] = {}
+        for r in conn.execute(_LOAD_EVENTS, (umids,)):
+            events.setdefault(r["umid"], []).append(r)
+        return {
+            m["umid"]: (R.state_from_rows(m, steps.get(m["umid"], []), events.get(m["umid"], [])), m)
+            for m in messages
+        }
+
+    def _copy_states(self, conn: psycopg.Connection[Any], states: Sequence[MessageState]) -> int:
         """The fast path (module docstring); raises UniqueViolation or _Raced on a concurrent write."""
         self._load_types(conn)
         pii = self.pii
+        held, merged = self._resolve(conn, states)
         with conn.cursor(row_factory=tuple_row) as cur:
-            held: dict[str, int] = dict(cur.execute(_HELD_VERSIONS, ([s.umid for s in latest],)).fetchall())
-            advancing = [s for s in latest if s.version > held.get(s.umid, -1)]
+            advancing = [s for s in merged.states if s.version > held.get(s.umid, -1)]
             if not advancing:
                 return 0
             replaced = [s for s in advancing if s.umid in held]
@@ -470,7 +510,7 @@ class PostgresStore:
         # work and the server's overlap instead of adding up.
         def message_rows() -> Iterator[tuple[Any, ...]]:
             for s in advancing:
-                yield R.message_values(s, pii)
+                yield R.message_values(s, pii, merged.msisdn.get(s.umid))
 
         def step_rows() -> Iterator[tuple[Any, ...]]:
             for s in advancing:
@@ -488,13 +528,14 @@ class PostgresStore:
         self._copy_rows(conn, "status_events", "status_events", R.EVENT_COLUMNS, event_rows())
         return len(advancing)
 
-    def _merge_states(self, conn: psycopg.Connection[Any], latest: list[MessageState]) -> int:
+    def _merge_states(self, conn: psycopg.Connection[Any], states: Sequence[MessageState]) -> int:
         """The conflict-proof path: staging tables + guarded upsert (module docstring)."""
         self._stage(conn)
         pii = self.pii
+        _held, merged = self._resolve(conn, states)
         message_rows, step_rows, event_rows = [], [], []
-        for s in latest:
-            message_rows.append(R.message_values(s, pii))
+        for s in merged.states:
+            message_rows.append(R.message_values(s, pii, merged.msisdn.get(s.umid)))
             step_rows += R.step_values(s)
             event_rows += R.event_values(s)
         self._copy_rows(conn, "stage_messages", "messages", R.MESSAGE_COLUMNS, message_rows)

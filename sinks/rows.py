@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from schemas.models import Conversation, InboundMessage, MessageState
+from schemas.models import Conversation, InboundMessage, MessageState, StatusEvent, Step, User
 from schemas.timefmt import format_iso8601
 
 Row = dict[str, Any]
@@ -66,6 +66,7 @@ MESSAGE_COLUMNS: tuple[str, ...] = (
     "client_message_id",
     "client_batch_id",
     "updated_at",
+    "lineage",
 )
 
 STEP_COLUMNS: tuple[str, ...] = (
@@ -298,10 +299,17 @@ def _msisdn_columns(pii: PiiPolicy, msisdn: str | None) -> tuple[str | None, str
     return pii.mask_msisdn(msisdn), pii.hash_msisdn(msisdn), pii.clear_msisdn(msisdn)
 
 
-def message_values(state: MessageState, pii: PiiPolicy) -> tuple[Any, ...]:
-    """The `messages` row of one state as a tuple in `MESSAGE_COLUMNS` order (the write paths' form)."""
+def message_values(
+    state: MessageState, pii: PiiPolicy, msisdn: tuple[str | None, str | None, str | None] | None = None
+) -> tuple[Any, ...]:
+    """The `messages` row of one state as a tuple in `MESSAGE_COLUMNS` order (the write paths' form).
+    `msisdn`: the (masked, hash, clear) columns to keep when the state has no number of its own (a state
+    rebuilt from a masked row and merged, see `Merged`)."""
     steps = state.steps
-    masked, hashed, clear = _msisdn_columns(pii, state.user.msisdn)
+    if msisdn is not None and not state.user.msisdn:
+        masked, hashed, clear = msisdn
+    else:
+        masked, hashed, clear = _msisdn_columns(pii, state.user.msisdn)
     return (
         state.umid,
         state.sub_account_id,
@@ -328,6 +336,7 @@ def message_values(state: MessageState, pii: PiiPolicy) -> tuple[Any, ...]:
         state.client_message_id,
         state.client_batch_id,
         state.updated_at,
+        state.lineage,
     )
 
 
@@ -388,6 +397,113 @@ def state_rows(state: MessageState, pii: PiiPolicy) -> tuple[Row, list[Row]]:
 def status_event_rows(state: MessageState) -> list[Row]:
     """The `status_events` rows of one state: every step's history (dedup happens in the store)."""
     return [dict(zip(EVENT_COLUMNS, v, strict=True)) for v in event_values(state)]
+
+
+def state_from_rows(message: Row, steps: Sequence[Row], events: Sequence[Row]) -> MessageState:
+    """The state a stored message holds, rebuilt from its `messages` row, its `message_steps` rows and
+    its `status_events` rows (every event ever stored for it, matched to steps by channel: step numbers
+    of older versions may differ). The user's number is the clear column (None under a masking policy:
+    `Merged.msisdn` keeps the stored masked and hashed columns then)."""
+    by_channel: dict[str, set[StatusEvent]] = {}
+    for e in events:
+        by_channel.setdefault(e["channel"], set()).add(
+            StatusEvent(e["state"], e["ts"], e["detail"], e["error_code"], e["error_message"])
+        )
+    rebuilt = tuple(
+        Step(
+            step=r["step"], channel=r["channel"], state=r["state"], status_timestamp=r["status_at"],
+            first_event_at=r["first_event_at"], detail=r["detail"], error_code=r["error_code"],
+            error_message=r["error_message"], sent_at=r["sent_at"], delivered_at=r["delivered_at"],
+            read_at=r["read_at"], failed_at=r["failed_at"],
+            history=tuple(sorted(by_channel.get(r["channel"], ()), key=_history_order)),
+            duplicates=r["duplicates"], channel_id=r["channel_id"], country=r["country"],
+            content_type=r["content_type"], created_at=r["created_at"],
+        )
+        for r in sorted(steps, key=operator.itemgetter("step"))
+    )  # fmt: skip
+    m = message
+    return MessageState(
+        umid=m["umid"], sub_account_id=m["sub_account_id"], version=m["version"], state=m["state"],
+        status_timestamp=m["status_at"], steps=rebuilt, updated_at=m["updated_at"], detail=m["detail"],
+        error_code=m["error_code"], error_message=m["error_message"],
+        user=User(msisdn=m["msisdn"], channel_user_id=m["channel_user_id"]), batch_id=m["batch_id"],
+        client_message_id=m["client_message_id"], client_batch_id=m["client_batch_id"],
+        first_sent_at=m["first_sent_at"], delivered_at=m["delivered_at"], read_at=m["read_at"],
+        final=bool(m["final"]), duplicates=m["duplicates"], lineage=m["lineage"],
+    )  # fmt: skip
+
+
+def _history_order(e: StatusEvent) -> tuple[Any, ...]:
+    return (e.timestamp, e.state, e.detail or "", e.error_code or 0, e.error_message or "")
+
+
+@dataclass(frozen=True)
+class Merged:
+    """What `resolve_lineages` makes of a batch: the states to write (each greater than the stored
+    version), and for merged states whose user has no number, the stored msisdn columns to keep."""
+
+    states: list[MessageState]
+    msisdn: dict[str, tuple[str | None, str | None, str | None]]
+
+
+def resolve_lineages(
+    batch: Iterable[MessageState],
+    held: dict[str, tuple[int, int]],
+    load: Callable[[list[str]], dict[str, tuple[MessageState, Row]]],
+    join: Callable[[MessageState, MessageState], MessageState | None],
+    descends: Callable[[int, MessageState], bool],
+) -> Merged:
+    """The states a store writes for one batch, by the lineage rule (`processors.join`):
+
+    - per umid, the highest version of each lineage in the batch;
+    - a state that continues the stored row's lineage (`held[umid]` = (version, lineage)), or of a umid
+      not stored, with no other lineage in the batch: as is (the version guard then decides, as before);
+    - anything else (another lineage than the stored row's, a merged row, several lineages in one batch):
+      `load` the stored states (umid -> (state rebuilt from rows, message row)) of those umids only, and
+      `join` each state of the batch into it; a join that adds nothing writes nothing.
+    Written states always have a version greater than the stored one. `load`, `join` and `descends` are
+    the caller's (the store's read, `processors.join`'s rule): this function does no I/O itself.
+    """
+    by_umid: dict[str, dict[int, MessageState]] = {}
+    for s in batch:
+        lineages = by_umid.setdefault(s.umid, {})
+        best = lineages.get(s.lineage)
+        if best is None or s.version > best.version:
+            lineages[s.lineage] = s
+    out: list[MessageState] = []
+    slow: list[str] = []
+    for umid, lineages in by_umid.items():
+        stored = held.get(umid)
+        if len(lineages) == 1:
+            (s,) = lineages.values()
+            if stored is None or descends(stored[1], s):
+                out.append(s)
+                continue
+        slow.append(umid)
+    msisdn: dict[str, tuple[str | None, str | None, str | None]] = {}
+    if slow:
+        loaded = load([u for u in slow if u in held])
+        for umid in slow:
+            cur: MessageState | None = None
+            row: Row | None = None
+            if umid in loaded:
+                cur, row = loaded[umid]
+            changed = False
+            for s in sorted(by_umid[umid].values(), key=operator.attrgetter("version")):
+                if cur is None:
+                    cur, changed = s, True
+                elif descends(cur.lineage, s):
+                    if s.version > cur.version:
+                        cur, changed = s, True
+                else:
+                    j = join(cur, s)
+                    if j is not None:
+                        cur, changed = j, True
+            if changed and cur is not None:
+                out.append(cur)
+                if row is not None and row["msisdn_hash"] is not None:
+                    msisdn[umid] = (row["msisdn_masked"], row["msisdn_hash"], row["msisdn"])
+    return Merged(out, msisdn)
 
 
 def latest_states(states: Iterable[MessageState]) -> list[MessageState]:

@@ -9,6 +9,7 @@ chronologically. One connection per store, guarded by a lock (the API may call f
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -18,6 +19,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+from processors.join import descends, join
 from schemas.errors import TransientError
 from schemas.models import Conversation, InboundMessage, MessageState
 from sinks import rows as R
@@ -195,6 +197,12 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             "CREATE INDEX conversations_by_msisdn ON conversations (sub_account_id, channel_id, msisdn_hash)",
         ),
     ),
+    (4, "message_steps: BRIN for time ranges (PostgreSQL only)", ()),
+    (
+        5,
+        "messages.lineage: states of another lineage are merged by content",
+        ("ALTER TABLE messages ADD COLUMN lineage INTEGER NOT NULL DEFAULT 0",),
+    ),
 )
 
 
@@ -234,7 +242,11 @@ _GET_CONVERSATION = (
     " AND (user_key_hash = ? OR msisdn_hash = ?)"
     " ORDER BY user_key_hash = ? DESC, last_inbound_at DESC, key_hash LIMIT 1"
 )
-_VERSIONS = "SELECT umid, version FROM messages WHERE umid IN (SELECT value FROM json_each(?))"
+_IN_JSON = "umid IN (SELECT value FROM json_each(?))"
+_VERSIONS = f"SELECT umid, version, lineage FROM messages WHERE {_IN_JSON}"
+_LOAD_MESSAGES = f"SELECT * FROM messages WHERE {_IN_JSON}"
+_LOAD_STEPS = f"SELECT * FROM message_steps WHERE {_IN_JSON}"
+_LOAD_EVENTS = f"SELECT * FROM status_events WHERE {_IN_JSON}"
 
 
 def to_text(value: datetime) -> str:
@@ -344,22 +356,21 @@ class SqliteStore:
                 )
 
     def write_states(self, states: Sequence[MessageState]) -> int:
-        latest = R.latest_states(states)
-        if not latest:
+        if not states:
             return 0
         with self._write() as conn:
-            held = {
-                r["umid"]: r["version"]
-                for r in conn.execute(_VERSIONS, (json.dumps([s.umid for s in latest]),))
-            }
-            advancing = [s for s in latest if s.umid not in held or s.version > held[s.umid]]
+            umids = json.dumps(list(dict.fromkeys(s.umid for s in states)))
+            held = {r["umid"]: (r["version"], r["lineage"]) for r in conn.execute(_VERSIONS, (umids,))}
+            load = functools.partial(self._load_states, conn)
+            merged = R.resolve_lineages(states, held, load, join, descends)
+            advancing = [s for s in merged.states if s.umid not in held or s.version > held[s.umid][0]]
             if not advancing:
                 return 0
             messages: list[tuple[Any, ...]] = []
             steps: list[tuple[Any, ...]] = []
             events: list[tuple[Any, ...]] = []
             for s in advancing:
-                messages.append(_adapt_values(R.message_values(s, self.pii)))
+                messages.append(_adapt_values(R.message_values(s, self.pii, merged.msisdn.get(s.umid))))
                 steps.extend(map(_adapt_values, R.step_values(s)))
                 events.extend(map(_adapt_values, R.event_values(s)))
             conn.executemany(_UPSERT_MESSAGE, messages)
@@ -368,6 +379,23 @@ class SqliteStore:
             conn.executemany(_INSERT_STEP, steps)
             conn.executemany(_INSERT_EVENT, events)
             return len(advancing)
+
+    @staticmethod
+    def _load_states(conn: sqlite3.Connection, umids: list[str]) -> dict[str, tuple[MessageState, R.Row]]:
+        """The stored states of `umids` (those that have a row), rebuilt from their rows."""
+        if not umids:
+            return {}
+        arg = (json.dumps(umids),)
+        steps: dict[str, list[R.Row]] = {}
+        for r in conn.execute(_LOAD_STEPS, arg):
+            steps.setdefault(r["umid"], []).append(r)
+        events: dict[str, list[R.Row]] = {}
+        for r in conn.execute(_LOAD_EVENTS, arg):
+            events.setdefault(r["umid"], []).append(r)
+        return {
+            m["umid"]: (R.state_from_rows(m, steps.get(m["umid"], []), events.get(m["umid"], [])), m)
+            for m in conn.execute(_LOAD_MESSAGES, arg)
+        }
 
     def write_inbound(self, msgs: Sequence[InboundMessage]) -> int:
         if not msgs:

@@ -506,7 +506,7 @@ def test_postgres_fast_and_merge_paths_leave_the_exact_final_rows(postgres_serve
         try:
             for batch in batches:
                 if merge:
-                    store._run(functools.partial(store._merge_states, latest=R.latest_states(batch)))
+                    store._run(functools.partial(store._merge_states, states=R.latest_states(batch)))
                 else:
                     store.write_states(batch)
             assert store.merge_fallbacks == 0
@@ -567,7 +567,9 @@ def test_postgres_a_row_changed_after_the_version_read_is_never_overwritten(
         assert store.write_states([v[4]]) == 1
         before = _pg_query(url)("SELECT * FROM messages")
         monkeypatch.setattr(
-            postgres_sink, "_HELD_VERSIONS", "SELECT umid, 0::bigint FROM messages WHERE umid = ANY(%s)"
+            postgres_sink,
+            "_HELD_VERSIONS",
+            "SELECT umid, 0::bigint, lineage FROM messages WHERE umid = ANY(%s)",
         )
         assert store.write_states([v[2]]) == 0
         assert store.merge_fallbacks == 1
@@ -747,3 +749,89 @@ def test_conversations_keep_no_number_in_clear_unless_the_policy_is_clear(backen
     found = store.get_conversation(SUB, "ch-1", MSISDN, now=T0)
     assert found is not None and found["user"]["msisdn"] == MSISDN
     assert backend.count("conversations") == 2  # switching the policy never splits a conversation
+
+
+# --- lineages: states folded by two processor lineages merge by content --------------------------------
+
+
+def _receipt(state: str, seconds: int, channel: str = "whatsapp", msisdn: str | None = "+639221101234"):
+    from schemas.models import DeliveryReceipt, Status
+
+    ts = T0 + timedelta(seconds=seconds)
+    return DeliveryReceipt(
+        umid="m-1", sub_account_id=SUB, channel=channel, status=Status(state, ts), received_at=ts,
+        raw_json="{}", user=User(msisdn=msisdn),
+    )
+
+
+def _folded(lineage: int, *receipts: Any, prev: MessageState | None = None) -> MessageState:
+    from processors.state import apply_many
+
+    state = apply_many(prev, receipts, now=T0 + timedelta(hours=1)).state
+    return dataclasses.replace(state, lineage=lineage)
+
+
+def _detail(backend: Backend) -> list[tuple[Any, ...]]:
+    data = backend.store.get_message(SUB, "m-1") or []
+    return [(r["step"], r["channel"], r["status"]["state"], r["status"]["timestamp"]) for r in data]
+
+
+def test_a_state_of_a_new_lineage_moves_a_stored_state_on_instead_of_being_refused(backend: Backend) -> None:
+    # before a restart: sent and delivered on WhatsApp (lineage 5, version 2)
+    old = _folded(5, _receipt("sent", 1))
+    old = _folded(5, _receipt("delivered", 2), prev=old)
+    assert backend.store.write_states([old]) == 1
+    # after it, the processor starts again from nothing: the read receipt alone is version 1 of lineage 9
+    new = _folded(9, _receipt("read", 3))
+    assert new.version == 1 < old.version
+    assert backend.store.write_states([new]) == 1
+    assert _detail(backend) == [(1, "WhatsApp", "read", "2020-06-17T04:15:24.06Z")]
+    version, lineage, sent_at, delivered_at = backend.query(
+        "SELECT version, lineage, first_sent_at, delivered_at FROM messages"
+    )[0]
+    assert (version, lineage) == (3, -1)
+    assert sent_at is not None and delivered_at is not None  # the events of before the restart count
+    assert backend.count("status_events") == 3
+    # the old lineage redelivered, or the new one again: nothing changes
+    snapshot = backend.snapshot()
+    assert backend.store.write_states([old, new]) == 0
+    assert backend.snapshot() == snapshot
+
+
+def test_a_merged_row_keeps_merging_later_versions_of_the_new_lineage(backend: Backend) -> None:
+    old = _folded(5, _receipt("sent", 1, "whatsapp"), _receipt("undelivered", 5, "whatsapp"))
+    backend.store.write_states([old])
+    new1 = _folded(9, _receipt("sent", 20, "sms"))
+    new2 = _folded(9, _receipt("delivered", 25, "sms"), prev=new1)
+    assert backend.store.write_states([new1]) == 1
+    # new2 knows nothing of the WhatsApp step: taken by its version alone it would drop it
+    assert backend.store.write_states([new2]) == 1
+    steps = [(s, c, st) for s, c, st, _ in _detail(backend)]
+    assert steps == [(1, "WhatsApp", "undelivered"), (2, "SMS", "delivered")]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_any_order_of_two_lineages_states_converges_on_the_union(backend: Backend, seed: int) -> None:
+    events = [_receipt("sent", 1), _receipt("delivered", 4), _receipt("sent", 10, "sms")]
+    events.append(_receipt("read", 12))
+    a1 = _folded(5, events[0])
+    a2 = _folded(5, events[1], prev=a1)
+    b1 = _folded(9, events[2])
+    b2 = _folded(9, events[3], prev=b1)
+    stream = [a1, a2, b1, b2, a2, b1]
+    random.Random(seed).shuffle(stream)
+    for i in range(0, len(stream), 2):
+        backend.store.write_states(stream[i : i + 2])
+    union = _folded(0, *events)
+    expected = [(s.step, s.channel, s.state) for s in union.steps]
+    assert [(s, c.lower(), st) for s, c, st, _ in _detail(backend)] == expected
+    assert backend.count("status_events") >= len(events)
+
+
+def test_a_merge_keeps_the_stored_masked_number_when_the_new_state_has_none(backend: Backend) -> None:
+    backend.store.write_states([_folded(5, _receipt("sent", 1))])
+    before = backend.query("SELECT msisdn_masked, msisdn_hash FROM messages")
+    assert before[0][0] == "+63922110xxxx" and before[0][1]
+    backend.store.write_states([_folded(9, _receipt("delivered", 2, msisdn=None))])
+    after = backend.query("SELECT msisdn_masked, msisdn_hash, state FROM messages")
+    assert after == [(*before[0], "delivered")]

@@ -118,8 +118,10 @@ def test_descends_only_within_one_known_lineage() -> None:
     s = dataclasses.replace(apply_many(None, [rc("sent", 1)], now=NOW).state, lineage=42)
     assert descends(42, s)
     assert not descends(41, s)
-    assert not descends(0, dataclasses.replace(s, lineage=0))  # unknown lineages are always joined
-    assert not descends(MERGED, dataclasses.replace(s, lineage=MERGED))
+    # records from before lineages existed continue each other, as versions always did
+    assert descends(0, dataclasses.replace(s, lineage=0))
+    assert not descends(0, s) and not descends(42, dataclasses.replace(s, lineage=0))
+    assert not descends(MERGED, dataclasses.replace(s, lineage=MERGED))  # a merged row is always joined
 
 
 def test_receipts_of_carry_every_history_event_and_the_ids() -> None:
