@@ -53,6 +53,7 @@ import asyncio
 import contextlib
 import heapq
 import logging
+import random
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -163,6 +164,7 @@ class Folder:
                 "on_delivery": self._on_state,
             }
         )
+        self._lineages = random.Random()  # seeded from the OS: lineages of new states
         self._errors: list[str] = []
         self._changelog_offsets: dict[int, int] = {}
         self._waiting: list[_Batch] = []  # folded, not yet taken by the sender
@@ -298,7 +300,10 @@ class Folder:
                 replayed = sum(1 for off, _ in items if off <= last_offset)
                 counts["replayed"] += replayed
                 prev = stored.state if stored is not None else None
-                outcome = apply_many(prev, [r for _, r in items], now=now, config=config)
+                # a new state gets a random lineage (MessageState.lineage): sinks merge states of
+                # another lineage by content, so a lost or rebuilt processor state never goes stale
+                lineage = 0 if prev is not None else self._lineages.getrandbits(63) | 1
+                outcome = apply_many(prev, [r for _, r in items], now=now, config=config, lineage=lineage)
                 state = outcome.state
                 if state.final:
                     check_at = wm_us + final_retention

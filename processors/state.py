@@ -377,6 +377,7 @@ def _assemble(
     client_message_id: str | None,
     client_batch_id: str | None,
     duplicates: int,
+    lineage: int,
 ) -> MessageState:
     last = steps[-1]
     if len(steps) == 1:
@@ -390,7 +391,7 @@ def _assemble(
     return MessageState(
         umid, sub_account_id, version, last.state, last.status_timestamp, steps, updated_at,
         last.detail, last.error_code, last.error_message, user, batch_id, client_message_id,
-        client_batch_id, first_sent, delivered, read, _content_final_parts(read, last), duplicates,
+        client_batch_id, first_sent, delivered, read, _content_final_parts(read, last), duplicates, lineage,
     )  # fmt: skip
 
 
@@ -400,7 +401,7 @@ def _with_counts(prev: MessageState, steps: tuple[Step, ...], duplicates: int) -
     return MessageState(
         p.umid, p.sub_account_id, p.version, p.state, p.status_timestamp, steps, p.updated_at, p.detail,
         p.error_code, p.error_message, p.user, p.batch_id, p.client_message_id, p.client_batch_id,
-        p.first_sent_at, p.delivered_at, p.read_at, p.final, duplicates,
+        p.first_sent_at, p.delivered_at, p.read_at, p.final, duplicates, p.lineage,
     )  # fmt: skip
 
 
@@ -418,16 +419,18 @@ def _apply(
     version: int,
     now: datetime,
     limit: int,
+    lineage: int = 0,
 ) -> tuple[MessageState, bool, bool, StatusEvent | None]:
     """One receipt. Returns (state, changed, duplicate, recorded event). On change the state gets
-    `version` and `updated_at=now`; otherwise it keeps prev's."""
+    `version` and `updated_at=now`; otherwise it keeps prev's. A new state (`prev` None) gets `lineage`,
+    a later one keeps prev's."""
     e = _event_of(receipt)
     channel = receipt.channel
     if prev is None:
         step = _new_step(1, channel, e)
         state = _assemble(
             receipt.umid, receipt.sub_account_id, version, (step,), now, receipt.user, receipt.batch_id,
-            receipt.client_message_id, receipt.client_batch_id, 0,
+            receipt.client_message_id, receipt.client_batch_id, 0, lineage,
         )  # fmt: skip
         return state, True, False, e
     if receipt.umid != prev.umid:
@@ -500,8 +503,9 @@ def _apply(
     if not steps_changed and not ids_changed:
         return _with_counts(prev, steps_t, duplicates), False, duplicate, None
     state = _assemble(
-        prev.umid, prev.sub_account_id, version, steps_t, now, user, batch_id, cmid, cbid, duplicates
-    )
+        prev.umid, prev.sub_account_id, version, steps_t, now, user, batch_id, cmid, cbid, duplicates,
+        prev.lineage,
+    )  # fmt: skip
     return state, True, duplicate, recorded
 
 
@@ -533,14 +537,16 @@ def apply(
     *,
     now: datetime,
     config: StateConfig = DEFAULT_CONFIG,
+    lineage: int = 0,
 ) -> Outcome:
     """Fold one receipt into the state of its umid (`prev` None for a new umid).
 
-    Never reads the clock: `now` becomes `updated_at` when the state changes. Raises ValueError when the
-    receipt's umid differs from `prev.umid`.
+    Never reads the clock: `now` becomes `updated_at` when the state changes. A new state gets `lineage`
+    (the shell draws it at random: `schemas.models.MessageState.lineage`); a later one keeps prev's.
+    Raises ValueError when the receipt's umid differs from `prev.umid`.
     """
     version = 1 if prev is None else prev.version + 1
-    state, changed, duplicate, recorded = _apply(prev, receipt, version, now, config.history_limit)
+    state, changed, duplicate, recorded = _apply(prev, receipt, version, now, config.history_limit, lineage)
     new_events = ((_step_number(state, receipt.channel), recorded),) if recorded is not None else ()
     return Outcome(state, changed, duplicate, new_events)
 
@@ -551,11 +557,13 @@ def apply_many(
     *,
     now: datetime,
     config: StateConfig = DEFAULT_CONFIG,
+    lineage: int = 0,
 ) -> Outcome:
     """Fold a batch of receipts for ONE umid. Equals folding `apply` one by one, except that the version
-    grows by at most one for the whole batch. `changed` = any changed; `duplicate` = the batch was not
-    empty and every receipt was an exact duplicate; `new_events` in application order, numbered by the
-    steps of the returned state. Raises ValueError for an empty batch with `prev` None, or mixed umids.
+    grows by at most one for the whole batch (a new state gets `lineage`, as with `apply`). `changed` =
+    any changed; `duplicate` = the batch was not empty and every receipt was an exact duplicate;
+    `new_events` in application order, numbered by the steps of the returned state. Raises ValueError
+    for an empty batch with `prev` None, or mixed umids.
     """
     version = 1 if prev is None else prev.version + 1
     limit = config.history_limit
@@ -566,7 +574,7 @@ def apply_many(
     recorded: list[tuple[str, StatusEvent]] = []
     for r in receipts:
         seen = True
-        state, ch, dup, ev = _apply(state, r, version, now, limit)
+        state, ch, dup, ev = _apply(state, r, version, now, limit, lineage)
         changed |= ch
         all_dup &= dup
         if ev is not None:
@@ -619,5 +627,5 @@ def expire(
     return MessageState(
         p.umid, p.sub_account_id, p.version + 1, p.state, p.status_timestamp, p.steps, now, p.detail,
         p.error_code, p.error_message, p.user, p.batch_id, p.client_message_id, p.client_batch_id,
-        p.first_sent_at, p.delivered_at, p.read_at, True, p.duplicates,
+        p.first_sent_at, p.delivered_at, p.read_at, True, p.duplicates, p.lineage,
     )  # fmt: skip

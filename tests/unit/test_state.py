@@ -709,3 +709,16 @@ def test_expire_seals_exactly_when_expire_due_says(receipts: list[DeliveryReceip
     sealed = expire(state, now=due, config=cfg)
     assert sealed is not None and sealed.final and sealed.version == state.version + 1
     assert expire_due(sealed, cfg) is None
+
+
+def test_a_new_state_takes_the_given_lineage_and_every_later_version_keeps_it() -> None:
+    first = apply(None, rc("sent", 1), now=NOW, lineage=77).state
+    assert first.lineage == 77
+    later = apply(first, rc("undelivered", 2), now=NOW, lineage=5).state  # only a new state takes one
+    duplicate = apply(later, rc("undelivered", 2), now=NOW).state
+    batch = apply_many(duplicate, [rc("sent", 1), rc("undelivered", 3, detail="x")], now=NOW).state
+    sealed = expire(batch, now=NOW + timedelta(days=30))
+    assert sealed is not None
+    absorbed = apply(sealed, rc("delivered", 9), now=NOW).state
+    assert [s.lineage for s in (later, duplicate, batch, sealed, absorbed)] == [77] * 5
+    assert apply_many(None, [rc("sent", 1)], now=NOW, lineage=3).state.lineage == 3
