@@ -55,6 +55,7 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace, env: dict[str, str]
             _ready_callback(env, "ingest"),
             reuse_port=args.reuse_port or args.worker_index is not None,
             dispatch=fast_dispatch,
+            header_timeout=settings.ingest_header_timeout,
         ),
         settings.event_loop,
     )

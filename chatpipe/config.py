@@ -37,6 +37,14 @@ class Settings:
     partitions: int = 6
     replication_factor: int = 1
     max_body_bytes: int = 256 * 1024
+    # slow clients (ingest): a connection that has not sent a whole request head this many seconds after it
+    # opened or after its previous answer is closed (aiohttp's keepalive_timeout: one timer for idle
+    # keep-alive connections and for headers still trickling in) ...
+    ingest_header_timeout: float = 10.0
+    # ... and a request whose body has not fully arrived this many seconds after its head is answered 408
+    # and closed. 8x8 sends each webhook at once and retries on errors, so either limit only cuts off
+    # clients that hold a connection without using it.
+    ingest_body_timeout: float = 10.0
     oauth_client_id: str | None = None
     oauth_client_secret: str | None = _secret_field()
     oauth_token_ttl: int = 3600
@@ -116,6 +124,10 @@ class Settings:
             raise ValueError("CHATPIPE_DEV_DOWNSTREAM_NICE must be between 0 and 19")
         if self.event_loop not in EVENT_LOOPS:
             raise ValueError(f"CHATPIPE_EVENT_LOOP must be one of {', '.join(EVENT_LOOPS)}")
+        if not self.ingest_header_timeout > 0:
+            raise ValueError("CHATPIPE_INGEST_HEADER_TIMEOUT must be > 0 seconds")
+        if not self.ingest_body_timeout > 0:
+            raise ValueError("CHATPIPE_INGEST_BODY_TIMEOUT must be > 0 seconds")
         if not 0 <= self.ingest_linger_ms <= 1000:
             raise ValueError("CHATPIPE_INGEST_LINGER_MS must be between 0 and 1000")
         from ingest.auth import parse_networks

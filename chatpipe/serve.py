@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -84,13 +85,21 @@ async def start_site(
     reuse_port: bool = False,
     shutdown_timeout: float = 15.0,
     dispatch: Dispatch | None = None,
+    header_timeout: float | None = None,
 ) -> web.AppRunner:
     """Start `app` (its start-up runs here) listening on host:port; `runner.cleanup()` stops it.
 
     With `dispatch`, the server's request handler becomes `dispatch(app, handler)`: a way for a hot route
     to skip the router. Set before the site starts, so every connection gets it.
+
+    With `header_timeout`, a connection that has not delivered a whole request head (request line and
+    headers) within that many seconds of opening, or of its previous answer, is closed. This is aiohttp's
+    `keepalive_timeout` (aiohttp 3.x has no separate header timeout: its keep-alive timer, armed when a
+    connection opens and after each answer, closes the connection if no complete request arrived by then),
+    so it also bounds how long an idle keep-alive connection is kept. Without it, aiohttp's 3630 s.
     """
-    runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout, access_log=None)
+    extra: dict[str, Any] = {} if header_timeout is None else {"keepalive_timeout": header_timeout}
+    runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout, access_log=None, **extra)
     await runner.setup()
     if dispatch is not None:
         install_dispatch(runner, app, dispatch)
@@ -108,9 +117,10 @@ async def serve_until_signal(
     reuse_port: bool = False,
     shutdown_timeout: float = 15.0,
     dispatch: Dispatch | None = None,
+    header_timeout: float | None = None,
 ) -> None:
     """Serve `app` until SIGINT/SIGTERM, then stop accepting, finish in-flight requests, clean up."""
-    runner = await start_site(app, host, port, reuse_port, shutdown_timeout, dispatch)
+    runner = await start_site(app, host, port, reuse_port, shutdown_timeout, dispatch, header_timeout)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -119,6 +129,21 @@ async def serve_until_signal(
         on_ready()
     await stop.wait()
     await runner.cleanup()
+
+
+async def answer_and_close(request: web.BaseRequest, response: web.StreamResponse) -> web.StreamResponse:
+    """Send `response` at once and close the connection behind it; return it for the handler to return.
+
+    For a client too slow to finish its request: aiohttp would otherwise keep reading (and discarding) the
+    rest of an unread body for up to `lingering_time` (10 s) before closing. A client already gone is no
+    error (nothing is logged). The transport flushes the answer before it closes.
+    """
+    response.force_close()
+    with contextlib.suppress(ConnectionError):
+        await response.prepare(request)
+        await response.write_eof()
+    request.protocol.force_close()
+    return response
 
 
 def serve_in_thread(app: web.Application, host: str, port: int) -> threading.Thread:

@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from chatpipe.config import Settings
 from chatpipe.metric_defs import IngestMetrics
-from chatpipe.serve import Handler
+from chatpipe.serve import Handler, answer_and_close
 from ingest import auth
 from ingest.fastreceipt import encode_receipt, matches
 from ingest.parse import error_body, parse_webhook
@@ -219,7 +219,10 @@ def _unavailable(error_id: str) -> web.Response:
 
 
 async def _read_body(request: web.BaseRequest, limit: int) -> tuple[bytes, bool]:
-    """Up to `limit` bytes of a body of unknown or too large a length, and whether there was more."""
+    """Up to `limit` bytes of the body, and whether there was more."""
+    length = request.content_length
+    if length is not None and length <= limit:  # the parser delivers exactly that many bytes
+        return await request.read(), False
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -277,14 +280,22 @@ class Webhook:
                 return _error(401, CODE_UNAUTHORIZED, "Request was not authenticated properly",
                               headers={"WWW-Authenticate": 'Bearer realm="chatpipe"'})
             length = request.content_length
-            if length is not None and length <= settings.max_body_bytes:
-                # the common case: the HTTP parser delivers exactly that many bytes, and usually already
-                # has all of them (then no coroutine at all)
-                content = request.content
-                body = content.read_nowait(-1) if content.is_eof() else await request.read()
-                truncated = False
+            content = request.content
+            if length is not None and length <= settings.max_body_bytes and content.is_eof():
+                # the common case: the HTTP parser already holds the whole body (then no coroutine at all)
+                body, truncated = content.read_nowait(-1), False
             else:
-                body, truncated = await _read_body(request, settings.max_body_bytes)
+                wait = settings.ingest_body_timeout
+                try:
+                    async with asyncio.timeout(wait):
+                        body, truncated = await _read_body(request, settings.max_body_bytes)
+                except TimeoutError:  # a client holding the connection without sending: 408, closed
+                    log.info("webhook body not complete after %g s: answered 408", wait)
+                    return await answer_and_close(
+                        request, _error(408, CODE_BAD_REQUEST, f"body: not received within {wait:g} s"))
+                except ConnectionError:  # the client left mid-body: nobody to answer, nothing to park
+                    log.debug("webhook body not read: the client disconnected")
+                    return _error(400, CODE_BAD_REQUEST, "body: the client disconnected")
             try:
                 if truncated:
                     limit = settings.max_body_bytes

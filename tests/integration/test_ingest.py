@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -383,3 +384,135 @@ async def test_metrics_count_webhooks_by_kind_and_outcome_with_latency_histogram
         assert 0 < m[f"chatpipe_ingest_{name}_seconds_sum"] < 30
         buckets = [v for k, v in m.items() if k.startswith(f"chatpipe_ingest_{name}_seconds_bucket")]
         assert buckets == sorted(buckets)
+
+
+# --- slow and vanishing clients --------------------------------------------------------------------------
+
+
+async def _served(port: int) -> int:
+    """The status a normal webhook gets from the server on `port`."""
+    import aiohttp
+
+    body = with_umid(ALL[0], str(uuid.uuid4()))
+    async with (
+        aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session,
+        session.post(URL, data=body, headers=JSON) as r,
+    ):
+        return r.status
+
+
+def _head(length: int) -> bytes:
+    return (
+        f"POST {URL} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+@pytest.fixture()
+async def slow_server(broker: str, registry_url: str, state_dir: Path) -> AsyncIterator[int]:
+    """Ingest started as `chatpipe ingest` starts it, with header and body timeouts of 0.5 s."""
+    settings = ingest_settings(
+        broker, registry_url, state_dir, ingest_header_timeout=0.5, ingest_body_timeout=0.5
+    )
+    port = free_port()
+    runner = await start_site(
+        create_app(settings), "127.0.0.1", port, dispatch=fast_dispatch,
+        header_timeout=settings.ingest_header_timeout,
+    )
+    yield port
+    await runner.cleanup()
+
+
+async def _answer_and_eof(reader: Any, within: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and how long that took."""
+    import asyncio
+    import time
+
+    t0 = time.monotonic()
+    answer = await asyncio.wait_for(reader.read(), within)
+    return answer, time.monotonic() - t0
+
+
+async def test_a_client_sending_headers_slowly_is_disconnected_and_others_are_served(
+    slow_server: int,
+) -> None:
+    import asyncio
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", slow_server)
+    try:
+        writer.write(b"POST " + URL.encode() + b" HTTP/1.1\r\nHost: x\r\n")  # ... and never the rest
+        await writer.drain()
+        status = await _served(slow_server)  # meanwhile the server serves others
+        trickle = asyncio.create_task(_trickle(writer))  # a byte now and then does not extend the deadline
+        answer, elapsed = await _answer_and_eof(reader, within=5)
+        trickle.cancel()
+    finally:
+        writer.close()
+    assert status == 200
+    assert answer == b""  # closed without an answer: no request to answer yet
+    assert elapsed < 2.0
+    assert await _served(slow_server) == 200
+
+
+async def _trickle(writer: Any) -> None:
+    import asyncio
+    import contextlib
+
+    with contextlib.suppress(ConnectionError):
+        for _ in range(50):
+            writer.write(b"X")
+            await writer.drain()
+            await asyncio.sleep(0.1)
+
+
+async def test_a_client_stalling_mid_body_gets_408_and_is_disconnected(
+    slow_server: int, broker: str
+) -> None:
+    import asyncio
+    import time
+
+    umid = str(uuid.uuid4())
+    body = with_umid(ALL[0], umid)
+    reader, writer = await asyncio.open_connection("127.0.0.1", slow_server)
+    try:
+        t0 = time.monotonic()
+        writer.write(_head(len(body)) + body[: len(body) // 2])  # ... and the rest never comes
+        await writer.drain()
+        assert await _served(slow_server) == 200  # meanwhile the server serves others
+        answer, _ = await _answer_and_eof(reader, within=5)
+        elapsed = time.monotonic() - t0
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    head, _, err = answer.partition(b"\r\n\r\n")
+    assert b"Connection: close" in head
+    assert json.loads(err)["message"] == "body: not received within 0.5 s"
+    assert 0.4 < elapsed < 2.0  # the body timeout, not aiohttp's 10 s lingering read
+    assert await _served(slow_server) == 200
+    assert umid.encode() not in {m.key() for m in read_topic(broker, RECEIPTS.name, idle=1.0)}
+
+
+async def test_a_client_that_disconnects_mid_request_logs_no_error(
+    slow_server: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+    import logging
+
+    body = with_umid(ALL[0], str(uuid.uuid4()))
+    caplog.set_level(logging.DEBUG)
+    for sent in (
+        _head(len(body)) + body[:20],  # mid-body
+        _head(len(body)),  # headers only
+        _head(len(body))[:30],  # mid-headers
+    ):
+        _, writer = await asyncio.open_connection("127.0.0.1", slow_server)
+        writer.write(sent)
+        await writer.drain()
+        await asyncio.sleep(0.1)  # the handler is waiting for the body by now
+        writer.transport.abort()  # gone, with an RST
+        await asyncio.sleep(0.1)
+    assert await _served(slow_server) == 200
+    await asyncio.sleep(0.6)  # past both timeouts: nothing left to log either
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [(r.name, r.getMessage()) for r in errors]
+    assert any(r.getMessage() == "webhook body not read: the client disconnected" for r in caplog.records)

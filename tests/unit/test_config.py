@@ -16,3 +16,18 @@ def test_ingest_linger_defaults_to_one_millisecond_and_parses_fractions() -> Non
 def test_ingest_linger_out_of_range_or_not_a_number_names_the_variable(raw: str) -> None:
     with pytest.raises(ValueError, match="CHATPIPE_INGEST_LINGER_MS"):
         Settings.from_env({"CHATPIPE_INGEST_LINGER_MS": raw})
+
+
+def test_ingest_timeouts_default_to_ten_seconds_and_parse_fractions() -> None:
+    settings = Settings.from_env({})
+    assert (settings.ingest_header_timeout, settings.ingest_body_timeout) == (10.0, 10.0)
+    env = {"CHATPIPE_INGEST_HEADER_TIMEOUT": "2.5", "CHATPIPE_INGEST_BODY_TIMEOUT": "30"}
+    settings = Settings.from_env(env)
+    assert (settings.ingest_header_timeout, settings.ingest_body_timeout) == (2.5, 30.0)
+
+
+@pytest.mark.parametrize("name", ["CHATPIPE_INGEST_HEADER_TIMEOUT", "CHATPIPE_INGEST_BODY_TIMEOUT"])
+@pytest.mark.parametrize("raw", ["0", "-1", "soon"])
+def test_ingest_timeouts_not_positive_name_the_variable(name: str, raw: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        Settings.from_env({name: raw})
