@@ -32,6 +32,7 @@ from pathlib import Path
 from chatpipe.broker import free_port, start_tansu, wait_for_port
 from chatpipe.config import Settings
 from chatpipe.topics import ensure_topics
+from sinks.store import sqlite_path
 
 READY_TIMEOUT = 90.0
 STOP_TIMEOUT = 15.0
@@ -194,9 +195,11 @@ class DevStack:
             tansu = start_tansu("127.0.0.1", port, self.logs / "broker.log")
             self.children.append(Child("broker", tansu, self.logs / "broker.log"))
             self.broker_port = port
+            self.say(f"  broker (tansu, in memory) on {bootstrap}")
+        self._say_what_is_kept(embedded)
+        if embedded:
             # the broker is in memory: processor state from an earlier broker must not be mixed in
             shutil.rmtree(self.state / "processor", ignore_errors=True)
-            self.say(f"  broker (tansu, in memory) on {bootstrap}")
         partitions = dev_partitions(env, s, embedded)
         ensure_topics(bootstrap, partitions, s.replication_factor)
         self.bootstrap, self.partitions = bootstrap, partitions
@@ -239,6 +242,34 @@ class DevStack:
         self.say(f"CHATPIPE_STORE_URL={s.store_url}")
         self.say(f"logs: {self.logs}/")
         self.say(f"chatpipe ready in {time.monotonic() - t0:.1f}s")
+
+    def _say_what_is_kept(self, embedded: bool) -> None:
+        """On a start in a folder used before: what survives from the last run, and what is rebuilt."""
+        s = self.settings
+        kept: list[str] = []
+        store = Path(sqlite_path(s.store_url)) if s.store_url.startswith("sqlite:") else None
+        if store is not None and store.exists():
+            kept.append(f"the store ({store})")
+        elif store is None:
+            kept.append("the store (external)")
+        if (self.state / "registry.json").exists():
+            kept.append("the schema registry")
+        if any((self.state / "spool").glob("*/spool-*.log")):
+            kept.append("the ingest spool (what it holds is sent to the broker first)")
+        rebuilt: list[str] = []
+        if (self.state / "processor").exists():
+            if embedded:
+                rebuilt.append(
+                    "the processor's state (the embedded broker starts empty: receipts for earlier "
+                    "messages start new states, which the sink merges by content with the stored ones)"
+                )
+            else:
+                kept.append("the processor's state (checked against the broker's changelog)")
+        if not kept or (store is not None and not store.exists()):
+            return  # a first start
+        self.say(f"  kept from the last run: {'; '.join(kept)}")
+        if rebuilt:
+            self.say(f"  rebuilt: {'; '.join(rebuilt)}")
 
     def supervise(self, poll: float = 0.2) -> int:
         """Watch the children until a stop is requested: restart the ones that die (see the module

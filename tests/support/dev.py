@@ -95,13 +95,57 @@ def running_dev(tmp_path: Path, **extra_env: str) -> Iterator[tuple[DevProcess, 
 TEMPLATE = json.loads(load("dr_v9_whatsapp_delivered_text"))
 
 
-def receipt(umid: str, state: str = "delivered", timestamp: str = "2026-06-09T10:00:00Z") -> bytes:
-    """A documented v9 WhatsApp receipt, for `umid`, in `state` at `timestamp`."""
+SUB_ACCOUNT = TEMPLATE["payload"]["subAccountId"]
+
+
+def receipt(
+    umid: str, state: str = "delivered", timestamp: str = "2026-06-09T10:00:00Z", channel: str = "whatsapp"
+) -> bytes:
+    """A documented v9 WhatsApp receipt, for `umid`, in `state` at `timestamp` (on `channel`)."""
     doc = json.loads(json.dumps(TEMPLATE))
     doc["payload"]["umid"] = umid
+    doc["payload"]["channel"] = channel
     doc["payload"]["status"]["state"] = state
     doc["payload"]["status"]["timestamp"] = timestamp
+    if state != "delivered":
+        doc["payload"]["status"].pop("detail", None)
     return json.dumps(doc).encode()
+
+
+def post_all(ingest: str, bodies: list[bytes]) -> None:
+    """Post every body to ingest's webhook endpoint; each must be answered 2xx."""
+    with httpx.Client(timeout=15) as client:
+        for body in bodies:
+            r = client.post(f"{ingest}/v1/webhooks/chatapps", content=body,
+                            headers={"Content-Type": "application/json"})
+            assert r.status_code // 100 == 2, r.text
+
+
+def details(api: str, umid: str, sub: str = SUB_ACCOUNT) -> list[tuple[int, str, str, str]] | None:
+    """(step, channel, state, timestamp) of each record the read API answers for `umid`, or None (404)."""
+    r = httpx.get(f"{api}/api/v1/subaccounts/{sub}/messages/{umid}", timeout=10)
+    if r.status_code == 404:
+        return None
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    return [(d["step"], d["channel"], d["status"]["state"], d["status"]["timestamp"]) for d in data]
+
+
+def wait_for_details(
+    api: str, expected: dict[str, list[tuple[int, str, str, str]]], timeout: float
+) -> dict[str, object]:
+    """Poll the read API until every umid answers its expected records; returns the mismatches left."""
+    deadline = time.monotonic() + timeout
+    wrong: dict[str, object] = dict(expected)
+    while wrong and time.monotonic() < deadline:
+        wrong = {}
+        for umid, want in expected.items():
+            got = details(api, umid)
+            if got != want:
+                wrong[umid] = got
+        if wrong:
+            time.sleep(0.5)
+    return wrong
 
 
 class Load:
