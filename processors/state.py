@@ -6,7 +6,17 @@ time (`now`) is an argument. The Faust agent reads the previous `MessageState` f
 moved) and emits `Outcome.state` only when `changed`. A timer calls `expire` for time-based finality.
 
 Raises `ValueError` only for contract violations by the caller (a receipt for another umid, an empty
-batch with no previous state, an invalid `StateConfig`); unknown states or channels are never errors.
+batch with no previous state, an invalid `StateConfig`); unknown states or channels are never errors, and
+no value a decoded receipt can hold makes it raise (see "Time range").
+
+Time range
+    Receipts may carry any time `datetime` can represent (8x8, or a client, may send
+    `9999-12-31T23:59:59Z`; `0001-01-01T00:00:00Z` is representable too). Times are only compared, except
+    where `expire_due` adds a span (`read_window`, `fallback_horizon`, `stale_after`) to an event time: a
+    sum past `datetime.max` saturates at `datetime.max` (in the event's time zone), so such a rule is due
+    only at `now = datetime.max`, i.e. never in practice, and the message stays open until a rule that
+    does not overflow seals it (or its receipts make it content-final). Spans are positive
+    (`StateConfig`), so nothing can fall below `datetime.min`.
 
 Steps
     A step is one channel attempt. Receipts carry the channel, not the step number, so a step is
@@ -225,6 +235,14 @@ def _min(a: datetime | None, b: datetime | None) -> datetime | None:
 
 
 # --- finality ------------------------------------------------------------------------------------
+
+
+def _after(t: datetime, span: timedelta) -> datetime:
+    """`t + span` for a positive span, saturating at `datetime.max` (see "Time range")."""
+    try:
+        return t + span
+    except OverflowError:
+        return datetime.max.replace(tzinfo=t.tzinfo)
 
 
 def content_final(state: MessageState) -> bool:
@@ -591,25 +609,26 @@ def expire_due(state: MessageState, config: StateConfig = DEFAULT_CONFIG) -> dat
     Due at the latest of: the last step's terminal failure + `fallback_horizon`; every step's delivery +
     `read_window` (reads may come for any delivered step). A message whose last step is neither failed nor
     delivered and that no step delivered has no such rule; `stale_after` (latest event + stale_after)
-    seals it too, whichever comes first.
+    seals it too, whichever comes first. Never raises: a sum past `datetime.max` is `datetime.max`.
     """
     if state.final or not state.steps:
         return None
     last = state.steps[-1]
     due: datetime | None = None
     if last.state in FAILURE_STATES:
-        due = last.status_timestamp + config.fallback_horizon
+        due = _after(last.status_timestamp, config.fallback_horizon)
     for s in state.steps:
         if s.delivered_at is not None:
-            d = s.delivered_at + config.read_window
+            d = _after(s.delivered_at, config.read_window)
             if due is None or d > due:
                 due = d
     if due is None and _RANKS.get(last.state, 0) >= 3 and last.state not in FAILURE_STATES:
-        due = last.status_timestamp + config.read_window  # delivered without a delivered_at (foreign state)
+        # delivered without a delivered_at (a foreign state)
+        due = _after(last.status_timestamp, config.read_window)
     if config.stale_after is not None:
         latest = max(max(s.status_timestamp, s.history[-1].timestamp if s.history else s.status_timestamp)
                      for s in state.steps)  # fmt: skip
-        stale = latest + config.stale_after
+        stale = _after(latest, config.stale_after)
         if due is None or stale < due:
             due = stale
     return due
