@@ -1,0 +1,271 @@
+"""`chatpipe simulate`: send realistic 8x8 Chat Apps traffic to an ingest service and write the ground truth.
+
+    chatpipe simulate --url URL [--token T] --messages N --rate R [--seed S] [--truth FILE]
+                      [--time-factor F] [--concurrency C] [--malformed-share X] [--inbound-share Y]
+
+The traffic (`chatpipe.proof.traffic`) and the truth (`chatpipe.proof.truth`, format in its docstring)
+depend on `--seed` and `--start` only; sending retries like 8x8 (1, 10, 30, 90 s, times
+`--time-factor`). A progress line goes to stderr (rewritten in place on a terminal, a line every few
+seconds otherwise), the summary to stdout. Exit 0 once every webhook was sent or given up; 1 when none
+was accepted at all (nothing is listening); 2 for bad arguments.
+Also runs as `python -m chatpipe.simulate ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from chatpipe.config import Settings
+from chatpipe.proof.client import DeliveryResult, SendStats, deliver
+from chatpipe.proof.delivery import RetryPolicy
+from chatpipe.proof.shell import run_alone
+from chatpipe.proof.traffic import Traffic, TrafficConfig, generate
+from chatpipe.proof.truth import Delivery, Truth, dump_lines, truth_of
+
+__all__ = ["add_simulate_parser", "cmd_simulate", "main"]
+
+WEBHOOK_PATH = "/v1/webhooks/chatapps"
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be within [0, 1): {text}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+    return value
+
+
+def _start(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text}") from None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--url",
+        required=True,
+        help=f"ingest's base URL or its webhook URL (the path {WEBHOOK_PATH} is added to a bare base)",
+    )
+    p.add_argument("--token", help="present Authorization: Bearer TOKEN (default: CHATPIPE_WEBHOOK_TOKEN)")
+    p.add_argument("--messages", type=int, required=True, help="outbound messages to simulate")
+    p.add_argument("--rate", type=_positive, required=True, help="webhooks per second (retries included)")
+    p.add_argument("--seed", type=int, default=0, help="the traffic and truth depend on it alone (default 0)")
+    p.add_argument(
+        "--start",
+        type=_start,
+        help="time of the first message (ISO 8601, UTC unless given; default: an hour ago, to the "
+        "minute); keep it recent: ingest refuses times a day ahead, chatpipe seals failures "
+        "after a day",
+    )
+    p.add_argument(
+        "--truth", type=Path, help="write the ground truth here (JSON Lines, see chatpipe.proof.truth)"
+    )
+    p.add_argument(
+        "--time-factor",
+        type=float,
+        default=1.0,
+        help="multiply 8x8's retry delays (1, 10, 30, 90 s) by this (e.g. 0.01 in tests)",
+    )
+    p.add_argument("--concurrency", type=int, default=32, help="requests in flight at most (default 32)")
+    p.add_argument(
+        "--malformed-share",
+        type=_share,
+        default=0.01,
+        help="share of all webhooks that are malformed (ingest must dead-letter them; default 0.01)",
+    )
+    p.add_argument(
+        "--inbound-share",
+        type=_share,
+        default=0.1,
+        help="chance that a delivered message gets an inbound reply (default 0.1)",
+    )
+    p.add_argument(
+        "--duplicate-share", type=_share, default=0.05, help="share of receipts sent twice (default 0.05)"
+    )
+    p.add_argument(
+        "--shuffle-share",
+        type=_share,
+        default=0.1,
+        help="share of messages whose receipts arrive shuffled (default 0.1)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive,
+        default=5.0,
+        help="seconds before an attempt counts as timed out (default 5, what WhatsApp asks for)",
+    )
+
+
+def add_simulate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    """Register `simulate` on `chatpipe`'s sub-command parsers."""
+    p = sub.add_parser(
+        "simulate",
+        help="send realistic 8x8 traffic to ingest and write the ground truth",
+        description=__doc__.split("\n\n")[0],
+    )
+    _arguments(p)
+    p.set_defaults(func=cmd_simulate)
+    return p
+
+
+def webhook_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.path in ("", "/"):
+        return url.rstrip("/") + WEBHOOK_PATH
+    return url
+
+
+class Progress:
+    """The stderr progress line: at most `per_second` updates a second on a terminal (in place), one
+    line every `quiet_every` seconds otherwise."""
+
+    def __init__(self, stream=sys.stderr, per_second: float = 4.0, quiet_every: float = 5.0) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.every = 1.0 / per_second if self.tty else quiet_every
+        self.last_at = 0.0
+        self.last_attempts = 0
+
+    def __call__(self, s: SendStats, elapsed: float) -> None:
+        final = s.settled >= s.total
+        if elapsed - self.last_at < self.every and not final:
+            return
+        span = max(elapsed - self.last_at, 1e-9)
+        live = (s.attempts - self.last_attempts) / span
+        self.last_at, self.last_attempts = elapsed, s.attempts
+        refused = sum(n for code, n in s.statuses.items() if not 200 <= code < 300)
+        line = (
+            f"simulate: {s.settled}/{s.total} webhooks settled ({100 * s.settled / max(s.total, 1):.1f}%)"
+            f"  {live:.0f}/s  attempts {s.attempts}  ok {s.accepted}  retries {s.retries}  "
+            f"non-2xx {refused}  timeouts {s.timeouts}  conn-errors {s.connection_errors}  "
+            f"given up {s.given_up}  in flight {s.in_flight}  {elapsed:.0f}s"
+        )
+        if self.tty:
+            self.stream.write("\r\x1b[2K" + line + ("\n" if final else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def delivery_of(traffic: Traffic, result: DeliveryResult) -> Delivery:
+    """What the truth records of sending: which messages and inbound umids were given up on."""
+    given_up: set[str] = set()
+    given_up_inbound: set[str] = set()
+    for index in result.given_up:
+        hook = traffic.webhooks[index]
+        if hook.kind == "receipt" and hook.umid is not None:
+            given_up.add(hook.umid)
+        elif hook.kind == "inbound" and hook.umid is not None:
+            given_up_inbound.add(hook.umid)
+    s = result.stats
+    return Delivery(
+        frozenset(given_up),
+        frozenset(given_up_inbound),
+        s.dlq_records,
+        s.malformed_accepted,
+        s.rejected_valid,
+        s.attempts,
+        s.retries,
+        result.elapsed,
+        s.attempts / max(result.elapsed, 1e-9),
+    )
+
+
+def write_truth(path: Path, truth: Truth) -> None:
+    """Write the truth file atomically (a reader never sees half of one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for line in dump_lines(truth):
+            f.write(line + "\n")
+    tmp.replace(path)
+
+
+def summary(traffic: Traffic, result: DeliveryResult, delivery: Delivery) -> str:
+    s = result.stats
+    kinds = {k: sum(1 for w in traffic.webhooks if w.kind == k) for k in ("receipt", "inbound", "malformed")}
+    dups = sum(1 for w in traffic.webhooks if w.duplicate)
+    statuses = ", ".join(f"{code}: {n}" for code, n in sorted(s.statuses.items()))
+    header = (
+        f"simulate: {len(traffic.messages)} messages, {len(traffic.inbound)} inbound, "
+        f"{len(traffic.webhooks)} webhooks ({kinds['receipt']} receipts of which {dups} duplicates, "
+        f"{kinds['inbound']} inbound, {kinds['malformed']} malformed)"
+    )
+    return "\n".join(
+        [
+            f"{header} in {result.elapsed:.1f} s: {delivery.rate_per_second:.0f} attempts/s",
+            f"  attempts {s.attempts}, retries {s.retries}, answers {{{statuses}}}, timeouts {s.timeouts}, "
+            f"connection errors {s.connection_errors}",
+            f"  given up: {s.given_up} webhooks ({len(delivery.given_up)} messages, "
+            f"{len(delivery.given_up_inbound)} inbound, the rest malformed); "
+            f"dead-letter records expected: {s.dlq_records}",
+            f"  defects: malformed answered 2xx {s.malformed_accepted}, "
+            f"well-formed answered 4xx {s.rejected_valid}",
+        ]
+    )
+
+
+def cmd_simulate(settings: Settings, args: argparse.Namespace, env: dict[str, str]) -> int:
+    if args.messages < 0 or args.concurrency < 1 or args.time_factor < 0:
+        print("chatpipe simulate: --messages >= 0, --concurrency >= 1, --time-factor >= 0", file=sys.stderr)
+        return 2
+    start = args.start or (datetime.now(UTC) - timedelta(hours=1)).replace(second=0, microsecond=0)
+    config = TrafficConfig(
+        messages=args.messages,
+        seed=args.seed,
+        start=start,
+        malformed_share=args.malformed_share,
+        inbound_share=args.inbound_share,
+        duplicate_share=args.duplicate_share,
+        shuffle_share=args.shuffle_share,
+    )
+    traffic = generate(config)
+    truth = truth_of(traffic)  # before sending: what was sent must not depend on how sending went
+    print(
+        f"simulate: seed {args.seed}, start {start:%Y-%m-%dT%H:%M:%SZ}: {len(traffic.webhooks)} webhooks "
+        f"to {webhook_url(args.url)} at {args.rate:g}/s",
+        file=sys.stderr,
+    )
+    result = asyncio.run(
+        deliver(
+            traffic.webhooks,
+            webhook_url(args.url),
+            rate=args.rate,
+            concurrency=args.concurrency,
+            policy=RetryPolicy(time_factor=args.time_factor),
+            token=args.token or settings.webhook_token,
+            timeout=args.timeout,
+            progress=Progress(),
+        )
+    )
+    delivery = delivery_of(traffic, result)
+    if args.truth is not None:
+        write_truth(args.truth, dataclasses.replace(truth, delivery=delivery))
+    print(summary(traffic, result, delivery))
+    if args.truth is not None:
+        print(f"  truth: {args.truth}")
+    return 1 if traffic.webhooks and result.stats.accepted == 0 else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_alone("chatpipe simulate", __doc__, _arguments, cmd_simulate, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
