@@ -650,6 +650,8 @@ class AsyncSpool:
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-drain")
         self._drain_lock = asyncio.Lock()
         self.last_drain_error: BaseException | None = None
+        #: the record the last failed drain stopped at (None once a drain batch succeeded)
+        self.stopped_at: SpoolRecord | None = None
 
     async def append(self, topic: str, key: bytes, value: bytes) -> int:
         """Spool one record; returns its seq once fsynced. Raises like `Spool.append`."""
@@ -696,7 +698,7 @@ class AsyncSpool:
         together, so `publish` must enqueue its record before returning (as `AsyncProducer.publish` does,
         returning a future). On the first failed record the records before it are acked and the drain stops,
         leaving the failed one and the rest spooled (records after it may have been delivered too: they will
-        be sent again, at-least-once). The error is kept in `last_drain_error`.
+        be sent again, at-least-once). The error is kept in `last_drain_error`, the record in `stopped_at`.
         """
         loop = asyncio.get_running_loop()
         drained = 0
@@ -724,11 +726,11 @@ class AsyncSpool:
                     await loop.run_in_executor(self._reader, self.spool.ack, records[delivered - 1].seq)
                     drained += delivered
                 if error is not None:
-                    self.last_drain_error = error
+                    self.last_drain_error, self.stopped_at = error, records[delivered]
                     log.warning("spool drain stopped at seq %d (topic %s) after %d records: %s",
                                 records[delivered].seq, records[delivered].topic, drained, error)
                     return drained
-                self.last_drain_error = None
+                self.last_drain_error = self.stopped_at = None
 
     @property
     def depth(self) -> int:
