@@ -52,6 +52,12 @@ class Settings:
     trusted_proxies: str = ""
     spool_max_bytes: int = 1 << 30
     produce_timeout: float = 3.0
+    # the spool is "stalled" (/readyz 503 naming why, chatpipe_ingest_spool_stalled 1, an ERROR log) when it
+    # holds records and either this many drain rounds in a row failed without draining one (a round fails
+    # after librdkafka's 10 s message timeout while the broker is away, at once when it refuses the record),
+    # or none was drained for spool_stall_seconds while the broker answers metadata requests
+    spool_stall_failures: int = 5
+    spool_stall_seconds: float = 60.0
     ingest_workers: int = 1
     ingest_linger_ms: float = 1.0
     dev_downstream_nice: int = 19
@@ -130,6 +136,10 @@ class Settings:
             raise ValueError("CHATPIPE_INGEST_BODY_TIMEOUT must be > 0 seconds")
         if not 0 <= self.ingest_linger_ms <= 1000:
             raise ValueError("CHATPIPE_INGEST_LINGER_MS must be between 0 and 1000")
+        if self.spool_stall_failures < 1:
+            raise ValueError("CHATPIPE_SPOOL_STALL_FAILURES must be >= 1")
+        if not self.spool_stall_seconds > 0:
+            raise ValueError("CHATPIPE_SPOOL_STALL_SECONDS must be > 0")
         from ingest.auth import parse_networks
 
         for name, spec in (

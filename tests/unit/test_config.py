@@ -31,3 +31,20 @@ def test_ingest_timeouts_default_to_ten_seconds_and_parse_fractions() -> None:
 def test_ingest_timeouts_not_positive_name_the_variable(name: str, raw: str) -> None:
     with pytest.raises(ValueError, match=name):
         Settings.from_env({name: raw})
+
+
+def test_spool_stall_limits_default_to_five_rounds_and_a_minute_and_parse() -> None:
+    settings = Settings.from_env({})
+    assert (settings.spool_stall_failures, settings.spool_stall_seconds) == (5, 60.0)
+    env = {"CHATPIPE_SPOOL_STALL_FAILURES": "2", "CHATPIPE_SPOOL_STALL_SECONDS": "7.5"}
+    settings = Settings.from_env(env)
+    assert (settings.spool_stall_failures, settings.spool_stall_seconds) == (2, 7.5)
+
+
+@pytest.mark.parametrize(("name", "raw"), [
+    ("CHATPIPE_SPOOL_STALL_FAILURES", "0"), ("CHATPIPE_SPOOL_STALL_FAILURES", "1.5"),
+    ("CHATPIPE_SPOOL_STALL_SECONDS", "0"), ("CHATPIPE_SPOOL_STALL_SECONDS", "-1"),
+])
+def test_spool_stall_limits_that_would_always_stall_name_the_variable(name: str, raw: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        Settings.from_env({name: raw})
