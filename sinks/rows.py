@@ -464,22 +464,33 @@ def resolve_lineages(
     Written states always have a version greater than the stored one. `load`, `join` and `descends` are
     the caller's (the store's read, `processors.join`'s rule): this function does no I/O itself.
     """
-    by_umid: dict[str, dict[int, MessageState]] = {}
+    best: dict[str, MessageState] = {}  # the highest version per umid, when it has one lineage
+    mixed: dict[str, dict[int, MessageState]] = {}  # the highest per lineage, for umids with several
     for s in batch:
-        lineages = by_umid.setdefault(s.umid, {})
-        best = lineages.get(s.lineage)
-        if best is None or s.version > best.version:
-            lineages[s.lineage] = s
+        umid = s.umid
+        b = best.get(umid)
+        if b is None:
+            if umid in mixed:
+                lineages = mixed[umid]
+                if s.lineage not in lineages or s.version > lineages[s.lineage].version:
+                    lineages[s.lineage] = s
+            else:
+                best[umid] = s
+        elif b.lineage == s.lineage:
+            if s.version > b.version:
+                best[umid] = s
+        else:
+            mixed[umid] = {b.lineage: b, s.lineage: s}
+            del best[umid]
     out: list[MessageState] = []
-    slow: list[str] = []
-    for umid, lineages in by_umid.items():
+    slow: list[str] = list(mixed)
+    for umid, s in best.items():
         stored = held.get(umid)
-        if len(lineages) == 1:
-            (s,) = lineages.values()
-            if stored is None or descends(stored[1], s):
-                out.append(s)
-                continue
-        slow.append(umid)
+        if stored is None or descends(stored[1], s):
+            out.append(s)
+        else:
+            slow.append(umid)
+            mixed[umid] = {s.lineage: s}
     msisdn: dict[str, tuple[str | None, str | None, str | None]] = {}
     if slow:
         loaded = load([u for u in slow if u in held])
@@ -489,7 +500,7 @@ def resolve_lineages(
             if umid in loaded:
                 cur, row = loaded[umid]
             changed = False
-            for s in sorted(by_umid[umid].values(), key=operator.attrgetter("version")):
+            for s in sorted(mixed[umid].values(), key=operator.attrgetter("version")):
                 if cur is None:
                     cur, changed = s, True
                 elif descends(cur.lineage, s):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -500,3 +502,51 @@ def test_fixed_iso_pads_small_years_so_text_order_is_time_order() -> None:
     early, late = datetime(5, 1, 1, tzinfo=UTC), datetime(1999, 1, 1, tzinfo=UTC)
     assert R.fixed_iso(early) == "0005-01-01T00:00:00.000000Z"
     assert R.fixed_iso(early) < R.fixed_iso(late)
+
+
+# --- resolve_lineages: which states a store writes ---------------------------------------------------
+
+
+def _lineage_states() -> tuple[Any, Any, Any]:
+    from processors.state import apply_many
+    from schemas.models import DeliveryReceipt, Status, User
+
+    def r(state: str, s: int, channel: str = "whatsapp") -> DeliveryReceipt:
+        ts = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=s)
+        return DeliveryReceipt("u-1", "acme", channel, Status(state, ts), ts, "{}", User(msisdn="+6590000001"))
+
+    now = datetime(2026, 1, 2, tzinfo=UTC)
+    a1 = dataclasses.replace(apply_many(None, [r("sent", 1)], now=now).state, lineage=5)
+    a2 = apply_many(a1, [r("delivered", 2)], now=now).state
+    b1 = dataclasses.replace(apply_many(None, [r("sent", 9, "sms")], now=now).state, lineage=8)
+    return a1, a2, b1
+
+
+def test_resolve_keeps_the_highest_version_of_one_lineage_without_reading_the_store() -> None:
+    from processors.join import descends, join
+
+    a1, a2, _ = _lineage_states()
+
+    def no_load(umids: list[str]) -> dict[str, Any]:
+        raise AssertionError(f"loaded {umids}")
+
+    assert R.resolve_lineages([a2, a1], {}, no_load, join, descends).states == [a2]
+    assert R.resolve_lineages([a1, a2], {"u-1": (1, 5)}, no_load, join, descends).states == [a2]
+
+
+def test_resolve_joins_several_lineages_of_one_batch_and_a_stored_row_of_another() -> None:
+    from processors.join import MERGED, descends, join
+
+    a1, a2, b1 = _lineage_states()
+    [merged] = R.resolve_lineages([a1, b1, a2], {}, lambda umids: {}, join, descends).states
+    assert merged.lineage == MERGED and merged.channel_path == "whatsapp>sms"
+    assert merged.version > max(a2.version, b1.version)
+    # the stored row (lineage 5, version 2) is loaded only for the umid whose lineage differs
+    loaded: list[list[str]] = []
+
+    def load(umids: list[str]) -> dict[str, Any]:
+        loaded.append(umids)
+        return {"u-1": (a2, {"msisdn_hash": None})}
+
+    [again] = R.resolve_lineages([b1], {"u-1": (2, 5)}, load, join, descends).states
+    assert loaded == [["u-1"]] and again.channel_path == "whatsapp>sms" and again.version == 3
