@@ -513,7 +513,8 @@ def _lineage_states() -> tuple[Any, Any, Any]:
 
     def r(state: str, s: int, channel: str = "whatsapp") -> DeliveryReceipt:
         ts = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=s)
-        return DeliveryReceipt("u-1", "acme", channel, Status(state, ts), ts, "{}", User(msisdn="+6590000001"))
+        user = User(msisdn="+6590000001")
+        return DeliveryReceipt("u-1", "acme", channel, Status(state, ts), ts, "{}", user)
 
     now = datetime(2026, 1, 2, tzinfo=UTC)
     a1 = dataclasses.replace(apply_many(None, [r("sent", 1)], now=now).state, lineage=5)
