@@ -231,16 +231,25 @@ def _counts(mismatches: Iterable[Mismatch]) -> str:
 
 
 async def verify(sources: Sequence[Source], plan: Plan, wait: float, stream=sys.stderr) -> list[Report]:
-    """Check every source (re-checking what does not match yet for up to `wait` s), then a full pass."""
+    """Check each source in turn: a full pass; while it finds mismatches and `wait` s (counted from the
+    start) are not over, re-check only what did not match, every 2 s at most; once that all matches or
+    the time is up, one more full pass (extras included) decides. The first full pass decides when it
+    matches at once or `wait` is 0."""
     deadline = time.monotonic() + wait
+    reports = []
+    everything = (list(plan.messages), list(plan.conversations))
     for source in sources:
-        messages: Iterable[str] = plan.messages
-        conversations: Iterable[Conversation] = plan.conversations
-        while wait > 0:
-            result = await check(source, plan, messages, conversations, extras=False)
-            left = deadline - time.monotonic()
-            if not result.mismatches or left <= 0:
+        messages, conversations = everything
+        full = True
+        while True:
+            result = await check(source, plan, messages, conversations, extras=full)
+            over = time.monotonic() >= deadline
+            if full and (not result.mismatches or over):
                 break
+            if not result.mismatches or over:  # confirm (or settle) with a full pass
+                messages, conversations, full = *everything, True
+                continue
+            left = deadline - time.monotonic()
             print(
                 f"verify: {source.name}: {len(result.pending_messages)} messages and "
                 f"{len(result.pending_conversations)} conversations not matching yet "
@@ -249,12 +258,10 @@ async def verify(sources: Sequence[Source], plan: Plan, wait: float, stream=sys.
                 flush=True,
             )
             messages, conversations = sorted(result.pending_messages), sorted(result.pending_conversations)
+            full = False
             await asyncio.sleep(min(2.0, max(left, 0.0)))
-    reports = []
-    for source in sources:
-        final = await check(source, plan, plan.messages, plan.conversations, extras=True)
         checked = len(plan.messages) + sum(len(v) for v in plan.conversations.values())
-        reports.append(report(source.name, checked, plan.excluded, final.mismatches))
+        reports.append(report(source.name, checked, plan.excluded, result.mismatches))
     return reports
 
 
