@@ -91,6 +91,15 @@ SINK_DLQ = TopicSpec(
     key="errorId",
 )
 
+PROCESSOR_DLQ = TopicSpec(
+    "chatpipe.processor.dlq",
+    "dead_letter.avsc",
+    False,
+    "Receipts the processor could not fold (undecodable, or failing for their umid), raw and whole, with"
+    " the reason and their topic/partition/offset (written by the processor, read by operators).",
+    key="errorId",
+)
+
 TOPICS: tuple[TopicSpec, ...] = (
     RECEIPTS,
     INBOUND,
@@ -101,6 +110,7 @@ TOPICS: tuple[TopicSpec, ...] = (
     INBOUND_BY_CONVERSATION,
     CONVERSATIONS,
     SINK_DLQ,
+    PROCESSOR_DLQ,
 )
 
 

@@ -35,6 +35,7 @@ from schemas.catalog import (
     INGEST_DLQ,
     MESSAGE_STATE,
     MESSAGE_STEPS,
+    PROCESSOR_DLQ,
     RECEIPTS,
     SINK_DLQ,
     STATUS_EVENTS,
@@ -253,6 +254,7 @@ class Codecs:
         self.inbound = codec(INBOUND, m.inbound_to_dict, m.inbound_from_dict)
         self.ingest_dlq = codec(INGEST_DLQ, m.dead_letter_to_dict, m.dead_letter_from_dict)
         self.sink_dlq = codec(SINK_DLQ, m.dead_letter_to_dict, m.dead_letter_from_dict)
+        self.processor_dlq = codec(PROCESSOR_DLQ, m.dead_letter_to_dict, m.dead_letter_from_dict)
         self.state = codec(MESSAGE_STATE, m.state_to_dict, m.state_from_dict, m.STATE_BUILD)
         self.steps = codec(
             MESSAGE_STEPS, m.message_step_to_dict, m.message_step_from_dict, m.MESSAGE_STEP_BUILD
@@ -272,6 +274,7 @@ class Codecs:
             self.inbound,
             self.ingest_dlq,
             self.sink_dlq,
+            self.processor_dlq,
             self.state,
             self.steps,
             self.events,
