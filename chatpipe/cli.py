@@ -279,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help="registry for `register` (env CHATPIPE_SCHEMA_REGISTRY_URL)")
     p.add_argument("--schema-dir", type=Path, help="directory of .avsc files (default: the installed ones)")
     p.set_defaults(func=cmd_schemas)
+
+    from chatpipe.simulate import add_simulate_parser
+    from chatpipe.verify import add_verify_parser
+
+    add_simulate_parser(sub)
+    add_verify_parser(sub)
     return parser
 
 
