@@ -280,11 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schema-dir", type=Path, help="directory of .avsc files (default: the installed ones)")
     p.set_defaults(func=cmd_schemas)
 
+    from chatpipe.replay import add_replay_parser
     from chatpipe.simulate import add_simulate_parser
     from chatpipe.verify import add_verify_parser
 
     add_simulate_parser(sub)
     add_verify_parser(sub)
+    add_replay_parser(sub)
     return parser
 
 
