@@ -2,12 +2,23 @@
 
     chatpipe simulate --url URL [--token T] --messages N --rate R [--seed S] [--truth FILE]
                       [--time-factor F] [--concurrency C] [--malformed-share X] [--inbound-share Y]
+                      [--until SECONDS] [--continue EARLIER_TRUTH]
 
 The traffic (`chatpipe.proof.traffic`) and the truth (`chatpipe.proof.truth`, format in its docstring)
 depend on `--seed` and `--start` only; sending retries like 8x8 (1, 10, 30, 90 s, times
 `--time-factor`). A progress line goes to stderr (rewritten in place on a terminal, a line every few
 seconds otherwise), the summary to stdout. Exit 0 once every webhook was sent or given up; 1 when none
-was accepted at all (nothing is listening); 2 for bad arguments.
+was accepted at all (nothing is listening); 2 for bad arguments or an earlier truth that cannot be
+continued.
+
+Runs in several parts (`chatpipe.proof.runs`): `--until SECONDS` stops the run at that time after
+`--start` (event time, not wall time): the webhooks 8x8 would send later (a `read` after `delivered`, the
+fallback step after a failure, ...) are held back, and the truth is that of what was sent. `--continue
+EARLIER_TRUTH --truth NEW_TRUTH` is the next run: it regenerates the earlier runs from EARLIER_TRUTH's
+run line (and refuses, exit 2, when they do not give that truth), sends their held-back webhooks that
+arrive by its own `--until` together with `--messages` new messages of its own seed (default: one more
+than the earlier ones; `--start` defaults to the earlier run's stop), and writes a truth covering every
+run (given-up umids of earlier runs stay excluded).
 Also runs as `python -m chatpipe.simulate ...`.
 """
 
@@ -25,9 +36,10 @@ from urllib.parse import urlsplit
 from chatpipe.config import Settings
 from chatpipe.proof.client import DeliveryResult, SendStats, deliver
 from chatpipe.proof.delivery import RetryPolicy
+from chatpipe.proof.runs import Part, Simulation, merge_delivery, parts_of, simulation
 from chatpipe.proof.shell import run_alone
-from chatpipe.proof.traffic import Traffic, TrafficConfig, generate
-from chatpipe.proof.truth import Delivery, Truth, dump_lines, truth_of
+from chatpipe.proof.traffic import TrafficConfig, Webhook
+from chatpipe.proof.truth import Delivery, Truth, dump_lines, load_lines
 
 __all__ = ["add_simulate_parser", "cmd_simulate", "main"]
 
@@ -63,9 +75,14 @@ def _arguments(p: argparse.ArgumentParser) -> None:
         help=f"ingest's base URL or its webhook URL (the path {WEBHOOK_PATH} is added to a bare base)",
     )
     p.add_argument("--token", help="present Authorization: Bearer TOKEN (default: CHATPIPE_WEBHOOK_TOKEN)")
-    p.add_argument("--messages", type=int, required=True, help="outbound messages to simulate")
+    p.add_argument("--messages", type=int, required=True, help="outbound messages to simulate (new ones)")
     p.add_argument("--rate", type=_positive, required=True, help="webhooks per second (retries included)")
-    p.add_argument("--seed", type=int, default=0, help="the traffic and truth depend on it alone (default 0)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="the traffic and truth depend on it alone (default 0; with --continue, one more than the "
+        "earlier runs' largest)",
+    )
     p.add_argument(
         "--start",
         type=_start,
@@ -75,6 +92,20 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--truth", type=Path, help="write the ground truth here (JSON Lines, see chatpipe.proof.truth)"
+    )
+    p.add_argument(
+        "--until",
+        type=_positive,
+        help="stop at this many seconds of event time after --start: later webhooks are held back for a "
+        "--continue run (default: send everything)",
+    )
+    p.add_argument(
+        "--continue",
+        dest="earlier",
+        type=Path,
+        metavar="EARLIER_TRUTH",
+        help="continue the run that wrote this truth: send its held-back webhooks and --messages new ones; "
+        "--truth then covers every run",
     )
     p.add_argument(
         "--time-factor",
@@ -163,12 +194,12 @@ class Progress:
         self.stream.flush()
 
 
-def delivery_of(traffic: Traffic, result: DeliveryResult) -> Delivery:
+def delivery_of(webhooks: Sequence[Webhook], result: DeliveryResult) -> Delivery:
     """What the truth records of sending: which messages and inbound umids were given up on."""
     given_up: set[str] = set()
     given_up_inbound: set[str] = set()
     for index in result.given_up:
-        hook = traffic.webhooks[index]
+        hook = webhooks[index]
         if hook.kind == "receipt" and hook.umid is not None:
             given_up.add(hook.umid)
         elif hook.kind == "inbound" and hook.umid is not None:
@@ -197,54 +228,105 @@ def write_truth(path: Path, truth: Truth) -> None:
     tmp.replace(path)
 
 
-def summary(traffic: Traffic, result: DeliveryResult, delivery: Delivery) -> str:
+def summary(sim: Simulation, result: DeliveryResult, delivery: Delivery) -> str:
+    """This run's figures (`delivery`: this run's alone)."""
     s = result.stats
-    kinds = {k: sum(1 for w in traffic.webhooks if w.kind == k) for k in ("receipt", "inbound", "malformed")}
-    dups = sum(1 for w in traffic.webhooks if w.duplicate)
+    hooks = sim.webhooks
+    kinds = {k: sum(1 for w in hooks if w.kind == k) for k in ("receipt", "inbound", "malformed")}
+    dups = sum(1 for w in hooks if w.duplicate)
+    messages = len({w.umid for w in hooks if w.kind == "receipt"})
     statuses = ", ".join(f"{code}: {n}" for code, n in sorted(s.statuses.items()))
     header = (
-        f"simulate: {len(traffic.messages)} messages, {len(traffic.inbound)} inbound, "
-        f"{len(traffic.webhooks)} webhooks ({kinds['receipt']} receipts of which {dups} duplicates, "
+        f"simulate: {messages} messages, {kinds['inbound']} inbound, "
+        f"{len(hooks)} webhooks ({kinds['receipt']} receipts of which {dups} duplicates, "
         f"{kinds['inbound']} inbound, {kinds['malformed']} malformed)"
     )
-    return "\n".join(
-        [
-            f"{header} in {result.elapsed:.1f} s: {delivery.rate_per_second:.0f} attempts/s",
-            f"  attempts {s.attempts}, retries {s.retries}, answers {{{statuses}}}, timeouts {s.timeouts}, "
-            f"connection errors {s.connection_errors}",
-            f"  given up: {s.given_up} webhooks ({len(delivery.given_up)} messages, "
-            f"{len(delivery.given_up_inbound)} inbound, the rest malformed); "
-            f"dead-letter records expected: {s.dlq_records}",
-            f"  defects: malformed answered 2xx {s.malformed_accepted}, "
-            f"well-formed answered 4xx {s.rejected_valid}",
-        ]
-    )
+    lines = [
+        f"{header} in {result.elapsed:.1f} s: {delivery.rate_per_second:.0f} attempts/s",
+        f"  attempts {s.attempts}, retries {s.retries}, answers {{{statuses}}}, timeouts {s.timeouts}, "
+        f"connection errors {s.connection_errors}",
+        f"  given up: {s.given_up} webhooks ({len(delivery.given_up)} messages, "
+        f"{len(delivery.given_up_inbound)} inbound, the rest malformed); "
+        f"dead-letter records expected: {s.dlq_records}",
+        f"  defects: malformed answered 2xx {s.malformed_accepted}, "
+        f"well-formed answered 4xx {s.rejected_valid}",
+    ]
+    t = sim.truth
+    if len(t.run["parts"]) > 1 or sim.held_back:
+        lines.append(
+            f"  runs: {len(t.run['parts'])}; the truth covers {len(t.messages)} messages, "
+            f"{len(t.inbound)} inbound, {len(t.malformed)} malformed; "
+            f"{sim.held_back} webhooks held back for a --continue run"
+        )
+    return "\n".join(lines)
 
 
-def cmd_simulate(settings: Settings, args: argparse.Namespace, env: dict[str, str]) -> int:
-    if args.messages < 0 or args.concurrency < 1 or args.time_factor < 0:
-        print("chatpipe simulate: --messages >= 0, --concurrency >= 1, --time-factor >= 0", file=sys.stderr)
-        return 2
-    start = args.start or (datetime.now(UTC) - timedelta(hours=1)).replace(second=0, microsecond=0)
+def _default_start() -> datetime:
+    return (datetime.now(UTC) - timedelta(hours=1)).replace(second=0, microsecond=0)
+
+
+def plan_run(args: argparse.Namespace) -> tuple[list[Part], Truth | None]:
+    """The parts of this run (the earlier runs' from `--continue`, then this one's) and the earlier truth.
+    Raises ValueError naming what cannot be continued."""
+    earlier: Truth | None = None
+    parts: list[Part] = []
+    if args.earlier is not None:
+        try:
+            with args.earlier.open(encoding="utf-8") as f:
+                earlier = load_lines(f)
+            parts = list(parts_of(earlier.run))
+        except (OSError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"cannot read the earlier truth {args.earlier}: {exc}") from None
+        again = simulation(parts).truth
+        if (again.messages, again.inbound, again.malformed) != (
+            earlier.messages,
+            earlier.inbound,
+            earlier.malformed,
+        ):
+            raise ValueError(
+                f"{args.earlier}: regenerating its runs from its run line does not give its truth "
+                "(another simulator version, or an edited file): it cannot be continued"
+            )
+    seed = args.seed
+    if seed is None:
+        seed = max(p.config.seed for p in parts) + 1 if parts else 0
+    stopped = parts[-1].until if parts else None
+    start = args.start or stopped or _default_start()
     config = TrafficConfig(
         messages=args.messages,
-        seed=args.seed,
+        seed=seed,
         start=start,
         malformed_share=args.malformed_share,
         inbound_share=args.inbound_share,
         duplicate_share=args.duplicate_share,
         shuffle_share=args.shuffle_share,
     )
-    traffic = generate(config)
-    truth = truth_of(traffic)  # before sending: what was sent must not depend on how sending went
+    until = None if args.until is None else start + timedelta(seconds=args.until)
+    parts.append(Part(config, until))
+    return parts, earlier
+
+
+def cmd_simulate(settings: Settings, args: argparse.Namespace, env: dict[str, str]) -> int:
+    if args.messages < 0 or args.concurrency < 1 or args.time_factor < 0:
+        print("chatpipe simulate: --messages >= 0, --concurrency >= 1, --time-factor >= 0", file=sys.stderr)
+        return 2
+    try:
+        parts, earlier = plan_run(args)
+        # before sending: what is sent must not depend on how sending went
+        sim = simulation(parts)
+    except ValueError as exc:
+        print(f"chatpipe simulate: {exc}", file=sys.stderr)
+        return 2
+    part = parts[-1]
     print(
-        f"simulate: seed {args.seed}, start {start:%Y-%m-%dT%H:%M:%SZ}: {len(traffic.webhooks)} webhooks "
-        f"to {webhook_url(args.url)} at {args.rate:g}/s",
+        f"simulate: seed {part.config.seed}, start {part.config.start:%Y-%m-%dT%H:%M:%SZ}"
+        + (f", run {len(parts)} continuing {args.earlier}" if earlier is not None else "")
+        + f": {len(sim.webhooks)} webhooks to {webhook_url(args.url)} at {args.rate:g}/s",
         file=sys.stderr,
     )
     result = asyncio.run(
         deliver(
-            traffic.webhooks,
+            sim.webhooks,
             webhook_url(args.url),
             rate=args.rate,
             concurrency=args.concurrency,
@@ -254,13 +336,14 @@ def cmd_simulate(settings: Settings, args: argparse.Namespace, env: dict[str, st
             progress=Progress(),
         )
     )
-    delivery = delivery_of(traffic, result)
+    delivery = delivery_of(sim.webhooks, result)
     if args.truth is not None:
-        write_truth(args.truth, dataclasses.replace(truth, delivery=delivery))
-    print(summary(traffic, result, delivery))
+        merged = merge_delivery(earlier.delivery if earlier is not None else None, delivery)
+        write_truth(args.truth, dataclasses.replace(sim.truth, delivery=merged))
+    print(summary(sim, result, delivery))
     if args.truth is not None:
         print(f"  truth: {args.truth}")
-    return 1 if traffic.webhooks and result.stats.accepted == 0 else 0
+    return 1 if sim.webhooks and result.stats.accepted == 0 else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -345,6 +345,8 @@ class Webhook:
     body: bytes
     duplicate: bool = False
     defect: str | None = None  # the MALFORMED_KINDS entry, for malformed webhooks
+    at: datetime | None = None  # when 8x8 sends it (the event time plus the network delay)
+    event: tuple[int, int] | None = None  # a receipt's (step, event) indices into its Message.steps
 
     @property
     def sha256(self) -> str:
@@ -811,22 +813,24 @@ def generate(config: TrafficConfig) -> Traffic:
         messages.append(message)
 
         receipts = [
-            (e.at + timedelta(seconds=rng.uniform(0.05, 2.0)), _receipt_doc(rng, message, s.channel, e))
-            for s in steps
-            for e in s.events
+            (
+                e.at + timedelta(seconds=rng.uniform(0.05, 2.0)),
+                _receipt_doc(rng, message, s.channel, e),
+                (si, ei),
+            )
+            for si, s in enumerate(steps)
+            for ei, e in enumerate(s.events)
         ]
         if rng.random() < config.shuffle_share and len(receipts) > 1:
-            times = [a for a, _ in receipts]
+            times = [a for a, _, _ in receipts]
             rng.shuffle(times)
-            receipts = [(a, doc) for a, (_, doc) in zip(times, receipts, strict=True)]
-        for at, doc in receipts:
+            receipts = [(a, doc, where) for a, (_, doc, where) in zip(times, receipts, strict=True)]
+        for at, doc, where in receipts:
             body = _dumps(doc)
-            arrive(at, Webhook("receipt", umid, body))
+            arrive(at, Webhook("receipt", umid, body, at=at, event=where))
             if rng.random() < config.duplicate_share:
-                arrive(
-                    at + timedelta(seconds=rng.uniform(0.5, 60.0)),
-                    Webhook("receipt", umid, body, duplicate=True),
-                )
+                again = at + timedelta(seconds=rng.uniform(0.5, 60.0))
+                arrive(again, Webhook("receipt", umid, body, duplicate=True, at=again, event=where))
 
         last = steps[-1]
         if answered and last.channel in INBOUND_TYPES and rng.random() < config.inbound_share:
@@ -850,9 +854,8 @@ def generate(config: TrafficConfig) -> Traffic:
                 )
                 inbound.append(msg)
                 doc = _inbound_doc(rng, msg, profile.receipt_version == 9, user.name)
-                arrive(
-                    at + timedelta(seconds=rng.uniform(0.05, 2.0)), Webhook("inbound", msg.umid, _dumps(doc))
-                )
+                sent_at = at + timedelta(seconds=rng.uniform(0.05, 2.0))
+                arrive(sent_at, Webhook("inbound", msg.umid, _dumps(doc), at=sent_at))
 
     share = config.malformed_share
     count = round(share / (1 - share) * len(timed)) if timed else 0
@@ -884,9 +887,8 @@ def generate(config: TrafficConfig) -> Traffic:
         in_doc = _inbound_doc(rng, fake_in, True)
         body = _malformed(rng, kind, doc, in_doc)
         umid = fake_in.umid if kind == "inbound_missing_recipient" else fake.umid
-        arrive(
-            first + timedelta(seconds=rng.uniform(0, window)), Webhook("malformed", umid, body, defect=kind)
-        )
+        sent_at = first + timedelta(seconds=rng.uniform(0, window))
+        arrive(sent_at, Webhook("malformed", umid, body, defect=kind, at=sent_at))
 
     timed.sort(key=lambda item: (item[0], item[1]))
     return Traffic(

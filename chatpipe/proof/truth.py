@@ -25,7 +25,10 @@ Truth file: JSON Lines, UTF-8, one object per line, its kind in `"type"`:
      "malformedAccepted": 0, "rejectedValid": 0, "attempts": ..., "retries": ..., "elapsedSeconds": ...,
      "ratePerSecond": ...}                                                            (last line)
 
-Everything but the `delivery` line follows from the seed and `start` alone (deterministic). `delivery`
+The run line of `chatpipe simulate` also names its `parts` (`chatpipe.proof.runs`: one per run, each with
+its seed, start, shares and the time that run stopped sending), so that a later run can continue it; then
+`messages`, `inbound` and `malformed` count what the truth covers over every run.
+Everything but the `delivery` line follows from the seeds and starts alone (deterministic). `delivery`
 is what sending observed: the umids any of whose webhooks were given up after 8x8's last retry
 (`givenUp`, `givenUpInbound`: verify excludes them, since their state is that of whichever of their
 receipts got through), the refusals of malformed webhooks (`dlqRecords`: each 4xx answer to one is a

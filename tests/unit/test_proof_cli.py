@@ -23,7 +23,8 @@ def _parser() -> argparse.ArgumentParser:
 def test_both_commands_register_on_a_subparser_with_their_function() -> None:
     args = _parser().parse_args(["simulate", "--url", "http://h:1", "--messages", "5", "--rate", "10"])
     assert args.func is cmd_simulate
-    assert (args.messages, args.rate, args.seed, args.time_factor, args.truth) == (5, 10.0, 0, 1.0, None)
+    assert (args.messages, args.rate, args.seed, args.time_factor, args.truth) == (5, 10.0, None, 1.0, None)
+    assert (args.until, args.earlier) == (None, None)
     args = _parser().parse_args(["verify", "--truth", "t.jsonl", "--api", "http://h:2", "--wait", "30"])
     assert args.func is cmd_verify
     assert (args.truth, args.api, args.wait, args.store) == (Path("t.jsonl"), "http://h:2", 30.0, None)
