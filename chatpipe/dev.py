@@ -10,8 +10,22 @@ ports, after a back-off that doubles with each failure (`RESTART_BACKOFF` .. `RE
 says so and shows the child's last log lines. Only a child that fails more than `MAX_RESTARTS` times within
 `RESTART_WINDOW` makes dev give up (stop everything, exit 1). A child that dies during start-up is fatal at
 once (a configuration error does not get better by retrying). When the embedded broker dies it is started
-again on the same port and the topics are created again; a memory-only broker comes back empty, so the
-processor's local state is wiped and every service is restarted against the new broker.
+again on the same port and the topics are created again. What happens next depends on its storage:
+
+- memory (CHATPIPE_DEV_BROKER_STORAGE's default): the broker comes back empty, so the processor's local
+  state is wiped and every service is restarted against the new broker. A new `chatpipe dev` starts with
+  empty topics too, so it wipes the processor's state at start.
+- disk: Tansu keeps its data in an S3-compatible object store that dev runs as a child of its own
+  (`chatpipe.objectstore`, data under STATE_DIR/broker/, on a loopback port), started before Tansu and
+  stopped after it. A restarted Tansu has every acknowledged record, topic and committed offset, so only
+  Tansu is restarted (same port, same storage) and the services reconnect by themselves; a dead object
+  store is restarted on its port and folder like any other child (Tansu's requests fail meanwhile, the
+  clients retry). A new `chatpipe dev` in the same folder keeps topics and offsets, and the processor's
+  state with them; it wipes that state only when the broker's folder is new or empty.
+  Caveat (Tansu 0.6.0): its s3 engine persists an idempotent producer's sequence before the record batch,
+  so a kill -9 of Tansu in between loses that acknowledged batch (the retry is answered as a duplicate);
+  chatpipe's producers are idempotent, so a kill -9 of Tansu under load can lose a few receipts (a kill -9
+  of the object store, and a stop and start of dev, lose none).
 """
 
 from __future__ import annotations
@@ -29,8 +43,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chatpipe.broker import free_port, start_tansu, wait_for_port
+from chatpipe.broker import free_port, s3_env, start_tansu, wait_for_port
 from chatpipe.config import Settings
+from chatpipe.objectstore import DEFAULT_BUCKET
 from chatpipe.topics import ensure_topics
 from sinks.store import sqlite_path
 
@@ -42,7 +57,7 @@ RESTART_BACKOFF_MAX = 30.0
 #: a child failing more than MAX_RESTARTS times within RESTART_WINDOW seconds makes dev give up
 MAX_RESTARTS = 5
 RESTART_WINDOW = 120.0
-INFRA = ("registry", "broker")
+INFRA = ("registry", "broker", "objectstore")
 #: partitions of every topic on the embedded broker unless CHATPIPE_PARTITIONS says otherwise. On Tansu the
 #: cost of a request grows with the number of batches a topic holds, not of records (bench/tansu_batches.py:
 #: the same probe cost 0.21 cores on an empty topic and 1.09 after 200,000 records in batches of 4, 0.23 after
@@ -116,6 +131,11 @@ class DevStack:
         self.run_dir = self.state / "run"
         self.children: list[Child] = []
         self._stopping = False
+        #: disk storage of the embedded broker: its data folder, and Tansu's storage URL and environment
+        self.broker_dir = self.state / "broker"
+        self.disk = settings.dev_broker_storage == "disk"
+        self.tansu_storage: str | None = None
+        self.tansu_env: dict[str, str] | None = None
 
     def say(self, text: str) -> None:
         print(text, flush=True)
@@ -189,16 +209,21 @@ class DevStack:
         env = dict(self.env)
         bootstrap = env.get("CHATPIPE_KAFKA_BOOTSTRAP")
         embedded = not bootstrap
+        broker_kept = embedded and self.disk and broker_data_kept(self.broker_dir)
         if embedded:
             port = free_port()
             bootstrap = f"127.0.0.1:{port}"
-            tansu = start_tansu("127.0.0.1", port, self.logs / "broker.log")
-            self.children.append(Child("broker", tansu, self.logs / "broker.log"))
+            where = "in memory"
+            if self.disk:
+                self._start_objectstore()
+                where = f"on disk in {self.broker_dir}, fsync {'on' if s.dev_broker_fsync else 'off'}"
             self.broker_port = port
-            self.say(f"  broker (tansu, in memory) on {bootstrap}")
-        self._say_what_is_kept(embedded)
-        if embedded:
-            # the broker is in memory: processor state from an earlier broker must not be mixed in
+            ready = self.run_dir / "broker.ready"
+            self.children.append(Child("broker", self._start_tansu(), self.logs / "broker.log", ready))
+            self.say(f"  broker (tansu, {where}) on {bootstrap}")
+        self._say_what_is_kept(embedded, broker_kept)
+        if embedded and not broker_kept:
+            # a broker that starts empty: processor state from an earlier broker must not be mixed in
             shutil.rmtree(self.state / "processor", ignore_errors=True)
         partitions = dev_partitions(env, s, embedded)
         ensure_topics(bootstrap, partitions, s.replication_factor)
@@ -243,10 +268,36 @@ class DevStack:
         self.say(f"logs: {self.logs}/")
         self.say(f"chatpipe ready in {time.monotonic() - t0:.1f}s")
 
-    def _say_what_is_kept(self, embedded: bool) -> None:
+    def _start_tansu(self) -> subprocess.Popen[bytes]:
+        """Tansu on the broker's port and storage; its pid in run/broker.ready once it accepts connections
+        (like the other children's ready files)."""
+        ready = self.run_dir / "broker.ready"
+        ready.unlink(missing_ok=True)
+        proc = start_tansu(
+            "127.0.0.1", self.broker_port, self.logs / "broker.log", self.tansu_storage, self.tansu_env
+        )
+        ready.write_text(str(proc.pid))
+        return proc
+
+    def _start_objectstore(self) -> None:
+        """The object store of the disk-backed broker, as a supervised child; Tansu's storage points at it."""
+        s = self.settings
+        port = free_port()
+        argv = [sys.executable, "-m", "chatpipe.objectstore", "--port", str(port),
+                "--dir", str(self.broker_dir), "--bucket", DEFAULT_BUCKET,
+                *([] if s.dev_broker_fsync else ["--no-fsync"])]  # fmt: skip
+        store = self._spawn("objectstore", argv, dict(self.env))
+        self._wait_ready([store], 30)
+        self.tansu_storage = f"s3://{DEFAULT_BUCKET}/"
+        self.tansu_env = s3_env(f"http://127.0.0.1:{port}")
+        self.say(f"  broker storage (chatpipe.objectstore) on 127.0.0.1:{port}")
+
+    def _say_what_is_kept(self, embedded: bool, broker_kept: bool = False) -> None:
         """On a start in a folder used before: what survives from the last run, and what is rebuilt."""
         s = self.settings
         kept: list[str] = []
+        if broker_kept:
+            kept.append(f"the broker's topics, records and committed offsets ({self.broker_dir})")
         store = Path(sqlite_path(s.store_url)) if s.store_url.startswith("sqlite:") else None
         if store is not None and store.exists():
             kept.append(f"the store ({store})")
@@ -258,7 +309,7 @@ class DevStack:
             kept.append("the ingest spool (what it holds is sent to the broker first)")
         rebuilt: list[str] = []
         if (self.state / "processor").exists():
-            if embedded:
+            if embedded and not broker_kept:
                 rebuilt.append(
                     "the processor's state (the embedded broker starts empty: receipts for earlier "
                     "messages start new states, which the sink merges by content with the stored ones)"
@@ -315,11 +366,25 @@ class DevStack:
         self.say(f"  {child.name} restarted (pid {child.proc.pid}, restart {child.restarts})")
 
     def _restart_broker(self, broker: Child) -> None:
-        """The embedded broker again on its port, its topics, and (memory storage: it came back empty)
-        every service restarted against it with the processor's local state wiped."""
-        broker.proc = start_tansu("127.0.0.1", self.broker_port, broker.log_path)
+        """The embedded broker again on its port and storage, its topics; on memory storage (it came back
+        empty) every service restarted against it with the processor's local state wiped, on disk storage
+        nothing else (it kept everything: the services reconnect)."""
+        try:
+            broker.proc = self._start_tansu()
+        except TimeoutError as exc:  # it did not come up: a failure like any other, with its back-off
+            self.say(f"  broker did not start again: {exc}")
+            self._died(broker, -1, time.monotonic())
+            return
         broker.started = time.monotonic()
+        broker.announced = False
         ensure_topics(self.bootstrap, self.partitions, self.settings.replication_factor)
+        if self.disk:
+            self.say(
+                f"  broker restarted on {self.bootstrap} (pid {broker.proc.pid}, restart {broker.restarts}); "
+                f"it kept its records, topics and committed offsets ({self.broker_dir}): "
+                "the services reconnect to it"
+            )
+            return
         self.say(
             f"  broker restarted on {self.bootstrap} (pid {broker.proc.pid}); it keeps records in memory "
             "only, so what it held is gone: restarting the services against the empty broker"
@@ -340,6 +405,7 @@ class DevStack:
         self._terminate([c for c in self.children if c.name not in INFRA])
         self._terminate([c for c in self.children if c.name == "registry"])
         self._terminate([c for c in self.children if c.name == "broker"])
+        self._terminate([c for c in self.children if c.name == "objectstore"])
 
     def _terminate(self, wave: list[Child]) -> None:
         """SIGTERM every child of `wave` that runs, then wait for all of them (SIGKILL after STOP_TIMEOUT)."""
@@ -354,6 +420,12 @@ class DevStack:
                 self.say(f"  {child.name} did not stop in {STOP_TIMEOUT:.0f}s, killing it")
                 child.proc.kill()
                 child.proc.wait()
+
+
+def broker_data_kept(broker_dir: Path) -> bool:
+    """Whether the disk-backed broker's folder holds data from an earlier run (any object in its bucket)."""
+    bucket = broker_dir / DEFAULT_BUCKET
+    return bucket.is_dir() and any(f.is_file() for f in bucket.rglob("*") if not f.name.startswith("."))
 
 
 class ChildDied(RuntimeError):

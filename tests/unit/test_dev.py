@@ -138,3 +138,37 @@ def test_a_restarted_child_that_comes_up_is_announced_ready_and_kept(
     assert child.restarts == 1
     assert child.announced
     assert child.ready_file is not None and int(child.ready_file.read_text()) == child.proc.pid
+
+
+def test_broker_storage_is_memory_unless_disk_is_asked_for() -> None:
+    assert Settings.from_env({}).dev_broker_storage == "memory"
+    disk = Settings.from_env({"CHATPIPE_DEV_BROKER_STORAGE": "disk"})
+    assert disk.dev_broker_storage == "disk" and disk.dev_broker_fsync is True
+    assert Settings.from_env({"CHATPIPE_DEV_BROKER_FSYNC": "0"}).dev_broker_fsync is False
+    with pytest.raises(ValueError, match="CHATPIPE_DEV_BROKER_STORAGE"):
+        Settings.from_env({"CHATPIPE_DEV_BROKER_STORAGE": "s3"})
+
+
+def test_broker_data_is_kept_only_when_its_bucket_holds_an_object(tmp_path: Path) -> None:
+    broker = tmp_path / "broker"
+    assert not dev.broker_data_kept(broker)
+    (broker / "chatpipe" / "clusters").mkdir(parents=True)
+    (broker / "chatpipe" / "clusters" / ".tmp-1-1").write_bytes(b"never acknowledged")
+    assert not dev.broker_data_kept(broker)  # a new object store makes its bucket, and may leave temp files
+    (broker / "chatpipe" / "clusters" / "meta.json").write_bytes(b"{}")
+    assert dev.broker_data_kept(broker)
+
+
+def test_a_restart_with_the_broker_data_kept_says_so_and_keeps_the_processor_state(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = {"CHATPIPE_STATE_DIR": str(tmp_path), "CHATPIPE_STORE_URL": f"sqlite:///{tmp_path}/chatpipe.db"}
+    stack = dev.DevStack(Settings.from_env({**env, "CHATPIPE_DEV_BROKER_STORAGE": "disk"}), {})
+    (tmp_path / "chatpipe.db").write_bytes(b"")
+    (tmp_path / "processor").mkdir()
+    stack._say_what_is_kept(embedded=True, broker_kept=True)
+    out = capsys.readouterr().out
+    assert "the broker's topics, records and committed offsets" in out
+    assert "the processor's state (checked against the broker's changelog)" in out and "rebuilt" not in out
+    stack._say_what_is_kept(embedded=True, broker_kept=False)
+    assert "rebuilt: the processor's state (the embedded broker starts empty" in capsys.readouterr().out
