@@ -42,6 +42,8 @@ def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
         "message.timeout.ms": 10000,
         "queue.buffering.max.messages": 200000,
         "socket.keepalive.enable": True,
+        # a broker that comes back is found within a second (librdkafka's default backs off up to 10 s)
+        "reconnect.backoff.max.ms": 1000,
     }
     config.update(overrides)
     return config
