@@ -55,9 +55,9 @@ class Settings:
     spool_max_bytes: int = 1 << 30
     produce_timeout: float = 3.0
     # the spool is "stalled" (/readyz 503 naming why, chatpipe_ingest_spool_stalled 1, an ERROR log) when it
-    # holds records and either this many drain rounds in a row failed without draining one (a round fails
-    # after librdkafka's 10 s message timeout while the broker is away, at once when it refuses the record),
-    # or none was drained for spool_stall_seconds while the broker answers metadata requests
+    # holds records, the broker answers metadata requests, and either this many drain rounds in a row failed
+    # without draining one, or none was drained for spool_stall_seconds. A broker that does not answer is an
+    # outage the spool absorbs: never a stall (chatpipe_ingest_spool_drain_age_seconds shows its length)
     spool_stall_failures: int = 5
     spool_stall_seconds: float = 60.0
     ingest_workers: int = 1
