@@ -7,7 +7,9 @@ with an offset, a body deeper than the bracket bound, ... or anything invalid): 
 `parse_webhook` and the codec, which accept, normalise or reject it with the precise error. Whenever it
 returns bytes they are exactly the codec's encoding of `parse_webhook(body, received_at)`: the same
 checks, the same normalisation (lower-cased channel/state/detail, the `googlercs` alias, `version` from
-the envelope first, `outboundContent` re-encoded compactly, the body itself as `rawJson`). That equality
+the envelope first, `outboundContent` re-encoded compactly, the body itself as `rawJson`) and the same
+limits (`schemas.ids` formats, `ingest.parse`'s STATES, MAX_* lengths and time window: anything outside
+them is left to the parser, which refuses it with the reason). That equality
 is the contract; `tests/unit/test_fastreceipt.py` checks it on every fixture and on generated and mutated
 receipts, and `LAYOUT` must equal the codec's schema (`matches`) or the caller must not use it.
 
@@ -24,12 +26,22 @@ import orjson
 
 from ingest.parse import (
     DEFAULT_MAX_DEPTH,
+    EARLIEST,
     EVENT_DELIVERY_RECEIPT,
     INT32_MAX,
     INT32_MIN,
-    MAX_ID_LENGTH,
+    MAX_AHEAD,
+    MAX_CHANNEL_USER_ID,
+    MAX_DETAIL,
+    MAX_ERROR_MESSAGE,
+    MAX_MSISDN,
+    MAX_PRICING_CATEGORY,
+    MAX_PROVIDER_ERROR_CODE,
+    MAX_USER_NAME,
     NAMESPACE,
+    STATES,
     UTF8_BOM,
+    channel_ok,
     normalise_channel,
 )
 from schemas.fastpath import (
@@ -41,6 +53,7 @@ from schemas.fastpath import (
     varint,
     write_long,
 )
+from schemas.ids import BATCH_ID, CLIENT_BATCH_ID, CLIENT_MESSAGE_ID, SUBACCOUNT_ID, UMID
 from schemas.timefmt import parse_iso8601
 
 __all__ = ["LAYOUT", "encode_receipt", "layout_of", "matches"]
@@ -105,6 +118,29 @@ def matches(schema: dict[str, Any]) -> bool:
 
 _RECEIPT = EVENT_DELIVERY_RECEIPT
 _NONE = b"\x00"
+_EARLIEST = (EARLIEST - EPOCH) // ONE_MICROSECOND
+_AHEAD = MAX_AHEAD // ONE_MICROSECOND
+_UMID_OK, _SUB_OK = UMID.ok, SUBACCOUNT_ID.ok
+_BATCH_OK = BATCH_ID.ok
+# values already found valid, by kind: a few subaccounts, channels and batches recur in every receipt, and a
+# set lookup costs a tenth of the regular expression. Bounded (cleared when full), so no input can grow them.
+_GOOD_SUBS: set[str] = set()
+_GOOD_CHANNELS: set[str] = set()
+_GOOD_BATCHES: set[str] = set()
+_GOOD_MAX = 4096
+
+
+def _remember(good: set[str], value: str) -> None:
+    if len(good) >= _GOOD_MAX:
+        good.clear()
+    good.add(value)
+
+
+# printable ids, checked inline (a call of `IdFormat.ok` costs a Python frame); test_fastreceipt's parity
+# tests prove these checks are exactly CLIENT_MESSAGE_ID.ok and CLIENT_BATCH_ID.ok
+assert CLIENT_MESSAGE_ID.chars is None and CLIENT_BATCH_ID.chars is None
+assert CLIENT_MESSAGE_ID.min_len == CLIENT_BATCH_ID.min_len == 1
+_CMID_MAX, _CBID_MAX = CLIENT_MESSAGE_ID.max_len, CLIENT_BATCH_ID.max_len
 
 
 def _micros(ts: str) -> int:
@@ -129,10 +165,6 @@ def _opt(buf: bytearray, s: str | None) -> None:
         buf += b
 
 
-def _ident(v: Any) -> bool:
-    return type(v) is str and 0 < len(v) <= MAX_ID_LENGTH and not v.isspace()
-
-
 def encode_receipt(
     body: bytes, received_at: datetime, prefix: bytes = b"", *, max_depth: int = DEFAULT_MAX_DEPTH
 ) -> tuple[str, bytes] | None:
@@ -154,15 +186,28 @@ def encode_receipt(
         return None
     get: Callable[[str], Any] = p.get
     umid, sub, channel, status = get("umid"), get("subAccountId"), get("channel"), get("status")
-    if not (_ident(umid) and _ident(sub)) or type(channel) is not str or not channel or channel.isspace():
+    if type(umid) is not str or type(sub) is not str or type(channel) is not str or type(status) is not dict:
         return None
-    if type(status) is not dict:
+    if not _UMID_OK(umid):
         return None
+    if sub not in _GOOD_SUBS:
+        if not _SUB_OK(sub):
+            return None
+        _remember(_GOOD_SUBS, sub)
+    if channel not in _GOOD_CHANNELS:
+        if not channel_ok(channel):
+            return None
+        _remember(_GOOD_CHANNELS, channel)
     state, ts, detail = status.get("state"), status.get("timestamp"), status.get("detail")
     code, message = status.get("errorCode"), status.get("errorMessage")
-    if type(state) is not str or not state or state.isspace() or type(ts) is not str:
+    if type(state) is not str or type(ts) is not str:
         return None
-    if not (detail is None or type(detail) is str) or not (message is None or type(message) is str):
+    state = state.lower()
+    if state not in STATES:
+        return None
+    if not (detail is None or (type(detail) is str and len(detail) <= MAX_DETAIL)):
+        return None
+    if not (message is None or (type(message) is str and len(message) <= MAX_ERROR_MESSAGE)):
         return None
     if code is not None and (type(code) is not int or not INT32_MIN <= code <= INT32_MAX):
         return None
@@ -175,11 +220,14 @@ def encode_receipt(
         micros = _micros(ts)
     except (ValueError, OverflowError):
         return None
+    received = (received_at - EPOCH) // ONE_MICROSECOND
+    if not _EARLIEST <= micros <= received + _AHEAD:
+        return None
 
     # no helper call per field for the common short values: their length prefixes come from tables (umid
     # and subAccountId are at most MAX_ID_LENGTH characters, so theirs always do)
     e_umid, e_sub = umid.encode(), sub.encode()
-    e_channel, e_state = normalise_channel(channel).encode(), state.lower().encode()
+    e_channel, e_state = normalise_channel(channel).encode(), state.encode()
     buf = bytearray(prefix)
     buf += LENGTHS[len(e_umid)]
     buf += e_umid
@@ -210,7 +258,8 @@ def encode_receipt(
         users = (None, None, None, None)
     else:
         return None  # a falsy non-object (0, "", [], false): the reference rejects it
-    for v in (*users, get("batchId"), get("clientMessageId"), get("clientBatchId")):
+    batch, cmid, cbid = get("batchId"), get("clientMessageId"), get("clientBatchId")
+    for v in (*users, batch, cmid, cbid):
         if v is None:
             buf += _NONE
         elif type(v) is str:
@@ -220,6 +269,23 @@ def encode_receipt(
             buf += e
         else:
             return None
+    if user:  # the loop above made each a str or None
+        msisdn, cuid, name, username = users
+        if (
+            (msisdn and len(msisdn) > MAX_MSISDN)
+            or (cuid and len(cuid) > MAX_CHANNEL_USER_ID)
+            or (name and len(name) > MAX_USER_NAME)
+            or (username and len(username) > MAX_USER_NAME)
+        ):
+            return None
+    if batch and batch not in _GOOD_BATCHES:
+        if not _BATCH_OK(batch):
+            return None
+        _remember(_GOOD_BATCHES, batch)
+    if cmid and (len(cmid) > _CMID_MAX or not cmid.isprintable()):
+        return None
+    if cbid and (len(cbid) > _CBID_MAX or not cbid.isprintable()):
+        return None
     if version is None:
         buf += _NONE
     else:
@@ -233,9 +299,11 @@ def encode_receipt(
         provider_code, pricing = whatsapp.get("providerErrorCode"), whatsapp.get("pricingCategory")
         if type(provider_code) is int:
             provider_code = str(provider_code)
-        elif not (provider_code is None or type(provider_code) is str):
+        if provider_code is not None and (
+            type(provider_code) is not str or len(provider_code) > MAX_PROVIDER_ERROR_CODE
+        ):
             return None
-        if not (pricing is None or type(pricing) is str):
+        if not (pricing is None or (type(pricing) is str and len(pricing) <= MAX_PRICING_CATEGORY)):
             return None
         _opt(buf, provider_code)
         _opt(buf, pricing)
@@ -257,7 +325,7 @@ def encode_receipt(
         buf += compact
     else:
         return None
-    buf += write_long((received_at - EPOCH) // ONE_MICROSECOND)
+    buf += write_long(received)
     buf += write_long(len(body))
     buf += body
     return umid, bytes(buf)

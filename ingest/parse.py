@@ -8,16 +8,35 @@ the start of `reason`, and carries the 8x8-style `code` and `http_status` the HT
 Parsing is lenient where 8x8's own docs disagree (case of channel/state/detail/type, ids given as numbers
 where the docs say string, unknown extra fields) and strict about what the pipeline needs (ids, channel,
 status state and timestamps). Content-type and body-size checks belong to the HTTP layer, not here.
+
+Limits (each refusal names the field and the rule broken):
+- ids follow `schemas.ids` (the read API's own checks): subAccountId 8x8's own format;
+  umid, replyToUmid, batchId, recipient.channelId `^[A-Za-z0-9-]{1,100}$`; clientMessageId,
+  clientBatchId printable, at most 50 / 100 characters. An optional id may be absent or empty.
+- `status.state` is one of the states 8x8 documents (`STATES`), in any case. 8x8 documents the set as
+  closed ("Possible values") in the status reference, the details API and the channel list, so anything
+  else is a defect upstream or forged: refused here, never stored. The processor still treats a state
+  it does not rank (`unknown`) as rank 0, so its "unknown states are never errors" stays true for
+  records already stored. Channels stay open (8x8 adds channels; `README` of the docs: "Unknown channels
+  must still be accepted"): any name of `CHANNEL_CHARS`, up to `MAX_CHANNEL` characters.
+- every other string has a maximum length (`MAX_*` below, in characters): 8x8's documented limit where
+  there is one, else a generous bound well above anything 8x8 documents or sends.
+- event times (`status.timestamp`, inbound `timestamp`) lie between `EARLIEST` (2000-01-01) and
+  `received_at + MAX_AHEAD` (1 day: clock skew, never a receipt from the future); a call permission's
+  `expirationTimestamp` up to `MAX_EXPIRY_AHEAD` (30 days; 8x8 documents 7) after `received_at`.
+  `received_at` is the reference because this parser never reads the clock.
 """
 
 from __future__ import annotations
 
 import math
-from datetime import datetime
+import re
+from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
 import orjson
 
+from schemas import ids
 from schemas.errors import InvalidEvent
 from schemas.models import (
     ButtonReply,
@@ -50,7 +69,7 @@ CODE_UNSUPPORTED = 1003
 HTTP_UNSUPPORTED = 422
 
 DEFAULT_MAX_DEPTH = 32
-MAX_ID_LENGTH = 100
+MAX_ID_LENGTH = ids.UMID.max_len
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
 
@@ -63,6 +82,38 @@ _ORJSON_MAX_DEPTH = 1024
 _SHOW_MAX = 80
 
 CHANNEL_ALIASES = {"googlercs": "rcs"}
+
+#: every `status.state` 8x8 documents (message-status-references.md, the details API's MessageStatus,
+#: list-of-supported-chatapps-channels.md and chatapps-fallback-management.md for `accepted`), lower case
+STATES = frozenset(
+    {"queued", "accepted", "sent", "delivered", "read", "undelivered", "rejected", "failed", "unknown", "ok",
+     "error"}
+)
+_STATES_SHOWN = ", ".join(sorted(STATES))
+#: a channel name: every value 8x8 documents (sms, WhatsApp, LineNotification, GoogleRCS, ...) is an ASCII
+#: word; unknown channels of that shape are accepted
+CHANNEL_CHARS = r"[A-Za-z0-9_.\-]"
+MAX_CHANNEL = 32
+channel_ok = re.compile(f"{CHANNEL_CHARS}{{1,{MAX_CHANNEL}}}").fullmatch
+MAX_DETAIL = 64  # longest documented: undelivered_to_recipient (24)
+MAX_ERROR_MESSAGE = 1000  # no documented limit; 8x8's are a few words
+MAX_MSISDN = 32  # E.164: 15 digits and "+"; masked forms (+63922110xxxx) are as long
+MAX_CHANNEL_USER_ID = 128  # WhatsApp BSUID, LINE user ids (33)
+MAX_USER_NAME = 256  # user.name, user.username
+MAX_PROVIDER_ERROR_CODE = 32  # WhatsApp error codes (131026)
+MAX_PRICING_CATEGORY = 64  # marketing, utility, ...
+MAX_TYPE = 32  # inbound `type`: Text, Interactive, ...
+MAX_TEXT = 35_000  # content.text: 8x8's send API caps message text at 35000 (OpenAPI maxLength)
+MAX_URL = 4096  # content.url: twice the 2048 8x8's send API allows for URLs; signed media URLs are long
+MAX_PAYLOAD = 2048  # content.payload: 8x8's postbackData maxLength 2048
+MAX_REPLY_ID = 256  # button/list reply ids: 8x8's reply.id maxLength 256 (rows.id 200)
+MAX_REPLY_TEXT = 1024  # reply titles, descriptions: 8x8 caps them at 20 to 200 (interactive body 1024)
+MAX_RESPONSE_JSON = 65_536  # a WhatsApp Flow's answer (nfmReply.responseJson), re-encoded if an object
+MAX_SHORT = 64  # interactive.type, callPermissionReply.response/responseSource (accept, user_action)
+
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+MAX_AHEAD = timedelta(days=1)
+MAX_EXPIRY_AHEAD = timedelta(days=30)
 
 # inbound `type`, lower-case -> 8x8 casing; values not listed are kept as sent
 _INBOUND_TYPES = {
@@ -154,11 +205,44 @@ def _req_str(obj: JSONObject, key: str, parent: str, max_len: int | None = None)
     return value
 
 
-def _opt_str(obj: JSONObject, key: str, parent: str) -> str | None:
+def _opt_str(obj: JSONObject, key: str, parent: str, max_len: int) -> str | None:
     value = obj.get(key)
-    if value is None or type(value) is str:
-        return value
-    _wrong_type(parent, key, "string", value)
+    if value is None:
+        return None
+    if type(value) is not str:
+        _wrong_type(parent, key, "string", value)
+    if len(value) > max_len:
+        _bad(parent, key, f"longer than {max_len} characters")
+    return value
+
+
+def _req_id(obj: JSONObject, key: str, parent: str, fmt: ids.IdFormat) -> str:
+    value = _req_str(obj, key, parent)
+    problem = fmt.problem(value)
+    if problem is not None:
+        _bad(parent, key, problem)
+    return value
+
+
+def _opt_id(obj: JSONObject, key: str, parent: str, fmt: ids.IdFormat) -> str | None:
+    """An optional id: absent, null, empty (kept as given) or of format `fmt`."""
+    value = obj.get(key)
+    if value is None:
+        return None
+    if type(value) is not str:
+        _wrong_type(parent, key, "string", value)
+    problem = None if value == "" else fmt.problem(value)
+    if problem is not None:
+        _bad(parent, key, problem)
+    return value
+
+
+def _channel(obj: JSONObject, key: str, parent: str) -> str:
+    value = _req_str(obj, key, parent, MAX_CHANNEL)
+    if not channel_ok(value):
+        bad = next(c for c in value if not re.fullmatch(CHANNEL_CHARS, c))
+        _bad(parent, key, f"character {bad!r} (U+{ord(bad):04X}) is not allowed in a channel name")
+    return normalise_channel(value)
 
 
 def _req_obj(obj: JSONObject, key: str, parent: str) -> JSONObject:
@@ -197,14 +281,12 @@ def _opt_int(obj: JSONObject, key: str, parent: str) -> int | None:
     return number
 
 
-def _opt_code_str(obj: JSONObject, key: str, parent: str) -> str | None:
+def _opt_code_str(obj: JSONObject, key: str, parent: str, max_len: int) -> str | None:
     """A code documented as string that may arrive as a JSON integer: kept as text."""
     value = obj.get(key)
-    if value is None or type(value) is str:
-        return value
     if type(value) is int:
-        return str(value)
-    _wrong_type(parent, key, "string", value)
+        value = str(value)
+    return _opt_str({key: value}, key, parent, max_len)
 
 
 def _opt_bool(obj: JSONObject, key: str, parent: str) -> bool | None:
@@ -233,26 +315,35 @@ def _opt_coordinate(obj: JSONObject, key: str, parent: str, limit: float) -> flo
     return number
 
 
-def _timestamp(value: object, parent: str, key: str) -> datetime:
+def _timestamp(value: object, parent: str, key: str, latest: datetime, ahead: str) -> datetime:
     if type(value) is not str:
         _wrong_type(parent, key, "string", value)
     try:
-        return parse_iso8601(value)
+        ts = parse_iso8601(value)
     except (ValueError, OverflowError):
         # OverflowError: a valid-looking timestamp whose UTC equivalent leaves datetime's range
         _bad(parent, key, f"not an ISO 8601 timestamp: {_show(value)}")
+    if ts < EARLIEST:
+        _bad(parent, key, f"before 2000-01-01: {_show(value)}")
+    if ts > latest:
+        _bad(parent, key, f"more than {ahead} after the request was received: {_show(value)}")
+    return ts
 
 
-def _req_timestamp(obj: JSONObject, key: str, parent: str) -> datetime:
+def _req_timestamp(obj: JSONObject, key: str, parent: str, received_at: datetime) -> datetime:
+    """An event time: from EARLIEST to MAX_AHEAD after `received_at`."""
     value = obj.get(key)
     if value is None:
         _bad(parent, key, "required")
-    return _timestamp(value, parent, key)
+    return _timestamp(value, parent, key, received_at + MAX_AHEAD, "1 day")
 
 
-def _opt_timestamp(obj: JSONObject, key: str, parent: str) -> datetime | None:
+def _opt_expiry(obj: JSONObject, key: str, parent: str, received_at: datetime) -> datetime | None:
+    """An expiry time: from EARLIEST to MAX_EXPIRY_AHEAD after `received_at`."""
     value = obj.get(key)
-    return None if value is None else _timestamp(value, parent, key)
+    if value is None:
+        return None
+    return _timestamp(value, parent, key, received_at + MAX_EXPIRY_AHEAD, "30 days")
 
 
 def normalise_channel(value: str) -> str:
@@ -284,25 +375,28 @@ def _user(payload: JSONObject, parent: str) -> User:
         return User()
     path = _path(parent, "user")
     return User(
-        msisdn=_opt_str(obj, "msisdn", path),
-        channel_user_id=_opt_str(obj, "channelUserId", path),
-        name=_opt_str(obj, "name", path),
-        username=_opt_str(obj, "username", path),
+        msisdn=_opt_str(obj, "msisdn", path, MAX_MSISDN),
+        channel_user_id=_opt_str(obj, "channelUserId", path, MAX_CHANNEL_USER_ID),
+        name=_opt_str(obj, "name", path, MAX_USER_NAME),
+        username=_opt_str(obj, "username", path, MAX_USER_NAME),
     )
 
 
-def _status(payload: JSONObject) -> Status:
+def _status(payload: JSONObject, received_at: datetime) -> Status:
     status = _req_obj(payload, "status", "payload")
     path = "payload.status"
-    state = _req_str(status, "state", path).lower()
-    timestamp = _req_timestamp(status, "timestamp", path)
-    detail = _opt_str(status, "detail", path)
+    given = _req_str(status, "state", path)
+    state = given.lower()
+    if state not in STATES:
+        _bad(path, "state", f"unknown value {_show(given)} (8x8 documents {_STATES_SHOWN})")
+    timestamp = _req_timestamp(status, "timestamp", path, received_at)
+    detail = _opt_str(status, "detail", path, MAX_DETAIL)
     return Status(
         state=state,
         timestamp=timestamp,
         detail=detail.lower() if detail else None,
         error_code=_opt_int(status, "errorCode", path),
-        error_message=_opt_str(status, "errorMessage", path),
+        error_message=_opt_str(status, "errorMessage", path, MAX_ERROR_MESSAGE),
     )
 
 
@@ -310,15 +404,16 @@ def _delivery_receipt(
     envelope: JSONObject, payload: JSONObject, received_at: datetime, raw_json: str
 ) -> DeliveryReceipt:
     p = "payload"
-    umid = _req_str(payload, "umid", p, MAX_ID_LENGTH)
-    sub_account_id = _req_str(payload, "subAccountId", p, MAX_ID_LENGTH)
-    channel = normalise_channel(_req_str(payload, "channel", p))
-    status = _status(payload)
+    umid = _req_id(payload, "umid", p, ids.UMID)
+    sub_account_id = _req_id(payload, "subAccountId", p, ids.SUBACCOUNT_ID)
+    channel = _channel(payload, "channel", p)
+    status = _status(payload, received_at)
     provider_error_code = pricing_category = None
     whatsapp = _opt_obj(payload, "whatsapp", p)
     if whatsapp:
-        provider_error_code = _opt_code_str(whatsapp, "providerErrorCode", "payload.whatsapp")
-        pricing_category = _opt_str(whatsapp, "pricingCategory", "payload.whatsapp")
+        w = "payload.whatsapp"
+        provider_error_code = _opt_code_str(whatsapp, "providerErrorCode", w, MAX_PROVIDER_ERROR_CODE)
+        pricing_category = _opt_str(whatsapp, "pricingCategory", w, MAX_PRICING_CATEGORY)
     outbound = _opt_obj(payload, "outboundContent", p)
     return DeliveryReceipt(
         umid=umid,
@@ -328,9 +423,9 @@ def _delivery_receipt(
         received_at=received_at,
         raw_json=raw_json,
         user=_user(payload, p),
-        batch_id=_opt_str(payload, "batchId", p),
-        client_message_id=_opt_str(payload, "clientMessageId", p),
-        client_batch_id=_opt_str(payload, "clientBatchId", p),
+        batch_id=_opt_id(payload, "batchId", p, ids.BATCH_ID),
+        client_message_id=_opt_id(payload, "clientMessageId", p, ids.CLIENT_MESSAGE_ID),
+        client_batch_id=_opt_id(payload, "clientBatchId", p, ids.CLIENT_BATCH_ID),
         version=_version(envelope, payload),
         whatsapp_provider_error_code=provider_error_code,
         whatsapp_pricing_category=pricing_category,
@@ -349,13 +444,13 @@ def _reply_object(interactive: JSONObject, kind: str, path: str) -> tuple[JSONOb
     return _opt_obj(interactive, key, path), _path(path, key)
 
 
-def _interactive(content: JSONObject) -> Interactive | None:
+def _interactive(content: JSONObject, received_at: datetime) -> Interactive | None:
     parent = "payload.content"
     obj = _opt_obj(content, "interactive", parent)
     if obj is None:
         return None
     path = "payload.content.interactive"
-    itype = _req_str(obj, "type", path)
+    itype = _req_str(obj, "type", path, MAX_SHORT)
     kind = itype.lower().replace("_", "")
     if kind not in _INTERACTIVE_KEYS:
         return Interactive(type=itype)
@@ -363,13 +458,16 @@ def _interactive(content: JSONObject) -> Interactive | None:
     if sub is None:
         return Interactive(type=itype)
     if kind == _BUTTON:
-        button = ButtonReply(id=_opt_str(sub, "id", sub_path), title=_opt_str(sub, "title", sub_path))
+        button = ButtonReply(
+            id=_opt_str(sub, "id", sub_path, MAX_REPLY_ID),
+            title=_opt_str(sub, "title", sub_path, MAX_REPLY_TEXT),
+        )
         return Interactive(type=itype, button_reply=button)
     if kind == _LIST:
         listed = ListReply(
-            id=_opt_str(sub, "id", sub_path),
-            title=_opt_str(sub, "title", sub_path),
-            description=_opt_str(sub, "description", sub_path),
+            id=_opt_str(sub, "id", sub_path, MAX_REPLY_ID),
+            title=_opt_str(sub, "title", sub_path, MAX_REPLY_TEXT),
+            description=_opt_str(sub, "description", sub_path, MAX_REPLY_TEXT),
         )
         return Interactive(type=itype, list_reply=listed)
     if kind == _NFM:
@@ -378,17 +476,19 @@ def _interactive(content: JSONObject) -> Interactive | None:
             if type(response) not in (dict, list):
                 _wrong_type(sub_path, "responseJson", "string", response)
             response = _compact_json(response, sub_path, "responseJson")
+        if response is not None and len(response) > MAX_RESPONSE_JSON:
+            _bad(sub_path, "responseJson", f"longer than {MAX_RESPONSE_JSON} characters")
         return Interactive(type=itype, nfm_response_json=response)
     call = CallPermissionReply(
-        response=_opt_str(sub, "response", sub_path),
+        response=_opt_str(sub, "response", sub_path, MAX_SHORT),
         is_permanent=_opt_bool(sub, "isPermanent", sub_path),
-        expiration_timestamp=_opt_timestamp(sub, "expirationTimestamp", sub_path),
-        response_source=_opt_str(sub, "responseSource", sub_path),
+        expiration_timestamp=_opt_expiry(sub, "expirationTimestamp", sub_path, received_at),
+        response_source=_opt_str(sub, "responseSource", sub_path, MAX_SHORT),
     )
     return Interactive(type=itype, call_permission_reply=call)
 
 
-def _content(payload: JSONObject) -> InboundContent:
+def _content(payload: JSONObject, received_at: datetime) -> InboundContent:
     content = _opt_obj(payload, "content", "payload")
     if not content:
         return InboundContent()
@@ -399,12 +499,12 @@ def _content(payload: JSONObject) -> InboundContent:
         latitude = _opt_coordinate(location, "latitude", "payload.content.location", 90.0)
         longitude = _opt_coordinate(location, "longitude", "payload.content.location", 180.0)
     return InboundContent(
-        text=_opt_str(content, "text", p),
-        url=_opt_str(content, "url", p),
-        payload=_opt_str(content, "payload", p),
+        text=_opt_str(content, "text", p, MAX_TEXT),
+        url=_opt_str(content, "url", p, MAX_URL),
+        payload=_opt_str(content, "payload", p, MAX_PAYLOAD),
         latitude=latitude,
         longitude=longitude,
-        interactive=_interactive(content),
+        interactive=_interactive(content, received_at),
     )
 
 
@@ -412,12 +512,12 @@ def _inbound_message(
     envelope: JSONObject, payload: JSONObject, received_at: datetime, raw_json: str
 ) -> InboundMessage:
     p = "payload"
-    umid = _req_str(payload, "umid", p, MAX_ID_LENGTH)
-    sub_account_id = _req_str(payload, "subAccountId", p, MAX_ID_LENGTH)
-    timestamp = _req_timestamp(payload, "timestamp", p)
+    umid = _req_id(payload, "umid", p, ids.UMID)
+    sub_account_id = _req_id(payload, "subAccountId", p, ids.SUBACCOUNT_ID)
+    timestamp = _req_timestamp(payload, "timestamp", p, received_at)
     recipient = _req_obj(payload, "recipient", p)
-    channel = normalise_channel(_req_str(recipient, "channel", "payload.recipient"))
-    mtype = _req_str(payload, "type", p)
+    channel = _channel(recipient, "channel", "payload.recipient")
+    mtype = _req_str(payload, "type", p, MAX_TYPE)
     return InboundMessage(
         umid=umid,
         sub_account_id=sub_account_id,
@@ -426,10 +526,10 @@ def _inbound_message(
         type=_INBOUND_TYPES.get(mtype.lower(), mtype),
         received_at=received_at,
         raw_json=raw_json,
-        channel_id=_opt_str(recipient, "channelId", "payload.recipient"),
+        channel_id=_opt_id(recipient, "channelId", "payload.recipient", ids.CHANNEL_ID),
         user=_user(payload, p),
-        content=_content(payload),
-        reply_to_umid=_opt_str(payload, "replyToUmid", p),
+        content=_content(payload, received_at),
+        reply_to_umid=_opt_id(payload, "replyToUmid", p, ids.UMID),
         version=_version(envelope, payload),
     )
 

@@ -33,13 +33,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from chatpipe.config import Settings
 from chatpipe.metric_defs import ApiMetrics
+from schemas import ids
 from schemas.timefmt import format_iso8601
 from sinks.rows import parse_inbound_cursor
 from sinks.store import DEFAULT_LIMIT, MAX_LIMIT, Store, open_store
 
-SUBACCOUNT_RE = re.compile(r"^[A-Za-z0-9\-._&]{3,50}$")
-UMID_RE = re.compile(r"^[A-Za-z0-9\-]{1,100}$")
-CHANNEL_ID_RE = UMID_RE
+#: path ids, checked with the formats ingest applies (`schemas.ids`): what ingest stores, the API serves
+_PATH_IDS = {"umid": ids.UMID, "channelId": ids.CHANNEL_ID}
 E164_RE = re.compile(r"^\+[1-9][0-9]{5,14}$")
 MAX_PARAM_CHARS = 200
 CODE_BAD_REQUEST = 1000
@@ -80,14 +80,14 @@ def _error(status: int, code: int, message: str) -> web.Response:
 
 def _subaccount(request: web.Request) -> str:
     sub = request.match_info["subAccountId"]
-    if not SUBACCOUNT_RE.match(sub):
+    if not ids.SUBACCOUNT_ID.ok(sub):
         raise BadRequest(CODE_ILLEGAL_SUBACCOUNT, f"Invalid subAccountId {sub!r}")
     return sub
 
 
 def _id(request: web.Request, name: str) -> str:
     value = request.match_info[name]
-    if not UMID_RE.match(value):
+    if not _PATH_IDS[name].ok(value):
         raise BadRequest(CODE_INVALID_ID, f"Invalid {name} {value!r}")
     return value
 

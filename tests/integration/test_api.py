@@ -6,19 +6,26 @@ import dataclasses
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from chatpipe.config import Settings
+from ingest.fastreceipt import encode_receipt
+from ingest.parse import parse_webhook
+from schemas.errors import InvalidEvent
 from schemas.models import User
 from sinks.api import create_app
 from sinks.rows import PiiPolicy
 from sinks.store import Store, open_store
+from tests.fixtures import webhooks
 from tests.integration.test_store import MSISDN, T0, conversation_versions, inbound, mk_state, mk_step
 from tests.support.postgres import PostgresServer, fresh_database
+from tests.unit.test_parse import patched
 
 pytestmark = pytest.mark.integration
 
@@ -244,6 +251,107 @@ async def test_malformed_requests_are_400_with_8x8s_error_body(
     r = await client.get(path)
     assert r.status == 400, await r.text()
     assert_error(json.loads(await r.text()), code)
+
+
+# --- ingest and the API agree on ids (schemas.ids) ------------------------------------------------
+
+# the ids the issue found stored by ingest and refused by the API, and their cousins
+ODD_UMIDS = [
+    "caf\u00e9-1",
+    "\u0430bc",
+    "\uff41bc",
+    "a/b",
+    "a?b",
+    "a#b",
+    "a%41b",
+    "a b",
+    "a\tb",
+    "abc\n",
+    "a\x00b",
+    "\u200fabc",
+    "ab\u202ec",
+    "a_b",
+    "a.b",
+    "x" * 101,
+]
+ODD_SUBACCOUNTS = [
+    "ab",
+    "s" * 51,
+    "s" * 60,
+    "bad sub",
+    " sub",
+    "sub\u200f",
+    "s\u00fcb",
+    "a/b",
+    "a?b",
+    "a#b",
+    "a%b",
+    "abc\n",
+    "ab\x7f",
+    "\u202esub",
+]
+# every id of the fixtures, and 8x8's documented examples
+GOOD_UMIDS = sorted(
+    {orjson.loads(webhooks.load(n))["payload"]["umid"] for n in webhooks.ALL}
+    | {"abc123-def456-ghi789", "dec02e44-c76f-4a0a-b69f-6ac2a4386eb9", "m-1", "x" * 100}
+)
+GOOD_SUBACCOUNTS = sorted(
+    {orjson.loads(webhooks.load(n))["payload"]["subAccountId"] for n in webhooks.ALL}
+    | {"Onion_Marketing", "umsg_AGG001", "SubAccount-1", "sub_account_id", "a.b&c-_d", "abc", "s" * 50}
+)
+
+
+RECEIVED_AT = datetime(2026, 7, 3, 12, 0, tzinfo=UTC)  # after every fixture's event times
+
+
+def _ingest_refuses(field: str, value: str) -> bool:
+    """Whether ingest refuses a receipt and an inbound message carrying `value` as payload.`field`,
+    naming that field (the fast path leaving the receipt to the parser)."""
+    for name in ("dr_v9_whatsapp_read", "in_v3_whatsapp_text"):
+        body = patched(name, {f"payload.{field}": value})
+        try:
+            parse_webhook(body, RECEIVED_AT)
+        except InvalidEvent as exc:
+            if exc.field != f"payload.{field}":
+                return False
+        else:
+            return False
+        if encode_receipt(body, RECEIVED_AT) is not None:
+            return False
+    return True
+
+
+def _ingest_accepts(field: str, value: str) -> bool:
+    for name in ("dr_v9_whatsapp_read", "in_v3_whatsapp_text"):
+        event = parse_webhook(patched(name, {f"payload.{field}": value}), RECEIVED_AT)
+        if getattr(event, "umid" if field == "umid" else "sub_account_id") != value:
+            return False
+    receipt = patched("dr_v9_whatsapp_read", {f"payload.{field}": value})
+    return encode_receipt(receipt, RECEIVED_AT) is not None
+
+
+async def _api_status(client: TestClient, sub: str, umid: str) -> tuple[int, int]:
+    path = f"/api/v1/subaccounts/{quote(sub, safe='')}/messages/{quote(umid, safe='')}"
+    r = await client.get(path)
+    return r.status, (await r.json())["code"]
+
+
+async def test_ingest_and_the_api_refuse_the_same_odd_ids(client: TestClient) -> None:
+    for umid in ODD_UMIDS:
+        assert _ingest_refuses("umid", umid), umid
+        assert await _api_status(client, SUB, umid) == (400, 1008), umid
+    for sub in ODD_SUBACCOUNTS:
+        assert _ingest_refuses("subAccountId", sub), sub
+        assert await _api_status(client, sub, UMID) == (400, 1001), sub
+
+
+async def test_ingest_and_the_api_accept_every_documented_id(client: TestClient) -> None:
+    for umid in GOOD_UMIDS:
+        assert _ingest_accepts("umid", umid), umid
+        assert await _api_status(client, SUB, umid) == (404, 1300), umid  # well-formed, just not stored
+    for sub in GOOD_SUBACCOUNTS:
+        assert _ingest_accepts("subAccountId", sub), sub
+        assert await _api_status(client, sub, UMID) == (404, 1300), sub
 
 
 # --- message lists ---------------------------------------------------------------------------------

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import copy
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ingest.fastreceipt import encode_receipt, matches
-from ingest.parse import parse_webhook
+from ingest.parse import EARLIEST, MAX_AHEAD, STATES, parse_webhook
 from schemas.catalog import load_schema
 from schemas.codec import Codecs, Registry, TopicCodec
 from schemas.errors import InvalidEvent
@@ -124,27 +124,144 @@ def test_unusual_or_invalid_receipts_are_left_to_the_parser(
         {"payload.channel": "GoogleRCS"},
         {"payload.version": 8, "version": DELETE},
         {"payload.outboundContent": {"text": "ü ✓ \u2028", "nested": [[{"a": None}]]}},
-        {"payload.umid": "é" * 100},
-        # strings on both sides of the encoder's 4096-entry length tables, in every kind of field
-        *(
-            {
-                "payload.channel": "w" * n,
-                "payload.status.state": "s" * n,
-                "payload.status.detail": "d" * n,
-                "payload.status.errorMessage": "m" * (n - 1),
-                "payload.user": {"name": "é" * (n // 2), "msisdn": "1" * n},
-                "payload.batchId": "b" * n,
-                "payload.whatsapp.pricingCategory": "p" * n,
-                "payload.outboundContent": {"text": "t" * (n - 11)},
-            }
-            for n in (4095, 4096, 70000)
-        ),
+        # every limited field at its limit (the limits took the earlier 4095/4096/70000-character cases
+        # of these fields away: only outboundContent and the body itself can reach the length tables' end)
+        {
+            "payload.umid": "u" * 100,
+            "payload.subAccountId": "a.b&c-_" + "d" * 43,
+            "payload.channel": "W" * 32,
+            "payload.status.state": "UnDelivered",
+            "payload.status.detail": "d" * 64,
+            "payload.status.errorMessage": "é" * 1000,
+            "payload.user": {
+                "msisdn": "1" * 32,
+                "channelUserId": "c" * 128,
+                "name": "é" * 256,
+                "username": "u" * 256,
+            },
+            "payload.batchId": "b" * 100,
+            "payload.clientMessageId": "ü ✓" * 16 + "xx",
+            "payload.clientBatchId": "é" * 100,
+            "payload.whatsapp.providerErrorCode": "9" * 32,
+            "payload.whatsapp.pricingCategory": "p" * 64,
+        },
+        {"payload.subAccountId": "abc", "payload.clientMessageId": "", "payload.batchId": ""},
+        {"payload.status.timestamp": "2000-01-01T00:00:00Z"},
+        {"payload.status.timestamp": "2026-07-04T03:45:00.123456Z"},  # received_at + 1 day exactly
+        *({"payload.outboundContent": {"text": "t" * (n - 11)}} for n in (4095, 4096, 70000)),
     ],
 )
 def test_lenient_receipts_encode_like_the_parser(
     changes: dict[str, Any], receipts: TopicCodec[DeliveryReceipt]
 ) -> None:
     assert check(patched(DR, changes), receipts) is not None
+
+
+# the limits: ingest.parse refuses each, naming the field; the fast path leaves each to it
+LIMITS = [
+    ("payload.umid", "caf\u00e9"),
+    ("payload.umid", "a/b"),
+    ("payload.umid", "a?b"),
+    ("payload.umid", "ab\u200f"),
+    ("payload.umid", "abc\n"),
+    ("payload.umid", "u" * 101),
+    ("payload.subAccountId", "ab"),
+    ("payload.subAccountId", "s" * 60),
+    ("payload.subAccountId", "bad sub"),
+    ("payload.channel", "w" * 200_000),
+    ("payload.channel", "W" * 33),
+    ("payload.channel", "whats app"),
+    ("payload.status.state", "s" * 200_000),
+    ("payload.status.state", "exploded"),
+    ("payload.status.detail", "d" * 200_000),
+    ("payload.status.detail", "d" * 65),
+    ("payload.status.errorMessage", "m" * 1001),
+    ("payload.user.msisdn", "1" * 33),
+    ("payload.user.channelUserId", "c" * 129),
+    ("payload.user.name", "n" * 257),
+    ("payload.user.username", "n" * 257),
+    ("payload.batchId", "b" * 200_000),
+    ("payload.batchId", "a b"),
+    ("payload.clientMessageId", "c" * 200_000),
+    ("payload.clientMessageId", "c" * 51),
+    ("payload.clientMessageId", "a\u200fb"),
+    ("payload.clientBatchId", "c" * 101),
+    ("payload.clientBatchId", "a\x00b"),
+    ("payload.whatsapp.providerErrorCode", "1" * 33),
+    ("payload.whatsapp.pricingCategory", "p" * 65),
+    ("payload.status.timestamp", "9999-12-31T23:59:59Z"),
+    ("payload.status.timestamp", "2026-07-04T03:45:00.123457Z"),
+    ("payload.status.timestamp", "1999-12-31T23:59:59.9999999Z"),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), LIMITS, ids=[f"{f}={v!r:.30}" for f, v in LIMITS])
+def test_values_past_a_limit_are_refused_by_the_parser_and_left_to_it(
+    field: str, value: Any, receipts: TopicCodec[DeliveryReceipt]
+) -> None:
+    body = patched(DR, {field: value})
+    with pytest.raises(InvalidEvent) as info:
+        parse_webhook(body, RECEIVED_AT)
+    assert info.value.field == field
+    assert encode_receipt(body, RECEIVED_AT, receipts.header) is None
+
+
+_FIELDS = {
+    "payload.umid": 100,
+    "payload.subAccountId": 50,
+    "payload.channel": 32,
+    "payload.status.state": 12,
+    "payload.status.detail": 64,
+    "payload.status.errorMessage": 1000,
+    "payload.user.msisdn": 32,
+    "payload.user.channelUserId": 128,
+    "payload.user.name": 256,
+    "payload.batchId": 100,
+    "payload.clientMessageId": 50,
+    "payload.clientBatchId": 100,
+    "payload.whatsapp.providerErrorCode": 32,
+    "payload.whatsapp.pricingCategory": 64,
+}
+# characters either side of every rule: id classes, printable or not, bidi marks, non-ASCII, space
+_CHARS = "aZ09-._&/?#% \t\n\x00\x7f\u00e9\u0430\u200f\u202e\u2028\uff41\U0001f600"
+
+
+@settings(max_examples=300, deadline=None)
+@given(field=st.sampled_from(sorted(_FIELDS)), data=st.data())
+def test_fast_path_accepts_exactly_what_the_parser_accepts_near_every_limit(
+    field: str, data: st.DataObject
+) -> None:
+    """A mismatch either way fails: the fast path must not refuse a valid value of these fields (it would
+    cost speed, not correctness, but it would mean its rules drifted from the parser's) nor accept one
+    the parser refuses."""
+    codec = Codecs(Registry("memory://", client=InMemoryClient())).receipts  # type: ignore[arg-type]
+    limit = _FIELDS[field]
+    if field == "payload.status.state":
+        value = data.draw(st.sampled_from([*sorted(STATES), "Delivered", "READ", "unknown2", "", "sent "]))
+    else:
+        size = data.draw(st.sampled_from([0, 1, 2, 3, limit - 1, limit, limit + 1]), label="size")
+        base = data.draw(st.sampled_from(["a", "Z", "0", "-", "é"]), label="base")
+        value = base * max(size, 0)
+        if value and data.draw(st.booleans(), label="odd character"):
+            at = data.draw(st.integers(0, len(value) - 1), label="at")
+            value = value[:at] + data.draw(st.sampled_from(_CHARS), label="char") + value[at + 1 :]
+    body = patched(DR, {field: value})
+    fast, expected = check(body, codec), reference(body, codec)
+    assert (fast is None) == (expected is None), (field, value)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(-2_000_000, 2_000_000) | st.integers(-3 * 86_400_000_000, 3 * 86_400_000_000))
+@example(-1)
+@example(0)
+@example(1)
+def test_fast_path_keeps_the_parsers_time_window_to_the_microsecond(micros: int) -> None:
+    codec = Codecs(Registry("memory://", client=InMemoryClient())).receipts  # type: ignore[arg-type]
+    for edge in (EARLIEST, RECEIVED_AT + MAX_AHEAD):
+        when = edge + timedelta(microseconds=micros)
+        body = patched(DR, {"payload.status.timestamp": when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")})
+        inside = EARLIEST <= when <= RECEIVED_AT + MAX_AHEAD
+        assert (check(body, codec) is None) == (reference(body, codec) is None) == (not inside)
 
 
 def test_bom_deep_nesting_and_bad_utf8_are_left_to_the_parser(receipts: TopicCodec[DeliveryReceipt]) -> None:

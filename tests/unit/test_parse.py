@@ -454,8 +454,8 @@ BAD = [
     ),
     bad(
         "dr_long_sub_account",
-        patched(DR, {"payload.subAccountId": "s" * 101}),
-        "payload.subAccountId: longer than 100 characters",
+        patched(DR, {"payload.subAccountId": "s" * 51}),
+        "payload.subAccountId: longer than 50 characters",  # 8x8's limit (was 100 before it was applied)
     ),
     bad(
         "dr_sub_account_number",
@@ -581,6 +581,150 @@ BAD = [
     ),
     bad("dr_version_word", patched(DR, {"version": "nine"}), "version: not an integer: 'nine'"),
     bad("dr_version_float", patched(DR, {"version": 9.5}), "version: expected integer, got number"),
+    # limits (ingest refuses what the read API or the processor cannot take)
+    bad(
+        "dr_umid_slash",
+        patched(DR, {"payload.umid": "a/b"}),
+        "payload.umid: character '/' (U+002F) at position 1 is not allowed in a umid "
+        "(^[A-Za-z0-9\\-]{1,100}$)",
+    ),
+    bad(
+        "dr_umid_rtl_mark",
+        patched(DR, {"payload.umid": "ab\u200f"}),
+        "payload.umid: character '\\u200f' (U+200F) at position 2…",
+    ),
+    bad(
+        "dr_umid_non_ascii",
+        patched(DR, {"payload.umid": "caf\u00e9"}),
+        "payload.umid: character 'é' (U+00E9)…",
+    ),
+    bad(
+        "dr_sub_account_short",
+        patched(DR, {"payload.subAccountId": "ab"}),
+        "payload.subAccountId: shorter than 3 characters",
+    ),
+    bad(
+        "dr_sub_account_space",
+        patched(DR, {"payload.subAccountId": "bad sub"}),
+        "payload.subAccountId: character ' ' (U+0020) at position 3…",
+    ),
+    bad(
+        "dr_channel_long",
+        patched(DR, {"payload.channel": "w" * 200_000}),
+        "payload.channel: longer than 32 characters",
+    ),
+    bad("dr_channel_space", patched(DR, {"payload.channel": "what sapp"}), "payload.channel: character ' '…"),
+    bad(
+        "dr_state_unknown",
+        patched(DR, {"payload.status.state": "exploded"}),
+        "payload.status.state: unknown value 'exploded' (8x8 documents accepted, delivered, error, failed, "
+        "ok, queued, read, rejected, sent, undelivered, unknown)",
+    ),
+    bad(
+        "dr_state_long",
+        patched(DR, {"payload.status.state": "s" * 200_000}),
+        "payload.status.state: unknown value…",
+    ),
+    bad(
+        "dr_detail_long",
+        patched(DR, {"payload.status.detail": "d" * 65}),
+        "payload.status.detail: longer than 64…",
+    ),
+    bad(
+        "dr_error_message_long",
+        patched(DR, {"payload.status.errorMessage": "m" * 1001}),
+        "payload.status.errorMessage: longer than 1000 characters",
+    ),
+    bad(
+        "dr_msisdn_long",
+        patched(DR, {"payload.user.msisdn": "1" * 33}),
+        "payload.user.msisdn: longer than 32…",
+    ),
+    bad("dr_batch_id_slash", patched(DR, {"payload.batchId": "a/b"}), "payload.batchId: character '/'…"),
+    bad(
+        "dr_client_message_id_long",
+        patched(DR, {"payload.clientMessageId": "c" * 51}),
+        "payload.clientMessageId: longer than 50 characters",
+    ),
+    bad(
+        "dr_client_message_id_control",
+        patched(DR, {"payload.clientMessageId": "a\nb"}),
+        "payload.clientMessageId: character '\\n' (U+000A) is not printable",
+    ),
+    bad(
+        "dr_client_batch_id_long",
+        patched(DR, {"payload.clientBatchId": "c" * 101}),
+        "payload.clientBatchId: longer than 100 characters",
+    ),
+    bad(
+        "dr_pricing_long",
+        patched(DR, {"payload.whatsapp.pricingCategory": "p" * 65}),
+        "payload.whatsapp.pricingCategory: longer than 64 characters",
+    ),
+    bad(
+        "dr_provider_code_long",
+        patched(DR, {"payload.whatsapp.providerErrorCode": "1" * 33}),
+        "payload.whatsapp.providerErrorCode: longer than 32 characters",
+    ),
+    bad(
+        "dr_timestamp_year_9999",
+        patched(DR, {"payload.status.timestamp": "9999-12-31T23:59:59Z"}),
+        "payload.status.timestamp: more than 1 day after the request was received: '9999-12-31T23:59:59Z'",
+    ),
+    bad(
+        "dr_timestamp_a_day_and_a_bit_ahead",
+        patched(DR, {"payload.status.timestamp": "2026-07-04T03:45:00.123457Z"}),
+        "payload.status.timestamp: more than 1 day after…",
+    ),
+    bad(
+        "dr_timestamp_before_2000",
+        patched(DR, {"payload.status.timestamp": "1999-12-31T23:59:59.9999999Z"}),
+        "payload.status.timestamp: before 2000-01-01: '1999-12-31T23:59:59.9999999Z'",
+    ),
+    bad(
+        "in_timestamp_ahead",
+        patched(IN, {"payload.timestamp": "2030-01-01T00:00:00Z"}),
+        "payload.timestamp: more than 1 day after…",
+    ),
+    bad(
+        "in_sub_account_long",
+        patched(IN, {"payload.subAccountId": "s" * 60}),
+        "payload.subAccountId: longer than 50 characters",
+    ),
+    bad(
+        "in_channel_id_slash",
+        patched(IN, {"payload.recipient.channelId": "a/b"}),
+        "payload.recipient.channelId: character '/'…",
+    ),
+    bad(
+        "in_reply_to_space",
+        patched(IN, {"payload.replyToUmid": "a b"}),
+        "payload.replyToUmid: character ' '…",
+    ),
+    bad(
+        "in_text_long",
+        patched(IN, {"payload.content.text": "t" * 35_001}),
+        "payload.content.text: longer than 35000 characters",
+    ),
+    bad("in_type_long", patched(IN, {"payload.type": "T" * 33}), "payload.type: longer than 32 characters"),
+    bad(
+        "in_list_reply_title_long",
+        patched(IN, {"payload.content.interactive.list_reply.title": "t" * 1025}),
+        "payload.content.interactive.list_reply.title: longer than 1024 characters",
+    ),
+    bad(
+        "in_username_long",
+        patched(IN, {"payload.user.username": "u" * 257}),
+        "payload.user.username: longer…",
+    ),
+    bad(
+        "in_call_expiry_far",
+        patched(
+            IN_CALL,
+            {"payload.content.interactive.callPermissionReply.expirationTimestamp": "2027-01-01T00:00:00Z"},
+        ),
+        "payload.content.interactive.callPermissionReply.expirationTimestamp: more than 30 days after…",
+    ),
     # inbound messages
     bad("in_no_umid", patched(IN, {"payload.umid": DELETE}), "payload.umid: required"),
     bad("in_no_sub_account", patched(IN, {"payload.subAccountId": DELETE}), "payload.subAccountId: required"),
