@@ -74,6 +74,29 @@ class IngestMetrics:
         self.spool_depth = Gauge(
             "chatpipe_ingest_spool_depth", "Events waiting in the local spool", registry=registry
         )
+        self.spool_stalled = Gauge(
+            "chatpipe_ingest_spool_stalled",
+            "1 while the spool holds records it cannot drain (see /readyz for why)",
+            registry=registry,
+        )
+        self.spool_drain_failures = Counter(
+            "chatpipe_ingest_spool_drain_failures_total",
+            "Spool drain rounds that stopped on a record the broker did not take",
+            registry=registry,
+        )
+        # its value is computed when scraped (Intake binds the function)
+        self.spool_drain_age = Gauge(
+            "chatpipe_ingest_spool_drain_age_seconds",
+            "Seconds since the spool last drained a record or was empty (0 while empty)",
+            registry=registry,
+        )
+        self.producer_replacements = Counter(
+            "chatpipe_ingest_producer_replacements_total",
+            "Kafka producers replaced by a new one, by cause (fenced, fatal, timed_out, idempotence, stuck, "
+            "failing)",
+            ["cause"],
+            registry=registry,
+        )
         # observed on the event loop for every webhook: lock-free
         self.produce_latency = LoopHistogram(
             "chatpipe_ingest_produce_seconds",
@@ -96,6 +119,13 @@ class ProcessorMetrics:
         )
         self.states_emitted = Counter(
             "chatpipe_processor_states_emitted_total", "Message-state versions emitted", registry=registry
+        )
+        self.dead_letters = Counter(
+            "chatpipe_processor_dead_letters_total",
+            "Receipts parked in chatpipe.processor.dlq (acked by the broker) by the stage that failed:"
+            " decode (the record) or fold (the pure core, the stored state or the outputs of its umid)",
+            ["stage"],
+            registry=registry,
         )
 
 

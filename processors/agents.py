@@ -35,6 +35,18 @@ under a version that was already emitted: no lost and no contradicting transitio
 emitted twice with the same content (only the `duplicates` counters, never emitted on their own, can
 differ); sinks ignore versions they hold.
 
+Poison records: a receipt the shell cannot fold never costs other receipts. One that does not decode, or
+whose umid's fold fails (any exception from the pure core, the stored value or encoding the outputs), is
+parked in `chatpipe.processor.dlq` (`DeadLetter`, source "processor": the record's bytes whole, the
+reason, its topic/partition/offset/umid in `headers`), logged at ERROR and counted
+(`chatpipe_processor_dead_letters_total`). A failed umid's writes are dropped from the batch and its
+receipts re-folded one more at a time onto those that folded, so only the receipts that fail are parked
+and the others are folded; the rest of the batch is folded as usual. Dead letters are sent with the state
+records (step 3) and acknowledged before the batch's receipts are acked: none is lost. A retriable error
+(`TransientError`: the registry or broker unavailable) is not the record's fault: it propagates (the
+agent restarts, the receipts come again), it is never parked. The happy path pays one try block per umid,
+nothing per receipt.
+
 Time: the timer's clock is the ingest clock of the partition (`received_at` of the newest receipt seen
 on it), not the wall clock, so a worker catching up on a backlog never seals a message whose late
 receipts are still in the backlog. An idle partition does not expire anything until traffic resumes.
@@ -54,6 +66,7 @@ import contextlib
 import heapq
 import logging
 import random
+import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -77,7 +90,14 @@ from processors.app import (
 from processors.conversation import apply_inbound, conversation_key
 from processors.state import apply_many, expire, expire_due
 from schemas.errors import InvalidEvent, TransientError
-from schemas.models import DeliveryReceipt, MessageState, MessageStep, StatusEvent, StatusEventRecord
+from schemas.models import (
+    DeadLetter,
+    DeliveryReceipt,
+    MessageState,
+    MessageStep,
+    StatusEvent,
+    StatusEventRecord,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +105,8 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 #: changelog key of the end-of-batch marker (value None: recovery deletes a key that never exists)
 MARKER_KEY = b"\x00chatpipe-end-of-batch"
 FLUSH_TIMEOUT = 30.0
+#: `DeadLetter.code` of a record the processor could not fold (the sink's code for the same)
+POISON_CODE = 1000
 #: aiohttp refuses a charset inside content_type; Prometheus text is UTF-8 by definition
 _METRICS_CONTENT_TYPE = "; ".join(p for p in CONTENT_TYPE_LATEST.split("; ") if not p.startswith("charset"))
 
@@ -116,6 +138,7 @@ class _Batch:
     events: Sequence[Any] = ()  # the Faust events folded into this batch, acked once it is sent
     not_ours: set[int] = field(default_factory=set)  # ids of events of partitions revoked while they
     # waited: never acked here (acking them would commit offsets past receipts nobody processed)
+    dead_letters: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # (stage, key, value)
 
     def put(self, p: int, key: bytes, value: bytes | None) -> None:
         self.values.setdefault(p, []).append((key, value))
@@ -132,7 +155,34 @@ def merge(batches: Sequence[_Batch]) -> _Batch:
             out.values.setdefault(partition, []).extend(kvs)
         out.emits.extend(b.emits)
         out.derived.extend(b.derived)
+        out.dead_letters.extend(b.dead_letters)
     return out
+
+
+def _drop_key(out: _Batch, partition: int, key: bytes) -> None:
+    """Remove every write of `key` on `partition` from `out` (one fold writes a key at most once)."""
+    kvs = out.values.get(partition)
+    if kvs is not None:
+        kvs[:] = [kv for kv in kvs if kv[0] != key]
+        if not kvs:
+            del out.values[partition]
+    out.emits[:] = [e for e in out.emits if e[0] != partition or e[1] != key]
+    out.derived[:] = [d for d in out.derived if d[1] != partition or d[2] != key]
+
+
+def _retriable(exc: BaseException) -> bool:
+    """A dependency failed (`TransientError`: registry, broker), not the record: propagate, never park."""
+    return getattr(exc, "retriable", False) is True
+
+
+def _events_by_offset(out: _Batch, partition: int) -> dict[int, Any]:
+    """The batch's events of `partition` by offset (to find a poison receipt's record bytes)."""
+    return {ev.message.offset: ev for ev in out.events if ev.message.partition == partition}
+
+
+def _check_at(due: datetime | None) -> int:
+    """The timer's check time of a due time: -1 for never; a due time before the epoch is due at once."""
+    return -1 if due is None else max(0, _us(due))
 
 
 class Folder:
@@ -146,6 +196,8 @@ class Folder:
         self.rt = p.runtime
         self.metrics = p.metrics
         self.receipts_topic = p.receipts.get_topic_name()
+        self.dlq_codec = p.codecs.processor_dlq if p.codecs is not None else None
+        self._final_retention_us = int(p.runtime.final_retention.total_seconds() * 1_000_000)
         self.states_topic = p.states.get_topic_name()
         self.emit_derived = p.settings.emit_steps_and_events
         self.changelog_topic = p.table.changelog_topic.get_topic_name()
@@ -251,6 +303,7 @@ class Folder:
         groups: dict[int, dict[bytes, list[tuple[int, DeliveryReceipt]]]] = {}
         decode = self.codecs.receipts.decode
         invalid = 0
+        undecodable: list[tuple[str, bytes, bytes]] = []
         skipped: set[int] = set()
         for ev in events:
             msg = ev.message
@@ -260,13 +313,13 @@ class Folder:
                 continue
             try:
                 receipt = decode(ev.value)
-            except InvalidEvent as exc:
-                log.error(
-                    "undecodable receipt topic=%s partition=%s offset=%s: %s",
-                    msg.topic,
-                    partition,
-                    msg.offset,
-                    exc.reason,
+            except Exception as exc:  # InvalidEvent, or anything a mapping raises: park it, go on
+                if _retriable(exc):  # the registry is unreachable: not the record's fault, retried
+                    raise
+                reason = exc.reason if isinstance(exc, InvalidEvent) else f"{type(exc).__name__}: {exc}"
+                umid = msg.key.decode("utf-8", "replace") if isinstance(msg.key, bytes) else "-"
+                undecodable.append(
+                    self._dead_letter("decode", msg.topic, partition, msg.offset, umid, ev.value, reason, now)
                 )
                 invalid += 1
                 continue
@@ -279,68 +332,181 @@ class Folder:
         if invalid:
             self.metrics.events.labels("invalid").inc(invalid)
 
-        out = _Batch(events=events, not_ours=skipped)
-        counts = {"applied": 0, "unchanged": 0, "duplicate": 0, "replayed": 0, "late": 0}
-        config = self.config
-        final_retention = int(self.rt.final_retention.total_seconds() * 1_000_000)
+        out = _Batch(events=events, not_ours=skipped, dead_letters=undecodable)
+        counts = {"applied": 0, "unchanged": 0, "duplicate": 0, "replayed": 0, "late": 0, "poison": 0}
         for partition, by_key in groups.items():
             part = self.parts[partition]
             assert part.watermark is not None
             wm_us = _us(part.watermark)
             for key, items in by_key.items():
-                stored = self._load(partition, part, key)
-                if stored is not None and stored.kind == GONE:
-                    counts["late"] += len(items)
-                    continue
-                # Every receipt is applied, even one at or below the stored offset: Faust redelivers what
-                # was not committed, but not necessarily in offset order within one process (a rebalance
-                # drops buffered events and refetches them later), so "offset <= stored" does not prove
-                # "already folded". The pure core is idempotent: a receipt already folded is a duplicate.
-                last_offset = stored.offset if stored is not None else -1
-                replayed = sum(1 for off, _ in items if off <= last_offset)
-                counts["replayed"] += replayed
-                prev = stored.state if stored is not None else None
-                # a new state gets a random lineage (MessageState.lineage): sinks merge states of
-                # another lineage by content, so a lost or rebuilt processor state never goes stale
-                lineage = 0 if prev is not None else self._lineages.getrandbits(63) | 1
-                outcome = apply_many(prev, [r for _, r in items], now=now, config=config, lineage=lineage)
-                state = outcome.state
-                if state.final:
-                    check_at = wm_us + final_retention
-                else:
-                    due = expire_due(state, config)
-                    check_at = _us(due) if due is not None else -1
-                last = max(last_offset, max(off for off, _ in items))
-                if not outcome.changed and replayed and stored is not None:
-                    # possibly folded before a crash that came before its emission: send the stored value
-                    # again, byte for byte (same version, same content), with its steps and history
-                    assert stored.state is not None
-                    out.put(partition, key, encode_stored(stored))
-                    out.emits.append((partition, key, stored.avro))
-                    history = [(s.step, e) for s in stored.state.steps for e in s.history]
-                    self._derive(out, partition, key, stored.state, history)
-                    counts["duplicate"] += len(items) - replayed
-                    continue
-                avro = self.codecs.state.encode(state)
-                new = Stored(LIVE, last, check_at, state=state, avro=avro, version=state.version)
-                out.put(partition, key, encode_stored(new))
-                if outcome.changed:
-                    out.emits.append((partition, key, avro))
-                    self._derive(out, partition, key, state, outcome.new_events, prev)
-                self._remember(part, key, new)
-                self._schedule(part, key, check_at)
-                fresh = len(items) - replayed
-                if outcome.changed:
-                    counts["applied"] += fresh
-                elif outcome.duplicate:
-                    counts["duplicate"] += fresh
-                else:
-                    counts["unchanged"] += fresh
+                try:
+                    new = self._fold_key(out, counts, partition, part, key, items, now, wm_us)
+                except Exception as exc:  # a poison record: park what fails, fold the others
+                    if _retriable(exc):
+                        raise
+                    new = self._fold_poisoned(out, counts, partition, part, key, items, now, wm_us, exc)
+                if new is not None:
+                    self._remember(part, key, new)
+                    self._schedule(part, key, new.check_at)
         for outcome_name, n in counts.items():
             if n:
                 self.metrics.events.labels(outcome_name).inc(n)
         self._write_local(out)
         return out
+
+    def _fold_key(
+        self,
+        out: _Batch,
+        counts: dict[str, int],
+        partition: int,
+        part: _Partition,
+        key: bytes,
+        items: Sequence[tuple[int, DeliveryReceipt]],
+        now: datetime,
+        wm_us: int,
+    ) -> Stored | None:
+        """Fold one umid's receipts of the batch into `out` and `counts`; returns the value to cache and
+        schedule (None: none). May raise anything the pure core, the stored value or the codecs raise: it
+        then has written nothing to `counts` and, to `out`, only writes of `key` (`_drop_key` undoes them)."""
+        stored = self._load(partition, part, key)
+        if stored is not None and stored.kind == GONE:
+            counts["late"] += len(items)
+            return None
+        config = self.config
+        # Every receipt is applied, even one at or below the stored offset: Faust redelivers what was not
+        # committed, but not necessarily in offset order within one process (a rebalance drops buffered
+        # events and refetches them later), so "offset <= stored" does not prove "already folded". The pure
+        # core is idempotent: a receipt already folded is a duplicate.
+        last_offset = stored.offset if stored is not None else -1
+        replayed = sum(1 for off, _ in items if off <= last_offset)
+        prev = stored.state if stored is not None else None
+        # a new state gets a random lineage (MessageState.lineage): sinks merge states of another lineage
+        # by content, so a lost or rebuilt processor state never goes stale
+        lineage = 0 if prev is not None else self._lineages.getrandbits(63) | 1
+        outcome = apply_many(prev, [r for _, r in items], now=now, config=config, lineage=lineage)
+        state = outcome.state
+        check_at = wm_us + self._final_retention_us if state.final else _check_at(expire_due(state, config))
+        last = max(last_offset, max(off for off, _ in items))
+        if not outcome.changed and replayed and stored is not None:
+            # possibly folded before a crash that came before its emission: send the stored value again,
+            # byte for byte (same version, same content), with its steps and history
+            assert stored.state is not None
+            out.put(partition, key, encode_stored(stored))
+            out.emits.append((partition, key, stored.avro))
+            history = [(s.step, e) for s in stored.state.steps for e in s.history]
+            self._derive(out, partition, key, stored.state, history)
+            counts["replayed"] += replayed
+            counts["duplicate"] += len(items) - replayed
+            return None
+        avro = self.codecs.state.encode(state)
+        new = Stored(LIVE, last, check_at, state=state, avro=avro, version=state.version)
+        out.put(partition, key, encode_stored(new))
+        if outcome.changed:
+            out.emits.append((partition, key, avro))
+            self._derive(out, partition, key, state, outcome.new_events, prev)
+        fresh = len(items) - replayed
+        counts["replayed"] += replayed
+        if outcome.changed:
+            counts["applied"] += fresh
+        elif outcome.duplicate:
+            counts["duplicate"] += fresh
+        else:
+            counts["unchanged"] += fresh
+        return new
+
+    def _fold_poisoned(
+        self,
+        out: _Batch,
+        counts: dict[str, int],
+        partition: int,
+        part: _Partition,
+        key: bytes,
+        items: Sequence[tuple[int, DeliveryReceipt]],
+        now: datetime,
+        wm_us: int,
+        exc: Exception,
+    ) -> Stored | None:
+        """`key`'s receipts failed to fold together (`exc`): drop their writes, re-fold them one more at a
+        time onto those that folded (a trial into a scratch batch), park the ones that fail and fold the
+        others. Only on failure: the happy path never comes here."""
+        _drop_key(out, partition, key)
+        failed: list[tuple[tuple[int, DeliveryReceipt], Exception]] = []
+        good: list[tuple[int, DeliveryReceipt]] = []
+        if len(items) == 1:
+            failed.append((items[0], exc))
+        else:
+            for item in items:
+                try:
+                    self._fold_key(_Batch(), dict.fromkeys(counts, 0), partition, part, key, [*good, item],
+                                   now, wm_us)  # fmt: skip
+                except Exception as trial_exc:
+                    if _retriable(trial_exc):
+                        raise
+                    failed.append((item, trial_exc))
+                else:
+                    good.append(item)
+        new = None
+        if good:
+            try:
+                new = self._fold_key(out, counts, partition, part, key, good, now, wm_us)
+            except Exception as again:  # folded as a trial, not now: park them all rather than guess
+                if _retriable(again):
+                    raise
+                _drop_key(out, partition, key)
+                failed.extend((item, again) for item in good)
+        events = _events_by_offset(out, partition)
+        for (offset, receipt), error in failed:
+            ev = events.get(offset)
+            topic = ev.message.topic if ev is not None else self.receipts_topic
+            raw = ev.value if ev is not None else b""
+            reason = f"{type(error).__name__}: {error}"
+            out.dead_letters.append(
+                self._dead_letter("fold", topic, partition, offset, receipt.umid, raw, reason, now)
+            )
+        counts["poison"] += len(failed)
+        return new
+
+    def _dead_letter(
+        self,
+        stage: str,
+        topic: str,
+        partition: int,
+        offset: int,
+        umid: str,
+        raw: bytes,
+        reason: str,
+        now: datetime,
+    ) -> tuple[str, bytes, bytes]:
+        """The dead letter of one receipt, (stage, key, value) for `_Batch.dead_letters`; logs it."""
+        error_id = str(uuid.uuid4())
+        log.error(
+            "poison receipt parked (%s) topic=%s partition=%s offset=%s umid=%s error_id=%s: %s",
+            stage,
+            topic,
+            partition,
+            offset,
+            umid,
+            error_id,
+            reason,
+        )
+        assert self.dlq_codec is not None
+        letter = DeadLetter(
+            error_id=error_id,
+            reason=f"{stage}: {topic}[{partition}]@{offset} umid={umid}: {reason}",
+            code=POISON_CODE,
+            http_status=0,
+            source="processor",
+            received_at=now,
+            body=raw,
+            headers=(
+                ("topic", topic),
+                ("partition", str(partition)),
+                ("offset", str(offset)),
+                ("umid", umid),
+                ("stage", stage),
+            ),
+        )
+        return stage, error_id.encode(), self.dlq_codec.encode(letter)
 
     def _write_local(self, out: _Batch) -> None:
         for partition, kvs in out.values.items():
@@ -403,14 +569,21 @@ class Folder:
             for partition, offset in self._changelog_offsets.items():
                 if partition in self.parts:  # still ours
                     store.set_persisted_offset(TP(self.changelog_topic, partition), offset)
-        if out.emits:
+        if out.emits or out.dead_letters:
             sp = self.state_producer
             for partition, key, avro in out.emits:
                 self._produce(sp, self.states_topic, partition, key, avro, None)
             for topic, partition, key, value in out.derived:
                 self._produce(sp, topic, partition, key, value, None)
-            await self._flush(sp)
+            if out.dead_letters:
+                assert self.dlq_codec is not None
+                dlq = self.dlq_codec.spec.name
+                for _, key, value in out.dead_letters:
+                    self._produce(sp, dlq, -1, key, value, None)  # -1: the partitioner's choice
+            await self._flush(sp)  # the dead letters are acked before their receipts are (`_ack`)
             self.metrics.states_emitted.inc(len(out.emits))
+            for stage, _, _ in out.dead_letters:
+                self.metrics.dead_letters.labels(stage).inc()
 
     # --- the pipeline --------------------------------------------------------------------------
 
@@ -507,7 +680,11 @@ class Folder:
             wm_us = _us(clock)
             while heap and heap[0][0] <= wm_us and done < limit:
                 check_at, key = heapq.heappop(heap)
-                stored = self._load(partition, part, key)
+                try:
+                    stored = self._load(partition, part, key)
+                except Exception as exc:  # an undecodable value cannot expire: left as it is, unscheduled
+                    log.error("expiry skips undecodable value partition=%s key=%r: %r", partition, key, exc)
+                    continue
                 if stored is None or stored.check_at != check_at:
                     continue  # superseded by a later write (which scheduled itself)
                 done += 1
@@ -523,9 +700,18 @@ class Folder:
                     new = Stored(GONE, stored.offset, wm_us + tomb_retention, version=state.version)
                     counts["retired"] += 1
                 else:
-                    sealed = expire(state, now=clock, config=config)
+                    marks = len(out.emits), len(out.derived)
+                    try:
+                        sealed = expire(state, now=clock, config=config)
+                        if sealed is not None:
+                            avro = self.codecs.state.encode(sealed)
+                            out.emits.append((partition, key, avro))
+                            self._derive(out, partition, key, sealed, (), state)  # steps unchanged
+                    except Exception as exc:  # never seen (the core never raises): left unsealed
+                        del out.emits[marks[0] :], out.derived[marks[1] :]
+                        log.error("expiry failed partition=%s umid=%s: %r", partition, state.umid, exc)
+                        continue
                     if sealed is not None:
-                        avro = self.codecs.state.encode(sealed)
                         new = Stored(
                             LIVE,
                             stored.offset,
@@ -534,12 +720,9 @@ class Folder:
                             avro=avro,
                             version=sealed.version,
                         )
-                        out.emits.append((partition, key, avro))
-                        self._derive(out, partition, key, sealed, (), state)  # steps unchanged
                         counts["sealed"] += 1
                     else:  # not due after all: look again later
-                        due = expire_due(state, config)
-                        later = _us(due) if due is not None else -1
+                        later = _check_at(expire_due(state, config))
                         if 0 <= later <= wm_us:
                             later = wm_us + interval
                         new = Stored(

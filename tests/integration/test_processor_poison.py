@@ -1,0 +1,169 @@
+"""One bad record never costs other records: poison receipts among valid ones, real broker, real worker.
+
+Issue 20: a receipt timestamped `9999-12-31T23:59:59Z` made the pure core overflow; Faust restarted the
+agent and 477, then 500, of the 500 valid receipts of the same burst never reached the state topic. Here
+the same burst carries every kind of record the worker cannot fold as it is, produced together with 500
+valid receipts on the real Tansu broker and read back from the real topics (nothing mocked):
+
+- receipts at the end of the calendar (a delivery and a failure at 9999-12-31T23:59:59Z): no longer
+  poison, the core saturates its due times (processors.state "Time range"), so they are folded;
+- a timestamp past year 9999 (a long no datetime holds; any non-Python producer can write it) and a
+  record that is not Avro at all: undecodable, parked (stage decode);
+- a umid whose stored state does not decode (a corrupt changelog record, recovered into RocksDB before
+  the burst): its receipts cannot be folded, parked (stage fold); no other umid is touched.
+
+Every valid receipt must reach the state topic with the state the pure core gives, the poison must be in
+`chatpipe.processor.dlq` with its reason, record bytes and position, the metric must count it, and the
+worker must go on folding receipts posted afterwards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import struct
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import fastavro
+import pytest
+from confluent_kafka import Producer
+
+from processors.app import LIVE, Stored, encode_stored
+from schemas import mapping
+from schemas.catalog import PROCESSOR_DLQ, RECEIPTS, load_schema
+from schemas.codec import Codecs
+from schemas.models import DeliveryReceipt, Status, User
+from schemas.timefmt import parse_iso8601
+from tests.integration import test_processor as tp
+from tests.support.kafka import read_topic
+
+pytestmark = pytest.mark.integration
+
+# the fixtures of the processor tests: a fresh broker for this module, the registry's codecs, workers
+bootstrap = tp.bootstrap
+codecs = tp.codecs
+workers = tp.workers
+
+END = "9999-12-31T23:59:59Z"
+CHANGELOG = "chatpipe-processor-message_state-changelog"
+
+
+def edge_receipts() -> list[DeliveryReceipt]:
+    """The receipts that crashed the worker: a delivery and a failure at the end of the calendar."""
+    t = parse_iso8601(END)
+    user = User(msisdn="+6590000000")
+    out = []
+    for umid, final in (("e-delivered", "delivered"), ("e-failed", "undelivered")):
+        for state, ts in (("sent", tp.T0), (final, t)):
+            out.append(DeliveryReceipt(umid, "acme", "whatsapp", Status(state, ts), tp.T0, "{}", user=user))
+    return out
+
+
+def beyond_the_calendar(codecs: Codecs) -> bytes:
+    """A receipt whose status timestamp (timestamp-micros) is 10000-01-01: valid Avro, no datetime."""
+    r = DeliveryReceipt("x-beyond", "acme", "sms", Status("delivered", tp.T0), tp.T0, "{}", user=User())
+    d = mapping.receipt_to_dict(r)
+    d["status"]["timestamp"] = 253_402_300_800_000_000
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, fastavro.parse_schema(json.loads(load_schema(RECEIPTS.schema_file))), d)
+    return struct.pack(">bI", 0, codecs.receipts.schema_id) + buf.getvalue()
+
+
+def corrupt_the_stored_state(bootstrap: str, umid: str) -> None:
+    """A changelog record for `umid` whose state does not decode; the worker recovers it into RocksDB.
+    Produced alone (Tansu's ListOffsets needs one record per batch to give the true end to recovery)."""
+    value = encode_stored(Stored(LIVE, -1, -1, avro=b"\x00\x00\x00\x00\x01not a state"))
+    producer = Producer({"bootstrap.servers": bootstrap})
+    producer.produce(CHANGELOG, value, umid.encode())  # keyed like the receipts: the same partition
+    assert producer.flush(30) == 0
+
+
+def produce_burst(bootstrap: str, records: list[tuple[bytes, bytes]]) -> dict[bytes, tuple[int, int]]:
+    """Produce (key, value) records together; returns value -> (partition, offset) as acked."""
+    where: dict[bytes, tuple[int, int]] = {}
+
+    def acked(err: Any, msg: Any) -> None:
+        assert err is None, err
+        where[msg.value()] = (msg.partition(), msg.offset())
+
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True})
+    for key, value in records:
+        producer.produce(RECEIPTS.name, value, key, on_delivery=acked)
+        producer.poll(0)
+    assert producer.flush(30) == 0
+    return where
+
+
+def dead_letter_counts(port: int) -> dict[str, float]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("chatpipe_processor_dead_letters_total{"):
+            labels, value = line.rsplit(" ", 1)
+            out[labels.split('stage="', 1)[1].split('"', 1)[0]] = float(value)
+    return out
+
+
+def test_poison_receipts_are_parked_and_every_valid_receipt_of_the_burst_is_folded(
+    bootstrap: str, codecs: Codecs, workers: Any, tmp_path: Path
+) -> None:
+    valid = tp.workload("v", 150, seed=20)[:500]
+    assert len(valid) == 500
+    edges = edge_receipts()
+    expected = tp.truth(valid)
+    expected_edges = tp.truth(edges)
+    corrupt_the_stored_state(bootstrap, "x-corrupt")
+    corrupt = [
+        DeliveryReceipt("x-corrupt", "acme", "sms", Status(s, tp.T0), tp.T0, "{}", user=User())
+        for s in ("sent", "delivered")
+    ]
+    undecodable = [beyond_the_calendar(codecs), b'{"not": "avro"}']
+
+    worker = workers(tmp_path / "w", "w")
+    worker.wait_ready()
+    records = [(r.umid.encode(), codecs.receipts.encode(r)) for r in valid + edges + corrupt]
+    records += [(b"x-undecodable", raw) for raw in undecodable]
+    random.Random(20).shuffle(records)
+    where = produce_burst(bootstrap, records)
+
+    records_out = tp.wait_for_truth(bootstrap, codecs, "v", expected, timeout=120)
+    tp.assert_monotonic(records_out)
+    tp.wait_for_truth(bootstrap, codecs, "e", expected_edges, timeout=60)  # folded, not parked
+
+    letters = [
+        codecs.processor_dlq.decode(m.value())
+        for m in read_topic(bootstrap, PROCESSOR_DLQ.name, expect=4, timeout=90)
+    ]
+    parked = {letter.body: letter for letter in letters}
+    poison = undecodable + [codecs.receipts.encode(r) for r in corrupt]
+    assert sorted(parked) == sorted(poison), [x.reason for x in letters]
+    for body, letter in parked.items():
+        partition, offset = where[body]
+        headers = dict(letter.headers)
+        assert letter.source == "processor" and letter.reason
+        assert headers["topic"] == RECEIPTS.name
+        assert (headers["partition"], headers["offset"]) == (str(partition), str(offset))
+        assert f"{RECEIPTS.name}[{partition}]@{offset}" in letter.reason
+    assert "date value out of range" in parked[undecodable[0]].reason
+    assert {dict(x.headers)["stage"] for x in letters if dict(x.headers)["umid"] == "x-corrupt"} == {"fold"}
+
+    deadline = time.monotonic() + 30
+    while dead_letter_counts(worker.port) != {"decode": 2.0, "fold": 2.0}:
+        assert time.monotonic() < deadline, dead_letter_counts(worker.port)
+        time.sleep(0.2)
+    assert "poison receipt parked (fold)" in worker.tail(200_000)
+    assert "umid=x-corrupt" in worker.tail(200_000)
+
+    # the worker goes on: receipts posted afterwards are folded too
+    later = tp.workload("w", 40, seed=21)
+    tp.produce(bootstrap, codecs, later)
+    tp.wait_for_truth(bootstrap, codecs, "w", tp.truth(later), timeout=90)
+    assert worker.proc.poll() is None
