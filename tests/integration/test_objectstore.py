@@ -45,11 +45,16 @@ class Server:
                                      stderr=subprocess.STDOUT)  # fmt: skip
         log.close()
         deadline = time.monotonic() + 20
-        while not ready.exists():
-            assert self.proc.poll() is None, (self.root.parent / "objectstore.log").read_text()
-            assert time.monotonic() < deadline, "objectstore not ready in 20 s"
-            time.sleep(0.02)
-        assert int(ready.read_text()) == self.proc.pid
+        try:
+            while not ready.exists():
+                assert self.proc.poll() is None, (self.root.parent / "objectstore.log").read_text()
+                assert time.monotonic() < deadline, "objectstore not ready in 20 s"
+                time.sleep(0.02)
+            assert int(ready.read_text()) == self.proc.pid
+        except BaseException:
+            self.proc.kill()  # no server left behind by a test that failed here
+            self.proc.wait(10)
+            raise
 
     def kill9(self) -> None:
         assert self.proc is not None
