@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -54,6 +54,57 @@ class Unavailable(Exception):
     """Neither the broker nor the spool could take the record: answer 503."""
 
 
+class DrainWatch:
+    """Whether the spool's drain has stalled, from what each drain round reported. Pure: no I/O, no clock.
+
+    Stalled: the spool holds records, the broker answers (the caller probes it after a failed round, and
+    when `wants_probe`), and either `max_failures` rounds in a row failed without draining a record, or none
+    was drained for `max_seconds`. A broker that does not answer is an outage, not a stall: the spool is
+    there to take it (for as long as it has room), so it never makes the spool stalled; `age` shows it. A
+    round that drains a record, or an empty spool, clears it. `stalled` is the reason, naming the topic and
+    seq the drain stopped at and the error.
+    """
+
+    def __init__(self, max_failures: int, max_seconds: float, now: float) -> None:
+        if max_failures < 1 or not max_seconds > 0:
+            raise ValueError(f"need max_failures >= 1 and max_seconds > 0, got {max_failures}, {max_seconds}")
+        self.max_failures = max_failures
+        self.max_seconds = max_seconds
+        self.failures = 0  # rounds in a row that failed without draining a record, the broker answering
+        self.last_progress = now  # when a record was last drained or the spool last seen empty
+        self.last_error: str | None = None  # "topic=... seq=...: error" of the last failed round
+        self.stalled: str | None = None
+
+    def empty(self, now: float) -> None:
+        self.failures, self.last_progress, self.stalled = 0, now, None
+
+    def round(self, now: float, sent: int, error: str | None, broker_answers: bool = True) -> None:
+        """One drain round: `sent` records drained, then `error` (None: it drained all it found);
+        `broker_answers`: whether the broker answered after a failed round (an outage counts no failure)."""
+        if sent:
+            self.failures, self.last_progress, self.stalled = 0, now, None
+        if error is None:
+            return
+        self.last_error = error
+        if not sent and broker_answers:
+            self.failures += 1
+            if self.failures >= self.max_failures:
+                self.stalled = (f"spool drain failed {self.failures} times in a row while the broker "
+                                f"answers, at {error}")
+
+    def age(self, now: float) -> float:
+        """Seconds since a record was last drained or the spool was empty."""
+        return now - self.last_progress
+
+    def wants_probe(self, now: float) -> bool:
+        return self.stalled is None and self.age(now) >= self.max_seconds
+
+    def broker_answered(self, now: float) -> None:
+        if self.wants_probe(now):
+            self.stalled = (f"no spooled record drained for {self.age(now):.0f} s while the broker answers; "
+                            f"last failure at {self.last_error or 'none'}")
+
+
 class Intake:
     """The durable hand-off: Kafka first, the local spool when Kafka cannot ack in time.
 
@@ -61,17 +112,38 @@ class Intake:
 
     The ack deadline is enforced by one reaper task for all waiting records (they share one timeout, so
     their deadlines expire in the order they were published) rather than a timer and a shield per request.
+
+    The drain survives any outage: the producer replaces itself when librdkafka can no longer deliver with
+    it (`AsyncProducer.replace`); the drain replaces it too when a round acks nothing for `drain_timeout`
+    (its futures are stuck) or rounds keep failing although the broker answers (at the 2nd, 4th, 8th...
+    such failure in a row that the producer did not already answer with a replacement). A spool that still
+    does not drain while the broker answers is `stalled` (`DrainWatch`): /readyz answers 503 with the
+    reason, the metrics show it, and it is logged at ERROR. A broker that does not answer is an outage the
+    spool takes (readiness stays as it is); `chatpipe_ingest_spool_drain_age_seconds` shows how long.
     """
 
     def __init__(self, producer: AsyncProducer, spool: AsyncSpool | None, timeout: float,
-                 metrics: IngestMetrics) -> None:
+                 metrics: IngestMetrics, stall_failures: int = 5, stall_seconds: float = 60.0,
+                 drain_timeout: float = 30.0) -> None:
         self.producer = producer
         self.spool = spool
         self.timeout = timeout
         self.metrics = metrics
+        self.drain_timeout = drain_timeout
+        self.watch = DrainWatch(stall_failures, stall_seconds, time.monotonic())
         self._waiting: deque[tuple[float, asyncio.Future[None]]] = deque()
         self._reaper: asyncio.Task[None] | None = None
         self._observe_produce = metrics.produce_latency.observe
+        replacements = metrics.producer_replacements
+        producer.on_replace = lambda cause: replacements.labels(cause).inc()
+        metrics.spool_drain_age.set_function(
+            lambda: self.watch.age(time.monotonic()) if self.spool_depth else 0.0
+        )
+
+    @property
+    def stalled(self) -> str | None:
+        """Why the spool does not drain, or None."""
+        return self.watch.stalled
 
     @property
     def spool_depth(self) -> int:
@@ -138,18 +210,82 @@ class Intake:
         return "spool"
 
     async def drain_forever(self, interval: float = 0.5) -> None:
-        """Send spooled records to Kafka in order whenever the broker takes them."""
+        """Send spooled records to Kafka in order whenever the broker takes them; watch for a stall."""
         assert self.spool is not None
         while True:
             if self.spool.depth:
-                try:
-                    sent = await self.spool.drain(self.producer.publish)
-                    if sent:
-                        log.info("drained %d spooled records to kafka, %d left", sent, self.spool.depth)
-                except Exception as exc:
-                    log.warning("spool drain paused: %s", exc)
-                self.metrics.spool_depth.set(self.spool.depth)
+                await self._drain_round()
+            else:
+                self._judge(lambda: self.watch.empty(time.monotonic()))
+            self.metrics.spool_depth.set(self.spool.depth)
             await asyncio.sleep(interval)
+
+    async def _drain_round(self) -> None:
+        assert self.spool is not None
+        spool, producer = self.spool, self.producer
+        replacements = producer.replacements
+        spool.last_drain_error = spool.stopped_at = None
+        error: BaseException | None
+        try:
+            sent = await self._drain_watched()
+            error = spool.last_drain_error
+        except Exception as exc:  # the spool could not be read or acked
+            sent, error = 0, exc
+        if sent:
+            log.info("drained %d spooled records to kafka, %d left", sent, spool.depth)
+        where = None
+        if error is not None:
+            self.metrics.spool_drain_failures.inc()
+            at = spool.stopped_at
+            # AsyncSpool.drain logged it (a WARNING naming topic and seq)
+            where = f"topic={at.topic} seq={at.seq}: {error}" if at else f"the spool: {error!r}"
+        up = error is None or sent > 0 or await self._broker_answers()
+        now = time.monotonic()
+        self._judge(lambda: self.watch.round(now, sent, where, up))
+        failures = self.watch.failures
+        if failures >= 2 and failures & (failures - 1) == 0 and producer.replacements == replacements:
+            producer.replace("failing", f"{failures} drain rounds in a row failed at {where}")
+        if self.watch.wants_probe(now) and await self._broker_answers():
+            self._judge(lambda: self.watch.broker_answered(now))
+
+    async def _drain_watched(self) -> int:
+        """One `AsyncSpool.drain`; if it acks nothing for `drain_timeout`, the producer is replaced (which
+        fails the futures it waits for)."""
+        assert self.spool is not None
+        spool = self.spool
+        task = asyncio.ensure_future(spool.drain(self.producer.publish))
+        try:
+            acked = spool.spool.acked
+            while not (await asyncio.wait({task}, timeout=self.drain_timeout))[0]:
+                if spool.spool.acked == acked:
+                    self.producer.replace("stuck", f"no spooled record acked for {self.drain_timeout:g} s")
+                acked = spool.spool.acked
+            return task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _broker_answers(self) -> bool:
+        try:
+            await asyncio.to_thread(self.producer.broker_metadata, 2.0)
+        except Exception:
+            return False
+        return True
+
+    def _judge(self, update: Callable[[], None]) -> None:
+        """Apply `update` to the watch; report a stall starting or ending (ERROR log, gauge), once each."""
+        before = self.watch.stalled
+        update()
+        after = self.watch.stalled
+        if (after is None) == (before is None):
+            return
+        self.metrics.spool_stalled.set(after is not None)
+        if after is not None:
+            log.error("spool stalled, %d records undelivered: %s", self.spool_depth, after)
+        else:
+            log.warning("spool drains again (was stalled: %s)", before)
 
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -397,12 +533,17 @@ async def healthz(_request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Ready when Kafka or the spool takes records and the spool is not stalled; else 503 with a reason."""
     intake = request.app[INTAKE]
     kafka = intake.producer.healthy
     spool = intake.spool_writable
-    body = {"kafka": kafka, "spool": spool, "spoolDepth": intake.spool_depth}
-    return web.json_response({"status": "ready" if kafka or spool else "unavailable", **body},
-                             status=200 if kafka or spool else 503)
+    stalled = intake.stalled
+    body: dict[str, object] = {"kafka": kafka, "spool": spool, "spoolDepth": intake.spool_depth,
+                               "spoolStalled": stalled is not None}
+    reason = stalled or (None if kafka or spool else "neither Kafka nor the spool takes records")
+    if reason is not None:
+        return web.json_response({"status": "unavailable", "reason": reason, **body}, status=503)
+    return web.json_response({"status": "ready", **body})
 
 
 async def metrics_view(request: web.Request) -> web.Response:
@@ -435,7 +576,10 @@ def create_app(settings: Settings, codecs: Codecs | None = None,
         spool = None
         if settings.spool_max_bytes:
             spool = AsyncSpool(Spool(spool_path, max_bytes=settings.spool_max_bytes))
-        intake = Intake(producer, spool, settings.produce_timeout, app[METRICS])
+        intake = Intake(
+            producer, spool, settings.produce_timeout, app[METRICS],
+            stall_failures=settings.spool_stall_failures, stall_seconds=settings.spool_stall_seconds,
+        )
         app[INTAKE] = intake
         app[WEBHOOK].intake = intake
         # every schema registered before taking traffic: a registry problem fails start-up, not requests
