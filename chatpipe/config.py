@@ -72,6 +72,12 @@ class Settings:
     # (off: they survive a crash of the processes, not of the machine)
     dev_broker_storage: str = "memory"
     dev_broker_fsync: bool = True
+    # idempotent producers (librdkafka's enable.idempotence) for every chatpipe producer: no duplicates from
+    # librdkafka's own retries. `chatpipe dev` turns it off on its disk broker, unless set: Tansu 0.6.0
+    # stores a producer's sequence before the batch, so a broker killed in between answers the retry as a
+    # duplicate and the record is lost (measured, tests/integration/test_dev_persistent_broker.py); without
+    # idempotence a retry may write a record twice, which every consumer of chatpipe's topics absorbs
+    kafka_idempotence: bool = True
     read_window_hours: float = 48.0
     stale_after_hours: float = 240.0
     final_retention_hours: float = 24.0

@@ -240,6 +240,8 @@ class DevStack:
             CHATPIPE_API_PORT=str(s.api_port),
             CHATPIPE_WORKER_WEB_PORT=str(free_port()),
         )
+        if embedded and self.disk and not env.get("CHATPIPE_KAFKA_IDEMPOTENCE"):
+            env["CHATPIPE_KAFKA_IDEMPOTENCE"] = "0"  # see Settings.kafka_idempotence: Tansu's sequence bug
         self.child_env = env
         if not registry_url:
             rport = free_port()

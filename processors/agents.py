@@ -203,7 +203,9 @@ class Folder:
         self.changelog_topic = p.table.changelog_topic.get_topic_name()
         self.parts: dict[int, _Partition] = {}
         bootstrap = p.settings.kafka_bootstrap
-        common = {"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all"}
+        common = {
+            "bootstrap.servers": bootstrap, "enable.idempotence": p.settings.kafka_idempotence, "acks": "all"
+        }
         self.changelog_producer = Producer({**common, "linger.ms": 2, "client.id": "chatpipe-changelog"})
         # state, step and history records: delivery reports for failures only (no Python call per record
         # acked); a failure reaches `_on_state` and fails the flush, as for the changelog

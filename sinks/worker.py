@@ -77,7 +77,11 @@ class SinkWorker:
         self._assigned = threading.Event()
         self._consumer: Consumer | None = None
         self._dlq = Producer(
-            {"bootstrap.servers": settings.kafka_bootstrap, "acks": "all", "enable.idempotence": True}
+            {
+                "bootstrap.servers": settings.kafka_bootstrap,
+                "acks": "all",
+                "enable.idempotence": settings.kafka_idempotence,
+            }
         )
 
     @property
