@@ -189,7 +189,8 @@ def test_empty_data_gives_no_receipt() -> None:
 def test_webhook_receipts_are_not_taken_for_reconciled_ones() -> None:
     from ingest.parse import parse_webhook
 
-    hook = parse_webhook(load("dr_v9_whatsapp_delivered_text"), FETCHED)
+    # received after its event (2026-07-03): ingest refuses event times more than a day ahead
+    hook = parse_webhook(load("dr_v9_whatsapp_delivered_text"), FETCHED + timedelta(days=2))
     assert isinstance(hook, DeliveryReceipt) and not is_reconciled(hook)
 
 
