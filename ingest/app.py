@@ -570,7 +570,10 @@ def create_app(settings: Settings, codecs: Codecs | None = None,
     spool_path = spool_dir or settings.state_dir / "spool" / "ingest-0"
 
     async def intake_ctx(app: web.Application) -> AsyncIterator[None]:
-        config = producer_config(settings.kafka_bootstrap, **{"linger.ms": settings.ingest_linger_ms})
+        config = producer_config(
+            settings.kafka_bootstrap,
+            **{"linger.ms": settings.ingest_linger_ms, "enable.idempotence": settings.kafka_idempotence},
+        )
         producer = AsyncProducer(config)
         producer.start()
         spool = None
