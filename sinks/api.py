@@ -34,6 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from chatpipe.config import Settings
 from chatpipe.metric_defs import ApiMetrics
 from schemas import ids
+from schemas.errors import TransientError
 from schemas.timefmt import format_iso8601
 from sinks.rows import parse_inbound_cursor
 from sinks.store import DEFAULT_LIMIT, MAX_LIMIT, Store, open_store
@@ -46,6 +47,7 @@ CODE_BAD_REQUEST = 1000
 CODE_ILLEGAL_SUBACCOUNT = 1001
 CODE_INVALID_ID = 1008
 CODE_NOT_FOUND = 1300
+CODE_UNAVAILABLE = 1500
 
 STORE = web.AppKey("store", Store)
 METRICS = web.AppKey("metrics", ApiMetrics)
@@ -209,6 +211,18 @@ async def metrics_view(request: web.Request) -> web.Response:
     )
 
 
+@web.middleware
+async def store_unavailable(request: web.Request, handler: Callable[..., object]) -> web.StreamResponse:
+    """The store is unreachable even after the store's own reconnect: 503 with Retry-After (8x8's error
+    body), not a 500: the request may be retried as is."""
+    try:
+        return await handler(request)  # type: ignore[misc,no-any-return]
+    except TransientError as exc:
+        response = _error(503, CODE_UNAVAILABLE, f"Store temporarily unavailable, retry later: {exc}")
+        response.headers["Retry-After"] = "1"
+        return response
+
+
 def create_app(
     settings: Settings, store: Store | None = None, clock: Callable[[], datetime] = utc_now
 ) -> web.Application:
@@ -217,7 +231,7 @@ def create_app(
     "now" means for time-dependent answers (the conversation's `windowOpen`, `granted`)."""
     from sinks.worker import pii_policy
 
-    app = web.Application()
+    app = web.Application(middlewares=[store_unavailable])
     registry = CollectorRegistry()
     app[REGISTRY] = registry
     app[METRICS] = ApiMetrics(registry)

@@ -378,15 +378,25 @@ class PostgresStore:
                 self._staged = False
 
     def _run(self, work: Callable[[psycopg.Connection[dict[str, Any]]], T]) -> T:
-        """Run `work` in one transaction; a lost connection becomes TransientError (nothing committed)."""
+        """Run `work` in one transaction; a lost connection becomes TransientError (nothing committed).
+
+        A connection that was open before this call may have been ended meanwhile (a server restart, an
+        idle timeout): then `work` is tried once more on a fresh connection. Writes are idempotent and the
+        failed transaction committed nothing, so a second try is always safe."""
         with self._lock:
-            try:
-                conn = self._connection()
-                with conn.transaction():
-                    return work(conn)
-            except psycopg.OperationalError as exc:
-                self._drop()
-                raise TransientError(f"postgres unavailable: {exc}") from exc
+            for attempt in (1, 2):
+                reused = self._conn is not None
+                try:
+                    conn = self._connection()
+                    with conn.transaction():
+                        return work(conn)
+                except psycopg.OperationalError as exc:
+                    self._drop()
+                    if attempt == 1 and reused:
+                        log.info("postgres connection ended (%s); retrying on a new one", exc)
+                        continue
+                    raise TransientError(f"postgres unavailable: {exc}") from exc
+            raise AssertionError("unreachable")  # pragma: no cover
 
     def _stage(self, conn: psycopg.Connection[Any]) -> None:
         if not self._staged:

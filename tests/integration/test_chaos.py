@@ -224,13 +224,6 @@ def test_postgres_stopped_mid_load_pauses_the_sink_which_resumes(
 
 
 @pytest.mark.chaos
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="sinks/postgres.py PostgresStore._run drops a connection PostgreSQL terminated and raises "
-    "TransientError without trying a fresh one, and sinks/api.py answers that 500: the first read after a "
-    "PostgreSQL restart fails",
-)
 @pytest.mark.timeout(240)
 def test_the_read_api_answers_its_first_request_after_a_postgres_restart(
     tmp_path: Path, postgres: PostgresServer

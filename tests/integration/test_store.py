@@ -835,3 +835,28 @@ def test_a_merge_keeps_the_stored_masked_number_when_the_new_state_has_none(back
     backend.store.write_states([_folded(9, _receipt("delivered", 2, msisdn=None))])
     after = backend.query("SELECT msisdn_masked, msisdn_hash, state FROM messages")
     assert after == [(*before[0], "delivered")]
+
+
+def test_postgres_a_connection_the_server_ended_is_replaced_and_the_call_succeeds(
+    postgres_server: PostgresServer,
+) -> None:
+    # a server restart or an idle timeout ends the store's open connection: the next read and the next
+    # write must go through on a fresh one, not fail (the read API answered 500 on the first request)
+    url = fresh_database(postgres_server)
+    store = postgres_sink.PostgresStore(url, PII)
+    store.migrate()
+    try:
+        v = versions("m-1")
+        assert store.write_states([v[1]]) == 1
+        for call in (lambda: store.get_message(SUB, "m-1"), lambda: store.write_states([v[2]])):
+            with psycopg.connect(url) as admin:
+                ended = admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                ).fetchall()
+            assert ended and all(r[0] for r in ended)
+            assert call()
+        data = store.get_message(SUB, "m-1")
+        assert data is not None and data[0]["status"]["state"] == "sent"
+    finally:
+        store.close()
