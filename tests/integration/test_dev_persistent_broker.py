@@ -33,7 +33,8 @@ from tests.support.dev import (
 )
 from tests.support.kafka import read_topic
 
-pytestmark = pytest.mark.integration
+# minutes long: in the chaos tier (`scripts/test -m chaos`) so the default suite stays within its budget
+pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
 DISK = {"CHATPIPE_DEV_BROKER_STORAGE": "disk"}
 

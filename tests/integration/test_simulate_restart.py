@@ -21,7 +21,8 @@ from chatpipe.proof.traffic import FAILURES
 from chatpipe.proof.truth import load_lines
 from tests.support.dev import running_dev
 
-pytestmark = pytest.mark.integration
+# minutes long: in the chaos tier (`scripts/test -m chaos`) so the default suite stays within its budget
+pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
 FIRST, SECOND = 1000, 600  # messages of each run: about 2,600 and 2,500 webhooks
 RATE = 500
