@@ -167,7 +167,9 @@ class Load:
     ingest: Ingest
     rate: float
     acked: set[str] = field(default_factory=set)
-    refused: list[tuple[str, int | str]] = field(default_factory=list)
+    refused: list[tuple[str, int]] = field(default_factory=list)  # ingest answered, not 2xx
+    #: no answer (the connection dropped): not acknowledged, so ingest owes nothing, but it may have kept them
+    unanswered: set[str] = field(default_factory=set)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -179,8 +181,8 @@ class Load:
                     self.acked.add(umid)
                 else:
                     self.refused.append((umid, r.status))
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            self.refused.append((umid, repr(exc)))
+        except (aiohttp.ClientError, TimeoutError):
+            self.unanswered.add(umid)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -339,8 +341,8 @@ async def test_a_30s_outage_under_steady_load_ends_with_every_acknowledged_recei
     replaced = {k: v for k, v in metrics.items() if k.startswith("chatpipe_ingest_producer_replacements_t")}
     print(f"\noutage {OUTAGE:g} s: {spooled_at_return} receipts spooled at the return "
           f"({spooled_bytes / spooled_at_return:.0f} bytes each), drained {drained_after:.1f} s after it; "
-          f"{len(load.acked)} acknowledged; producers replaced {replaced}; "
-          f"spool depth by seconds after the return {depths}")
+          f"{len(load.acked)} acknowledged, {len(load.unanswered)} unanswered; producers replaced "
+          f"{replaced}; spool depth by seconds after the return {depths}")
     assert drained, (
         f"spool not drained {BACK_WITHIN:g} s after the broker's return: /readyz {final}; ingest log ends "
         + log.read_text(errors="replace")[-3000:]
@@ -351,7 +353,7 @@ async def test_a_30s_outage_under_steady_load_ends_with_every_acknowledged_recei
     found = umids_in(broker.bootstrap, registry_url)
     missing = load.acked - set(found)
     assert not missing, f"{len(missing)} of {len(load.acked)} acknowledged receipts are not in Kafka"
-    assert set(found) == load.acked  # and nothing that was not acknowledged
+    assert set(found) - load.acked <= load.unanswered  # and nothing that was refused
 
 
 def stall_logs(caplog: pytest.LogCaptureFixture) -> list[str]:
