@@ -65,7 +65,9 @@ def make_folder(in_flight: int = 2) -> Any:
         metrics=None,
         receipts=name,
         states=name,
-        settings=SimpleNamespace(emit_steps_and_events=False, kafka_bootstrap="127.0.0.1:1"),
+        settings=SimpleNamespace(
+            emit_steps_and_events=False, kafka_bootstrap="127.0.0.1:1", kafka_idempotence=True
+        ),
         table=SimpleNamespace(changelog_topic=name),
     )
     folder = Folder(p)  # type: ignore[arg-type]

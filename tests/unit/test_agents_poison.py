@@ -52,7 +52,9 @@ def make_folder() -> tuple[Folder, Codecs, dict[bytes, bytes]]:
         metrics=ProcessorMetrics(CollectorRegistry()),
         receipts=name,
         states=SimpleNamespace(get_topic_name=lambda: "chatpipe.messages.state"),
-        settings=SimpleNamespace(emit_steps_and_events=True, kafka_bootstrap="127.0.0.1:1"),
+        settings=SimpleNamespace(
+            emit_steps_and_events=True, kafka_bootstrap="127.0.0.1:1", kafka_idempotence=True
+        ),
         table=SimpleNamespace(changelog_topic=name),
     )
     folder = Folder(p)  # type: ignore[arg-type]
