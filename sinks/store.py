@@ -14,8 +14,9 @@ Contract shared by both dialects (`sinks.sqlite`, `sinks.postgres`):
   the stored version. Returns how many conversations were inserted or advanced. Rows are keyed by the
   keyed hash of the conversation key (PII: see `sinks.rows`).
 - Reads never see another subaccount's messages: an umid of another subaccount is "unknown".
-- A lost database connection raises `schemas.errors.TransientError` (nothing of the batch is committed);
-  the next call reconnects, so the caller pauses and retries the same batch.
+- A connection the database ended between calls (a restart, an idle timeout) is replaced and the call
+  tried once more. A database that stays unreachable raises `schemas.errors.TransientError` (nothing of
+  the batch is committed); the next call reconnects, so the caller pauses and retries the same batch.
 - Timestamps are aware UTC datetimes in rows; the API shapes carry 8x8's ISO 8601 text.
 """
 

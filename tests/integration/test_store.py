@@ -483,8 +483,7 @@ def test_postgres_connection_killed_mid_session_reconnects(postgres_server: Post
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
                 " WHERE datname = current_database() AND pid <> pg_backend_pid()"
             )
-        with pytest.raises(TransientError):
-            store.write_states([versions("m-1")[2]])
+        # the ended connection is replaced and the write tried once more on a fresh one
         assert store.write_states([versions("m-1")[2]]) == 1
         assert (store.get_message(SUB, "m-1") or [{}])[0]["status"]["state"] == "sent"
     finally:
