@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,9 +28,16 @@ RECEIVED_AT = datetime(2026, 7, 3, 3, 45, 0, 123456, tzinfo=UTC)
 DR = "dr_v9_whatsapp_undelivered_provider_error"
 
 
+@functools.cache
+def shared_codec() -> TopicCodec[DeliveryReceipt]:
+    """One codec for the module: building one compiles every schema (about 0.1-0.3 s), which per
+    hypothesis example made these properties the slowest tests of the suite; encoding is stateless."""
+    return Codecs(Registry("memory://", client=InMemoryClient())).receipts  # type: ignore[arg-type]
+
+
 @pytest.fixture(scope="module")
 def receipts() -> TopicCodec[DeliveryReceipt]:
-    return Codecs(Registry("memory://", client=InMemoryClient())).receipts  # type: ignore[arg-type]
+    return shared_codec()
 
 
 def reference(body: bytes, codec: TopicCodec[DeliveryReceipt]) -> bytes | None:
@@ -234,7 +242,7 @@ def test_fast_path_accepts_exactly_what_the_parser_accepts_near_every_limit(
     """A mismatch either way fails: the fast path must not refuse a valid value of these fields (it would
     cost speed, not correctness, but it would mean its rules drifted from the parser's) nor accept one
     the parser refuses."""
-    codec = Codecs(Registry("memory://", client=InMemoryClient())).receipts  # type: ignore[arg-type]
+    codec = shared_codec()
     limit = _FIELDS[field]
     if field == "payload.status.state":
         value = data.draw(st.sampled_from([*sorted(STATES), "Delivered", "READ", "unknown2", "", "sent "]))
@@ -256,7 +264,7 @@ def test_fast_path_accepts_exactly_what_the_parser_accepts_near_every_limit(
 @example(0)
 @example(1)
 def test_fast_path_keeps_the_parsers_time_window_to_the_microsecond(micros: int) -> None:
-    codec = Codecs(Registry("memory://", client=InMemoryClient())).receipts  # type: ignore[arg-type]
+    codec = shared_codec()
     for edge in (EARLIEST, RECEIVED_AT + MAX_AHEAD):
         when = edge + timedelta(microseconds=micros)
         body = patched(DR, {"payload.status.timestamp": when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")})
@@ -276,14 +284,14 @@ def test_bom_deep_nesting_and_bad_utf8_are_left_to_the_parser(receipts: TopicCod
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=512))
 def test_arbitrary_bytes(body: bytes) -> None:
-    codec = Codecs(Registry("memory://", client=InMemoryClient())).receipts  # type: ignore[arg-type]
+    codec = shared_codec()
     check(body, codec)
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(name=st.sampled_from(webhooks.DELIVERY_RECEIPTS), data=st.data())
 def test_mutated_receipts_encode_like_the_parser_or_fall_back(name: str, data: st.DataObject) -> None:
-    codec = Codecs(Registry("memory://", client=InMemoryClient())).receipts  # type: ignore[arg-type]
+    codec = shared_codec()
     value = doc(name)
     for _ in range(data.draw(st.integers(1, 3), label="mutations")):
         paths = _paths(value)
@@ -308,7 +316,7 @@ def test_mutated_receipts_encode_like_the_parser_or_fall_back(name: str, data: s
     st.sampled_from(["Z", "z", "", "+00:00", "-0730"]),
 )
 def test_timestamps_encode_like_the_parser(when: datetime, digits: int, suffix: str) -> None:
-    codec = Codecs(Registry("memory://", client=InMemoryClient())).receipts  # type: ignore[arg-type]
+    codec = shared_codec()
     text = when.strftime("%Y-%m-%dT%H:%M:%S")
     if digits:
         text += "." + f"{when.microsecond:06d}{when.microsecond % 997:03d}"[:digits]
