@@ -320,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schema-dir", type=Path, help="directory of .avsc files (default: the installed ones)")
     p.set_defaults(func=cmd_schemas)
 
+    from chatpipe.configref import add_config_parser
     from chatpipe.replay import add_replay_parser
     from chatpipe.simulate import add_simulate_parser
     from chatpipe.verify import add_verify_parser
@@ -327,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulate_parser(sub)
     add_verify_parser(sub)
     add_replay_parser(sub)
+    add_config_parser(sub)
     return parser
 
 

@@ -121,7 +121,7 @@ class Settings:
         """
         values: dict[str, object] = {}
         for f in dataclasses.fields(cls):
-            name = _ENV_NAMES.get(f.name, "CHATPIPE_" + f.name.upper())
+            name = env_name(f.name)
             if name not in env or env[name] == "":
                 continue
             raw = env[name]
@@ -191,6 +191,11 @@ _ENV_NAMES = {
     "api_8x8_url": "CHATPIPE_8X8_API_URL",
     "api_8x8_key": "CHATPIPE_8X8_API_KEY",
 }
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable of a `Settings` field (`CHATPIPE_` + its name, but for the 8x8 ones)."""
+    return _ENV_NAMES.get(field_name, "CHATPIPE_" + field_name.upper())
 
 
 def _convert(kind: object, raw: str) -> object:
