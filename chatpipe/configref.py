@@ -30,8 +30,8 @@ MEANINGS: dict[str, str] = {
     "ingest_host": "Address `chatpipe ingest` listens on (`0.0.0.0` in a container).",
     "ingest_port": "Port of `chatpipe ingest`.",
     "api_host": (
-        "Address `chatpipe api` listens on; also where the sink's and the reconciler's `--metrics-port` "
-        "listen."
+        "Address `chatpipe api` listens on; also where the worker's web port and the sink's and the "
+        "reconciler's `--metrics-port` listen (`0.0.0.0` in a container, for Prometheus)."
     ),
     "api_port": "Port of `chatpipe api`.",
     "webhook_token": (
