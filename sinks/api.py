@@ -239,8 +239,11 @@ def load_api_keys(settings: Settings) -> ApiKeys:
     """
     entries: list[str] = []
     if settings.api_keys:
+        try:
+            parse_api_keys_spec(settings.api_keys)  # alone first: errors name its own entries
+        except ValueError as exc:
+            raise ValueError(f"CHATPIPE_API_KEYS: {exc}") from None
         entries += settings.api_keys.replace("\n", ";").split(";")
-        parse_api_keys_spec(settings.api_keys)  # its own errors name its own entries
     if settings.api_keys_file is not None:
         lines = settings.api_keys_file.read_text(encoding="utf-8").splitlines()
         try:

@@ -110,3 +110,43 @@ async def test_without_keys_the_api_is_open(store: Store) -> None:
         assert (await _get(c, DETAILS, None, 200))["data"][0]["umid"] == UMID
     finally:
         await c.close()
+
+
+def test_chatpipe_api_process_enforces_its_keys(store: Store, tmp_path: Path) -> None:
+    """`chatpipe api` as production runs it (its own process, keys from the environment)."""
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    from chatpipe.broker import free_port, wait_for_port
+
+    key = "k-9f3c0e77-process-secret"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATPIPE_")}
+    env.update(
+        CHATPIPE_STORE_URL=f"sqlite:///{tmp_path / 'chatpipe.db'}",
+        CHATPIPE_API_PORT=str(port),
+        CHATPIPE_STATE_DIR=str(tmp_path / "state"),
+        CHATPIPE_API_KEYS=f"{key}:{SUB}",
+        CHATPIPE_PII_HASH_KEY="k",  # the store fixture's PII policy
+    )
+    log = tmp_path / "api.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "chatpipe.cli", "api"], env=env, stdout=out, stderr=out
+        )
+    try:
+        wait_for_port("127.0.0.1", port, timeout=60)
+        base = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=base, timeout=30) as client:
+            assert client.get("/healthz").status_code == 200
+            assert client.get(DETAILS).status_code == 401
+            assert client.get(DETAILS, headers={"Authorization": f"Bearer {key}"}).status_code == 200
+            other = f"/api/v1/subaccounts/{OTHER}/messages/{OTHER_UMID}"
+            assert client.get(other, headers={"Authorization": f"Bearer {key}"}).status_code == 403
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert key not in log.read_text(encoding="utf-8", errors="replace")
