@@ -150,3 +150,22 @@ def test_chatpipe_api_process_enforces_its_keys(store: Store, tmp_path: Path) ->
         proc.terminate()
         proc.wait(30)
     assert key not in log.read_text(encoding="utf-8", errors="replace")
+
+
+async def test_verify_presents_its_api_key(client: TestClient) -> None:
+    """`chatpipe verify --api URL --api-key KEY` reads through an authenticated API; without the key it
+    reports the 401 instead of a verdict."""
+    from chatpipe.verify import ApiSource
+
+    base = str(client.make_url("/"))
+    with_key = ApiSource(base, 2, "mine")
+    try:
+        assert await with_key.umids(SUB) == {UMID}
+    finally:
+        await with_key.close()
+    without = ApiSource(base, 2)
+    try:
+        with pytest.raises(RuntimeError, match="HTTP 401"):
+            await without.umids(SUB)
+    finally:
+        await without.close()
