@@ -13,4 +13,7 @@ RUN pip install . && useradd --system --create-home chatpipe && mkdir -p /var/li
     && chown chatpipe /var/lib/chatpipe
 USER chatpipe
 ENV CHATPIPE_STATE_DIR=/var/lib/chatpipe CHATPIPE_LOG_FORMAT=json
+# ingest, read API, worker web, sink and reconciler metrics (compose.yaml); secrets come from the
+# environment at run time, never from the image (.dockerignore keeps .env out of the build context)
+EXPOSE 8080 8081 6066 9108 9109
 ENTRYPOINT ["chatpipe"]

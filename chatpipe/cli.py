@@ -43,6 +43,8 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace, env: dict[str, str]
     from chatpipe.serve import run, serve_until_signal
     from ingest.app import create_app, fast_dispatch
 
+    if not (settings.webhook_token or settings.oauth_client_id or settings.insecure):
+        return _refuse_open("ingest", "CHATPIPE_WEBHOOK_TOKEN (or CHATPIPE_OAUTH_CLIENT_ID/_SECRET)")
     if settings.ingest_workers > 1 and args.worker_index is None:
         return _ingest_workers(settings, env)
     index = args.worker_index or 0
@@ -74,7 +76,11 @@ def _ingest_workers(settings: Settings, env: dict[str, str]) -> int:
     children = [
         subprocess.Popen(
             [sys.executable, "-m", "chatpipe.cli", "ingest", "--worker-index", str(i)],
-            env={**env, READY_FILE_ENV: str(ready_files[i])},
+            env={
+                **env,
+                READY_FILE_ENV: str(ready_files[i]),
+                **({INSECURE_ENV: "1"} if settings.insecure else {}),
+            },
         )
         for i in range(settings.ingest_workers)
     ]
@@ -150,12 +156,32 @@ def cmd_sink(settings: Settings, args: argparse.Namespace, env: dict[str, str]) 
 
 def cmd_api(settings: Settings, args: argparse.Namespace, env: dict[str, str]) -> int:
     from chatpipe.serve import run, serve_until_signal
-    from sinks.api import create_app
+    from sinks.api import create_app, load_api_keys
 
+    try:
+        keys = load_api_keys(settings)
+    except (ValueError, OSError) as exc:
+        print(f"chatpipe: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if not (keys or settings.insecure):
+        return _refuse_open("api", "CHATPIPE_API_KEYS or CHATPIPE_API_KEYS_FILE")
     app = create_app(settings)
     ready = _ready_callback(env, "api")
     run(serve_until_signal(app, settings.api_host, settings.api_port, ready), settings.event_loop)
     return 0
+
+
+INSECURE_ENV = "CHATPIPE_INSECURE"
+
+
+def _refuse_open(command: str, what: str) -> int:
+    """A production service never starts open by accident: it needs credentials or an explicit --insecure."""
+    print(
+        f"chatpipe {command}: refusing to start without authentication: set {what}, "
+        f"or pass --insecure ({INSECURE_ENV}=1) to serve anyone",
+        file=sys.stderr,
+    )
+    return 2
 
 
 def cmd_reconcile(settings: Settings, args: argparse.Namespace, env: dict[str, str]) -> int:
@@ -224,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="run N ingest processes on the port (env CHATPIPE_INGEST_WORKERS)",
     )
     p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="start without CHATPIPE_WEBHOOK_TOKEN or OAuth2: accept webhooks from anyone "
+        "(env CHATPIPE_INSECURE)",
+    )
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("worker", help="run the Faust stream processor")
@@ -243,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("api", help="run the read API")
     p.add_argument("--port", dest="api_port", type=int, help="env CHATPIPE_API_PORT")
     p.add_argument("--host", dest="api_host", help="env CHATPIPE_API_HOST")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="start without CHATPIPE_API_KEYS: serve every subaccount's data to anyone "
+        "(env CHATPIPE_INSECURE)",
+    )
     p.set_defaults(func=cmd_api)
 
     p = sub.add_parser(
@@ -280,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schema-dir", type=Path, help="directory of .avsc files (default: the installed ones)")
     p.set_defaults(func=cmd_schemas)
 
+    from chatpipe.configref import add_config_parser
     from chatpipe.replay import add_replay_parser
     from chatpipe.simulate import add_simulate_parser
     from chatpipe.verify import add_verify_parser
@@ -287,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulate_parser(sub)
     add_verify_parser(sub)
     add_replay_parser(sub)
+    add_config_parser(sub)
     return parser
 
 
@@ -302,6 +344,7 @@ _FLAG_FIELDS = (
     "log_level",
     "log_format",
     "reconcile_after",
+    "insecure",
 )
 
 

@@ -31,6 +31,13 @@ class Settings:
     api_host: str = "127.0.0.1"
     api_port: int = 8081
     webhook_token: str | None = _secret_field()
+    # the read API's keys, scoped to subaccounts (sinks/auth.py): `KEY:SUB1,SUB2;KEY2:*`, and/or a file of
+    # one `KEY:SCOPE` per line; insecure: `chatpipe ingest` may start without a webhook token and
+    # `chatpipe api` without keys (`chatpipe dev` runs its children so unless tokens/keys are set)
+    api_keys: str | None = _secret_field()
+    api_keys_file: Path | None = None
+    insecure: bool = False
+    read_api_key: str | None = _secret_field()
     api_8x8_url: str = "https://chatapps.8x8.com"
     api_8x8_key: str | None = _secret_field()
     reconcile_after: float = 900.0
@@ -114,7 +121,7 @@ class Settings:
         """
         values: dict[str, object] = {}
         for f in dataclasses.fields(cls):
-            name = _ENV_NAMES.get(f.name, "CHATPIPE_" + f.name.upper())
+            name = env_name(f.name)
             if name not in env or env[name] == "":
                 continue
             raw = env[name]
@@ -158,6 +165,13 @@ class Settings:
             raise ValueError("CHATPIPE_SPOOL_STALL_FAILURES must be >= 1")
         if not self.spool_stall_seconds > 0:
             raise ValueError("CHATPIPE_SPOOL_STALL_SECONDS must be > 0")
+        if self.api_keys:
+            from sinks.auth import parse_api_keys_spec
+
+            try:
+                parse_api_keys_spec(self.api_keys)
+            except ValueError as exc:
+                raise ValueError(f"CHATPIPE_API_KEYS: {exc}") from None
         from ingest.auth import parse_networks
 
         for name, spec in (
@@ -177,6 +191,11 @@ _ENV_NAMES = {
     "api_8x8_url": "CHATPIPE_8X8_API_URL",
     "api_8x8_key": "CHATPIPE_8X8_API_KEY",
 }
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable of a `Settings` field (`CHATPIPE_` + its name, but for the 8x8 ones)."""
+    return _ENV_NAMES.get(field_name, "CHATPIPE_" + field_name.upper())
 
 
 def _convert(kind: object, raw: str) -> object:

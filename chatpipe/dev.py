@@ -239,7 +239,13 @@ class DevStack:
             CHATPIPE_INGEST_PORT=str(s.ingest_port),
             CHATPIPE_API_PORT=str(s.api_port),
             CHATPIPE_WORKER_WEB_PORT=str(free_port()),
+            # dev stays open by default (INTERFACE.md), saying so; tokens and keys, when set, are enforced
+            CHATPIPE_INSECURE="1",
         )
+        if not (s.webhook_token or s.oauth_client_id):
+            self.say("  warning: no CHATPIPE_WEBHOOK_TOKEN: ingest accepts webhooks from anyone")
+        if not (s.api_keys or s.api_keys_file):
+            self.say("  warning: no CHATPIPE_API_KEYS: the read API serves every subaccount to anyone")
         if embedded and self.disk and not env.get("CHATPIPE_KAFKA_IDEMPOTENCE"):
             env["CHATPIPE_KAFKA_IDEMPOTENCE"] = "0"  # see Settings.kafka_idempotence: Tansu's sequence bug
         self.child_env = env

@@ -104,11 +104,13 @@ class ApiSource:
 
     name = "api"
 
-    def __init__(self, base: str, concurrency: int) -> None:
+    def __init__(self, base: str, concurrency: int, api_key: str | None = None) -> None:
         self.base = base.rstrip("/")
         self.slots = asyncio.Semaphore(concurrency)
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=concurrency), timeout=aiohttp.ClientTimeout(total=30)
+            connector=aiohttp.TCPConnector(limit=concurrency),
+            timeout=aiohttp.ClientTimeout(total=30),
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
         )
 
     def _sub(self, sub: str) -> str:
@@ -308,6 +310,11 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", help="store URL (default: CHATPIPE_STORE_URL, sqlite:///.chatpipe/chatpipe.db)")
     p.add_argument("--api", help="also check the read API at this base URL (http://127.0.0.1:8081)")
     p.add_argument(
+        "--api-key",
+        help="present Authorization: Bearer KEY to the read API (default: CHATPIPE_READ_API_KEY); "
+        "its scope must cover every subaccount of the truth",
+    )
+    p.add_argument(
         "--wait",
         type=float,
         default=0.0,
@@ -331,7 +338,8 @@ def add_verify_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 async def _run(settings: Settings, args: argparse.Namespace, truth: Truth, plan: Plan) -> list[Report]:
     store = StoreSource(args.store or settings.store_url, settings)
-    api = ApiSource(args.api, max(1, args.concurrency)) if args.api else None
+    key = args.api_key or settings.read_api_key
+    api = ApiSource(args.api, max(1, args.concurrency), key) if args.api else None
     try:
         sources: list[Source] = [store] if api is None else [store, api]
         return await verify(sources, plan, args.wait)

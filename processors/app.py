@@ -196,7 +196,7 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
         "topic_allow_declare": False,
         "consumer_auto_offset_reset": "earliest",
         "processing_guarantee": "at_least_once",
-        "web_host": "127.0.0.1",
+        "web_host": settings.api_host,  # like the sink's and reconciler's /metrics (0.0.0.0 in a container)
         "web_port": settings.worker_web_port,
         "web_in_thread": False,
         "broker_session_timeout": 6.0,

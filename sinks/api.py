@@ -23,6 +23,7 @@ a thread.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -36,6 +37,7 @@ from chatpipe.metric_defs import ApiMetrics
 from schemas import ids
 from schemas.errors import TransientError
 from schemas.timefmt import format_iso8601
+from sinks.auth import ApiKeys, Verdict, authorize, parse_api_keys, parse_api_keys_spec
 from sinks.rows import parse_inbound_cursor
 from sinks.store import DEFAULT_LIMIT, MAX_LIMIT, Store, open_store
 
@@ -223,6 +225,59 @@ async def store_unavailable(request: web.Request, handler: Callable[..., object]
         return response
 
 
+# --- authentication (sinks/auth.py): API keys scoped to subaccounts -----------------------------------
+CODE_UNAUTHORIZED = 1200  # 8x8's api-error-codes.md: Unauthorized Access
+CODE_FORBIDDEN = 1201  # Access forbidden
+log = logging.getLogger(__name__)
+
+
+def load_api_keys(settings: Settings) -> ApiKeys:
+    """The keys of `CHATPIPE_API_KEYS` and `CHATPIPE_API_KEYS_FILE` together (empty: the API is open).
+
+    Raises ValueError naming the variable (and the file's line) when an entry is malformed, OSError when
+    the file cannot be read.
+    """
+    entries: list[str] = []
+    if settings.api_keys:
+        try:
+            parse_api_keys_spec(settings.api_keys)  # alone first: errors name its own entries
+        except ValueError as exc:
+            raise ValueError(f"CHATPIPE_API_KEYS: {exc}") from None
+        entries += settings.api_keys.replace("\n", ";").split(";")
+    if settings.api_keys_file is not None:
+        lines = settings.api_keys_file.read_text(encoding="utf-8").splitlines()
+        try:
+            parse_api_keys(lines)
+        except ValueError as exc:
+            raise ValueError(f"CHATPIPE_API_KEYS_FILE {settings.api_keys_file}: {exc}") from None
+        entries += lines
+    try:
+        return parse_api_keys(entries)
+    except ValueError:
+        raise ValueError("CHATPIPE_API_KEYS and CHATPIPE_API_KEYS_FILE name the same key twice") from None
+
+
+def api_key_auth(keys: ApiKeys) -> Callable[..., object]:
+    """Every /api/v1/subaccounts/{subAccountId}/... request presents `Authorization: Bearer KEY` with a key
+    whose scope names that subaccount: else 401 (no or unknown key, code 1200) or 403 (another
+    subaccount's data, code 1201), in 8x8's error body. Other paths (/healthz, /metrics) stay open."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Callable[..., object]) -> web.StreamResponse:
+        sub = request.match_info.get("subAccountId")
+        if sub is not None:
+            verdict = authorize(keys, request.headers.get("Authorization"), sub)
+            if verdict is Verdict.UNAUTHENTICATED:
+                response = _error(401, CODE_UNAUTHORIZED, "Request was not authenticated properly")
+                response.headers["WWW-Authenticate"] = 'Bearer realm="chatpipe"'
+                return _answer(request, "auth", response)
+            if verdict is Verdict.FORBIDDEN:
+                return _answer(request, "auth", _error(403, CODE_FORBIDDEN, f"Access forbidden to {sub}"))
+        return await handler(request)  # type: ignore[misc,no-any-return]
+
+    return middleware
+
+
 def create_app(
     settings: Settings, store: Store | None = None, clock: Callable[[], datetime] = utc_now
 ) -> web.Application:
@@ -231,7 +286,10 @@ def create_app(
     "now" means for time-dependent answers (the conversation's `windowOpen`, `granted`)."""
     from sinks.worker import pii_policy
 
-    app = web.Application(middlewares=[store_unavailable])
+    keys = load_api_keys(settings)
+    if not keys:
+        log.warning("no CHATPIPE_API_KEYS: the read API serves every subaccount's data to anyone")
+    app = web.Application(middlewares=[*([api_key_auth(keys)] if keys else []), store_unavailable])
     registry = CollectorRegistry()
     app[REGISTRY] = registry
     app[METRICS] = ApiMetrics(registry)

@@ -157,6 +157,7 @@ def test_sigterm_during_load_loses_no_acknowledged_webhook(
         CHATPIPE_STATE_DIR=str(tmp_path),
         CHATPIPE_PARTITIONS="4",
         CHATPIPE_EVENT_LOOP=event_loop,
+        CHATPIPE_INSECURE="1",  # no token: this test posts without one
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "chatpipe.cli", "ingest"],

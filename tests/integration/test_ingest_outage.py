@@ -267,6 +267,7 @@ async def ingest_process(tmp_path: Path) -> AsyncIterator[Any]:
         env.update(
             CHATPIPE_KAFKA_BOOTSTRAP=broker.bootstrap, CHATPIPE_SCHEMA_REGISTRY_URL=registry_url,
             CHATPIPE_INGEST_PORT=str(port), CHATPIPE_STATE_DIR=str(tmp_path), CHATPIPE_PARTITIONS="4",
+            CHATPIPE_INSECURE="1",  # no token: the load posts without one
         )
         log = tmp_path / "ingest.log"
         with open(log, "wb") as out:
