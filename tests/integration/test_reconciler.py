@@ -8,6 +8,7 @@ counting requests. One reconciler pass must look up exactly the candidates, prov
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import os
@@ -365,6 +366,50 @@ async def test_429_and_5xx_are_retried_within_bounds(
     assert metrics.get_sample_value("chatpipe_reconciler_requests_total", {"status": "503"}) == 2
     assert metrics.get_sample_value("chatpipe_reconciler_requests_total", {"status": "200"}) == 1
     assert metrics.get_sample_value("chatpipe_reconciler_receipts_total") == 1
+
+
+async def test_two_reconcilers_never_ask_the_same_umid_and_a_restart_does_not_ask_again(
+    tmp_path: Path, broker: str, registry_url: str, fake_8x8: tuple[Fake8x8, str]
+) -> None:
+    """Two reconcilers on one store, in parallel: each subaccount is looked up by the one holding its
+    lease, so every candidate is asked exactly once over both, and 8x8's per-subaccount limit holds across
+    them. A third one started afterwards (a restart: a new process, a new owner) asks nothing: the store
+    says when each umid is due again."""
+    fake, url = fake_8x8
+    db = tmp_path / "chatpipe.db"
+    stores = [open_store(f"sqlite:///{db}", PII) for _ in range(3)]
+    stores[0].migrate()
+    scenario = fill_store(stores[0], fake, subs=4)
+    candidates = set(scenario.expected) | scenario.not_found
+    # each holds two subaccounts already (say from its previous pass); neither gets the other's
+    now = datetime.now(UTC)
+    assert stores[0].lease_subaccounts("a", scenario.subs[2:], now, now + timedelta(minutes=2))
+    assert stores[1].lease_subaccounts("b", scenario.subs[:2], now, now + timedelta(minutes=2))
+    settings = Settings(
+        kafka_bootstrap=broker,
+        schema_registry_url=registry_url,
+        store_url=f"sqlite:///{db}",
+        api_8x8_url=url,
+        api_8x8_key=KEY,
+        reconcile_after=900.0,
+    )
+    a, b, c = (Reconciler(settings, store=s, owner=o) for s, o in zip(stores, "abc", strict=True))
+    try:
+        for r in (a, b, c):
+            await r.start()
+        first, second = await asyncio.gather(a.run_pass(), b.run_pass())
+        restarted = await c.run_pass()
+    finally:
+        for r in (a, b, c):
+            await r.close()
+        for s in stores:
+            s.close()
+    asked = [u for _, u, _ in fake.requests]
+    assert sorted(asked) == sorted(candidates)  # each exactly once over both
+    assert first.requests > 0 and second.requests > 0  # both worked, on different subaccounts
+    assert first.skipped_subaccounts == second.skipped_subaccounts == 2
+    assert fake.violations == 0
+    assert restarted.candidates == restarted.requests == 0
 
 
 def test_reconciler_off_without_key(caplog: pytest.LogCaptureFixture) -> None:
