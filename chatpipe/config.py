@@ -41,6 +41,13 @@ class Settings:
     api_8x8_url: str = "https://chatapps.8x8.com"
     api_8x8_key: str | None = _secret_field()
     reconcile_after: float = 900.0
+    # the reconciler (chatpipe.reconciler): seconds added to 8x8's 1 s between an answer and the next request
+    # of one subaccount (0.05 measured: bench/reconciler.py), seconds between the starts of two passes
+    reconcile_margin: float = 0.05
+    reconcile_interval: float = 30.0
+    # operator-supplied channelIds (as in 8x8's portal) for the read API, when neither 8x8's details API nor
+    # inbound messages told them: comma-separated `subAccountId:channel=channelId`
+    channel_ids: str = ""
     # beyond INTERFACE.md
     state_dir: Path = Path(".chatpipe")
     partitions: int = 6
@@ -172,6 +179,16 @@ class Settings:
                 parse_api_keys_spec(self.api_keys)
             except ValueError as exc:
                 raise ValueError(f"CHATPIPE_API_KEYS: {exc}") from None
+        if not self.reconcile_margin >= 0:
+            raise ValueError("CHATPIPE_RECONCILE_MARGIN must be >= 0 seconds")
+        if not self.reconcile_interval > 0:
+            raise ValueError("CHATPIPE_RECONCILE_INTERVAL must be > 0 seconds")
+        from sinks.rows import parse_channel_ids
+
+        try:
+            parse_channel_ids(self.channel_ids)
+        except ValueError as exc:
+            raise ValueError(f"CHATPIPE_CHANNEL_IDS: {exc}") from None
         from ingest.auth import parse_networks
 
         for name, spec in (

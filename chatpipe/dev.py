@@ -2,7 +2,8 @@
 
 Starts, in order: the embedded Tansu broker (unless CHATPIPE_KAFKA_BOOTSTRAP names one), the topics, the
 embedded schema registry (unless CHATPIPE_SCHEMA_REGISTRY_URL names one), then the ingest service, the
-Faust worker, the sink and the read API as child processes. Prints the addresses and `chatpipe ready`
+Faust worker, the sink, the read API and, when CHATPIPE_8X8_API_KEY is set, the reconciler as child
+processes (it says clearly when the reconciler is off). Prints the addresses and `chatpipe ready`
 once every child reported ready. SIGINT/SIGTERM stop every child (exit 0).
 
 Supervision: a child that dies after start-up is restarted, with the same command line, environment and
@@ -269,12 +270,25 @@ class DevStack:
             self._chatpipe("sink", nice=s.dev_downstream_nice, idle=s.dev_downstream_idle),
             self._chatpipe("api"),
         ]
+        if s.api_8x8_key:  # the reconciler: 8x8's details API for messages whose receipts stopped coming
+            services.append(self._chatpipe("reconcile"))
         self._wait_ready(services, READY_TIMEOUT)
         self.say(f"CHATPIPE_INGEST_URL=http://{s.ingest_host}:{s.ingest_port}/v1/webhooks/chatapps")
         self.say(f"CHATPIPE_API_URL=http://{s.api_host}:{s.api_port}/api/v1")
         self.say(f"CHATPIPE_STORE_URL={s.store_url}")
         self.say(f"logs: {self.logs}/")
-        self.say(f"chatpipe ready in {time.monotonic() - t0:.1f}s")
+        if s.api_8x8_key:
+            self.say(
+                f"  reconciler on: messages not final and quiet for {s.reconcile_after:g}s are looked up "
+                f"at {s.api_8x8_url} (at most 1 request/s per subaccount)"
+            )
+        else:
+            self.say(
+                "  reconciler off: CHATPIPE_8X8_API_KEY is not set, so messages whose receipts were lost "
+                "stay as the last receipt left them (set it, and CHATPIPE_8X8_API_URL, to turn it on)"
+            )
+        names = ", ".join(c.name for c in services)
+        self.say(f"chatpipe ready in {time.monotonic() - t0:.1f}s ({names})")
 
     def _start_tansu(self) -> subprocess.Popen[bytes]:
         """Tansu on the broker's port and storage; its pid in run/broker.ready once it accepts connections

@@ -169,7 +169,7 @@ class ReconcilerMetrics:
         )
         self.rate_limited_waits = Counter(
             "chatpipe_reconciler_rate_limited_waits_total",
-            "Waits before a request: bucket (our 1/s per subaccount) or quota (8x8 answered 429)",
+            "Waits before a request: spacing (our pacing per subaccount) or quota (8x8 answered 429)",
             ["reason"],
             registry=registry,
         )
@@ -178,6 +178,11 @@ class ReconcilerMetrics:
         )
         self.candidates = Gauge(
             "chatpipe_reconciler_candidates", "Messages picked by the last pass", registry=registry
+        )
+        self.slowed = Gauge(
+            "chatpipe_reconciler_slowed_subaccounts",
+            "Subaccounts slowed down by a 429 within the cooldown (the circuit is open or half-open)",
+            registry=registry,
         )
         self.last_pass = Gauge(
             "chatpipe_reconciler_last_pass_timestamp_seconds",

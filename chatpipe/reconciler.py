@@ -1,26 +1,35 @@
 """`chatpipe reconcile`: ask 8x8 about messages whose receipts stopped coming. The I/O shell.
 
 Every `interval` seconds a pass:
-1. reads from the store (`CHATPIPE_STORE_URL`, read-only) the messages that are not final and whose last
-   change (the later of `status_at` and `updated_at`) is older than `CHATPIPE_RECONCILE_AFTER` seconds and
-   that the in-memory `CheckSchedule` says are due (a looked-up umid waits longer each time; a 404 waits
-   hours);
-2. looks each one up with `GET {CHATPIPE_8X8_API_URL}/api/v1/subaccounts/{sub}/messages/{umid}`
-   (`Authorization: Bearer CHATPIPE_8X8_API_KEY`): one sequential queue per subaccount, spaced by a token
-   bucket (8x8 allows 1 request/second per subaccount; `request_interval` adds a margin for network
-   jitter), all subaccounts in parallel under a global cap of requests in flight. A 429 blocks that
-   subaccount for the seconds 8x8 names; 5xx, timeouts and connection errors are retried with
-   exponential backoff, `max_attempts` in all; a 404 is recorded ("unknown at 8x8") and not retried for
-   hours; other 4xx are logged and not retried soon;
-3. produces each answer's synthetic delivery receipts (`processors.reconcile.details_to_receipts`) to
+1. lists from the store (`Store.reconcile_candidates`: an index of open messages, oldest first, paged) the
+   messages not final whose last change (`status_at` and `updated_at`) is older than
+   `CHATPIPE_RECONCILE_AFTER` seconds and that are due (never looked up, or their `next_due` passed: a
+   looked-up umid waits longer each time, a 404 hours);
+2. takes a lease on their subaccounts (`Store.lease_subaccounts`, `lease` seconds, renewed while in use):
+   only the process holding a subaccount's lease looks up its umids, so two reconcilers never ask about
+   the same umid at once nor share a subaccount's quota. Having the lease, it lists that subaccount's due
+   umids again (a lookup recorded by the previous holder is seen: it is recorded before the lease is given
+   up), looks each one up, records the outcome (`Store.record_lookups`: outcome, attempts, next due time,
+   what 8x8 said of each step) and releases the lease when done. The schedule lives in the store, so a
+   restart does not ask again what was just asked;
+3. looks each one up with `GET {CHATPIPE_8X8_API_URL}/api/v1/subaccounts/{sub}/messages/{umid}`
+   (`Authorization: Bearer CHATPIPE_8X8_API_KEY`): one sequential queue per subaccount, all subaccounts in
+   parallel under a global cap of requests in flight. Spacing (`processors.reconcile.Pacer`): the next
+   request of a subaccount is sent 1 s + `CHATPIPE_RECONCILE_MARGIN` after the ANSWER to the previous
+   one, so network jitter cannot make two arrive at 8x8 closer than 1 s. A 429 is honoured (the longer
+   of its "try again in N second(s)" and `Retry-After`) and opens a circuit that slows the subaccount down
+   until a quiet cooldown. 5xx, timeouts and connection errors are retried with exponential backoff,
+   `max_attempts` in all; a 404 is recorded ("unknown at 8x8") and not retried for hours; other 4xx are
+   logged and not retried soon;
+4. produces each answer's synthetic delivery receipts (`processors.reconcile.details_to_receipts`) to
    `chatpipe.receipts.raw`, keyed by umid, with chatpipe's Avro codec, acks=all and idempotence; the state
-   processor folds them like webhooks.
+   processor folds them like webhooks (states never regress). What receipts cannot carry (8x8's step
+   numbers, channelId, country, contentType, createdAt) goes to the store with the lookup and fills the
+   read API's answer.
 
-One reconciler process per deployment: the rate limit is enforced in this process only (two would
-together exceed 8x8's quota; 8x8's 429s would then throttle them). The schedule lives in memory: after a
-restart every open message is due once more. /healthz and /metrics are served on
-`CHATPIPE_METRICS_PORT` (off when 0). Without `CHATPIPE_8X8_API_KEY` the command logs "reconciler off"
-and exits 0.
+Leases compare the reconcilers' wall clocks: they must agree to well within `lease` (NTP does). /healthz and
+/metrics are served on `CHATPIPE_METRICS_PORT` (off when 0). Without `CHATPIPE_8X8_API_KEY` the command
+logs "reconciler off" and exits 0.
 """
 
 from __future__ import annotations
@@ -28,11 +37,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
@@ -45,19 +57,21 @@ from chatpipe.config import Settings
 from chatpipe.metric_defs import ReconcilerMetrics
 from ingest.publisher import AsyncProducer, ProduceFailed, producer_config
 from processors.reconcile import (
+    LIMIT_INTERVAL,
     Candidate,
-    CheckSchedule,
     Outcome,
-    RateLimiter,
+    Pacer,
     details_to_receipts,
+    next_check,
     parse_retry_after,
     select_candidates,
+    step_details,
 )
 from schemas.catalog import RECEIPTS
 from schemas.codec import Codecs
 from schemas.errors import ChatpipeError, InvalidEvent
 from schemas.models import DeliveryReceipt
-from sinks.store import Store, open_store
+from sinks.store import LookupRecord, Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -70,99 +84,67 @@ class ReconcilerConfig:
 
     interval: float = 30.0  # seconds between the starts of two passes
     concurrency: int = 16  # requests in flight over all subaccounts
-    request_interval: float = 1.1  # seconds between two requests of one subaccount (8x8: 1/s + margin)
+    margin: float = 0.05  # seconds added to 8x8's 1 s between an answer and the next request
+    slow_factor: float = 2.0  # after a 429: spacing x this (doubling per further 429) ...
+    cooldown: float = 60.0  # ... until this long without a 429
     timeout: float = 10.0  # per request
     max_attempts: int = 4  # per lookup, for 5xx / timeouts / connection errors
     max_rate_limited: int = 5  # 429s per lookup before it is left for a later pass
     backoff: float = 0.5  # first retry delay; doubles up to backoff_max
     backoff_max: float = 30.0
-    per_subaccount: int = 300  # lookups per subaccount per pass (about 5.5 min at 1/1.1 s)
+    per_subaccount: int = 300  # lookups per subaccount per pass (about 5.5 min at ~1/s)
     per_pass: int = 10_000
     page_size: int = 1000  # rows per candidate query
+    lease: float = 120.0  # seconds a subaccount lease lasts; renewed at half-life while in use
+    flush_every: float = 1.0  # seconds between writes of finished lookups to the store
     not_found_after: float = 6 * 3600.0  # a 404 (or unreadable answer) is asked again after this, growing
     max_backoff: float = 24 * 3600.0
 
     def __post_init__(self) -> None:
-        if self.interval <= 0 or self.request_interval <= 0 or self.timeout <= 0:
-            raise ValueError("interval, request_interval and timeout must be positive")
+        if self.interval <= 0 or self.timeout <= 0 or self.margin < 0:
+            raise ValueError("interval and timeout must be positive, margin >= 0")
         if self.concurrency < 1 or self.max_attempts < 1 or self.per_subaccount < 1 or self.per_pass < 1:
             raise ValueError("concurrency, max_attempts, per_subaccount and per_pass must be >= 1")
         if self.page_size < 1 or self.max_rate_limited < 0:
             raise ValueError("page_size must be >= 1 and max_rate_limited >= 0")
+        if self.lease < 4 * self.timeout:
+            raise ValueError("lease must be at least 4 x timeout (a request must end within a lease)")
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> ReconcilerConfig:
+        values: dict[str, Any] = {
+            "interval": settings.reconcile_interval,
+            "margin": settings.reconcile_margin,
+        }
+        values.update(overrides)
+        return cls(**values)
 
 
 # --- candidates from the store ---------------------------------------------------------------------
-
-_COLUMNS = "umid, sub_account_id, final, status_at, updated_at, channel_path"
-SQLITE_CANDIDATES = (
-    f"SELECT {_COLUMNS} FROM messages WHERE final = 0 AND updated_at < ? AND status_at < ?"
-    " ORDER BY updated_at, umid LIMIT ?"
-)
-SQLITE_CANDIDATES_AFTER = (
-    f"SELECT {_COLUMNS} FROM messages WHERE final = 0 AND updated_at < ? AND status_at < ?"
-    " AND (updated_at > ? OR (updated_at = ? AND umid > ?)) ORDER BY updated_at, umid LIMIT ?"
-)
-POSTGRES_CANDIDATES = (
-    f"SELECT {_COLUMNS} FROM messages WHERE NOT final AND updated_at < %s AND status_at < %s"
-    " ORDER BY updated_at, umid LIMIT %s"
-)
-POSTGRES_CANDIDATES_AFTER = (
-    f"SELECT {_COLUMNS} FROM messages WHERE NOT final AND updated_at < %s AND status_at < %s"
-    " AND (updated_at, umid) > (%s, %s) ORDER BY updated_at, umid LIMIT %s"
-)
-
-
-def candidate_rows(
-    store: Store, cutoff: datetime, *, after: tuple[datetime, str] | None = None, limit: int = 1000
-) -> list[dict[str, Any]]:
-    """Rows of `messages` not final with `updated_at` and `status_at` before `cutoff`, ordered by
-    (updated_at, umid), starting after the `after` key; at most `limit`. Read-only.
-
-    Uses the store's own connection (`SqliteStore._read`, `PostgresStore._run`) until the Store protocol
-    has a method for it; raises TypeError for another store, TransientError when the database is away.
-    """
-    own = getattr(store, "reconcile_candidates", None)
-    if callable(own):
-        return list(own(cutoff, after=after, limit=limit))
-    from sinks.sqlite import SqliteStore, to_text
-
-    if isinstance(store, SqliteStore):
-        c = to_text(cutoff)
-        if after is None:
-            return store._read(SQLITE_CANDIDATES, (c, c, limit))
-        a = to_text(after[0])
-        return store._read(SQLITE_CANDIDATES_AFTER, (c, c, a, a, after[1], limit))
-    from sinks.postgres import PostgresStore
-
-    if isinstance(store, PostgresStore):
-        params: tuple[Any, ...]
-        if after is None:
-            sql, params = POSTGRES_CANDIDATES, (cutoff, cutoff, limit)
-        else:
-            sql, params = POSTGRES_CANDIDATES_AFTER, (cutoff, cutoff, after[0], after[1], limit)
-        return store._run(lambda conn: conn.execute(sql, params).fetchall())
-    raise TypeError(f"cannot list reconcile candidates of {store!r}")
 
 
 def scan_candidates(
     store: Store,
     now: datetime,
     reconcile_after: float,
-    schedule: CheckSchedule | None,
     *,
     per_subaccount: int,
     limit: int,
     page_size: int = 1000,
+    sub_account_id: str | None = None,
 ) -> list[Candidate]:
-    """The due candidates (`processors.reconcile.select_candidates`), paging through the store until
-    `limit` are found or the rows run out; at most `per_subaccount` per subaccount."""
+    """The due candidates (`Store.reconcile_candidates` through `processors.reconcile.select_candidates`),
+    paging through the store until `limit` are found or the rows run out; at most `per_subaccount` per
+    subaccount; of one subaccount when given."""
     cutoff = now - timedelta(seconds=reconcile_after)
     picked: list[Candidate] = []
     counts: dict[str, int] = defaultdict(int)
     after: tuple[datetime, str] | None = None
     while len(picked) < limit:
-        rows = candidate_rows(store, cutoff, after=after, limit=page_size)
-        for c in select_candidates(rows, now, reconcile_after, schedule):
+        rows = store.reconcile_candidates(
+            cutoff, now, sub_account_id=sub_account_id, after=after, limit=page_size
+        )
+        for c in select_candidates(rows, now, reconcile_after):
             if counts[c.sub_account_id] < per_subaccount and len(picked) < limit:
                 counts[c.sub_account_id] += 1
                 picked.append(c)
@@ -180,12 +162,14 @@ class PassReport:
     candidates: int = 0
     requests: int = 0
     receipts: int = 0
-    outcomes: dict[str, int] | None = None
+    rate_limited: int = 0  # 429s received
+    outcomes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    skipped_subaccounts: int = 0  # leased by another reconciler
 
 
 class Reconciler:
-    """One reconciler: `await start()`, then `await run_pass()` (tests) or `await run(stop)`; `await
-    close()`. Everything it needs can be injected (store, codecs, HTTP client, clocks) for tests."""
+    """One reconciler: `await start()`, then `await run_pass()` (tests) or `await run()`; `await close()`.
+    Everything it needs can be injected (store, codecs, HTTP client, clocks) for tests."""
 
     def __init__(
         self,
@@ -198,13 +182,14 @@ class Reconciler:
         metrics_registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        owner: str | None = None,
     ) -> None:
         if not settings.api_8x8_key:
             raise ValueError("CHATPIPE_8X8_API_KEY is not set: the reconciler has nothing to call")
         if settings.reconcile_after <= 0:
             raise ValueError("CHATPIPE_RECONCILE_AFTER must be > 0")
         self.settings = settings
-        self.config = cfg = config or ReconcilerConfig()
+        self.config = cfg = config or ReconcilerConfig.from_settings(settings)
         self._own_store = store is None
         if store is None:
             from sinks.worker import pii_policy
@@ -221,12 +206,8 @@ class Reconciler:
         self._headers = {"Authorization": f"Bearer {settings.api_8x8_key}", "Accept": "application/json"}
         self.metrics_registry = metrics_registry or CollectorRegistry()
         self.metrics = ReconcilerMetrics(self.metrics_registry)
-        self.limiter = RateLimiter(cfg.request_interval)
-        self.schedule = CheckSchedule(
-            base=timedelta(seconds=settings.reconcile_after),
-            not_found_after=timedelta(seconds=cfg.not_found_after),
-            max_backoff=timedelta(seconds=cfg.max_backoff),
-        )
+        self.pacer = Pacer(LIMIT_INTERVAL, cfg.margin, slow_factor=cfg.slow_factor, cooldown=cfg.cooldown)
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.clock = clock
         self.wall_clock = wall_clock
         self.passes = 0
@@ -234,12 +215,16 @@ class Reconciler:
         self._stop = asyncio.Event()
         self._sem: asyncio.Semaphore | None = None
         self._producer: AsyncProducer | None = None
+        self._pending: list[LookupRecord] = []
+        self._leases: dict[str, datetime] = {}  # subaccount -> when our lease ends
 
     # --- life cycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Register the receipt schema (waiting for the registry until stopped), start the producer."""
         self._sem = asyncio.Semaphore(self.config.concurrency)
+        if self._own_store:  # the reconciler's tables (idempotent; the sink and the API migrate too)
+            await asyncio.to_thread(self.store.migrate)
         delay = 0.5
         while True:
             try:
@@ -260,6 +245,12 @@ class Reconciler:
         self._stop.set()
 
     async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._flush()
+        if self._leases:
+            with contextlib.suppress(Exception):
+                await self._release(list(self._leases))
+            self._leases.clear()
         if self._producer is not None:
             left = self._producer.close(10.0)
             self._producer = None
@@ -293,83 +284,182 @@ class Reconciler:
 
     # --- one pass -----------------------------------------------------------------------------------
 
-    async def run_pass(self) -> PassReport:
-        """Scan, look up every due candidate (subaccounts in parallel), produce the receipts."""
-        assert self._sem is not None and self._producer is not None, "start() first"
+    def _scan(self, now: datetime, sub_account_id: str | None = None) -> list[Candidate]:
         cfg = self.config
-        now = self.wall_clock()
-        candidates = await asyncio.to_thread(
-            scan_candidates,
+        return scan_candidates(
             self.store,
             now,
             self.settings.reconcile_after,
-            self.schedule,
             per_subaccount=cfg.per_subaccount,
-            limit=cfg.per_pass,
+            limit=cfg.per_subaccount if sub_account_id else cfg.per_pass,
             page_size=cfg.page_size,
+            sub_account_id=sub_account_id,
         )
-        self.metrics.candidates.set(len(candidates))
-        report = PassReport(candidates=len(candidates), outcomes=defaultdict(int))
-        by_sub: dict[str, list[Candidate]] = defaultdict(list)
-        for c in candidates:
-            by_sub[c.sub_account_id].append(c)
+
+    async def run_pass(self) -> PassReport:
+        """Scan, lease the subaccounts with due candidates, look them up (subaccounts in parallel), produce
+        the receipts, record the lookups, release the leases."""
+        assert self._sem is not None and self._producer is not None, "start() first"
+        now = self.wall_clock()
+        candidates = await asyncio.to_thread(self._scan, now)
+        report = PassReport()
+        subs = list(dict.fromkeys(c.sub_account_id for c in candidates))  # oldest candidate first
+        held = await self._lease(subs) if subs else []
+        report.skipped_subaccounts = len(subs) - len(held)
         if candidates:
-            log.info("reconcile pass candidates=%d subaccounts=%d", len(candidates), len(by_sub))
-        await asyncio.gather(*(self._subaccount(sub, queue, report) for sub, queue in by_sub.items()))
-        self.limiter.prune(self.clock())
+            log.info(
+                "reconcile pass candidates=%d subaccounts=%d leased=%d",
+                len(candidates),
+                len(subs),
+                len(held),
+            )
+        flusher = asyncio.create_task(self._flush_periodically())
+        try:
+            await asyncio.gather(*(self._subaccount(sub, report) for sub in held))
+        finally:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+            await self._flush()
+        self.metrics.candidates.set(report.candidates)
+        self.pacer.prune(self.clock())
+        self.metrics.slowed.set(sum(1 for s in subs if self.pacer.slowed(s, self.clock())))
         self.passes += 1
         self.last_pass_at = self.wall_clock()
         self.metrics.last_pass.set(self.last_pass_at.timestamp())
         if candidates:
             log.info(
-                "reconcile pass done candidates=%d requests=%d receipts=%d outcomes=%s",
+                "reconcile pass done candidates=%d requests=%d receipts=%d 429s=%d outcomes=%s",
                 report.candidates,
                 report.requests,
                 report.receipts,
-                ",".join(f"{k}:{v}" for k, v in sorted((report.outcomes or {}).items())),
+                report.rate_limited,
+                ",".join(f"{k}:{v}" for k, v in sorted(report.outcomes.items())),
             )
         return report
 
-    async def _subaccount(self, sub: str, queue: Sequence[Candidate], report: PassReport) -> None:
-        for c in queue:
-            if self._stop.is_set():
-                return
-            outcome = await self._lookup(c, report)
-            assert report.outcomes is not None
-            report.outcomes[outcome] += 1
-            self.metrics.lookups.labels(outcome).inc()
-            self.schedule.record(c.umid, outcome, self.wall_clock())
+    async def _lease(self, subs: list[str]) -> list[str]:
+        now = self.wall_clock()
+        until = now + timedelta(seconds=self.config.lease)
+        held = await asyncio.to_thread(self.store.lease_subaccounts, self.owner, subs, now, until)
+        for sub in held:
+            self._leases[sub] = until
+        return held
+
+    async def _holds(self, sub: str) -> bool:
+        """Whether we still hold `sub`'s lease for one more request, renewed at half-life. A lease with
+        less than 2 timeouts left counts as lost (a request could outlive it; another reconciler may take
+        it next): the subaccount is left for a later pass."""
+        until = self._leases.get(sub)
+        if until is None:
+            return False
+        left = (until - self.wall_clock()).total_seconds()
+        if left > self.config.lease / 2:
+            return True
+        if left <= 2 * self.config.timeout:
+            self._leases.pop(sub, None)
+            log.warning("reconcile lease of sub=%s ran out; leaving it for a later pass", sub)
+            return False
+        return bool(await self._lease([sub]))
+
+    async def _release(self, subs: list[str]) -> None:
+        """Give up our leases of `subs`, each ending when its next request may be sent (by the pacer):
+        another reconciler taking it over cannot then exceed 8x8's limit either."""
+        now_m, now_w = self.clock(), self.wall_clock()
+        by_time: dict[datetime, list[str]] = defaultdict(list)
+        for sub in subs:
+            if self._leases.pop(sub, None) is not None:
+                wait = self.pacer.wait_time(sub, now_m)
+                wait = self.pacer.spacing(sub, now_m) if wait == float("inf") else wait
+                by_time[now_w + timedelta(seconds=wait)].append(sub)
+        for free_at, group in by_time.items():
+            await asyncio.to_thread(self.store.release_subaccounts, self.owner, group, free_at)
+
+    async def _subaccount(self, sub: str, report: PassReport) -> None:
+        try:
+            # the due umids as seen now that we hold the lease: what an earlier holder recorded is out
+            queue = await asyncio.to_thread(self._scan, self.wall_clock(), sub)
+            report.candidates += len(queue)
+            for c in queue:
+                if self._stop.is_set():
+                    return
+                outcome, details = await self._lookup(c, report)
+                if outcome is None:
+                    return
+                report.outcomes[outcome] += 1
+                self.metrics.lookups.labels(outcome).inc()
+                at = self.wall_clock()
+                n, next_due = next_check(
+                    c.attempts,
+                    outcome,
+                    at,
+                    base=timedelta(seconds=self.settings.reconcile_after),
+                    not_found_after=timedelta(seconds=self.config.not_found_after),
+                    max_backoff=timedelta(seconds=self.config.max_backoff),
+                )
+                self._pending.append(LookupRecord(c.umid, sub, n, outcome, at, next_due, details))
+        finally:
+            await self._flush()  # recorded before the lease is given up: the next holder sees it
+            await self._release([sub])
+
+    async def _flush(self) -> None:
+        if self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                await asyncio.to_thread(self.store.record_lookups, batch)
+            except BaseException:
+                self._pending[:0] = batch
+                raise
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.flush_every)
+            try:
+                await self._flush()
+            except ChatpipeError as exc:
+                log.warning("reconcile could not record lookups yet: %s", exc)
 
     async def _request(self, sub: str, url: str) -> httpx.Response | Exception | None:
-        """One GET once `sub`'s bucket has a token and a global slot is free; the token is taken right
-        before sending, holding the slot, so two sends of one subaccount are never closer than the bucket
-        allows. Transport errors are returned, not raised; None when stopped while waiting."""
+        """One GET once `sub` may send (the pacer) and a global slot is free; the pacer learns when the
+        answer came (and whether it was a 429). Transport errors are returned, not raised; None when
+        stopped while waiting."""
         assert self._sem is not None
         while True:
-            wait = self.limiter.wait_time(sub, self.clock())
+            wait = self.pacer.wait_time(sub, self.clock())
             if wait > 0:
-                self.metrics.rate_limited_waits.labels("bucket").inc()
+                self.metrics.rate_limited_waits.labels("spacing").inc()
                 await self._sleep(wait)
                 if self._stop.is_set():
                     return None
                 continue
+            if not await self._holds(sub):
+                return None
             async with self._sem:
-                if self.limiter.acquire(sub, self.clock()) > 0:
+                if not self.pacer.acquire(sub, self.clock()):
                     continue
+                retry_after: float | None = None
                 try:
-                    return await self.http.get(url, headers=self._headers)
+                    answer = await self.http.get(url, headers=self._headers)
+                    if answer.status_code == 429:
+                        retry_after = retry_after_seconds(answer)
+                    return answer
                 except httpx.HTTPError as exc:
                     return exc
+                finally:
+                    self.pacer.done(sub, self.clock(), retry_after)
 
-    async def _lookup(self, c: Candidate, report: PassReport) -> str:
+    async def _lookup(
+        self, c: Candidate, report: PassReport
+    ) -> tuple[str | None, list[dict[str, Any]] | None]:
+        """(outcome, what 8x8 said of the steps); outcome None when abandoned (stop, lease lost)."""
         sub, umid = c.sub_account_id, c.umid
         url = self.base_url + DETAILS_PATH.format(sub=quote(sub, safe=""), umid=quote(umid, safe=""))
         failures = limited = 0
         delay = self.config.backoff
         while True:
             answer = await self._request(sub, url)
-            if answer is None:
-                return Outcome.FAILED
+            if answer is None:  # stopped, or the lease lost: left as it was, nothing recorded
+                return None, None
             report.requests += 1
             if isinstance(answer, Exception):
                 label = "timeout" if isinstance(answer, httpx.TimeoutException) else "error"
@@ -382,49 +472,57 @@ class Reconciler:
                     return await self._answered(c, answer.content, report)
                 if status == 404:
                     log.info("reconcile unknown at 8x8 sub=%s umid=%s: %s", sub, umid, _message(answer))
-                    return Outcome.NOT_FOUND
+                    return Outcome.NOT_FOUND, None
                 if status == 429:
                     limited += 1
-                    seconds = parse_retry_after(_message(answer), default=_retry_after_header(answer))
-                    self.limiter.block(sub, self.clock(), seconds)
+                    report.rate_limited += 1
                     self.metrics.rate_limited_waits.labels("quota").inc()
-                    log.warning("reconcile 429 sub=%s umid=%s: waiting %.1fs", sub, umid, seconds)
+                    log.warning(
+                        "reconcile 429 sub=%s umid=%s: waiting %.1fs, then slower for %.0fs: %s",
+                        sub,
+                        umid,
+                        retry_after_seconds(answer),
+                        self.config.cooldown,
+                        _message(answer),
+                    )
                     if limited > self.config.max_rate_limited:
-                        return Outcome.FAILED
+                        return Outcome.FAILED, None
                     continue
                 if status < 500:
                     log.warning(
                         "reconcile refused status=%d sub=%s umid=%s: %s", status, sub, umid, _message(answer)
                     )
-                    return Outcome.REJECTED
+                    return Outcome.REJECTED, None
                 problem = f"HTTP {status}: {_message(answer)}"
             failures += 1
             if failures >= self.config.max_attempts:
                 log.warning(
                     "reconcile gave up sub=%s umid=%s after %d attempts: %s", sub, umid, failures, problem
                 )
-                return Outcome.FAILED
+                return Outcome.FAILED, None
             log.info("reconcile retry sub=%s umid=%s in %.1fs: %s", sub, umid, delay, problem)
             await self._sleep(delay)
             if self._stop.is_set():
-                return Outcome.FAILED
+                return Outcome.FAILED, None
             delay = min(delay * 2, self.config.backoff_max)
 
-    async def _answered(self, c: Candidate, body: bytes, report: PassReport) -> str:
+    async def _answered(
+        self, c: Candidate, body: bytes, report: PassReport
+    ) -> tuple[str, list[dict[str, Any]] | None]:
         try:
             receipts = details_to_receipts(
                 c.sub_account_id, c.umid, body, self.wall_clock(), known_channels=c.channels
             )
         except InvalidEvent as exc:
             log.error("reconcile unreadable answer sub=%s umid=%s: %s", c.sub_account_id, c.umid, exc.reason)
-            return Outcome.INVALID
+            return Outcome.INVALID, None
         if not receipts:
-            return Outcome.NOT_FOUND
+            return Outcome.NOT_FOUND, None
         try:
             await self._produce(receipts)
         except ProduceFailed as exc:
             log.error("reconcile produce failed topic=%s umid=%s: %s", RECEIPTS.name, c.umid, exc)
-            return Outcome.FAILED
+            return Outcome.FAILED, None
         report.receipts += len(receipts)
         self.metrics.receipts.inc(len(receipts))
         log.info(
@@ -433,7 +531,7 @@ class Reconciler:
             c.umid,
             ">".join(f"{r.channel}:{r.status.state}" for r in receipts),
         )
-        return Outcome.RECEIPTS
+        return Outcome.RECEIPTS, step_details(receipts)
 
     async def _produce(self, receipts: Sequence[DeliveryReceipt]) -> None:
         assert self._producer is not None
@@ -448,7 +546,8 @@ class Reconciler:
             "status": "ok",
             "passes": self.passes,
             "lastPassAt": None if self.last_pass_at is None else self.last_pass_at.isoformat(),
-            "scheduled": len(self.schedule),
+            "owner": self.owner,
+            "leases": len(self._leases),
         }
 
 
@@ -463,11 +562,13 @@ def _message(response: httpx.Response) -> str:
     return response.text[:200]
 
 
-def _retry_after_header(response: httpx.Response) -> float:
-    try:
-        return max(1.0, float(response.headers.get("Retry-After", "1")))
-    except ValueError:
-        return 1.0
+def retry_after_seconds(response: httpx.Response) -> float:
+    """How long a 429 asks to wait: the longer of 8x8's "try again in N second(s)" and a `Retry-After`
+    header in seconds; 1 s when neither says."""
+    said = parse_retry_after(_message(response), default=-1.0)
+    with contextlib.suppress(ValueError):
+        said = max(said, min(float(response.headers.get("Retry-After", "-1")), 3600.0))
+    return said if said >= 0 else LIMIT_INTERVAL
 
 
 def create_health_app(reconciler: Reconciler) -> Any:
@@ -503,10 +604,12 @@ async def serve(settings: Settings, on_ready: Callable[[], None] | None = None) 
         await web.TCPSite(runner, settings.api_host, settings.metrics_port).start()
         log.info("reconciler metrics on http://%s:%d", settings.api_host, settings.metrics_port)
     log.info(
-        "reconciler on api=%s reconcile_after=%.0fs interval=%.0fs",
+        "reconciler on api=%s reconcile_after=%.0fs interval=%.0fs margin=%.3fs owner=%s",
         settings.api_8x8_url,
         settings.reconcile_after,
         reconciler.config.interval,
+        reconciler.config.margin,
+        reconciler.owner,
     )
     try:
         await reconciler.run(on_ready)

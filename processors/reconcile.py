@@ -11,14 +11,17 @@ Telling them apart: a reconciled receipt has `raw_json` = the details record (co
 recognises one. The Avro schema has no `source` field (adding one is a schema change, not done here).
 
 Limits of synthetic receipts (what the receipt schema cannot carry): the authoritative `step` number,
-`channelId`, `country`, `contentType`, `createdAt` are only in `raw_json`; the state machine still orders
-steps by each channel's first event time. The details API reports each step's CURRENT status only.
+`channelId`, `country`, `contentType`, `createdAt` are only in `raw_json`, and the state machine still
+orders steps by each channel's first event time. So the reconciler also records them (`step_details`) in
+the store with the lookup, and the read API takes them from there (`sinks.rows.detail_records`): 8x8's
+step numbers win. The details API reports each step's CURRENT status only.
 
 Contracts
 - `details_to_receipts` raises `InvalidEvent` (field = JSON path, e.g. `data[1].status.timestamp`) for any
   body that is not a well-formed details answer for the requested umid, and nothing else.
-- `RateLimiter` is a token bucket per key whose every method takes `now` (monotonic seconds) from the
-  caller; it never grants more than `burst` + elapsed/`interval` requests per key.
+- `Pacer` spaces the requests of one key (subaccount) from the previous ANSWER, so that whatever the
+  network delays, two requests reach 8x8 at least `interval + margin` apart; a 429 opens a circuit that
+  waits what 8x8 asked and then slows the key down. Every method takes `now` (monotonic seconds).
 - `CheckSchedule` decides when an umid may be looked up again (backoff after each lookup).
 """
 
@@ -42,11 +45,13 @@ __all__ = [
     "Candidate",
     "CheckSchedule",
     "Outcome",
-    "RateLimiter",
+    "Pacer",
     "details_to_receipts",
     "is_reconciled",
+    "next_check",
     "parse_retry_after",
     "select_candidates",
+    "step_details",
 ]
 
 _SHOW_MAX = 80
@@ -243,6 +248,25 @@ def details_to_receipts(
     return [r for _, r in out]
 
 
+#: per-step fields of a details record that receipts lack (kept by the store for the read API)
+STEP_DETAIL_KEYS = ("channelId", "country", "contentType", "createdAt")
+
+
+def step_details(receipts: Sequence[DeliveryReceipt]) -> list[dict[str, Any]]:
+    """What the details API said of each step, from `details_to_receipts`'s receipts: `step` (8x8's own
+    number), `channel` (as chatpipe stores it) and whichever of `STEP_DETAIL_KEYS` are non-empty strings."""
+    out: list[dict[str, Any]] = []
+    for r in receipts:
+        rec = orjson.loads(r.raw_json)
+        item: dict[str, Any] = {"step": _int(rec.get("step"), "step"), "channel": r.channel}
+        for key in STEP_DETAIL_KEYS:
+            value = rec.get(key)
+            if isinstance(value, str) and value.strip():
+                item[key] = value
+        out.append(item)
+    return out
+
+
 def is_reconciled(receipt: DeliveryReceipt) -> bool:
     """Whether a receipt was made by the reconciler (its raw JSON is a details record, not a webhook)."""
     raw = receipt.raw_json
@@ -270,78 +294,115 @@ def parse_retry_after(message: object, default: float = 1.0) -> float:
 
 # --- rate limiting -------------------------------------------------------------------------------
 
+#: 8x8's documented limit of the Retrieve message details API: 1 request per second per subaccount
+LIMIT_INTERVAL = 1.0
+
 
 @dataclass(slots=True)
-class _Bucket:
-    tokens: float
-    stamp: float  # time `tokens` holds at; later than now while blocked by a 429
+class _Pace:
+    busy: bool = False  # a request is in flight
+    ready_at: float = 0.0  # no request before this
+    slow_until: float = -math.inf  # the circuit: spacing is `interval * slow_factor` until then
+    limited: int = 0  # 429s since the circuit last closed
 
 
-class RateLimiter:
-    """Token bucket per key (a subaccount): `burst` tokens at most, one more every `interval` seconds.
+class Pacer:
+    """When the next request of each key (a subaccount) may be sent: at most one in flight per key, and the
+    next one sent no earlier than `interval + margin` after the ANSWER to the previous one.
 
-    Pure state machine: every method takes `now`, a monotonic time in seconds chosen by the caller (it
-    must not go backwards). `acquire` takes a token and returns 0.0, or takes nothing and returns how
-    long to wait. `block` (a 429) refuses every request for the key until `now + seconds`, then allows
-    one and refills from there. Keys start with a full bucket; `prune` forgets keys whose bucket is full
-    again (indistinguishable from new ones), so memory stays bounded by the active keys.
+    Why from the answer: 8x8 counts a request when it arrives, by its own clock; that instant lies somewhere
+    between our send and the arrival of its answer. Spacing sends by `interval` (a token bucket) is tripped
+    by jitter: a first request delayed on its way and a second one fast arrive closer than `interval`.
+    Spacing the next send from the previous answer bounds the gap at 8x8 from below whatever the delays:
+    arrival(n+1) - arrival(n) >= send(n+1) - answer(n) >= interval + margin. `margin` covers the two
+    clocks' resolution and drift; throughput per key is 1 / (interval + margin + round trip).
+
+    A 429 (`done(..., retry_after=s)`) opens the circuit for the key: nothing before `answer + max(s,
+    interval) + margin`, then the spacing is `interval * slow_factor` (+ margin) until `cooldown` seconds
+    pass without another 429; each further 429 doubles the slow spacing again (up to `max_factor`).
+
+    Pure state machine: every method takes `now`, a monotonic time in seconds chosen by the caller (it must
+    not go backwards). `prune` forgets idle keys (indistinguishable from new ones) so memory stays bounded.
     """
 
-    def __init__(self, interval: float = 1.0, burst: int = 1) -> None:
+    def __init__(
+        self,
+        interval: float = LIMIT_INTERVAL,
+        margin: float = 0.05,
+        *,
+        slow_factor: float = 2.0,
+        max_factor: float = 16.0,
+        cooldown: float = 60.0,
+    ) -> None:
         if not (math.isfinite(interval) and interval > 0):
             raise ValueError(f"interval must be a positive number of seconds, got {interval!r}")
-        if burst < 1:
-            raise ValueError(f"burst must be >= 1, got {burst}")
+        if not (math.isfinite(margin) and margin >= 0):
+            raise ValueError(f"margin must be >= 0 seconds, got {margin!r}")
+        if not (1.0 <= slow_factor <= max_factor) or not (cooldown >= 0):
+            raise ValueError("need 1 <= slow_factor <= max_factor and cooldown >= 0")
         self.interval = float(interval)
-        self.burst = burst
-        self._buckets: dict[str, _Bucket] = {}
+        self.margin = float(margin)
+        self.slow_factor = float(slow_factor)
+        self.max_factor = float(max_factor)
+        self.cooldown = float(cooldown)
+        self._keys: dict[str, _Pace] = {}
 
     def __len__(self) -> int:
-        return len(self._buckets)
+        return len(self._keys)
 
-    def _refill(self, b: _Bucket, now: float) -> None:
-        if now > b.stamp:
-            b.tokens = min(float(self.burst), b.tokens + (now - b.stamp) / self.interval)
-            b.stamp = now
+    def spacing(self, key: str, now: float) -> float:
+        """Seconds between an answer of `key` and its next send, as things stand at `now`."""
+        p = self._keys.get(key)
+        if p is None or now >= p.slow_until:
+            return self.interval + self.margin
+        factor = min(self.slow_factor * 2 ** max(p.limited - 1, 0), self.max_factor)
+        return self.interval * factor + self.margin
+
+    def slowed(self, key: str, now: float) -> bool:
+        """Whether the circuit of `key` is open or half-open (a 429 less than `cooldown` ago)."""
+        p = self._keys.get(key)
+        return p is not None and now < p.slow_until
 
     def wait_time(self, key: str, now: float) -> float:
-        """Seconds until `acquire(key)` would succeed (0.0: now). Takes nothing."""
-        b = self._buckets.get(key)
-        if b is None:
+        """Seconds until `key` may send (0.0: now; infinite while a request of it is in flight)."""
+        p = self._keys.get(key)
+        if p is None:
             return 0.0
-        self._refill(b, now)
-        blocked = b.stamp - now if b.stamp > now else 0.0
-        return blocked + max(0.0, 1.0 - b.tokens) * self.interval
+        if p.busy:
+            return math.inf
+        return max(0.0, p.ready_at - now)
 
-    def acquire(self, key: str, now: float) -> float:
-        """Take one token for `key` and return 0.0, or return the wait (> 0) and take nothing."""
-        b = self._buckets.get(key)
-        if b is None:
-            b = self._buckets[key] = _Bucket(float(self.burst), now)
-        wait = self.wait_time(key, now)
-        if wait > 0.0:
-            return wait
-        b.tokens -= 1.0
-        return 0.0
+    def acquire(self, key: str, now: float) -> bool:
+        """Mark a request of `key` as sent at `now` if allowed (True), else change nothing (False)."""
+        if self.wait_time(key, now) > 0.0:
+            return False
+        p = self._keys.get(key)
+        if p is None:
+            p = self._keys[key] = _Pace()
+        p.busy = True
+        return True
 
-    def block(self, key: str, now: float, seconds: float) -> None:
-        """8x8 said "try again in `seconds`": no request for `key` before `now + seconds`, nor before the
-        bucket's own next token; from then on one request, and one more per `interval`."""
-        b = self._buckets.get(key)
-        if b is None:
-            b = self._buckets[key] = _Bucket(0.0, now)
-        ready = now + self.wait_time(key, now)  # when the bucket alone would allow the next request
-        until = max(ready, now + max(seconds, 0.0))
-        b.stamp = until
-        b.tokens = 1.0
+    def done(self, key: str, now: float, retry_after: float | None = None) -> None:
+        """The request of `key` was answered (or failed) at `now`; `retry_after`: it was a 429 asking to
+        wait that many seconds."""
+        p = self._keys.get(key)
+        if p is None:
+            p = self._keys[key] = _Pace()
+        p.busy = False
+        if now >= p.slow_until:
+            p.limited = 0  # the circuit closed: a cooldown passed without a 429
+        wait = self.spacing(key, now)
+        if retry_after is not None:
+            p.limited += 1
+            p.slow_until = now + max(retry_after, 0.0) + self.cooldown
+            wait = max(max(retry_after, 0.0) + self.margin, self.spacing(key, now))
+        p.ready_at = max(p.ready_at, now + wait)
 
     def prune(self, now: float) -> int:
-        """Forget keys whose bucket is full and unblocked at `now`; returns how many."""
-        gone = [
-            k for k, b in self._buckets.items() if self.wait_time(k, now) == 0.0 and b.tokens >= self.burst
-        ]
+        """Forget keys that are idle, ready and not slowed at `now`; returns how many."""
+        gone = [k for k, p in self._keys.items() if not p.busy and p.ready_at <= now and now >= p.slow_until]
         for k in gone:
-            del self._buckets[k]
+            del self._keys[k]
         return len(gone)
 
 
@@ -356,6 +417,7 @@ class Candidate:
     umid: str
     last_change: datetime
     channels: tuple[str, ...] = ()
+    attempts: int = 0  # lookups recorded so far
 
 
 class Outcome:
@@ -372,6 +434,26 @@ class Outcome:
 class _Check:
     attempts: int
     next_due: datetime
+
+
+def next_check(
+    attempts: int,
+    outcome: str,
+    now: datetime,
+    *,
+    base: timedelta,
+    not_found_after: timedelta = timedelta(hours=6),
+    max_backoff: timedelta = timedelta(hours=24),
+) -> tuple[int, datetime]:
+    """(lookups so far, when due again) after a lookup that ended with `outcome` at `now`, `attempts`
+    lookups before it. The rule of `CheckSchedule`, for a schedule kept in the store."""
+    if outcome == Outcome.FAILED:
+        return attempts, now + base
+    n = attempts + 1
+    wait = base * (2 ** min(n - 1, 30))
+    if outcome != Outcome.RECEIPTS:
+        wait = max(wait, not_found_after * (2 ** min(n - 1, 30)))
+    return n, now + min(wait, max_backoff)
 
 
 @dataclass
@@ -409,20 +491,18 @@ class CheckSchedule:
     def record(self, umid: str, outcome: str, now: datetime) -> datetime:
         """Note a lookup of `umid` that ended with `outcome` at `now`; returns when it is due again."""
         prev = self._checks.pop(umid, None)
-        n = 0 if prev is None else prev.attempts
-        if outcome == Outcome.FAILED:
-            wait = self.base
-        else:
-            n += 1
-            wait = self.base * (2 ** min(n - 1, 30))
-            if outcome != Outcome.RECEIPTS:
-                wait = max(wait, self.not_found_after * (2 ** min(n - 1, 30)))
-            wait = min(wait, self.max_backoff)
-        check = _Check(n, now + wait)
-        self._checks[umid] = check  # re-inserted: dict order = least recently checked first
+        n, next_due = next_check(
+            0 if prev is None else prev.attempts,
+            outcome,
+            now,
+            base=self.base,
+            not_found_after=self.not_found_after,
+            max_backoff=self.max_backoff,
+        )
+        self._checks[umid] = _Check(n, next_due)  # re-inserted: dict order = least recently checked first
         while len(self._checks) > self.max_entries:
             del self._checks[next(iter(self._checks))]
-        return check.next_due
+        return next_due
 
     def forget(self, umids: Iterable[str]) -> None:
         for u in umids:
@@ -455,7 +535,7 @@ def select_candidates(
             continue
         path = row["channel_path"] or ""
         channels = tuple(c for c in path.split(">") if c)
-        picked.append(Candidate(row["sub_account_id"], row["umid"], last, channels))
+        picked.append(Candidate(row["sub_account_id"], row["umid"], last, channels, row.get("attempts") or 0))
     picked.sort(key=lambda c: (c.last_change, c.umid))
     if per_subaccount is not None:
         counts: dict[str, int] = {}

@@ -50,6 +50,7 @@ from sinks.rows import PiiPolicy
 from sinks.store import (
     DEFAULT_LIMIT,
     MIGRATIONS_TABLE,
+    LookupRecord,
     clamp_limit,
     equalities,
     inbound_filters,
@@ -256,6 +257,65 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         "messages.lineage: states of another lineage are merged by content",
         ("ALTER TABLE messages ADD COLUMN lineage bigint NOT NULL DEFAULT 0",),
     ),
+    (
+        6,
+        "reconciler: lookups, subaccount leases, open messages by age, channel ids of inbound messages",
+        (
+            """
+            CREATE TABLE reconcile_checks (
+                umid           text PRIMARY KEY,
+                sub_account_id text NOT NULL,
+                attempts       integer NOT NULL,
+                outcome        text NOT NULL,
+                checked_at     timestamptz NOT NULL,
+                next_due       timestamptz NOT NULL,
+                details        jsonb
+            )
+            """,
+            """
+            CREATE TABLE reconcile_leases (
+                sub_account_id text PRIMARY KEY,
+                owner          text NOT NULL,
+                expires_at     timestamptz NOT NULL
+            )
+            """,
+            # partial: only open messages (few) are in them, so the sink's rewrites of final ones skip them
+            "CREATE INDEX messages_open ON messages (updated_at, umid) WHERE NOT final",
+            "CREATE INDEX messages_open_by_subaccount ON messages (sub_account_id, updated_at, umid)"
+            " WHERE NOT final",
+            "CREATE INDEX inbound_channel_ids ON inbound_messages (sub_account_id, channel, channel_id)"
+            " WHERE channel_id IS NOT NULL",
+        ),
+    ),
+)
+
+_CANDIDATES = (
+    "SELECT m.umid, m.sub_account_id, m.final, m.status_at, m.updated_at, m.channel_path,"
+    " coalesce(c.attempts, 0) AS attempts"
+    " FROM messages m LEFT JOIN reconcile_checks c ON c.umid = m.umid"
+    " WHERE NOT m.final AND m.updated_at < %s AND m.status_at < %s"
+    " AND (c.next_due IS NULL OR c.next_due <= %s)"
+)
+_LEASE = (
+    "INSERT INTO reconcile_leases (sub_account_id, owner, expires_at) SELECT unnest(%s::text[]), %s, %s"
+    " ON CONFLICT (sub_account_id) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at"
+    " WHERE reconcile_leases.expires_at <= %s OR reconcile_leases.owner = excluded.owner"
+    " RETURNING sub_account_id"
+)
+_RECORD_LOOKUP = (
+    "INSERT INTO reconcile_checks (umid, sub_account_id, attempts, outcome, checked_at, next_due, details)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (umid) DO UPDATE SET attempts = excluded.attempts,"
+    " outcome = excluded.outcome, checked_at = excluded.checked_at, next_due = excluded.next_due,"
+    " details = coalesce(excluded.details, reconcile_checks.details)"
+    " WHERE excluded.checked_at >= reconcile_checks.checked_at"
+)
+# the channel's only channelId on the subaccount's inbound messages (min = max), by inbound_channel_ids
+_CHANNEL_IDS = (
+    "SELECT channel, (SELECT min(channel_id) FROM inbound_messages i WHERE i.sub_account_id = %(sub)s"
+    " AND i.channel = c.channel AND channel_id IS NOT NULL) AS low,"
+    " (SELECT max(channel_id) FROM inbound_messages i WHERE i.sub_account_id = %(sub)s"
+    " AND i.channel = c.channel AND channel_id IS NOT NULL) AS high"
+    " FROM unnest(%(channels)s::text[]) AS c(channel)"
 )
 
 # Staging tables: same columns as their targets, no constraints, emptied at every commit.
@@ -601,21 +661,28 @@ class PostgresStore:
     # --- reads -------------------------------------------------------------------------------
 
     def get_message(self, sub_account_id: str, umid: str) -> list[dict[str, Any]] | None:
-        def work(conn: psycopg.Connection[Any]) -> tuple[R.Row | None, list[R.Row]]:
+        def work(conn: psycopg.Connection[Any]) -> tuple[R.Row | None, list[R.Row], Any, dict[str, str]]:
             found = conn.execute(
                 "SELECT * FROM messages WHERE umid = %s AND sub_account_id = %s", (umid, sub_account_id)
             ).fetchone()
             if found is None:
-                return None, []
+                return None, [], None, {}
             steps = conn.execute(
                 "SELECT * FROM message_steps WHERE umid = %s ORDER BY step", (umid,)
             ).fetchall()
-            return found, steps
+            looked = conn.execute("SELECT details FROM reconcile_checks WHERE umid = %s", (umid,)).fetchone()
+            missing = sorted({r["channel"] for r in steps if r["channel_id"] is None})
+            ids: dict[str, str] = {}
+            if missing:
+                for r in conn.execute(_CHANNEL_IDS, {"sub": sub_account_id, "channels": missing}):
+                    if r["low"] is not None and r["low"] == r["high"]:
+                        ids[r["channel"]] = r["low"]
+            return found, steps, looked["details"] if looked else None, ids
 
-        message, steps = self._run(work)
+        message, steps, details, ids = self._run(work)
         if message is None:
             return None
-        return R.detail_records(message, steps, clear=self.pii.clear)
+        return R.detail_records(message, steps, clear=self.pii.clear, looked_up=details, channel_ids=ids)
 
     def get_conversation(
         self, sub_account_id: str, channel_id: str, user: str, *, now: datetime
@@ -662,6 +729,66 @@ class PostgresStore:
         sql = f"SELECT * FROM inbound_messages WHERE {' AND '.join(where)} ORDER BY ts, umid LIMIT %s"
         found = self._run(lambda conn: conn.execute(sql, (*params, limit + 1)).fetchall())
         return paginate(found, limit, R.inbound_record, R.inbound_cursor)
+
+    # --- reconciliation ----------------------------------------------------------------------------
+
+    def reconcile_candidates(
+        self,
+        cutoff: datetime,
+        now: datetime,
+        *,
+        sub_account_id: str | None = None,
+        after: tuple[datetime, str] | None = None,
+        limit: int = 1000,
+    ) -> list[dict[str, Any]]:
+        sql = _CANDIDATES
+        params: list[Any] = [cutoff, cutoff, now]
+        if sub_account_id is not None:
+            sql += " AND m.sub_account_id = %s"
+            params.append(sub_account_id)
+        if after is not None:
+            sql += " AND (m.updated_at, m.umid) > (%s, %s)"
+            params.extend(after)
+        sql += " ORDER BY m.updated_at, m.umid LIMIT %s"
+        params.append(max(1, int(limit)))
+        return [dict(r) for r in self._run(lambda conn: conn.execute(sql, params).fetchall())]
+
+    def lease_subaccounts(
+        self, owner: str, sub_account_ids: Sequence[str], now: datetime, until: datetime
+    ) -> list[str]:
+        subs = list(dict.fromkeys(sub_account_ids))
+        if not subs:
+            return []
+        got = self._run(lambda conn: conn.execute(_LEASE, (subs, owner, until, now)).fetchall())
+        mine = {r["sub_account_id"] for r in got}
+        return [sub for sub in subs if sub in mine]
+
+    def release_subaccounts(self, owner: str, sub_account_ids: Sequence[str], free_at: datetime) -> None:
+        if not sub_account_ids:
+            return
+        self._run(
+            lambda conn: conn.execute(
+                "UPDATE reconcile_leases SET expires_at = %s WHERE owner = %s AND sub_account_id = ANY(%s)",
+                (free_at, owner, list(sub_account_ids)),
+            )
+        )
+
+    def record_lookups(self, lookups: Sequence[LookupRecord]) -> None:
+        if not lookups:
+            return
+        rows = [
+            (
+                x.umid,
+                x.sub_account_id,
+                x.attempts,
+                x.outcome,
+                x.checked_at,
+                x.next_due,
+                None if x.details is None else Jsonb(list(x.details)),
+            )
+            for x in lookups
+        ]
+        self._run(lambda conn: conn.cursor().executemany(_RECORD_LOOKUP, rows))
 
     def close(self) -> None:
         with self._lock:

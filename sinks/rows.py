@@ -28,13 +28,13 @@ import hmac
 import json
 import operator
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from schemas.models import Conversation, InboundMessage, MessageState, StatusEvent, Step, User
-from schemas.timefmt import format_iso8601
+from schemas.timefmt import format_iso8601, parse_iso8601
 
 Row = dict[str, Any]
 
@@ -672,7 +672,14 @@ def _user(row: Row) -> dict[str, Any] | None:
     return user or None
 
 
-def detail_records(message: Row, steps: Sequence[Row], *, clear: bool = False) -> list[dict[str, Any]]:
+def detail_records(
+    message: Row,
+    steps: Sequence[Row],
+    *,
+    clear: bool = False,
+    looked_up: Sequence[Mapping[str, Any]] | None = None,
+    channel_ids: Mapping[str, str] | None = None,
+) -> list[dict[str, Any]]:
     """8x8 Retrieve-message-details `data[]`: one record per step, keys in the documented order.
 
     Optional keys whose value is unknown are left out (as in 8x8's second example); the required ones
@@ -681,8 +688,15 @@ def detail_records(message: Row, steps: Sequence[Row], *, clear: bool = False) -
     it, the earliest event time of the message stands in (never null). `channelId`/`contentType` are
     null when unknown. `content` is `**MASKED**` unless the store keeps content in clear (outbound
     content is not stored, so it is then left out).
+
+    `looked_up`: what 8x8's details API said of the steps (`processors.reconcile.step_details`, kept by
+    the reconciler): authoritative, it gives each step of the same channel 8x8's step number (when those
+    numbers stay distinct) and fills channelId, country, contentType and createdAt. `channel_ids`: channel
+    -> the subaccount's only channelId seen on inbound messages of that channel, for steps still lacking it.
     """
-    ordered = sorted(steps, key=lambda r: r["step"])
+    ordered = [dict(r) for r in sorted(steps, key=lambda r: r["step"])]
+    if looked_up or channel_ids:
+        ordered = _fill_steps(ordered, looked_up or (), channel_ids or {})
     known_created = [r["created_at"] for r in ordered if r.get("created_at") is not None]
     fallback_created = (
         min(known_created)
@@ -721,6 +735,81 @@ def detail_records(message: Row, steps: Sequence[Row], *, clear: bool = False) -
         required = ("channelId", "contentType", "createdAt")
         records.append({k: v for k, v in record.items() if v is not None or k in required})
     return records
+
+
+_LOOKED_UP_FIELDS = (
+    ("channelId", "channel_id"),
+    ("country", "country"),
+    ("contentType", "content_type"),
+    ("createdAt", "created_at"),
+)
+
+
+def _fill_steps(
+    steps: list[dict[str, Any]], looked_up: Sequence[Mapping[str, Any]], channel_ids: Mapping[str, str]
+) -> list[dict[str, Any]]:
+    by_channel = {str(d.get("channel", "")).lower(): d for d in looked_up}
+    for s in steps:
+        d = by_channel.get(s["channel"])
+        if d is not None:
+            for key, column in _LOOKED_UP_FIELDS:
+                if s.get(column) is None and d.get(key):
+                    s[column] = _created_at(d[key]) if column == "created_at" else d[key]
+        if s.get("channel_id") is None and s["channel"] in channel_ids:
+            s["channel_id"] = channel_ids[s["channel"]]
+    numbers = [
+        by_channel[s["channel"]].get("step") if s["channel"] in by_channel else s["step"] for s in steps
+    ]
+    if all(isinstance(n, int) for n in numbers) and len(set(numbers)) == len(numbers):
+        for s, n in zip(steps, numbers, strict=True):
+            s["step"] = n
+        steps.sort(key=lambda r: r["step"])
+    return steps
+
+
+def _created_at(value: str) -> datetime | None:
+    try:
+        return parse_iso8601(value)
+    except (ValueError, OverflowError):
+        return None
+
+
+#: what the read API answers for a required string 8x8's document allows no null for, when unknown
+UNKNOWN = ""
+
+
+def complete_details(
+    records: Sequence[dict[str, Any]], operator_ids: Mapping[tuple[str, str], str] | None = None
+) -> list[dict[str, Any]]:
+    """The read API's last touch on `detail_records`: a `channelId` still unknown is taken from the
+    operator's map ((subAccountId, channel lower-cased) -> channelId, `CHATPIPE_CHANNEL_IDS`), and the
+    required strings still unknown (`channelId`, `contentType`) become `UNKNOWN` (8x8's OpenAPI document
+    requires strings there). Returns new dicts."""
+    out = []
+    for r in records:
+        r = dict(r)
+        if not r.get("channelId") and operator_ids:
+            r["channelId"] = operator_ids.get((r["subAccountId"], str(r["channel"]).lower()))
+        for key in ("channelId", "contentType"):
+            if r.get(key) is None:
+                r[key] = UNKNOWN
+        out.append(r)
+    return out
+
+
+def parse_channel_ids(spec: str) -> dict[tuple[str, str], str]:
+    """`CHATPIPE_CHANNEL_IDS`: comma-separated `subAccountId:channel=channelId` (channel as the read API
+    names it: SMS, WhatsApp, RCS, Viber, ...; any case). Raises ValueError naming the bad entry."""
+    out: dict[tuple[str, str], str] = {}
+    for entry in (e.strip() for e in spec.split(",")):
+        if not entry:
+            continue
+        key, eq, channel_id = entry.partition("=")
+        sub, colon, channel = key.strip().rpartition(":")
+        if not (eq and colon and sub.strip() and channel.strip() and channel_id.strip()):
+            raise ValueError(f"expected subAccountId:channel=channelId, got {entry!r}")
+        out[(sub.strip(), channel.strip().lower())] = channel_id.strip()
+    return out
 
 
 def summary_record(message: Row) -> dict[str, Any]:

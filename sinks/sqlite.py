@@ -27,6 +27,7 @@ from sinks.rows import PiiPolicy
 from sinks.store import (
     DEFAULT_LIMIT,
     MIGRATIONS_TABLE,
+    LookupRecord,
     clamp_limit,
     equalities,
     inbound_filters,
@@ -203,6 +204,34 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         "messages.lineage: states of another lineage are merged by content",
         ("ALTER TABLE messages ADD COLUMN lineage INTEGER NOT NULL DEFAULT 0",),
     ),
+    (
+        6,
+        "reconciler: lookups, subaccount leases, open messages by age, channel ids of inbound messages",
+        (
+            """
+            CREATE TABLE reconcile_checks (
+                umid           TEXT PRIMARY KEY,
+                sub_account_id TEXT NOT NULL,
+                attempts       INTEGER NOT NULL,
+                outcome        TEXT NOT NULL,
+                checked_at     TEXT NOT NULL,
+                next_due       TEXT NOT NULL,
+                details        TEXT
+            )
+            """,
+            """
+            CREATE TABLE reconcile_leases (
+                sub_account_id TEXT PRIMARY KEY,
+                owner          TEXT NOT NULL,
+                expires_at     TEXT NOT NULL
+            )
+            """,
+            "CREATE INDEX messages_open ON messages (updated_at, umid) WHERE final = 0",
+            "CREATE INDEX messages_open_by_subaccount ON messages (sub_account_id, updated_at, umid)"
+            " WHERE final = 0",
+            "CREATE INDEX inbound_channel_ids ON inbound_messages (sub_account_id, channel, channel_id)",
+        ),
+    ),
 )
 
 
@@ -247,6 +276,33 @@ _VERSIONS = f"SELECT umid, version, lineage FROM messages WHERE {_IN_JSON}"
 _LOAD_MESSAGES = f"SELECT * FROM messages WHERE {_IN_JSON}"
 _LOAD_STEPS = f"SELECT * FROM message_steps WHERE {_IN_JSON}"
 _LOAD_EVENTS = f"SELECT * FROM status_events WHERE {_IN_JSON}"
+
+
+_CANDIDATES = (
+    "SELECT m.umid, m.sub_account_id, m.final, m.status_at, m.updated_at, m.channel_path,"
+    " coalesce(c.attempts, 0) AS attempts"
+    " FROM messages m {index} LEFT JOIN reconcile_checks c ON c.umid = m.umid"
+    " WHERE m.final = 0 AND m.updated_at < ? AND m.status_at < ? AND (c.next_due IS NULL OR c.next_due <= ?)"
+)
+_LEASE = (
+    "INSERT INTO reconcile_leases (sub_account_id, owner, expires_at) VALUES (?, ?, ?)"
+    " ON CONFLICT (sub_account_id) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at"
+    " WHERE reconcile_leases.expires_at <= ? OR reconcile_leases.owner = excluded.owner"
+)
+_RECORD_LOOKUP = (
+    "INSERT INTO reconcile_checks (umid, sub_account_id, attempts, outcome, checked_at, next_due, details)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (umid) DO UPDATE SET attempts = excluded.attempts,"
+    " outcome = excluded.outcome, checked_at = excluded.checked_at, next_due = excluded.next_due,"
+    " details = coalesce(excluded.details, reconcile_checks.details)"
+    " WHERE excluded.checked_at >= reconcile_checks.checked_at"
+)
+# the channel's smallest and largest channelId on the subaccount's inbound messages (each is one probe of
+# inbound_channel_ids: SQLite's min/max optimisation wants one aggregate per query)
+_CHANNEL_ID_MIN = (
+    "SELECT min(channel_id) AS v FROM inbound_messages WHERE sub_account_id = ? AND channel = ?"
+    " AND channel_id IS NOT NULL"
+)
+_CHANNEL_ID_MAX = _CHANNEL_ID_MIN.replace("min(", "max(")
 
 
 def to_text(value: datetime) -> str:
@@ -438,11 +494,22 @@ class SqliteStore:
                     "SELECT * FROM messages WHERE umid = ? AND sub_account_id = ?", (umid, sub_account_id)
                 )
                 steps = self._read("SELECT * FROM message_steps WHERE umid = ? ORDER BY step", (umid,))
+                looked = self._read("SELECT details FROM reconcile_checks WHERE umid = ?", (umid,))
+                missing = {r["channel"] for r in steps if r["channel_id"] is None} if found else set()
+                ids = {c: v for c in missing if (v := self._only_channel_id(sub_account_id, c)) is not None}
             finally:
                 self._conn.rollback()
         if not found:
             return None
-        return R.detail_records(found[0], steps, clear=self.pii.clear)
+        details = json.loads(looked[0]["details"]) if looked and looked[0]["details"] else None
+        return R.detail_records(found[0], steps, clear=self.pii.clear, looked_up=details, channel_ids=ids)
+
+    def _only_channel_id(self, sub_account_id: str, channel: str) -> str | None:
+        """The channelId of the subaccount's inbound messages on `channel` when there is exactly one."""
+        low = self._read(_CHANNEL_ID_MIN, (sub_account_id, channel))[0]["v"]
+        if low is None or low != self._read(_CHANNEL_ID_MAX, (sub_account_id, channel))[0]["v"]:
+            return None
+        return str(low)
 
     def list_messages(
         self,
@@ -487,6 +554,77 @@ class SqliteStore:
             (*params, limit + 1),
         )
         return paginate(found, limit, R.inbound_record, R.inbound_cursor)
+
+    # --- reconciliation ----------------------------------------------------------------------------
+
+    def reconcile_candidates(
+        self,
+        cutoff: datetime,
+        now: datetime,
+        *,
+        sub_account_id: str | None = None,
+        after: tuple[datetime, str] | None = None,
+        limit: int = 1000,
+    ) -> list[dict[str, Any]]:
+        c = to_text(cutoff)
+        index = "messages_open" if sub_account_id is None else "messages_open_by_subaccount"
+        sql = _CANDIDATES.format(index=f"INDEXED BY {index}")
+        params: list[Any] = [c, c, to_text(now)]
+        if sub_account_id is not None:
+            sql += " AND m.sub_account_id = ?"
+            params.append(sub_account_id)
+        if after is not None:
+            a = to_text(after[0])
+            sql += " AND (m.updated_at > ? OR (m.updated_at = ? AND m.umid > ?))"
+            params.extend([a, a, after[1]])
+        sql += " ORDER BY m.updated_at, m.umid LIMIT ?"
+        params.append(max(1, int(limit)))
+        return [dict(r) for r in self._read(sql, params)]
+
+    def lease_subaccounts(
+        self, owner: str, sub_account_ids: Sequence[str], now: datetime, until: datetime
+    ) -> list[str]:
+        subs = list(dict.fromkeys(sub_account_ids))
+        if not subs:
+            return []
+        u, n = to_text(until), to_text(now)
+        with self._write() as conn:
+            conn.executemany(_LEASE, [(sub, owner, u, n) for sub in subs])
+            held = conn.execute(
+                "SELECT sub_account_id FROM reconcile_leases WHERE owner = ?"
+                " AND sub_account_id IN (SELECT value FROM json_each(?))",
+                (owner, json.dumps(subs)),
+            ).fetchall()
+        mine = {r["sub_account_id"] for r in held}
+        return [sub for sub in subs if sub in mine]
+
+    def release_subaccounts(self, owner: str, sub_account_ids: Sequence[str], free_at: datetime) -> None:
+        if not sub_account_ids:
+            return
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE reconcile_leases SET expires_at = ? WHERE owner = ?"
+                " AND sub_account_id IN (SELECT value FROM json_each(?))",
+                (to_text(free_at), owner, json.dumps(list(sub_account_ids))),
+            )
+
+    def record_lookups(self, lookups: Sequence[LookupRecord]) -> None:
+        if not lookups:
+            return
+        rows = [
+            (
+                x.umid,
+                x.sub_account_id,
+                x.attempts,
+                x.outcome,
+                to_text(x.checked_at),
+                to_text(x.next_due),
+                None if x.details is None else json.dumps(list(x.details)),
+            )
+            for x in lookups
+        ]
+        with self._write() as conn:
+            conn.executemany(_RECORD_LOOKUP, rows)
 
     def close(self) -> None:
         with self._lock:

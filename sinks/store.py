@@ -18,11 +18,18 @@ Contract shared by both dialects (`sinks.sqlite`, `sinks.postgres`):
   tried once more. A database that stays unreachable raises `schemas.errors.TransientError` (nothing of
   the batch is committed); the next call reconnects, so the caller pauses and retries the same batch.
 - Timestamps are aware UTC datetimes in rows; the API shapes carry 8x8's ISO 8601 text.
+- Reconciliation (`chatpipe.reconciler`): `reconcile_candidates` lists the open messages due for a lookup,
+  oldest first, paged, from a partial index on open messages; `lease_subaccounts` gives one reconciler
+  process at a time a subaccount (so two never look up its umids, nor share its 8x8 quota);
+  `record_lookups` keeps each lookup's outcome, when the umid is due again and what 8x8 said of its
+  steps, so a restarted reconciler does not ask again what it just asked, and `get_message` fills the
+  step fields receipts lack (step numbers, channelId, country, contentType, createdAt) from it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -33,6 +40,24 @@ from sinks.rows import PiiPolicy
 MIGRATIONS_TABLE = "chatpipe_schema_migrations"
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class LookupRecord:
+    """One finished lookup of 8x8's details API (`Store.record_lookups`). `details`: what 8x8 said of each
+    step (`processors.reconcile.step_details`), None when it said nothing (404, error)."""
+
+    umid: str
+    sub_account_id: str
+    attempts: int
+    outcome: str
+    checked_at: datetime
+    next_due: datetime
+    details: Sequence[dict[str, Any]] | None = None
+
+
+#: the keys of a `Store.reconcile_candidates` row
+CANDIDATE_COLUMNS = ("umid", "sub_account_id", "final", "status_at", "updated_at", "channel_path", "attempts")
 
 
 class Store(Protocol):
@@ -89,6 +114,35 @@ class Store(Protocol):
     ) -> tuple[list[dict[str, Any]], str | None]:
         """Inbound messages of one conversation (`sinks.rows.inbound_record`), oldest first, paginated
         like `list_messages`. `msisdn` is matched through its keyed hash."""
+
+    def reconcile_candidates(
+        self,
+        cutoff: datetime,
+        now: datetime,
+        *,
+        sub_account_id: str | None = None,
+        after: tuple[datetime, str] | None = None,
+        limit: int = 1000,
+    ) -> list[dict[str, Any]]:
+        """Open messages to look up in 8x8's details API: not final, `updated_at` and `status_at` before
+        `cutoff`, and due (no lookup recorded, or its `next_due` <= `now`); of one subaccount when given.
+        Rows with `CANDIDATE_COLUMNS` (`attempts`: lookups recorded so far), ordered by (updated_at, umid)
+        oldest first, starting after the `after` key; at most `limit`. Read-only."""
+
+    def lease_subaccounts(
+        self, owner: str, sub_account_ids: Sequence[str], now: datetime, until: datetime
+    ) -> list[str]:
+        """Take or extend, in one transaction, the reconcile lease of each subaccount for `owner` until
+        `until`, where it is free (never leased, expired at `now`, or `owner`'s already); returns the
+        subaccounts `owner` now holds. While one owner holds a lease no other gets it."""
+
+    def release_subaccounts(self, owner: str, sub_account_ids: Sequence[str], free_at: datetime) -> None:
+        """End `owner`'s leases of these subaccounts at `free_at` (when the next request to the subaccount
+        may be sent, by 8x8's limit); others' leases are left alone."""
+
+    def record_lookups(self, lookups: Sequence[LookupRecord]) -> None:
+        """Keep each lookup's outcome, attempts and next due time in one transaction; a record older than
+        the stored one (`checked_at`) changes nothing; `details` None keeps the stored details."""
 
     def close(self) -> None:
         """Release the connection; the store is unusable afterwards."""

@@ -64,6 +64,7 @@ def test_sample_delivery_receipt_flows_to_the_read_api(
     proc, _, _ = dev
     assert proc.env_value("CHATPIPE_KAFKA_BOOTSTRAP").startswith("127.0.0.1:")
     assert proc.env_value("CHATPIPE_SCHEMA_REGISTRY_URL").startswith("http://127.0.0.1:")
+    assert "reconciler off: CHATPIPE_8X8_API_KEY is not set" in proc.output()
     sample_receipt_scenario(*dev, tmp_path)
 
 

@@ -8,6 +8,8 @@ counting requests. One reconciler pass must look up exactly the candidates, prov
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import os
 import signal
@@ -28,14 +30,14 @@ from aiohttp import web
 
 from chatpipe.broker import free_port
 from chatpipe.config import Settings
-from chatpipe.reconciler import Reconciler, ReconcilerConfig, candidate_rows, run_reconciler, scan_candidates
-from processors.reconcile import CheckSchedule, Outcome
+from chatpipe.reconciler import Reconciler, ReconcilerConfig, run_reconciler, scan_candidates
+from processors.reconcile import Outcome
 from processors.state import apply_many
 from schemas.catalog import RECEIPTS
 from schemas.codec import Codecs
 from schemas.models import DeliveryReceipt, MessageState, Status
 from sinks.rows import PiiPolicy
-from sinks.store import Store, open_store
+from sinks.store import LookupRecord, Store, open_store
 from tests.support.kafka import read_topic
 from tests.support.postgres import PostgresServer, fresh_database
 
@@ -66,6 +68,7 @@ class Fake8x8:
     violations: int = 0
     unauthorized: int = 0
     last: dict[str, float] = field(default_factory=dict)
+    retry_after: str | None = None  # a Retry-After header on 429s
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -93,7 +96,10 @@ class Fake8x8:
         self.last[sub] = now
         if previous is not None and now - previous < 1.0:
             self.violations += 1
-            return self.error(429, 429, "Quota exceeded. Please try again in 1 second(s).")
+            answer = self.error(429, 429, "Quota exceeded. Please try again in 1 second(s).")
+            if self.retry_after is not None:
+                answer.headers["Retry-After"] = self.retry_after
+            return answer
         if self.script.get(umid):
             return self.error(self.script[umid].pop(0), 5000, "Service unavailable")
         records = self.answers.get(umid)
@@ -214,6 +220,15 @@ def fill_store(store: Store, fake: Fake8x8, subs: int = 3) -> Scenario:
     return Scenario(expected, not_found, not_candidates, names)
 
 
+def checks(db: Path) -> dict[str, tuple[int, str, str]]:
+    """umid -> (attempts, outcome, next_due) of the lookups the reconciler recorded."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        rows = conn.execute("SELECT umid, attempts, outcome, next_due FROM reconcile_checks").fetchall()
+    return {u: (a, o, d) for u, a, o, d in rows}
+
+
 # --- the pass ------------------------------------------------------------------------------------------
 
 
@@ -237,9 +252,7 @@ async def test_one_pass_looks_up_each_candidate_once_and_produces_receipts(
     reconciler = Reconciler(settings, config=ReconcilerConfig(concurrency=4), store=store)
     await reconciler.start()
     try:
-        started = time.monotonic()
         report = await reconciler.run_pass()
-        elapsed = time.monotonic() - started
         # a second pass right away asks nothing: every umid was just looked up (404s wait for hours)
         again = await reconciler.run_pass()
     finally:
@@ -250,19 +263,25 @@ async def test_one_pass_looks_up_each_candidate_once_and_produces_receipts(
     assert fake.unauthorized == 0
     assert sorted(u for _, u, _ in fake.requests) == sorted(candidates)  # each candidate exactly once
     assert report.candidates == report.requests == len(candidates)
+    assert report.rate_limited == 0
     assert again.candidates == again.requests == 0
     assert report.outcomes == {Outcome.RECEIPTS: 6, Outcome.NOT_FOUND: 3}
     assert report.receipts == 9
-    # per subaccount at least 1 s apart (the fake enforces it too); subaccounts ran in parallel
+    # per subaccount at least 1 s apart at the fake (it enforces it too); subaccounts ran in parallel: each
+    # one's first request came before every other one's last
     by_sub: dict[str, list[float]] = defaultdict(list)
     for sub, _, at in fake.requests:
         by_sub[sub].append(at)
     for times in by_sub.values():
         assert all(b - a >= 1.0 for a, b in itertools.pairwise(times))
-    assert elapsed < 3 * 1.1 + 2.0, f"subaccounts were not looked up in parallel ({elapsed:.1f}s)"
+    assert max(times[0] for times in by_sub.values()) < min(times[-1] for times in by_sub.values())
+    recorded = checks(db)
     for umid in scenario.not_found:
-        assert reconciler.schedule.attempts(umid) == 1
-        assert not reconciler.schedule.due(umid, NOW + timedelta(hours=1))
+        attempts, outcome, next_due = recorded[umid]
+        assert (attempts, outcome) == (1, Outcome.NOT_FOUND)
+        assert next_due > iso(NOW + timedelta(hours=1))
+    for umid in scenario.expected:
+        assert recorded[umid][:2] == (1, Outcome.RECEIPTS)
 
     # the receipts on the topic, decoded with chatpipe's codec, keyed by umid
     codecs = Codecs.connect(registry_url)
@@ -323,6 +342,7 @@ async def test_429_and_5xx_are_retried_within_bounds(
     )
     reconciler = Reconciler(settings, config=ReconcilerConfig(max_attempts=3, backoff=0.2), store=store)
     await reconciler.start()
+    fake.retry_after = "2"  # longer than the message's "1 second(s)": the longer one is honoured
     try:
         fake.last[sub] = time.monotonic()  # the quota was just used elsewhere
         report = await reconciler.run_pass()
@@ -330,20 +350,66 @@ async def test_429_and_5xx_are_retried_within_bounds(
         await reconciler.close()
         store.close()
     assert report.outcomes == {Outcome.FAILED: 1, Outcome.RECEIPTS: 1}
-    assert fake.violations == 1  # only the one provoked on purpose
+    assert fake.violations == 1 and report.rate_limited == 1  # only the one provoked on purpose
     asked = [u for _, u, _ in fake.requests]
     assert asked == [broken] * 4 + [ok] * 2  # broken: 429 then 3 failures (max_attempts); ok: 503, answer
     at = [t for _, _, t in fake.requests]
-    assert all(b - a >= 1.0 for a, b in itertools.pairwise(at))
-    assert reconciler.schedule.attempts(broken) == 0
-    assert reconciler.schedule.due(broken, datetime.now(UTC) + timedelta(seconds=901))
-    assert not reconciler.schedule.due(ok, NOW + timedelta(seconds=60))
+    assert at[1] - at[0] >= 2.0  # Retry-After honoured
+    assert all(b - a >= 2.0 for a, b in itertools.pairwise(at[1:]))  # then slowed down: the circuit
+    recorded = checks(db)
+    assert recorded[broken][:2] == (0, Outcome.FAILED)
+    assert iso(datetime.now(UTC) + timedelta(seconds=800)) < recorded[broken][2]
+    assert recorded[ok][:2] == (1, Outcome.RECEIPTS)
     metrics = reconciler.metrics_registry
     assert metrics.get_sample_value("chatpipe_reconciler_rate_limited_waits_total", {"reason": "quota"}) == 1
     assert metrics.get_sample_value("chatpipe_reconciler_requests_total", {"status": "429"}) == 1
     assert metrics.get_sample_value("chatpipe_reconciler_requests_total", {"status": "503"}) == 2
     assert metrics.get_sample_value("chatpipe_reconciler_requests_total", {"status": "200"}) == 1
     assert metrics.get_sample_value("chatpipe_reconciler_receipts_total") == 1
+
+
+async def test_two_reconcilers_never_ask_the_same_umid_and_a_restart_does_not_ask_again(
+    tmp_path: Path, broker: str, registry_url: str, fake_8x8: tuple[Fake8x8, str]
+) -> None:
+    """Two reconcilers on one store, in parallel: each subaccount is looked up by the one holding its
+    lease, so every candidate is asked exactly once over both, and 8x8's per-subaccount limit holds across
+    them. A third one started afterwards (a restart: a new process, a new owner) asks nothing: the store
+    says when each umid is due again."""
+    fake, url = fake_8x8
+    db = tmp_path / "chatpipe.db"
+    stores = [open_store(f"sqlite:///{db}", PII) for _ in range(3)]
+    stores[0].migrate()
+    scenario = fill_store(stores[0], fake, subs=4)
+    candidates = set(scenario.expected) | scenario.not_found
+    # each holds two subaccounts already (say from its previous pass); neither gets the other's
+    now = datetime.now(UTC)
+    assert stores[0].lease_subaccounts("a", scenario.subs[2:], now, now + timedelta(minutes=2))
+    assert stores[1].lease_subaccounts("b", scenario.subs[:2], now, now + timedelta(minutes=2))
+    settings = Settings(
+        kafka_bootstrap=broker,
+        schema_registry_url=registry_url,
+        store_url=f"sqlite:///{db}",
+        api_8x8_url=url,
+        api_8x8_key=KEY,
+        reconcile_after=900.0,
+    )
+    a, b, c = (Reconciler(settings, store=s, owner=o) for s, o in zip(stores, "abc", strict=True))
+    try:
+        for r in (a, b, c):
+            await r.start()
+        first, second = await asyncio.gather(a.run_pass(), b.run_pass())
+        restarted = await c.run_pass()
+    finally:
+        for r in (a, b, c):
+            await r.close()
+        for s in stores:
+            s.close()
+    asked = [u for _, u, _ in fake.requests]
+    assert sorted(asked) == sorted(candidates)  # each exactly once over both
+    assert first.requests > 0 and second.requests > 0  # both worked, on different subaccounts
+    assert first.skipped_subaccounts == second.skipped_subaccounts == 2
+    assert fake.violations == 0
+    assert restarted.candidates == restarted.requests == 0
 
 
 def test_reconciler_off_without_key(caplog: pytest.LogCaptureFixture) -> None:
@@ -369,21 +435,39 @@ def _candidate_query_contract(store: Store) -> None:
     pages: list[str] = []
     after = None
     while True:
-        rows = candidate_rows(store, cutoff, after=after, limit=4)
+        rows = store.reconcile_candidates(cutoff, NOW, after=after, limit=4)
         pages.extend(r["umid"] for r in rows)
         if len(rows) < 4:
             break
         after = (rows[-1]["updated_at"], rows[-1]["umid"])
     assert sorted(pages) == [f"u{i:03d}" for i in range(25)] and len(pages) == 25
-    first = candidate_rows(store, cutoff, limit=1)[0]
+    first = store.reconcile_candidates(cutoff, NOW, limit=1)[0]
     assert first["updated_at"] == OLD and first["final"] in (0, False) and first["channel_path"] == "whatsapp"
-    sched = CheckSchedule(base=timedelta(seconds=900))
-    picked = scan_candidates(store, NOW, 900, sched, per_subaccount=10, limit=100, page_size=3)
+    assert first["attempts"] == 0
+    assert store.reconcile_candidates(cutoff, NOW, sub_account_id="other") == []
+    picked = scan_candidates(store, NOW, 900, per_subaccount=10, limit=100, page_size=3)
     assert len(picked) == 10 and all(c.sub_account_id == sub for c in picked)
-    for c in picked:
-        sched.record(c.umid, Outcome.RECEIPTS, NOW)
-    rest = scan_candidates(store, NOW, 900, sched, per_subaccount=100, limit=100, page_size=3)
+    assert [c.umid for c in picked] == pages[:10]  # oldest first
+    later = NOW + timedelta(hours=1)
+    store.record_lookups(
+        [LookupRecord(c.umid, sub, 1, Outcome.RECEIPTS, NOW, later, [{"step": 1}]) for c in picked]
+    )
+    rest = scan_candidates(store, NOW, 900, per_subaccount=100, limit=100, page_size=3, sub_account_id=sub)
     assert len(rest) == 15 and not {c.umid for c in rest} & {c.umid for c in picked}
+    # an older record changes nothing; once due again they are candidates, with their attempts
+    store.record_lookups([LookupRecord(picked[0].umid, sub, 0, Outcome.FAILED, OLD, OLD)])
+    again = store.reconcile_candidates(cutoff, later, limit=100)
+    assert len(again) == 25 and {r["attempts"] for r in again if r["umid"] in pages[:10]} == {1}
+    # leases: one owner at a time; a released lease is free from its `free_at`
+    soon = NOW + timedelta(seconds=60)
+    assert store.lease_subaccounts("a", ["s1", "s2"], NOW, soon) == ["s1", "s2"]
+    assert store.lease_subaccounts("b", ["s2", "s3"], NOW, soon) == ["s3"]
+    assert store.lease_subaccounts("a", ["s2"], NOW, soon + timedelta(seconds=60)) == ["s2"]  # renewed
+    assert store.lease_subaccounts("b", ["s1"], soon, soon + timedelta(seconds=60)) == ["s1"]  # expired
+    store.release_subaccounts("a", ["s2"], NOW + timedelta(seconds=1))
+    store.release_subaccounts("a", ["s3"], NOW)  # not a's: left alone
+    assert store.lease_subaccounts("b", ["s2", "s3"], NOW, soon) == ["s3"]
+    assert store.lease_subaccounts("b", ["s2"], NOW + timedelta(seconds=1), soon) == ["s2"]
 
 
 def test_candidate_query_sqlite(tmp_path: Path) -> None:
