@@ -263,7 +263,8 @@ def load_api_keys(settings: Settings) -> ApiKeys:
 def api_key_auth(keys: ApiKeys) -> Callable[..., object]:
     """Every /api/v1/subaccounts/{subAccountId}/... request presents `Authorization: Bearer KEY` with a key
     whose scope names that subaccount: else 401 (no or unknown key, code 1200) or 403 (another
-    subaccount's data, code 1201), in 8x8's error body. Other paths (/healthz, /metrics) stay open."""
+    subaccount's data, code 1201; 401 with code 1201 on the details endpoint, whose answers keep to 8x8's
+    document: it lists 400, 401, 404 and 429), in 8x8's error body. /healthz and /metrics stay open."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Callable[..., object]) -> web.StreamResponse:
@@ -275,7 +276,9 @@ def api_key_auth(keys: ApiKeys) -> Callable[..., object]:
                 response.headers["WWW-Authenticate"] = 'Bearer realm="chatpipe"'
                 return _answer(request, "auth", response)
             if verdict is Verdict.FORBIDDEN:
-                return _answer(request, "auth", _error(403, CODE_FORBIDDEN, f"Access forbidden to {sub}"))
+                # 8x8's details endpoint documents 400, 401, 404 and 429 only: it answers 401 (code 1201)
+                status = 401 if "umid" in request.match_info else 403
+                return _answer(request, "auth", _error(status, CODE_FORBIDDEN, f"Access forbidden to {sub}"))
         return await handler(request)  # type: ignore[misc,no-any-return]
 
     return middleware

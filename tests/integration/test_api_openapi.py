@@ -70,12 +70,15 @@ async def client(store: Store) -> AsyncIterator[TestClient]:
         await c.close()
 
 
-async def answer(client: TestClient, openapi: Any, sub: str, umid: str) -> tuple[int, Any]:
-    """GET the details of `umid` and validate the answer against 8x8's document (raises if invalid)."""
+async def answer(
+    client: TestClient, openapi: Any, sub: str, umid: str, key: str | None = None
+) -> tuple[int, Any]:
+    """GET the details of `umid` (presenting `key` when given) and validate the answer against 8x8's
+    document (raises if invalid)."""
     from openapi_core.testing import MockRequest, MockResponse
 
     path = f"/api/v1/subaccounts/{sub}/messages/{umid}"
-    r = await client.get(path)
+    r = await client.get(path, headers={} if key is None else {"Authorization": f"Bearer {key}"})
     body = await r.read()
     request = MockRequest("https://chatapps.8x8.com", "get", path, headers={"Authorization": "Bearer k"})
     openapi.validate_response(request, MockResponse(body, r.status, content_type=r.content_type))
@@ -150,6 +153,23 @@ async def test_errors_validate(store: Store, client: TestClient, openapi: Any) -
         status, body = await answer(client, openapi, sub, umid)
         assert status == expected, body
         assert set(body) == {"code", "message", "errorId", "timestamp"}
+
+
+async def test_refused_keys_validate(store: Store, openapi: Any) -> None:
+    """With API keys configured, no key, an unknown key and a key of another subaccount are answered in a
+    shape and status 8x8's document lists for this endpoint (it has 401, no 403)."""
+    store.write_states([apply_many(None, [receipt("m-1", "sms", "sent", T0)], now=T0).state])
+    c = TestClient(TestServer(create_app(Settings(api_keys=f"mine:{SUB};theirs:another-sub"), store=store)))
+    await c.start_server()
+    try:
+        for key in (None, "unknown", "theirs"):
+            status, body = await answer(c, openapi, SUB, "m-1", key=key)
+            assert status == 401, body
+            assert body["code"] == (1201 if key == "theirs" else 1200)
+        status, body = await answer(c, openapi, SUB, "m-1", key="mine")
+        assert status == 200 and body["data"][0]["umid"] == "m-1"
+    finally:
+        await c.close()
 
 
 async def test_reconciled_and_inbound_fields_fill_the_answer(
