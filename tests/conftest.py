@@ -59,3 +59,11 @@ def state_dir(tmp_path: Path) -> Iterator[Path]:
     path.mkdir()
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`scripts/test` runs two workers), chaos tests share one worker: each measures
+    the pipeline under a steady load and must not compete with another."""
+    for item in items:
+        if item.get_closest_marker("chaos") is not None:
+            item.add_marker(pytest.mark.xdist_group("chaos"))
