@@ -9,11 +9,14 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
+
+from chatpipe.patches import Dispatch, install_dispatch
+from chatpipe.patches import Handler as Handler  # re-exported: ingest.app imports it from here
 
 
 class JsonFormatter(logging.Formatter):
@@ -63,21 +66,6 @@ def run(main: Coroutine[Any, Any, Any], event_loop: str = "asyncio") -> Any:
         return runner.run(main)
 
 
-#: a server's request handler
-Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
-#: wraps a server's request handler (the app's router): see `ingest.app.fast_dispatch`
-Dispatch = Callable[[web.Application, Handler], Handler]
-
-
-def install_dispatch(runner: web.BaseRunner, app: web.Application, dispatch: Dispatch) -> None:
-    """Make `dispatch(app, handler)` the request handler of `runner`'s server, which must not have accepted
-    a connection yet (each connection keeps the handler it started with)."""
-    server = runner.server
-    if server is None:
-        raise RuntimeError("runner.setup() first")
-    server.request_handler = dispatch(app, server.request_handler)
-
-
 async def start_site(
     app: web.Application,
     host: str,
@@ -90,7 +78,8 @@ async def start_site(
     """Start `app` (its start-up runs here) listening on host:port; `runner.cleanup()` stops it.
 
     With `dispatch`, the server's request handler becomes `dispatch(app, handler)`: a way for a hot route
-    to skip the router. Set before the site starts, so every connection gets it.
+    to skip the router. Set before the site starts, so every connection gets it (a patch of aiohttp's
+    internals: `chatpipe.patches.install_dispatch`, which checks aiohttp's version first).
 
     With `header_timeout`, a connection that has not delivered a whole request head (request line and
     headers) within that many seconds of opening, or of its previous answer, is closed. This is aiohttp's

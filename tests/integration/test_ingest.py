@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from chatpipe.broker import free_port
 from chatpipe.config import Settings
-from chatpipe.serve import install_dispatch, start_site
+from chatpipe.patches import install_dispatch
+from chatpipe.serve import start_site
 from ingest.app import WEBHOOK, create_app, fast_dispatch
 from ingest.parse import parse_webhook
 from schemas.catalog import INBOUND, INGEST_DLQ, RECEIPTS

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from processors.runner import deliver_first
+from chatpipe.patches import deliver_first
 
 
 class FakeConsumer:
