@@ -6,7 +6,6 @@ Nothing here is a mock: integration tests talk to real processes on loopback por
 from __future__ import annotations
 
 import shutil
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,9 +14,6 @@ import pytest
 from chatpipe.broker import free_port, start_tansu, wait_for_port
 
 pytest_plugins = ["tests.support.postgres"]
-
-# confluent-kafka's registry client imports authlib's httpx integration, which warns at import time
-warnings.filterwarnings("ignore", message="The httpx module is deprecated")
 
 
 @pytest.fixture(scope="session")
