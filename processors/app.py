@@ -46,13 +46,9 @@ HEAD_SIZE = _HEAD.size
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """Settings of the Faust shell (not of the pure state machine).
-
-    Proposed `Settings` fields (env `CHATPIPE_<NAME>`), read here with these defaults until they exist:
-    processor_batch_size, processor_batch_within, processor_cache_size, processor_expire_interval,
-    processor_in_flight,
-    final_retention_hours, tombstone_retention_hours, stale_after_hours.
-    """
+    """Settings of the Faust shell (not of the pure state machine), built by `runtime_config` from the
+    `Settings` fields `processor_*`, `final_retention_hours` and `tombstone_retention_hours` (env
+    `CHATPIPE_<NAME>`, docs/configuration.md); the defaults here are the same."""
 
     batch_size: int = 5000  # receipts per take_events batch (all partitions of this worker)
     batch_within: float = 0.1  # seconds to wait for a batch to fill
@@ -207,8 +203,9 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
     if settings.embedded_broker:
         # Tansu's ListOffsets answers the base offset of the last batch + 1 as the end offset; with one
         # record per batch that is the true end, so table recovery reads the whole changelog. chatpipe
-        # writes the changelog with its own producer (agents.py) configured the same way; this keeps
-        # Faust's own producer (assignor, anything else) safe too.
+        # writes the changelog with its own producer, ending each flush with a one-record marker batch per
+        # partition (agents.py, `Folder.send`); this keeps Faust's own producer (assignor, anything else)
+        # safe too. docs/embedded-broker.md lists every Tansu workaround.
         conf["producer_max_batch_size"] = 1
     return conf
 

@@ -1,6 +1,6 @@
 """Reading topics back in tests, without consumer groups (Tansu group joins take seconds).
 
-End offsets from ListOffsets are wrong on Tansu (shared/TANSU.md), so `read_topic` never trusts them:
+End offsets from ListOffsets are wrong on Tansu (docs/embedded-broker.md), so `read_topic` never trusts them:
 it reads every partition from the start until it has `expect` records or nothing new came for `idle` s.
 """
 
