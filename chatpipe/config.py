@@ -48,7 +48,7 @@ class Settings:
     # operator-supplied channelIds (as in 8x8's portal) for the read API, when neither 8x8's details API nor
     # inbound messages told them: comma-separated `subAccountId:channel=channelId`
     channel_ids: str = ""
-    # beyond INTERFACE.md
+    # beyond docs/interface.md
     state_dir: Path = Path(".chatpipe")
     partitions: int = 6
     replication_factor: int = 1
@@ -122,7 +122,7 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: object) -> Settings:
-        """Build from `CHATPIPE_*` variables (see INTERFACE.md); `overrides` (CLI flags) win.
+        """Build from `CHATPIPE_*` variables (see docs/interface.md); `overrides` (CLI flags) win.
 
         Raises ValueError naming the variable when a value does not parse.
         """
