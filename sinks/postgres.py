@@ -36,6 +36,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, TypeVar
 
 import psycopg
@@ -45,6 +46,8 @@ from psycopg.types.json import Jsonb
 from processors.join import descends, join
 from schemas.errors import TransientError
 from schemas.models import Conversation, InboundMessage, MessageState
+from sinks import aggregates as A
+from sinks import analytics_sql as Q
 from sinks import rows as R
 from sinks.rows import PiiPolicy
 from sinks.store import (
@@ -256,6 +259,7 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         "messages.lineage: states of another lineage are merged by content",
         ("ALTER TABLE messages ADD COLUMN lineage bigint NOT NULL DEFAULT 0",),
     ),
+    (*Q.MIGRATION, Q.POSTGRES_DDL),
 )
 
 # Staging tables: same columns as their targets, no constraints, emptied at every commit.
@@ -313,8 +317,42 @@ _DELETE_REPLACED_STEPS = "DELETE FROM message_steps WHERE umid = ANY(%b)"
 _STORED_EVENTS = "SELECT umid, step, state, coalesce(detail, ''), ts FROM status_events WHERE umid = ANY(%b)"
 _INSERT_INBOUND = (
     f"INSERT INTO inbound_messages ({_INBOUND_COLS}) SELECT {_INBOUND_COLS} FROM stage_inbound"
-    " ON CONFLICT (umid) DO NOTHING"
+    " ON CONFLICT (umid) DO NOTHING RETURNING umid"
 )
+# analytics (sinks.aggregates): facts read back, aggregate `+=` upserts, WhatsApp window matching
+_LOAD_FACTS = "SELECT * FROM analytics_message_facts WHERE umid = ANY(%b)"
+_DELETE_FACTS = "DELETE FROM analytics_message_facts WHERE umid = ANY(%b)"
+_AGG_UPSERTS = Q.pg_unnest_upserts()
+# inbound WhatsApp messages whose window holds one of the (sub, user, t): t - 24 h < ts <= t
+_WA_INBOUND_AROUND = (
+    "SELECT DISTINCT i.umid, i.sub_account_id, i.wa_user, i.ts, i.hour, i.country, i.answered"
+    " FROM unnest(%s::text[], %s::text[], %s::timestamptz[]) AS q(sub, usr, at)"
+    " JOIN analytics_wa_inbound i ON i.sub_account_id = q.sub AND i.wa_user = q.usr"
+    " AND i.ts > q.at - interval '24 hours' AND i.ts <= q.at"
+)
+# whether each (sub, user, ts) has an outbound WhatsApp message at ts <= t < ts + 24 h
+_WA_ANSWERED = (
+    "SELECT EXISTS (SELECT 1 FROM analytics_message_facts f WHERE f.sub_account_id = q.sub"
+    " AND f.wa_user = q.usr AND f.wa_at >= q.ts AND f.wa_at < q.ts + interval '24 hours')::int"
+    " FROM unnest(%s::text[], %s::text[], %s::timestamptz[]) WITH ORDINALITY AS q(sub, usr, ts, n)"
+    " ORDER BY q.n"
+)
+_SET_ANSWERED = (
+    "UPDATE analytics_wa_inbound i SET answered = q.answered"
+    " FROM unnest(%s::text[], %s::bigint[]) AS q(umid, answered) WHERE i.umid = q.umid"
+)
+_INSERT_WA_INBOUND = (
+    "INSERT INTO analytics_wa_inbound (umid, sub_account_id, wa_user, ts, hour, country, answered)"
+    " SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::timestamptz[],"
+    " %s::text[], %s::bigint[]) ON CONFLICT (umid) DO NOTHING"
+)
+_ANALYTICS_DAY = "date_trunc('day', hour, 'UTC')"
+
+
+def _columns_of(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Row tuples as one list per column (the arrays of an unnest() statement)."""
+    return [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
+
 
 _UPSERT_CONVERSATIONS = (
     f"INSERT INTO conversations AS t ({_CONVERSATION_COLS})"
@@ -338,9 +376,12 @@ class _Raced(Exception):
 class PostgresStore:
     """See `sinks.store.Store` for the contract."""
 
-    def __init__(self, url: str, pii: PiiPolicy, *, synchronous_commit: bool = True) -> None:
+    def __init__(
+        self, url: str, pii: PiiPolicy, *, synchronous_commit: bool = True, aggregates: bool = True
+    ) -> None:
         self.url = url
         self.pii = pii
+        self.aggregates = aggregates  # False: analytics tables not maintained (benchmarks only)
         self.synchronous_commit = synchronous_commit
         self.merge_fallbacks = 0  # batches written by the merge path after a race (for tests/metrics)
         self._lock = threading.RLock()
@@ -413,7 +454,16 @@ class PostgresStore:
                     "SELECT attrelid::regclass::text AS table, attname AS column,"
                     " format_type(atttypid, atttypmod) AS type FROM pg_attribute"
                     " WHERE attrelid = ANY(%s::regclass[]) AND attnum > 0 AND NOT attisdropped",
-                    (["messages", "message_steps", "status_events", "inbound_messages", "conversations"],),
+                    (
+                        [
+                            "messages",
+                            "message_steps",
+                            "status_events",
+                            "inbound_messages",
+                            "conversations",
+                            "analytics_message_facts",
+                        ],
+                    ),
                 )
             }
 
@@ -536,6 +586,8 @@ class PostgresStore:
         self._copy_rows(conn, "messages", "messages", R.MESSAGE_COLUMNS, message_rows())
         self._copy_rows(conn, "message_steps", "message_steps", R.STEP_COLUMNS, step_rows())
         self._copy_rows(conn, "status_events", "status_events", R.EVENT_COLUMNS, event_rows())
+        if self.aggregates:
+            self._maintain(conn, advancing, merged)
         return len(advancing)
 
     def _merge_states(self, conn: psycopg.Connection[Any], states: Sequence[MessageState]) -> int:
@@ -558,7 +610,109 @@ class PostgresStore:
             conn.execute(_DELETE_STEPS)
             conn.execute(_INSERT_STEPS)
             conn.execute(_INSERT_EVENTS)
+            if self.aggregates:
+                umids = {r["umid"] for r in conn.execute("SELECT umid FROM stage_advanced")}
+                self._maintain(conn, [s for s in merged.states if s.umid in umids], merged)
         return advanced
+
+    # --- analytics (sinks.aggregates) --------------------------------------------------------
+
+    def _maintain(
+        self, conn: psycopg.Connection[Any], advancing: Sequence[MessageState], merged: R.Merged
+    ) -> None:
+        """Add `new - old` contribution of every advancing message to the analytics tables (same
+        transaction as the rows)."""
+        old = {
+            r["umid"]: A.contribution_from_fact(r)
+            for r in conn.execute(_LOAD_FACTS, ([s.umid for s in advancing],))
+        }
+        hasher = self.pii.hash_msisdn
+        deltas = A.Deltas()
+        facts: list[tuple[Any, ...]] = []
+        replaced: list[str] = []
+        rewindow: list[tuple[str, str, datetime]] = []
+        for s in advancing:
+            kept = merged.msisdn.get(s.umid)
+            new = A.contribution(s, A.user_hash(s, hasher, kept[1] if kept else None))
+            before = old.get(s.umid)
+            if new == before:
+                continue
+            deltas.change(before, new)
+            rewindow += A.window_change(before, new)
+            if before is not None:
+                replaced.append(s.umid)
+            if new is not None:
+                facts.append(A.fact_values(s.umid, new))
+        if replaced:
+            conn.execute(_DELETE_FACTS, (replaced,))
+        if facts:
+            self._copy_rows(conn, "analytics_message_facts", "analytics_message_facts", Q.FACT_COLUMNS, facts)
+        self._upsert(conn, "messages", A.message_rows(deltas))
+        self._upsert(conn, "latency", A.latency_rows(deltas))
+        self._upsert(conn, "errors", A.error_rows(deltas))
+        if rewindow:
+            self._rewindow(conn, rewindow)
+
+    @staticmethod
+    def _upsert(conn: psycopg.Connection[Any], table: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        if rows:
+            conn.execute(_AGG_UPSERTS[table], _columns_of(rows, len(rows[0])))
+
+    @staticmethod
+    def _answered(conn: psycopg.Connection[Any], keys: Sequence[tuple[str, str, datetime]]) -> list[int]:
+        """For each (sub, user, ts): 1 when an outbound WhatsApp message answers it in its window."""
+        if not keys:
+            return []
+        with conn.cursor(row_factory=tuple_row) as cur:
+            return [r[0] for r in cur.execute(_WA_ANSWERED, _columns_of(keys, 3)).fetchall()]
+
+    def _rewindow(self, conn: psycopg.Connection[Any], keys: Sequence[tuple[str, str, datetime]]) -> None:
+        """Recompute `answered` of the WhatsApp inbound messages whose window holds one of `keys`'
+        times (an outbound WhatsApp message appeared, moved or went), and move the window counts."""
+        found = conn.execute(_WA_INBOUND_AROUND, _columns_of(keys, 3)).fetchall()
+        if not found:
+            return
+        now = self._answered(conn, [(r["sub_account_id"], r["wa_user"], r["ts"]) for r in found])
+        window: dict[tuple[str, datetime, str], list[int]] = {}
+        changed: list[tuple[str, int]] = []
+        for r, answered in zip(found, now, strict=True):
+            if answered != r["answered"]:
+                changed.append((r["umid"], answered))
+                key = (r["sub_account_id"], r["hour"], r["country"])
+                window.setdefault(key, [0, 0])[1] += answered - r["answered"]
+        if changed:
+            conn.execute(_SET_ANSWERED, _columns_of(changed, 2))
+            self._upsert(conn, "window", [(*k, *v) for k, v in sorted(window.items())])
+
+    def _maintain_inbound(self, conn: psycopg.Connection[Any], new: Sequence[InboundMessage]) -> None:
+        """Count newly stored inbound messages (by type; WhatsApp ones in the window table)."""
+        counts: dict[tuple[Any, ...], int] = {}
+        wa: list[tuple[InboundMessage, tuple[Any, ...], str]] = []
+        for m in new:
+            key = A.inbound_key(m)
+            counts[key] = counts.get(key, 0) + 1
+            user = self.pii.hash_msisdn(m.user.msisdn) if key[2] == A.WHATSAPP else None
+            if user is not None:
+                wa.append((m, key, user))
+        self._upsert(conn, "inbound", [(*k, n) for k, n in sorted(counts.items())])
+        if not wa:
+            return
+        answered = self._answered(conn, [(m.sub_account_id, user, m.timestamp) for m, _, user in wa])
+        window: dict[tuple[str, datetime, str], list[int]] = {}
+        facts = []
+        for (m, key, user), a in zip(wa, answered, strict=True):
+            facts.append((m.umid, m.sub_account_id, user, m.timestamp, key[1], key[3], a))
+            w = window.setdefault((m.sub_account_id, key[1], key[3]), [0, 0])
+            w[0] += 1
+            w[1] += a
+        conn.execute(_INSERT_WA_INBOUND, _columns_of(facts, 7))
+        self._upsert(conn, "window", [(*k, *v) for k, v in sorted(window.items())])
+
+    def analytics(self, query: Q.Query) -> list[dict[str, Any]]:
+        sql, params = Q.select(query, "%s", _ANALYTICS_DAY)
+        found = self._run(lambda conn: conn.execute(sql, params).fetchall())
+        # SUM(bigint) is numeric in PostgreSQL: counts back to int
+        return [{k: int(v) if isinstance(v, Decimal) else v for k, v in r.items()} for r in found]
 
     def write_inbound(self, msgs: Sequence[InboundMessage]) -> int:
         if not msgs:
@@ -572,7 +726,10 @@ class PostgresStore:
             self._stage(conn)
             rows = (R.as_tuple(R.inbound_row(m, pii), R.INBOUND_COLUMNS) for m in first.values())
             self._copy_rows(conn, "stage_inbound", "inbound_messages", R.INBOUND_COLUMNS, rows)
-            return conn.execute(_INSERT_INBOUND).rowcount
+            inserted = [r["umid"] for r in conn.execute(_INSERT_INBOUND).fetchall()]
+            if self.aggregates:
+                self._maintain_inbound(conn, [first[u] for u in inserted])
+            return len(inserted)
 
         return self._run(work)
 

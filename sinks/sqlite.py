@@ -22,6 +22,8 @@ from typing import Any
 from processors.join import descends, join
 from schemas.errors import TransientError
 from schemas.models import Conversation, InboundMessage, MessageState
+from sinks import aggregates as A
+from sinks import analytics_sql as Q
 from sinks import rows as R
 from sinks.rows import PiiPolicy
 from sinks.store import (
@@ -203,6 +205,7 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         "messages.lineage: states of another lineage are merged by content",
         ("ALTER TABLE messages ADD COLUMN lineage INTEGER NOT NULL DEFAULT 0",),
     ),
+    (*Q.MIGRATION, Q.SQLITE_DDL),
 )
 
 
@@ -247,6 +250,43 @@ _VERSIONS = f"SELECT umid, version, lineage FROM messages WHERE {_IN_JSON}"
 _LOAD_MESSAGES = f"SELECT * FROM messages WHERE {_IN_JSON}"
 _LOAD_STEPS = f"SELECT * FROM message_steps WHERE {_IN_JSON}"
 _LOAD_EVENTS = f"SELECT * FROM status_events WHERE {_IN_JSON}"
+_LOAD_FACTS = f"SELECT * FROM analytics_message_facts WHERE {_IN_JSON}"
+_UPSERT_FACT = (
+    f"INSERT OR REPLACE INTO analytics_message_facts ({_columns(Q.FACT_COLUMNS)})"
+    f" VALUES ({_params(Q.FACT_COLUMNS)})"
+)
+_AGG_UPSERTS = Q.upserts("?")
+_WA_ANSWERED = (
+    "SELECT 1 FROM analytics_message_facts WHERE sub_account_id = ? AND wa_user = ?"
+    " AND wa_at >= ? AND wa_at < ? LIMIT 1"
+)
+_WA_INBOUND_AROUND = (
+    "SELECT umid, ts, hour, country, answered FROM analytics_wa_inbound"
+    " WHERE sub_account_id = ? AND wa_user = ? AND ts > ? AND ts <= ?"
+)
+_INSERT_WA_INBOUND = (
+    "INSERT INTO analytics_wa_inbound (umid, sub_account_id, wa_user, ts, hour, country, answered)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (umid) DO NOTHING"
+)
+
+
+def _when(value: Any) -> Any:
+    """A timestamp column the row factory left as text, parsed (None and datetimes pass)."""
+    return from_text(value) if isinstance(value, str) else value
+
+
+def _fact(row: R.Row) -> R.Row:
+    """An `analytics_message_facts` row with its timestamps parsed."""
+    row["hour"] = _when(row["hour"])
+    row["wa_at"] = _when(row["wa_at"])
+    return row
+
+
+def _first_per_umid(msgs: Sequence[InboundMessage]) -> list[InboundMessage]:
+    first: dict[str, InboundMessage] = {}
+    for m in msgs:
+        first.setdefault(m.umid, m)
+    return list(first.values())
 
 
 def to_text(value: datetime) -> str:
@@ -300,9 +340,10 @@ def _row(cursor: sqlite3.Cursor, values: tuple[Any, ...]) -> R.Row:
 class SqliteStore:
     """See `sinks.store.Store` for the contract."""
 
-    def __init__(self, path: str, pii: PiiPolicy) -> None:
+    def __init__(self, path: str, pii: PiiPolicy, *, aggregates: bool = True) -> None:
         self.path = path
         self.pii = pii
+        self.aggregates = aggregates  # False: analytics tables not maintained (benchmarks only)
         self._lock = threading.RLock()
         if path != ":memory:":
             parent = os.path.dirname(os.path.abspath(path))
@@ -378,7 +419,70 @@ class SqliteStore:
             conn.executemany("DELETE FROM message_steps WHERE umid = ?", replaced)
             conn.executemany(_INSERT_STEP, steps)
             conn.executemany(_INSERT_EVENT, events)
+            if self.aggregates:
+                self._maintain(conn, advancing, merged)
             return len(advancing)
+
+    def _maintain(
+        self, conn: sqlite3.Connection, advancing: Sequence[MessageState], merged: R.Merged
+    ) -> None:
+        """Add `new - old` contribution of every advancing message to the analytics tables (same
+        transaction as the rows)."""
+        arg = (json.dumps([s.umid for s in advancing]),)
+        old = {r["umid"]: A.contribution_from_fact(_fact(r)) for r in conn.execute(_LOAD_FACTS, arg)}
+        hasher = self.pii.hash_msisdn
+        deltas = A.Deltas()
+        facts: list[tuple[Any, ...]] = []
+        gone: list[tuple[str]] = []
+        rewindow: list[tuple[str, str, datetime]] = []
+        for s in advancing:
+            kept = merged.msisdn.get(s.umid)
+            new = A.contribution(s, A.user_hash(s, hasher, kept[1] if kept else None))
+            before = old.get(s.umid)
+            if new == before:
+                continue
+            deltas.change(before, new)
+            rewindow += A.window_change(before, new)
+            if new is None:
+                gone.append((s.umid,))
+            else:
+                facts.append(_adapt_values(A.fact_values(s.umid, new)))
+        conn.executemany("DELETE FROM analytics_message_facts WHERE umid = ?", gone)
+        conn.executemany(_UPSERT_FACT, facts)
+        self._apply(conn, deltas)
+        if rewindow:
+            self._rewindow(conn, rewindow)
+
+    @staticmethod
+    def _apply(conn: sqlite3.Connection, deltas: A.Deltas) -> None:
+        conn.executemany(_AGG_UPSERTS["messages"], map(_adapt_values, A.message_rows(deltas)))
+        conn.executemany(_AGG_UPSERTS["latency"], map(_adapt_values, A.latency_rows(deltas)))
+        conn.executemany(_AGG_UPSERTS["errors"], map(_adapt_values, A.error_rows(deltas)))
+
+    @staticmethod
+    def _answered(conn: sqlite3.Connection, sub: str, user: str, ts: datetime) -> int:
+        found = conn.execute(_WA_ANSWERED, (sub, user, to_text(ts), to_text(ts + A.WINDOW))).fetchone()
+        return 1 if found else 0
+
+    def _rewindow(self, conn: sqlite3.Connection, keys: Sequence[tuple[str, str, datetime]]) -> None:
+        """Recompute `answered` of the WhatsApp inbound messages whose window holds one of `keys`'
+        times (an outbound WhatsApp message appeared, moved or went), and move the window counts."""
+        seen: set[str] = set()
+        window: dict[tuple[str, datetime, str], list[int]] = {}
+        for sub, user, at in keys:
+            rows = conn.execute(_WA_INBOUND_AROUND, (sub, user, to_text(at - A.WINDOW), to_text(at)))
+            for r in rows.fetchall():
+                if r["umid"] in seen:
+                    continue
+                seen.add(r["umid"])
+                now = self._answered(conn, sub, user, _when(r["ts"]))
+                if now != r["answered"]:
+                    conn.execute(
+                        "UPDATE analytics_wa_inbound SET answered = ? WHERE umid = ?", (now, r["umid"])
+                    )
+                    key = (sub, _when(r["hour"]), r["country"])
+                    window.setdefault(key, [0, 0])[1] += now - r["answered"]
+        conn.executemany(_AGG_UPSERTS["window"], [_adapt_values((*k, *v)) for k, v in sorted(window.items())])
 
     @staticmethod
     def _load_states(conn: sqlite3.Connection, umids: list[str]) -> dict[str, tuple[MessageState, R.Row]]:
@@ -401,10 +505,48 @@ class SqliteStore:
         if not msgs:
             return 0
         with self._write() as conn:
+            held: set[str] = set()
+            if self.aggregates:
+                arg = (json.dumps(list({m.umid for m in msgs})),)
+                held = {
+                    r["umid"]
+                    for r in conn.execute(f"SELECT umid FROM inbound_messages WHERE {_IN_JSON}", arg)
+                }
             cur = conn.executemany(
                 _INSERT_INBOUND, [_adapt(R.inbound_row(m, self.pii), R.INBOUND_COLUMNS) for m in msgs]
             )
+            if self.aggregates:
+                self._maintain_inbound(conn, [m for m in _first_per_umid(msgs) if m.umid not in held])
             return max(cur.rowcount, 0)
+
+    def _maintain_inbound(self, conn: sqlite3.Connection, new: Sequence[InboundMessage]) -> None:
+        """Count newly stored inbound messages (by type; WhatsApp ones in the window table)."""
+        counts: dict[tuple[Any, ...], int] = {}
+        window: dict[tuple[str, datetime, str], list[int]] = {}
+        facts: list[tuple[Any, ...]] = []
+        for m in new:
+            key = A.inbound_key(m)
+            counts[key] = counts.get(key, 0) + 1
+            if key[2] == A.WHATSAPP and m.user.msisdn:
+                user = self.pii.hash_msisdn(m.user.msisdn)
+                assert user is not None
+                answered = self._answered(conn, m.sub_account_id, user, m.timestamp)
+                facts.append(
+                    _adapt_values((m.umid, m.sub_account_id, user, m.timestamp, key[1], key[3], answered))
+                )
+                w = window.setdefault((m.sub_account_id, key[1], key[3]), [0, 0])
+                w[0] += 1
+                w[1] += answered
+        conn.executemany(_AGG_UPSERTS["inbound"], [_adapt_values((*k, n)) for k, n in sorted(counts.items())])
+        conn.executemany(_INSERT_WA_INBOUND, facts)
+        conn.executemany(_AGG_UPSERTS["window"], [_adapt_values((*k, *v)) for k, v in sorted(window.items())])
+
+    def analytics(self, query: Q.Query) -> list[dict[str, Any]]:
+        sql, params = Q.select(query, "?", "substr(hour, 1, 10) || 'T00:00:00.000000Z'")
+        found = self._read(sql, [_adapt_value(p) for p in params])
+        for r in found:
+            r["bucket"] = _when(r["bucket"])
+        return found
 
     def write_conversations(self, convs: Sequence[Conversation]) -> int:
         latest = R.latest_conversations(convs)
