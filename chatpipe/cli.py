@@ -280,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schema-dir", type=Path, help="directory of .avsc files (default: the installed ones)")
     p.set_defaults(func=cmd_schemas)
 
+    from chatpipe.export import add_export_parser
     from chatpipe.replay import add_replay_parser
     from chatpipe.simulate import add_simulate_parser
     from chatpipe.verify import add_verify_parser
@@ -287,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulate_parser(sub)
     add_verify_parser(sub)
     add_replay_parser(sub)
+    add_export_parser(sub)
     return parser
 
 

@@ -36,6 +36,7 @@ from chatpipe.metric_defs import ApiMetrics
 from schemas import ids
 from schemas.errors import TransientError
 from schemas.timefmt import format_iso8601
+from sinks.dashboard import add_dashboard
 from sinks.rows import parse_inbound_cursor
 from sinks.store import DEFAULT_LIMIT, MAX_LIMIT, Store, open_store
 
@@ -254,4 +255,5 @@ def create_app(
     app.router.add_get(prefix + "/conversations/{channelId}/messages", conversation_messages)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_view)
+    add_dashboard(app)
     return app
