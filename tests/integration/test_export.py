@@ -21,6 +21,7 @@ import pytest
 from chatpipe.cli import main
 from schemas.models import InboundContent, InboundMessage, MessageState, StatusEvent, Step, User
 from sinks import rows as R
+from sinks.analytics_sql import Query
 from sinks.export_rows import CLEAR_ONLY_COLUMNS, kind_of
 from sinks.rows import PiiPolicy
 from sinks.store import Store, open_store
@@ -238,3 +239,33 @@ def test_the_command_streams_csv_to_stdout_with_a_progress_bar_on_stderr(backend
     assert sum(line.startswith("umid,") for line in done.stdout.splitlines()) == 1  # one header row
     n = len(rows)
     assert f"{n}/{n} rows" in done.stderr and "100%" in done.stderr
+
+
+def test_aggregates_export_sums_to_the_stores_own_analytics_answers(backend: Backend, tmp_path: Path) -> None:
+    since, until = (
+        T0.replace(microsecond=0) + timedelta(hours=2),
+        T0.replace(microsecond=0) + timedelta(hours=8),
+    )
+    out = tmp_path / "aggregates.parquet"
+    argv = ["export", "--format", "parquet", "--table", "aggregates", "--output", str(out),
+            "--since", since.isoformat(), "--until", until.isoformat()]  # fmt: skip
+    assert main(argv, env={"CHATPIPE_STORE_URL": backend.url}) == 0
+    rows = pq.read_table(out).to_pylist()
+    # the truth: every message whose first event is in those hours, once
+    firsts = [s for s in MESSAGES if since <= s.steps[0].first_event_at < until]
+    assert sum(r["messages"] for r in rows) == len(firsts)
+    assert {(r["sub_account_id"], r["path"]) for r in rows} == {
+        (s.sub_account_id, ">".join(st.channel for st in s.steps)) for s in firsts
+    }
+    # per (subaccount, hour, channel, country), the export's paths add up to the store's funnel
+    counters = ("messages", "pending", "sent", "delivered", "read", "failed", "final")
+    summed: dict[tuple[Any, ...], list[int]] = {}
+    for r in rows:
+        key = (r["sub_account_id"], r["hour"], r["channel"], r["country"])
+        summed[key] = [a + r[c] for a, c in zip(summed.get(key, [0] * 7), counters, strict=True)]
+    answered = {}
+    for sub in ("acme_01", "beta_02"):
+        q = Query("funnel", sub, since, until, granularity="hour", group_by=("channel", "country"))
+        for a in backend.store.analytics(q):
+            answered[(sub, a["bucket"], a["channel"], a["country"])] = [a[c] for c in counters]
+    assert summed == answered
