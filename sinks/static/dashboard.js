@@ -206,9 +206,12 @@
     set("kpi-read", `${num(t.read || 0)} read`, t.read || 0);
     set("kpi-failed-rate", pct(ratio(t.failed || 0, messages)), ratio(t.failed || 0, messages));
     set("kpi-failed", `${num(t.failed || 0)} failed or undelivered`, t.failed || 0);
-    set("kpi-fallback-rate", pct(ratio(t.fellBack || 0, messages)), ratio(t.fellBack || 0, messages));
-    const saved = (d.fallback.summary || []).reduce((a, s) => a + (s.fellBackDelivered || 0), 0);
-    set("kpi-fallback", `${num(t.fellBack || 0)} msgs · ${pct(ratio(saved, t.fellBack || 0), 0)} saved`, t.fellBack || 0);
+    // fallback by the path's first channel (what a channel filter means for fallback): of the messages
+    // that started on it, how many fell back, and how many of those the fallback delivered
+    const sum = (k) => (d.fallback.summary || []).reduce((a, s) => a + (s[k] || 0), 0);
+    const started = sum("messages"), fell = sum("fellBack"), saved = sum("fellBackDelivered");
+    set("kpi-fallback-rate", pct(ratio(fell, started)), ratio(fell, started));
+    set("kpi-fallback", `${num(fell)} msgs · ${pct(ratio(saved, fell), 0)} saved`, fell);
     const w = d.win.data[0] || { inbound: 0, answered: 0 };
     set("kpi-window-rate", pct(ratio(w.answered, w.inbound)), ratio(w.answered, w.inbound));
     set("kpi-window", `${num(w.answered)} of ${num(w.inbound)} answered`, w.answered);
