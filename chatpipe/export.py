@@ -287,7 +287,12 @@ def open_source(
         raise
     kinds = tuple(spec.kind(c) for c in columns)
     batches = reader.batches(spec, columns, since, until, batch)
-    return _Opened(Source(columns, kinds, total, batches), reader.close)
+
+    def close() -> None:
+        batches.close()  # an export cut short (a closed pipe) leaves the cursor open: close it first
+        reader.close()
+
+    return _Opened(Source(columns, kinds, total, batches), close)
 
 
 def cmd_export(settings: Settings, args: argparse.Namespace, env: dict[str, str]) -> int:

@@ -24,7 +24,7 @@ exported as stored.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -122,7 +122,7 @@ class RowReader(Protocol):
 
     def batches(
         self, table: Table, columns: Sequence[str], since: datetime, until: datetime, batch: int
-    ) -> Iterator[list[tuple[Any, ...]]]:
+    ) -> Generator[list[tuple[Any, ...]], None, None]:
         """The rows of `table` in [since, until), `columns` in order, typed, at most `batch` a list."""
 
     def close(self) -> None: ...
@@ -162,7 +162,7 @@ class SqliteReader:
 
     def batches(
         self, table: Table, columns: Sequence[str], since: datetime, until: datetime, batch: int
-    ) -> Iterator[list[tuple[Any, ...]]]:
+    ) -> Generator[list[tuple[Any, ...]], None, None]:
         convert = _converters(table, columns)
         with closing(self._conn.cursor()) as cur:
             cur.execute(_select(table, columns, "?"), (R.fixed_iso(since), R.fixed_iso(until)))
@@ -208,7 +208,7 @@ class PostgresReader:
 
     def batches(
         self, table: Table, columns: Sequence[str], since: datetime, until: datetime, batch: int
-    ) -> Iterator[list[tuple[Any, ...]]]:
+    ) -> Generator[list[tuple[Any, ...]], None, None]:
         self._cursors += 1
         with self._conn.cursor(name=f"chatpipe_export_{self._cursors}") as cur:
             cur.itersize = batch

@@ -308,3 +308,24 @@ def test_export_memory_does_not_grow_with_the_rows(tmp_path: Path) -> None:
     large, rows_large = peak(24)
     assert rows_large >= 3.5 * rows_small > 400
     assert large < 1.5 * small, (small, large)
+
+
+def test_a_reader_that_stops_early_ends_the_export_quietly(tmp_path: Path) -> None:
+    """`chatpipe export ... | head -1`: exit 0, no traceback, the cursor closed before the connection."""
+    url = f"sqlite:///{tmp_path / 'pipe.db'}"
+    store = open_store(url, PII)
+    store.migrate()
+    store.write_states([dataclasses.replace(message(i % N), umid=f"{i:06d}-pipe") for i in range(1500)])
+    store.close()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATPIPE_")}
+    env.update(CHATPIPE_STORE_URL=url)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chatpipe.cli", "export", "--format", "csv", "--table", "events",
+         "--batch", "10", "--since", T0.isoformat(), "--until", (T0 + timedelta(days=1)).isoformat()],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stdout.readline().startswith("umid,")
+    proc.stdout.close()  # far more than a pipe's buffer is still to come
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "Exception" not in err, err
