@@ -122,7 +122,7 @@
   }
   async function load(f, w) {
     const g = f.granularity;
-    const [total, series, fallback, deliver, read, errors, inbound, win] = await Promise.all([
+    const [total, series, fallback, deliver, read, errors, inbound, win, keys] = await Promise.all([
       get(f, w, "funnel", { granularity: "total" }),
       get(f, w, "funnel", { granularity: g }),
       get(f, w, "fallback", { granularity: "total" }),
@@ -131,8 +131,9 @@
       get(f, w, "errors", { granularity: "total", limit: "10" }),
       get(f, w, "inbound", { granularity: g }),
       get(f, w, "window", { granularity: "total" }),
+      get(f, w, "funnel", { granularity: "total", groupBy: "channel,country" }),
     ]);
-    return { total, series, fallback, deliver, read, errors, inbound, win };
+    return { total, series, fallback, deliver, read, errors, inbound, win, keys };
   }
 
   // ---- SVG helpers ------------------------------------------------------------------------------
@@ -392,6 +393,16 @@
     $("live-spark").innerHTML = `<polyline points="${pts}"/>`;
   }
 
+  // The filters offer the channels and countries seen in the range (next to the usual channels).
+  function offerKeys(d) {
+    const countries = [...new Set(d.keys.data.map((r) => r.country))].sort();
+    $("countries").innerHTML = countries.map((c) => `<option value="${esc(c)}"></option>`).join("");
+    const select = $("f-channel"), known = new Set([...select.options].map((o) => o.value));
+    for (const c of new Set(d.keys.data.map((r) => r.channel))) {
+      if (!known.has(c)) select.add(new Option(c, c));
+    }
+  }
+
   // Widths and colours of HTML bars are set through the CSSOM: the page's Content-Security-Policy
   // refuses inline style attributes.
   function applyStyles(root) {
@@ -439,6 +450,7 @@
     $("errors").innerHTML = drawErrors(d);
     $("inbound").innerHTML = drawInbound(d, w, f.granularity);
     applyStyles(app);
+    offerKeys(d);
     drawLive(totals, w, JSON.stringify([f.sub, f.channel, f.country, isoZ(w.since)]));
     app.dataset.state = "ready";
     app.dataset.since = isoZ(w.since);

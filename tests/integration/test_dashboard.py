@@ -212,6 +212,14 @@ def test_dashboard_shows_the_stores_numbers_and_saves_a_screenshot(
         assert page.value("kpi-inbound") == inbound
         assert page.by_id("range-line")  # units and range are printed
 
+        # the default view (the last 24 hours up to the end of this one) holds the same traffic
+        default = render(f"{api}/dashboard?{urlencode({'sub': sub, 'refresh': '0'})}", tmp_path / "chromium")
+        assert default.value("kpi-messages") == want["messages"]
+        shown_since, shown_until = (
+            datetime.fromisoformat(default.by_id("app")[k]) for k in ("data-since", "data-until")
+        )
+        assert shown_until - shown_since == timedelta(hours=24) and shown_until > last
+
         # a filter is applied: one channel
         channel = query(
             db, "SELECT current_channel FROM messages WHERE sub_account_id = ? GROUP BY 1 ORDER BY count(*)"
