@@ -1,16 +1,18 @@
 """Analytics aggregates: what one message or inbound message adds to them, and how they merge. Pure.
 
-Nothing here does I/O or reads the clock. The stores (`sinks.sqlite`, `sinks.postgres`) keep, per
-message, the `Contribution` it last added (table `analytics_message_facts`), and in the transaction that
-writes a new state of it they add `new - old` to the aggregate tables (`Deltas`). So a message counts
-once, in its current state, whatever the number of its receipts, versions or redeliveries: re-writing
-the same state adds nothing, and the aggregates equal the sum of the current contributions.
+Nothing here does I/O or reads the clock. A message's `Contribution` is a function of what its stored
+rows hold (`contribution_from_rows`: its `messages` row and `message_steps` rows); the stores
+(`sinks.sqlite`, `sinks.postgres`), in the transaction that replaces those rows by a new state, add
+`contribution(new state) - contribution_from_rows(old rows)` to the aggregate tables (`Deltas`), and
+`contribution(state)` equals `contribution_from_rows(rows of state)` (tested). So a message counts once,
+in its current state, whatever the number of its receipts, versions or redeliveries: re-writing the same
+state adds nothing, and the aggregates always equal the sum of the contributions of the stored messages.
 
 Dimensions (docs/analytics.md says the same for analysts):
 - bucket: the UTC hour of the message's first event (step 1's `first_event_at`); inbound: of its time;
 - channel: the current (last) step's channel; for error counts, the failed step's channel;
 - country: ISO alpha-2 of the recipient: the details API's `country` of the last step when known, else
-  from the E.164 calling code of the number (masked numbers keep it), else `unknown`;
+  from the E.164 calling code of the stored (masked) number, else `unknown`;
 - path: the steps' channels in order joined by `>`.
 
 Latency histograms use fixed log-spaced buckets (`latency_bucket`), the same for every row, so any rows
@@ -20,14 +22,14 @@ percentiles (`percentile`).
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Callable, Iterable, Mapping
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
-from schemas.models import InboundMessage, MessageState
+from schemas.models import MessageState
 from sinks.error_codes import ERROR_CODES
 
 UNKNOWN_COUNTRY = "unknown"
@@ -64,7 +66,9 @@ CALLING_CODES: dict[str, str] = {
 
 def hour_of(when: datetime) -> datetime:
     """The start of the UTC hour holding `when` (an aware datetime)."""
-    return when.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    if when.tzinfo is not UTC:
+        when = when.astimezone(UTC)
+    return when.replace(minute=0, second=0, microsecond=0)
 
 
 def day_of(when: datetime) -> datetime:
@@ -73,18 +77,10 @@ def day_of(when: datetime) -> datetime:
 
 def latency_bucket(seconds: float) -> int:
     """The histogram bucket of a duration: 0 below 1 s (negative durations, from clocks that disagree,
-    included), else 1 + floor(4 * log2(seconds)), at most LAST_BUCKET."""
+    included), else the i >= 1 with 2^((i-1)/4) <= seconds < 2^(i/4), at most LAST_BUCKET."""
     if not seconds >= 1.0:  # also NaN
         return 0
-    if math.isinf(seconds):
-        return LAST_BUCKET
-    i = 1 + math.floor(BUCKETS_PER_DOUBLING * math.log2(seconds))
-    # guard float rounding at exact powers: keep lower <= seconds < upper
-    while i > 1 and seconds < bucket_bounds(i)[0]:
-        i -= 1
-    while i < LAST_BUCKET and seconds >= (bucket_bounds(i)[1] or math.inf):
-        i += 1
-    return min(i, LAST_BUCKET)
+    return min(bisect_right(_LOWER_BOUNDS, seconds), LAST_BUCKET)
 
 
 def bucket_bounds(i: int) -> tuple[float, float | None]:
@@ -93,6 +89,10 @@ def bucket_bounds(i: int) -> tuple[float, float | None]:
         return 0.0, 1.0
     lower = 2.0 ** ((i - 1) / BUCKETS_PER_DOUBLING)
     return lower, (None if i >= LAST_BUCKET else 2.0 ** (i / BUCKETS_PER_DOUBLING))
+
+
+#: lower bounds of buckets 1..LAST_BUCKET (bisect finds a duration's bucket)
+_LOWER_BOUNDS: list[float] = [bucket_bounds(i)[0] for i in range(1, LAST_BUCKET + 1)]
 
 
 def merge_histograms(*hists: Mapping[int, int]) -> dict[int, int]:
@@ -146,12 +146,26 @@ def country_of(country: str | None, msisdn: str | None) -> str:
     of `msisdn` (E.164, possibly masked: `+63922110xxxx`), else UNKNOWN_COUNTRY."""
     if country:
         return country.strip().upper()[:8] or UNKNOWN_COUNTRY
-    if msisdn:
-        digits = msisdn.lstrip("+")
-        for n in (1, 2, 3):
-            found = CALLING_CODES.get(digits[:n])
-            if found is not None and digits[:n].isdigit():
-                return found
+    if not msisdn:
+        return UNKNOWN_COUNTRY
+    head = msisdn[:4]
+    found = _BY_HEAD.get(head)
+    if found is None:
+        if len(_BY_HEAD) > 100_000:
+            _BY_HEAD.clear()
+        found = _BY_HEAD[head] = _calling_code_country(head)
+    return found
+
+
+_BY_HEAD: dict[str, str] = {}  # the first 4 characters of a number -> its country (a cache)
+
+
+def _calling_code_country(head: str) -> str:
+    digits = head[1:] if head.startswith("+") else head
+    for n in (1, 2, 3):
+        code = digits[:n]
+        if len(code) == n and code.isdigit() and code in CALLING_CODES:
+            return CALLING_CODES[code]
     return UNKNOWN_COUNTRY
 
 
@@ -160,9 +174,9 @@ def error_meaning(code: int) -> tuple[str, str] | None:
     return ERROR_CODES.get(code)
 
 
-@dataclass(frozen=True, slots=True)
-class Contribution:
-    """What one message adds to the aggregates, from its current state."""
+class Contribution(NamedTuple):
+    """What one message adds to the aggregates, from its current state (a tuple: cheap to build and
+    compare)."""
 
     sub_account_id: str
     hour: datetime
@@ -174,55 +188,139 @@ class Contribution:
     deliver_bucket: int | None = None
     read_bucket: int | None = None
     errors: tuple[tuple[str, int], ...] = ()  # (channel, error code) of each failed step with a code
-    user: str | None = None  # keyed hash of the recipient (WhatsApp window matching)
+    user: str | None = None  # keyed hash of the recipient's number, for messages with a WhatsApp step
     whatsapp_at: datetime | None = None  # the first event of its WhatsApp step, when it has one
 
 
-def contribution(state: MessageState, user_hash: str | None = None) -> Contribution | None:
-    """The contribution of a message state (None for a state without steps). `user_hash`: the keyed hash
-    of the recipient's number (the store's `msisdn_hash`), used to match the WhatsApp window."""
+StepParts = tuple[
+    str, str, int | None, datetime, str | None
+]  # channel, state, error code, first event, country
+
+
+def _contribution(
+    sub_account_id: str,
+    state: str,
+    final: bool,
+    first_sent_at: datetime | None,
+    delivered_at: datetime | None,
+    read_at: datetime | None,
+    number: str | None,
+    number_hash: str | None,
+    steps: Sequence[StepParts],
+) -> Contribution | None:
+    """The one definition both `contribution` and `contribution_from_rows` use. `steps` in order;
+    `number` the stored (masked or clear) number, `number_hash` its keyed hash."""
+    if not steps:
+        return None
+    deliver = read = None
+    if delivered_at is not None and first_sent_at is not None:
+        deliver = latency_bucket((delivered_at - first_sent_at).total_seconds())
+        if read_at is not None:
+            read = latency_bucket((read_at - delivered_at).total_seconds())
+    channels = [s[0].lower() for s in steps]
+    errors = tuple(
+        (channels[i], s[2]) for i, s in enumerate(steps) if s[2] is not None and s[1] in FAILURE_STATES
+    )
+    wa = [s[3] for i, s in enumerate(steps) if channels[i] == WHATSAPP]
+    last = steps[-1]
+    return Contribution(
+        sub_account_id,
+        hour_of(steps[0][3]),
+        channels[-1],
+        country_of(last[4], number),
+        ">".join(channels),
+        _OUTCOME.get(state, "pending"),
+        bool(final),
+        deliver,
+        read,
+        errors,
+        number_hash if wa else None,
+        min(wa) if wa else None,
+    )
+
+
+def contribution(state: MessageState, number: str | None, number_hash: str | None) -> Contribution | None:
+    """The contribution of a message state (None without steps). `number`, `number_hash`: the number
+    and hash its `messages` row stores (`msisdn` if clear else `msisdn_masked`; `msisdn_hash`).
+
+    Equals `_contribution` of the same parts (`contribution_from_rows` of the rows written for the
+    state: a property test), spelled out for the sink's hot path."""
     steps = state.steps
     if not steps:
         return None
-    last = steps[-1]
     deliver = read = None
-    if state.delivered_at is not None and state.first_sent_at is not None:
-        deliver = latency_bucket((state.delivered_at - state.first_sent_at).total_seconds())
-    if state.read_at is not None and state.delivered_at is not None:
-        read = latency_bucket((state.read_at - state.delivered_at).total_seconds())
-    errors = tuple(
-        (s.channel.lower(), s.error_code)
-        for s in steps
-        if s.error_code is not None and s.state in FAILURE_STATES
-    )
-    wa = [s.first_event_at for s in steps if s.channel.lower() == WHATSAPP]
+    first_sent, delivered = state.first_sent_at, state.delivered_at
+    if delivered is not None and first_sent is not None:
+        deliver = latency_bucket((delivered - first_sent).total_seconds())
+        if state.read_at is not None:
+            read = latency_bucket((state.read_at - delivered).total_seconds())
+    errors: tuple[tuple[str, int], ...] = ()
+    wa_at = None
+    channels = []
+    for s in steps:
+        ch = s.channel.lower()
+        channels.append(ch)
+        if s.error_code is not None and s.state in FAILURE_STATES:
+            errors += ((ch, s.error_code),)
+        if ch == WHATSAPP and (wa_at is None or s.first_event_at < wa_at):
+            wa_at = s.first_event_at
     return Contribution(
-        sub_account_id=state.sub_account_id,
-        hour=hour_of(steps[0].first_event_at),
-        channel=last.channel.lower(),
-        country=country_of(last.country, state.user.msisdn),
-        path=">".join(s.channel.lower() for s in steps),
-        outcome=outcome_of(state.state),
-        final=state.final,
-        deliver_bucket=deliver,
-        read_bucket=read,
-        errors=errors,
-        user=user_hash,
-        whatsapp_at=min(wa) if wa else None,
+        state.sub_account_id,
+        hour_of(steps[0].first_event_at),
+        channels[-1],
+        country_of(steps[-1].country, number),
+        ">".join(channels),
+        _OUTCOME.get(state.state, "pending"),
+        bool(state.final),
+        deliver,
+        read,
+        errors,
+        number_hash if wa_at is not None else None,
+        wa_at,
     )
 
 
-def inbound_key(msg: InboundMessage) -> tuple[str, datetime, str, str, str, str]:
-    """The `analytics_inbound` key of an inbound message: (subaccount, hour, channel, country, type,
-    interactive type or '')."""
-    it = msg.content.interactive
+#: the columns `contribution_from_rows` reads
+MESSAGE_FACT_COLUMNS: tuple[str, ...] = (
+    "umid", "sub_account_id", "state", "final", "first_sent_at", "delivered_at", "read_at", "msisdn",
+    "msisdn_masked", "msisdn_hash",
+)  # fmt: skip
+STEP_FACT_COLUMNS: tuple[str, ...] = (
+    "umid",
+    "step",
+    "channel",
+    "state",
+    "error_code",
+    "first_event_at",
+    "country",
+)
+
+
+def contribution_from_rows(
+    message: Mapping[str, Any], steps: Iterable[Mapping[str, Any]]
+) -> Contribution | None:
+    """The contribution of a stored message: its `messages` row and its `message_steps` rows (any order;
+    at least `MESSAGE_FACT_COLUMNS` / `STEP_FACT_COLUMNS`, timestamps as aware datetimes)."""
+    ordered = sorted(steps, key=lambda r: r["step"])
+    return _contribution(
+        message["sub_account_id"], message["state"], message["final"], message["first_sent_at"],
+        message["delivered_at"], message["read_at"], message["msisdn"] or message["msisdn_masked"],
+        message["msisdn_hash"],
+        [(r["channel"], r["state"], r["error_code"], r["first_event_at"], r["country"]) for r in ordered],
+    )  # fmt: skip
+
+
+def inbound_key(row: Mapping[str, Any]) -> tuple[str, datetime, str, str, str, str]:
+    """The `analytics_inbound` key of a stored inbound message (its `inbound_messages` row, as
+    `sinks.rows.inbound_row` builds it): (subaccount, hour, channel, country, type, interactive type
+    or '')."""
     return (
-        msg.sub_account_id,
-        hour_of(msg.timestamp),
-        msg.channel.lower(),
-        country_of(None, msg.user.msisdn),
-        msg.type,
-        (it.type if it else None) or "",
+        row["sub_account_id"],
+        hour_of(row["ts"]),
+        row["channel"].lower(),
+        country_of(None, row["msisdn"] or row["msisdn_masked"]),
+        row["type"],
+        row["interactive_type"] or "",
     )
 
 
@@ -238,6 +336,7 @@ LatencyKey = tuple[str, datetime, str, str, str, int]  # ..., metric, bucket
 ErrorKey = tuple[str, datetime, str, str, int]  # subaccount, hour, step channel, country, error code
 #: messages, pending, sent, delivered, read, failed, final
 MESSAGE_COUNTERS: tuple[str, ...] = ("messages", *OUTCOMES, "final")
+_OUTCOME_INDEX = {o: 1 + i for i, o in enumerate(OUTCOMES)}
 
 
 def _add(d: dict[Any, int], key: Any, n: int) -> None:
@@ -260,23 +359,23 @@ class Deltas:
         """Add (sign 1) or take away (sign -1) one message's contribution."""
         if c is None:
             return
-        key = (c.sub_account_id, c.hour, c.channel, c.country, c.path)
+        sub, hour, channel, country = c[0], c[1], c[2], c[3]
+        key = (sub, hour, channel, country, c[4])
         row = self.messages.get(key)
         if row is None:
             row = self.messages[key] = [0] * len(MESSAGE_COUNTERS)
         row[0] += sign
-        row[1 + OUTCOMES.index(c.outcome)] += sign
-        if c.final:
+        row[_OUTCOME_INDEX[c[5]]] += sign
+        if c[6]:
             row[-1] += sign
         if not any(row):
             del self.messages[key]
-        base = (c.sub_account_id, c.hour, c.channel, c.country)
-        if c.deliver_bucket is not None:
-            _add(self.latency, (*base, "deliver", c.deliver_bucket), sign)
-        if c.read_bucket is not None:
-            _add(self.latency, (*base, "read", c.read_bucket), sign)
-        for channel, code in c.errors:
-            _add(self.errors, (c.sub_account_id, c.hour, channel, c.country, code), sign)
+        if c[7] is not None:
+            _add(self.latency, (sub, hour, channel, country, "deliver", c[7]), sign)
+        if c[8] is not None:
+            _add(self.latency, (sub, hour, channel, country, "read", c[8]), sign)
+        for ch, code in c[9]:
+            _add(self.errors, (sub, hour, ch, country, code), sign)
 
     def change(self, old: Contribution | None, new: Contribution | None) -> None:
         """Add the difference `new - old` of one message (nothing when they are equal)."""
@@ -341,35 +440,7 @@ def first_channel(path: str) -> str:
 Hasher = Callable[[str | None], str | None]
 
 
-# --- rows: what the stores write and read back (tuples in `sinks.analytics_sql` column order) ---
-
-
-def fact_values(umid: str, c: Contribution) -> tuple[Any, ...]:
-    """The `analytics_message_facts` row of a message's contribution (`FACT_COLUMNS` order)."""
-    errors = json.dumps([list(e) for e in c.errors], separators=(",", ":")) if c.errors else None
-    return (
-        umid, c.sub_account_id, c.hour, c.channel, c.country, c.path, c.outcome, int(c.final),
-        c.deliver_bucket, c.read_bucket, errors, c.user, c.whatsapp_at,
-    )  # fmt: skip
-
-
-def contribution_from_fact(row: Mapping[str, Any]) -> Contribution:
-    """The contribution an `analytics_message_facts` row holds (timestamps as aware datetimes)."""
-    errors = row["errors"]
-    return Contribution(
-        sub_account_id=row["sub_account_id"],
-        hour=row["hour"],
-        channel=row["channel"],
-        country=row["country"],
-        path=row["path"],
-        outcome=row["outcome"],
-        final=bool(row["final"]),
-        deliver_bucket=row["deliver_bucket"],
-        read_bucket=row["read_bucket"],
-        errors=tuple((ch, int(code)) for ch, code in json.loads(errors)) if errors else (),
-        user=row["wa_user"],
-        whatsapp_at=row["wa_at"],
-    )
+# --- rows: what the stores upsert (tuples in `sinks.analytics_sql` column order) ---
 
 
 def message_rows(d: Deltas) -> list[tuple[Any, ...]]:
@@ -402,14 +473,3 @@ def window_change(old: Contribution | None, new: Contribution | None) -> list[tu
     if a == b:
         return []
     return [k for k in (a, b) if k is not None]
-
-
-def user_hash(state: MessageState, hash_msisdn: Hasher, kept: str | None = None) -> str | None:
-    """The keyed hash of a message's recipient, needed only for messages with a WhatsApp step (window
-    matching): `hash_msisdn` of its number, else `kept` (the stored hash of a state rebuilt from a
-    masked row)."""
-    if not any(s.channel.lower() == WHATSAPP for s in state.steps):
-        return None
-    if state.user.msisdn:
-        return hash_msisdn(state.user.msisdn)
-    return kept

@@ -260,6 +260,7 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         ("ALTER TABLE messages ADD COLUMN lineage bigint NOT NULL DEFAULT 0",),
     ),
     (*Q.MIGRATION, Q.POSTGRES_DDL),
+    (*Q.BACKFILL, ()),  # PostgresStore.migrate runs _backfill when it applies it
 )
 
 # Staging tables: same columns as their targets, no constraints, emptied at every commit.
@@ -320,33 +321,45 @@ _INSERT_INBOUND = (
     " ON CONFLICT (umid) DO NOTHING RETURNING umid"
 )
 # analytics (sinks.aggregates): facts read back, aggregate `+=` upserts, WhatsApp window matching
-_LOAD_FACTS = "SELECT * FROM analytics_message_facts WHERE umid = ANY(%b)"
-_DELETE_FACTS = "DELETE FROM analytics_message_facts WHERE umid = ANY(%b)"
+_OLD_MESSAGE_COLS = ", ".join(A.MESSAGE_FACT_COLUMNS)
+_OLD_STEP_COLS = ", ".join(A.STEP_FACT_COLUMNS)
+# the fast path's deletes, returning what the old contributions are computed from
+_DELETE_REPLACED_RETURNING = (
+    _DELETE_REPLACED + " RETURNING " + ", ".join("m." + c for c in A.MESSAGE_FACT_COLUMNS)
+)
+_DELETE_REPLACED_STEPS_RETURNING = _DELETE_REPLACED_STEPS + f" RETURNING {_OLD_STEP_COLS}"
+_OLD_MESSAGES = f"SELECT {_OLD_MESSAGE_COLS} FROM messages WHERE umid = ANY(%b)"
+_OLD_STEPS = f"SELECT {_OLD_STEP_COLS} FROM message_steps WHERE umid = ANY(%b)"
+_DELETE_WA_OUTBOUND = "DELETE FROM analytics_wa_outbound WHERE umid = ANY(%b)"
+_WA_OUTBOUND_COLUMNS = ("umid", "sub_account_id", "wa_user", "wa_at")
 _AGG_UPSERTS = Q.pg_unnest_upserts()
 # inbound WhatsApp messages whose window holds one of the (sub, user, t): t - 24 h < ts <= t
 _WA_INBOUND_AROUND = (
     "SELECT DISTINCT i.umid, i.sub_account_id, i.wa_user, i.ts, i.hour, i.country, i.answered"
-    " FROM unnest(%s::text[], %s::text[], %s::timestamptz[]) AS q(sub, usr, at)"
+    " FROM unnest(%b::text[], %b::text[], %b::timestamptz[]) AS q(sub, usr, at)"
     " JOIN analytics_wa_inbound i ON i.sub_account_id = q.sub AND i.wa_user = q.usr"
     " AND i.ts > q.at - interval '24 hours' AND i.ts <= q.at"
 )
 # whether each (sub, user, ts) has an outbound WhatsApp message at ts <= t < ts + 24 h
 _WA_ANSWERED = (
-    "SELECT EXISTS (SELECT 1 FROM analytics_message_facts f WHERE f.sub_account_id = q.sub"
+    "SELECT EXISTS (SELECT 1 FROM analytics_wa_outbound f WHERE f.sub_account_id = q.sub"
     " AND f.wa_user = q.usr AND f.wa_at >= q.ts AND f.wa_at < q.ts + interval '24 hours')::int"
-    " FROM unnest(%s::text[], %s::text[], %s::timestamptz[]) WITH ORDINALITY AS q(sub, usr, ts, n)"
+    " FROM unnest(%b::text[], %b::text[], %b::timestamptz[]) WITH ORDINALITY AS q(sub, usr, ts, n)"
     " ORDER BY q.n"
 )
 _SET_ANSWERED = (
     "UPDATE analytics_wa_inbound i SET answered = q.answered"
-    " FROM unnest(%s::text[], %s::bigint[]) AS q(umid, answered) WHERE i.umid = q.umid"
+    " FROM unnest(%b::text[], %b::bigint[]) AS q(umid, answered) WHERE i.umid = q.umid"
 )
 _INSERT_WA_INBOUND = (
     "INSERT INTO analytics_wa_inbound (umid, sub_account_id, wa_user, ts, hour, country, answered)"
-    " SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::timestamptz[],"
-    " %s::text[], %s::bigint[]) ON CONFLICT (umid) DO NOTHING"
+    " SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::timestamptz[],"
+    " %b::text[], %b::bigint[]) ON CONFLICT (umid) DO NOTHING"
 )
 _ANALYTICS_DAY = "date_trunc('day', hour, 'UTC')"
+_NUMBER = R.MESSAGE_COLUMNS.index("msisdn")
+_MASKED = R.MESSAGE_COLUMNS.index("msisdn_masked")
+_HASH = R.MESSAGE_COLUMNS.index("msisdn_hash")
 
 
 def _columns_of(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
@@ -367,6 +380,22 @@ _GET_CONVERSATION = (
     " AND (user_key_hash = %(hash)s OR msisdn_hash = %(hash)s)"
     " ORDER BY (user_key_hash = %(hash)s) IS TRUE DESC, last_inbound_at DESC, key_hash LIMIT 1"
 )
+
+
+def _old_contributions(
+    messages: Sequence[tuple[Any, ...]], steps: Sequence[tuple[Any, ...]]
+) -> dict[str, A.Contribution]:
+    """Contributions of stored messages from their rows (tuples in `MESSAGE_FACT_COLUMNS` and
+    `STEP_FACT_COLUMNS` order)."""
+    by_umid: dict[str, list[dict[str, Any]]] = {}
+    for r in steps:
+        by_umid.setdefault(r[0], []).append(dict(zip(A.STEP_FACT_COLUMNS, r, strict=True)))
+    out = {}
+    for m in messages:
+        c = A.contribution_from_rows(dict(zip(A.MESSAGE_FACT_COLUMNS, m, strict=True)), by_umid.get(m[0], []))
+        if c is not None:
+            out[m[0]] = c
+    return out
 
 
 class _Raced(Exception):
@@ -461,7 +490,7 @@ class PostgresStore:
                             "status_events",
                             "inbound_messages",
                             "conversations",
-                            "analytics_message_facts",
+                            "analytics_wa_outbound",
                         ],
                     ),
                 )
@@ -472,12 +501,12 @@ class PostgresStore:
     ) -> None:
         """Binary COPY of `rows` (tuples in `columns` order) into `stage` (a staging table, or the target
         itself); the column types are those of `table` (binary COPY needs them, ~3x cheaper than text)."""
+        if (table, columns[0]) not in self._types:  # a table created since the types were read
+            self._load_types(conn, refresh=True)  # (not inside the COPY: it holds the connection)
         with (
             conn.cursor() as cur,
             cur.copy(f"COPY {stage} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)") as copy,
         ):
-            if (table, columns[0]) not in self._types:  # a table created since the types were read
-                self._load_types(conn, refresh=True)
             copy.set_types([self._types[(table, c)] for c in columns])
             for row in rows:
                 copy.write_row(row)
@@ -498,6 +527,8 @@ class PostgresStore:
                     continue
                 for sql in statements:
                     conn.execute(sql)
+                if version == Q.BACKFILL[0]:
+                    self._backfill(conn)
                 conn.execute(
                     f"INSERT INTO {MIGRATIONS_TABLE} (version, name) VALUES (%s, %s)", (version, name)
                 )
@@ -557,20 +588,31 @@ class PostgresStore:
                 return 0
             replaced = [s for s in advancing if s.umid in held]
             stored: set[tuple[Any, ...]] = set()
+            old: dict[str, A.Contribution] = {}
             if replaced:
                 umids = [s.umid for s in replaced]
-                deleted = cur.execute(_DELETE_REPLACED, (umids, [s.version for s in replaced])).rowcount
+                versions = [s.version for s in replaced]
+                if self.aggregates:  # the deletes return what the old contributions are made of
+                    found = cur.execute(_DELETE_REPLACED_RETURNING, (umids, versions)).fetchall()
+                    deleted = len(found)
+                    old_steps = cur.execute(_DELETE_REPLACED_STEPS_RETURNING, (umids,)).fetchall()
+                    old = _old_contributions(found, old_steps)
+                else:
+                    deleted = cur.execute(_DELETE_REPLACED, (umids, versions)).rowcount
+                    cur.execute(_DELETE_REPLACED_STEPS, (umids,))
                 if deleted != len(replaced):
                     raise _Raced(f"{len(replaced) - deleted} message rows changed meanwhile")
-                cur.execute(_DELETE_REPLACED_STEPS, (umids,))
                 stored = set(cur.execute(_STORED_EVENTS, (umids,)).fetchall())
+        written: list[tuple[Any, ...]] = []
 
         # Each table's rows are built lazily inside its own COPY: the server ingests (parses, checks
         # keys, updates indexes) the rows already sent while the next ones are built, so the client's
         # work and the server's overlap instead of adding up.
         def message_rows() -> Iterator[tuple[Any, ...]]:
             for s in advancing:
-                yield R.message_values(s, pii, merged.msisdn.get(s.umid))
+                values = R.message_values(s, pii, merged.msisdn.get(s.umid))
+                written.append(values)
+                yield values
 
         def step_rows() -> Iterator[tuple[Any, ...]]:
             for s in advancing:
@@ -587,14 +629,20 @@ class PostgresStore:
         self._copy_rows(conn, "message_steps", "message_steps", R.STEP_COLUMNS, step_rows())
         self._copy_rows(conn, "status_events", "status_events", R.EVENT_COLUMNS, event_rows())
         if self.aggregates:
-            self._maintain(conn, advancing, merged)
+            self._maintain(conn, advancing, written, old)
         return len(advancing)
 
     def _merge_states(self, conn: psycopg.Connection[Any], states: Sequence[MessageState]) -> int:
         """The conflict-proof path: staging tables + guarded upsert (module docstring)."""
         self._stage(conn)
         pii = self.pii
-        _held, merged = self._resolve(conn, states)
+        held, merged = self._resolve(conn, states)
+        old: dict[str, A.Contribution] = {}
+        if self.aggregates and held:
+            umids = list(held)
+            with conn.cursor(row_factory=tuple_row) as cur:
+                found = cur.execute(_OLD_MESSAGES + " FOR UPDATE", (umids,)).fetchall()
+                old = _old_contributions(found, cur.execute(_OLD_STEPS, (umids,)).fetchall())
         message_rows, step_rows, event_rows = [], [], []
         for s in merged.states:
             message_rows.append(R.message_values(s, pii, merged.msisdn.get(s.umid)))
@@ -612,51 +660,60 @@ class PostgresStore:
             conn.execute(_INSERT_EVENTS)
             if self.aggregates:
                 umids = {r["umid"] for r in conn.execute("SELECT umid FROM stage_advanced")}
-                self._maintain(conn, [s for s in merged.states if s.umid in umids], merged)
+                pairs = [(s, v) for s, v in zip(merged.states, message_rows, strict=True) if s.umid in umids]
+                self._maintain(conn, [s for s, _ in pairs], [v for _, v in pairs], old)
         return advanced
 
     # --- analytics (sinks.aggregates) --------------------------------------------------------
 
     def _maintain(
-        self, conn: psycopg.Connection[Any], advancing: Sequence[MessageState], merged: R.Merged
+        self,
+        conn: psycopg.Connection[Any],
+        advancing: Sequence[MessageState],
+        rows: Sequence[tuple[Any, ...]],
+        old: dict[str, A.Contribution],
     ) -> None:
-        """Add `new - old` contribution of every advancing message to the analytics tables (same
-        transaction as the rows)."""
-        old = {
-            r["umid"]: A.contribution_from_fact(r)
-            for r in conn.execute(_LOAD_FACTS, ([s.umid for s in advancing],))
-        }
-        hasher = self.pii.hash_msisdn
+        """Add `new - old` contribution of every advancing message (`rows`: their `messages` rows) to the
+        analytics tables, in the write's transaction."""
         deltas = A.Deltas()
-        facts: list[tuple[Any, ...]] = []
-        replaced: list[str] = []
+        gone: list[str] = []
+        outbound: list[tuple[Any, ...]] = []
         rewindow: list[tuple[str, str, datetime]] = []
-        for s in advancing:
-            kept = merged.msisdn.get(s.umid)
-            new = A.contribution(s, A.user_hash(s, hasher, kept[1] if kept else None))
+        for s, row in zip(advancing, rows, strict=True):
+            new = A.contribution(s, row[_NUMBER] or row[_MASKED], row[_HASH])
             before = old.get(s.umid)
             if new == before:
                 continue
             deltas.change(before, new)
-            rewindow += A.window_change(before, new)
-            if before is not None:
-                replaced.append(s.umid)
-            if new is not None:
-                facts.append(A.fact_values(s.umid, new))
-        if replaced:
-            conn.execute(_DELETE_FACTS, (replaced,))
-        if facts:
-            self._copy_rows(conn, "analytics_message_facts", "analytics_message_facts", Q.FACT_COLUMNS, facts)
-        self._upsert(conn, "messages", A.message_rows(deltas))
-        self._upsert(conn, "latency", A.latency_rows(deltas))
-        self._upsert(conn, "errors", A.error_rows(deltas))
+            moved = A.window_change(before, new)
+            if moved:
+                rewindow += moved
+                gone.append(s.umid)
+                if new is not None and new.user is not None and new.whatsapp_at is not None:
+                    outbound.append((s.umid, new.sub_account_id, new.user, new.whatsapp_at))
+        if gone:
+            conn.execute(_DELETE_WA_OUTBOUND, (gone,))
+        if outbound:
+            self._copy_rows(
+                conn, "analytics_wa_outbound", "analytics_wa_outbound", _WA_OUTBOUND_COLUMNS, outbound
+            )
+        self._apply(conn, deltas)
         if rewindow:
             self._rewindow(conn, rewindow)
 
+    def _apply(self, conn: psycopg.Connection[Any], deltas: A.Deltas) -> None:
+        self._upsert(conn, "messages", A.message_rows(deltas))
+        self._upsert(conn, "latency", A.latency_rows(deltas))
+        self._upsert(conn, "errors", A.error_rows(deltas))
+
     @staticmethod
     def _upsert(conn: psycopg.Connection[Any], table: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Add `rows` (`sinks.analytics_sql` upsert rows) to the hourly table and its daily table."""
         if rows:
             conn.execute(_AGG_UPSERTS[table], _columns_of(rows, len(rows[0])))
+            daily = Q.daily_rows(table, rows)
+            if daily:
+                conn.execute(_AGG_UPSERTS[table + "_daily"], _columns_of(daily, len(rows[0])))
 
     @staticmethod
     def _answered(conn: psycopg.Connection[Any], keys: Sequence[tuple[str, str, datetime]]) -> list[int]:
@@ -684,29 +741,51 @@ class PostgresStore:
             conn.execute(_SET_ANSWERED, _columns_of(changed, 2))
             self._upsert(conn, "window", [(*k, *v) for k, v in sorted(window.items())])
 
-    def _maintain_inbound(self, conn: psycopg.Connection[Any], new: Sequence[InboundMessage]) -> None:
-        """Count newly stored inbound messages (by type; WhatsApp ones in the window table)."""
+    def _count_inbound(self, conn: psycopg.Connection[Any], rows: Sequence[R.Row]) -> None:
+        """Count newly stored inbound messages (their rows) by type; WhatsApp ones in the window table."""
         counts: dict[tuple[Any, ...], int] = {}
-        wa: list[tuple[InboundMessage, tuple[Any, ...], str]] = []
-        for m in new:
-            key = A.inbound_key(m)
+        wa: list[tuple[R.Row, tuple[Any, ...]]] = []
+        for r in rows:
+            key = A.inbound_key(r)
             counts[key] = counts.get(key, 0) + 1
-            user = self.pii.hash_msisdn(m.user.msisdn) if key[2] == A.WHATSAPP else None
-            if user is not None:
-                wa.append((m, key, user))
+            if key[2] == A.WHATSAPP and r["msisdn_hash"] is not None:
+                wa.append((r, key))
         self._upsert(conn, "inbound", [(*k, n) for k, n in sorted(counts.items())])
         if not wa:
             return
-        answered = self._answered(conn, [(m.sub_account_id, user, m.timestamp) for m, _, user in wa])
+        answered = self._answered(conn, [(key[0], r["msisdn_hash"], r["ts"]) for r, key in wa])
         window: dict[tuple[str, datetime, str], list[int]] = {}
         facts = []
-        for (m, key, user), a in zip(wa, answered, strict=True):
-            facts.append((m.umid, m.sub_account_id, user, m.timestamp, key[1], key[3], a))
-            w = window.setdefault((m.sub_account_id, key[1], key[3]), [0, 0])
+        for (r, key), a in zip(wa, answered, strict=True):
+            facts.append((r["umid"], key[0], r["msisdn_hash"], r["ts"], key[1], key[3], a))
+            w = window.setdefault((key[0], key[1], key[3]), [0, 0])
             w[0] += 1
             w[1] += a
         conn.execute(_INSERT_WA_INBOUND, _columns_of(facts, 7))
         self._upsert(conn, "window", [(*k, *v) for k, v in sorted(window.items())])
+
+    def _backfill(self, conn: psycopg.Connection[Any]) -> None:
+        """Migration 9: the aggregates of every message and inbound message stored before migration 8."""
+        deltas = A.Deltas()
+        outbound: list[tuple[Any, ...]] = []
+        with conn.cursor("analytics_backfill", row_factory=tuple_row) as messages:
+            messages.execute(f"SELECT {_OLD_MESSAGE_COLS} FROM messages ORDER BY umid")
+            while chunk := messages.fetchmany(5000):
+                with conn.cursor(row_factory=tuple_row) as cur:
+                    steps = cur.execute(_OLD_STEPS, ([r[0] for r in chunk],)).fetchall()
+                for umid, c in _old_contributions(chunk, steps).items():
+                    deltas.add(c)
+                    if c.user is not None and c.whatsapp_at is not None:
+                        outbound.append((umid, c.sub_account_id, c.user, c.whatsapp_at))
+        if outbound:
+            self._copy_rows(
+                conn, "analytics_wa_outbound", "analytics_wa_outbound", _WA_OUTBOUND_COLUMNS, outbound
+            )
+        self._apply(conn, deltas)
+        with conn.cursor("analytics_backfill_inbound") as inbound:
+            inbound.execute("SELECT * FROM inbound_messages ORDER BY umid")
+            while chunk := inbound.fetchmany(5000):
+                self._count_inbound(conn, chunk)
 
     def analytics(self, query: Q.Query) -> list[dict[str, Any]]:
         sql, params = Q.select(query, "%s", _ANALYTICS_DAY)
@@ -728,7 +807,7 @@ class PostgresStore:
             self._copy_rows(conn, "stage_inbound", "inbound_messages", R.INBOUND_COLUMNS, rows)
             inserted = [r["umid"] for r in conn.execute(_INSERT_INBOUND).fetchall()]
             if self.aggregates:
-                self._maintain_inbound(conn, [first[u] for u in inserted])
+                self._count_inbound(conn, [R.inbound_row(first[u], pii) for u in inserted])
             return len(inserted)
 
         return self._run(work)

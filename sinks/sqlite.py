@@ -206,6 +206,7 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         ("ALTER TABLE messages ADD COLUMN lineage INTEGER NOT NULL DEFAULT 0",),
     ),
     (*Q.MIGRATION, Q.SQLITE_DDL),
+    (*Q.BACKFILL, ()),  # SqliteStore.migrate runs _backfill when it applies it
 )
 
 
@@ -250,19 +251,19 @@ _VERSIONS = f"SELECT umid, version, lineage FROM messages WHERE {_IN_JSON}"
 _LOAD_MESSAGES = f"SELECT * FROM messages WHERE {_IN_JSON}"
 _LOAD_STEPS = f"SELECT * FROM message_steps WHERE {_IN_JSON}"
 _LOAD_EVENTS = f"SELECT * FROM status_events WHERE {_IN_JSON}"
-_LOAD_FACTS = f"SELECT * FROM analytics_message_facts WHERE {_IN_JSON}"
-_UPSERT_FACT = (
-    f"INSERT OR REPLACE INTO analytics_message_facts ({_columns(Q.FACT_COLUMNS)})"
-    f" VALUES ({_params(Q.FACT_COLUMNS)})"
-)
+_OLD_MESSAGES = f"SELECT {', '.join(A.MESSAGE_FACT_COLUMNS)} FROM messages WHERE {_IN_JSON}"
+_OLD_STEPS = f"SELECT {', '.join(A.STEP_FACT_COLUMNS)} FROM message_steps WHERE {_IN_JSON}"
 _AGG_UPSERTS = Q.upserts("?")
 _WA_ANSWERED = (
-    "SELECT 1 FROM analytics_message_facts WHERE sub_account_id = ? AND wa_user = ?"
+    "SELECT 1 FROM analytics_wa_outbound WHERE sub_account_id = ? AND wa_user = ?"
     " AND wa_at >= ? AND wa_at < ? LIMIT 1"
 )
 _WA_INBOUND_AROUND = (
     "SELECT umid, ts, hour, country, answered FROM analytics_wa_inbound"
     " WHERE sub_account_id = ? AND wa_user = ? AND ts > ? AND ts <= ?"
+)
+_INSERT_WA_OUTBOUND = (
+    "INSERT OR REPLACE INTO analytics_wa_outbound (umid, sub_account_id, wa_user, wa_at) VALUES (?, ?, ?, ?)"
 )
 _INSERT_WA_INBOUND = (
     "INSERT INTO analytics_wa_inbound (umid, sub_account_id, wa_user, ts, hour, country, answered)"
@@ -275,18 +276,16 @@ def _when(value: Any) -> Any:
     return from_text(value) if isinstance(value, str) else value
 
 
-def _fact(row: R.Row) -> R.Row:
-    """An `analytics_message_facts` row with its timestamps parsed."""
-    row["hour"] = _when(row["hour"])
-    row["wa_at"] = _when(row["wa_at"])
-    return row
+_NUMBER = R.MESSAGE_COLUMNS.index("msisdn")
+_MASKED = R.MESSAGE_COLUMNS.index("msisdn_masked")
+_HASH = R.MESSAGE_COLUMNS.index("msisdn_hash")
 
 
-def _first_per_umid(msgs: Sequence[InboundMessage]) -> list[InboundMessage]:
-    first: dict[str, InboundMessage] = {}
-    for m in msgs:
-        first.setdefault(m.umid, m)
-    return list(first.values())
+def _upsert(conn: sqlite3.Connection, name: str, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Add `rows` (`sinks.analytics_sql` upsert rows) to the hourly table `name` and its daily table."""
+    if rows:
+        conn.executemany(_AGG_UPSERTS[name], map(_adapt_values, rows))
+        conn.executemany(_AGG_UPSERTS[name + "_daily"], map(_adapt_values, Q.daily_rows(name, rows)))
 
 
 def to_text(value: datetime) -> str:
@@ -391,6 +390,8 @@ class SqliteStore:
                     continue
                 for sql in statements:
                     conn.execute(sql)
+                if version == Q.BACKFILL[0]:
+                    self._backfill(conn)
                 conn.execute(
                     f"INSERT INTO {MIGRATIONS_TABLE} (version, name, applied_at) VALUES (?, ?, ?)",
                     (version, name, to_text(datetime.now(UTC))),
@@ -407,6 +408,7 @@ class SqliteStore:
             advancing = [s for s in merged.states if s.umid not in held or s.version > held[s.umid][0]]
             if not advancing:
                 return 0
+            old = self._old_contributions(conn, [s.umid for s in advancing if s.umid in held])
             messages: list[tuple[Any, ...]] = []
             steps: list[tuple[Any, ...]] = []
             events: list[tuple[Any, ...]] = []
@@ -420,44 +422,60 @@ class SqliteStore:
             conn.executemany(_INSERT_STEP, steps)
             conn.executemany(_INSERT_EVENT, events)
             if self.aggregates:
-                self._maintain(conn, advancing, merged)
+                self._maintain(conn, advancing, messages, old)
             return len(advancing)
 
+    def _old_contributions(self, conn: sqlite3.Connection, umids: list[str]) -> dict[str, A.Contribution]:
+        """The contributions of the stored messages `umids` (before their rows are replaced)."""
+        if not umids or not self.aggregates:
+            return {}
+        arg = (json.dumps(umids),)
+        steps: dict[str, list[R.Row]] = {}
+        for r in conn.execute(_OLD_STEPS, arg):
+            steps.setdefault(r["umid"], []).append(r)
+        out = {}
+        for m in conn.execute(_OLD_MESSAGES, arg):
+            c = A.contribution_from_rows(m, steps.get(m["umid"], []))
+            if c is not None:
+                out[m["umid"]] = c
+        return out
+
     def _maintain(
-        self, conn: sqlite3.Connection, advancing: Sequence[MessageState], merged: R.Merged
+        self,
+        conn: sqlite3.Connection,
+        advancing: Sequence[MessageState],
+        rows: Sequence[tuple[Any, ...]],
+        old: dict[str, A.Contribution],
     ) -> None:
-        """Add `new - old` contribution of every advancing message to the analytics tables (same
-        transaction as the rows)."""
-        arg = (json.dumps([s.umid for s in advancing]),)
-        old = {r["umid"]: A.contribution_from_fact(_fact(r)) for r in conn.execute(_LOAD_FACTS, arg)}
-        hasher = self.pii.hash_msisdn
+        """Add `new - old` contribution of every advancing message (`rows`: their `messages` rows) to the
+        analytics tables, in the write's transaction."""
         deltas = A.Deltas()
-        facts: list[tuple[Any, ...]] = []
         gone: list[tuple[str]] = []
+        outbound: list[tuple[Any, ...]] = []
         rewindow: list[tuple[str, str, datetime]] = []
-        for s in advancing:
-            kept = merged.msisdn.get(s.umid)
-            new = A.contribution(s, A.user_hash(s, hasher, kept[1] if kept else None))
+        for s, row in zip(advancing, rows, strict=True):
+            new = A.contribution(s, row[_NUMBER] or row[_MASKED], row[_HASH])
             before = old.get(s.umid)
             if new == before:
                 continue
             deltas.change(before, new)
-            rewindow += A.window_change(before, new)
-            if new is None:
+            moved = A.window_change(before, new)
+            if moved:
+                rewindow += moved
                 gone.append((s.umid,))
-            else:
-                facts.append(_adapt_values(A.fact_values(s.umid, new)))
-        conn.executemany("DELETE FROM analytics_message_facts WHERE umid = ?", gone)
-        conn.executemany(_UPSERT_FACT, facts)
+                if new is not None and new.user is not None and new.whatsapp_at is not None:
+                    outbound.append(_adapt_values((s.umid, new.sub_account_id, new.user, new.whatsapp_at)))
+        conn.executemany("DELETE FROM analytics_wa_outbound WHERE umid = ?", gone)
+        conn.executemany(_INSERT_WA_OUTBOUND, outbound)
         self._apply(conn, deltas)
         if rewindow:
             self._rewindow(conn, rewindow)
 
     @staticmethod
     def _apply(conn: sqlite3.Connection, deltas: A.Deltas) -> None:
-        conn.executemany(_AGG_UPSERTS["messages"], map(_adapt_values, A.message_rows(deltas)))
-        conn.executemany(_AGG_UPSERTS["latency"], map(_adapt_values, A.latency_rows(deltas)))
-        conn.executemany(_AGG_UPSERTS["errors"], map(_adapt_values, A.error_rows(deltas)))
+        _upsert(conn, "messages", A.message_rows(deltas))
+        _upsert(conn, "latency", A.latency_rows(deltas))
+        _upsert(conn, "errors", A.error_rows(deltas))
 
     @staticmethod
     def _answered(conn: sqlite3.Connection, sub: str, user: str, ts: datetime) -> int:
@@ -482,7 +500,7 @@ class SqliteStore:
                     )
                     key = (sub, _when(r["hour"]), r["country"])
                     window.setdefault(key, [0, 0])[1] += now - r["answered"]
-        conn.executemany(_AGG_UPSERTS["window"], [_adapt_values((*k, *v)) for k, v in sorted(window.items())])
+        _upsert(conn, "window", [(*k, *v) for k, v in sorted(window.items())])
 
     @staticmethod
     def _load_states(conn: sqlite3.Connection, umids: list[str]) -> dict[str, tuple[MessageState, R.Row]]:
@@ -504,6 +522,7 @@ class SqliteStore:
     def write_inbound(self, msgs: Sequence[InboundMessage]) -> int:
         if not msgs:
             return 0
+        rows = [R.inbound_row(m, self.pii) for m in msgs]
         with self._write() as conn:
             held: set[str] = set()
             if self.aggregates:
@@ -512,34 +531,51 @@ class SqliteStore:
                     r["umid"]
                     for r in conn.execute(f"SELECT umid FROM inbound_messages WHERE {_IN_JSON}", arg)
                 }
-            cur = conn.executemany(
-                _INSERT_INBOUND, [_adapt(R.inbound_row(m, self.pii), R.INBOUND_COLUMNS) for m in msgs]
-            )
+            cur = conn.executemany(_INSERT_INBOUND, [_adapt(r, R.INBOUND_COLUMNS) for r in rows])
             if self.aggregates:
-                self._maintain_inbound(conn, [m for m in _first_per_umid(msgs) if m.umid not in held])
+                first = {r["umid"]: r for r in reversed(rows)}  # the first row of each umid wins
+                self._count_inbound(conn, [r for u, r in first.items() if u not in held])
             return max(cur.rowcount, 0)
 
-    def _maintain_inbound(self, conn: sqlite3.Connection, new: Sequence[InboundMessage]) -> None:
-        """Count newly stored inbound messages (by type; WhatsApp ones in the window table)."""
+    def _count_inbound(self, conn: sqlite3.Connection, rows: Sequence[R.Row]) -> None:
+        """Count newly stored inbound messages (their rows) by type; WhatsApp ones in the window table."""
         counts: dict[tuple[Any, ...], int] = {}
         window: dict[tuple[str, datetime, str], list[int]] = {}
         facts: list[tuple[Any, ...]] = []
-        for m in new:
-            key = A.inbound_key(m)
+        for r in rows:
+            key = A.inbound_key(r)
             counts[key] = counts.get(key, 0) + 1
-            if key[2] == A.WHATSAPP and m.user.msisdn:
-                user = self.pii.hash_msisdn(m.user.msisdn)
-                assert user is not None
-                answered = self._answered(conn, m.sub_account_id, user, m.timestamp)
-                facts.append(
-                    _adapt_values((m.umid, m.sub_account_id, user, m.timestamp, key[1], key[3], answered))
-                )
-                w = window.setdefault((m.sub_account_id, key[1], key[3]), [0, 0])
+            user = r["msisdn_hash"]
+            if key[2] == A.WHATSAPP and user is not None:
+                answered = self._answered(conn, key[0], user, r["ts"])
+                facts.append(_adapt_values((r["umid"], key[0], user, r["ts"], key[1], key[3], answered)))
+                w = window.setdefault((key[0], key[1], key[3]), [0, 0])
                 w[0] += 1
                 w[1] += answered
-        conn.executemany(_AGG_UPSERTS["inbound"], [_adapt_values((*k, n)) for k, n in sorted(counts.items())])
+        _upsert(conn, "inbound", [(*k, n) for k, n in sorted(counts.items())])
         conn.executemany(_INSERT_WA_INBOUND, facts)
-        conn.executemany(_AGG_UPSERTS["window"], [_adapt_values((*k, *v)) for k, v in sorted(window.items())])
+        _upsert(conn, "window", [(*k, *v) for k, v in sorted(window.items())])
+
+    def _backfill(self, conn: sqlite3.Connection) -> None:
+        """Migration 9: the aggregates of every message and inbound message stored before migration 8."""
+        deltas = A.Deltas()
+        outbound: list[tuple[Any, ...]] = []
+        cur = conn.execute(f"SELECT {', '.join(A.MESSAGE_FACT_COLUMNS)} FROM messages ORDER BY umid")
+        while chunk := cur.fetchmany(5000):
+            old = {r["umid"]: r for r in chunk}
+            steps: dict[str, list[R.Row]] = {}
+            for r in conn.execute(_OLD_STEPS, (json.dumps(list(old)),)):
+                steps.setdefault(r["umid"], []).append(r)
+            for umid, m in old.items():
+                c = A.contribution_from_rows(m, steps.get(umid, []))
+                deltas.add(c)
+                if c is not None and c.user is not None and c.whatsapp_at is not None:
+                    outbound.append(_adapt_values((umid, c.sub_account_id, c.user, c.whatsapp_at)))
+        conn.executemany(_INSERT_WA_OUTBOUND, outbound)
+        self._apply(conn, deltas)
+        cur = conn.execute("SELECT * FROM inbound_messages ORDER BY umid")
+        while chunk := cur.fetchmany(5000):
+            self._count_inbound(conn, chunk)
 
     def analytics(self, query: Q.Query) -> list[dict[str, Any]]:
         sql, params = Q.select(query, "?", "substr(hour, 1, 10) || 'T00:00:00.000000Z'")

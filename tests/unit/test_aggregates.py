@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from datetime import UTC, datetime, timedelta
 
@@ -11,7 +12,8 @@ from hypothesis import strategies as st
 
 from schemas.models import MessageState, StatusEvent, Step, User
 from sinks import aggregates as A
-from sinks.analytics_sql import FACT_COLUMNS, Query, select
+from sinks.analytics_sql import Query, select
+from sinks.rows import PiiPolicy, state_rows
 
 T0 = datetime(2026, 1, 1, 10, 30, tzinfo=UTC)
 
@@ -147,12 +149,6 @@ def test_taking_a_contribution_away_undoes_it(a: A.Contribution, b: A.Contributi
     assert not d
 
 
-@given(contributions)
-def test_a_fact_row_gives_back_its_contribution(c: A.Contribution) -> None:
-    row = dict(zip(FACT_COLUMNS, A.fact_values("u-1", c), strict=True))
-    assert A.contribution_from_fact(row) == c
-
-
 # --- contributions of real states --------------------------------------------------------------
 
 
@@ -184,7 +180,7 @@ def test_a_fallback_message_counts_in_its_last_channel_with_its_path_latency_and
         delivered_at=T0 + timedelta(seconds=3710),
         final=True,
     )
-    c = A.contribution(s, "h")
+    c = A.contribution(s, "+658123xxxx", "h")
     assert c == A.Contribution(
         sub_account_id="sub", hour=T0.replace(minute=0), channel="sms", country="SG", path="whatsapp>sms",
         outcome="delivered", final=True, deliver_bucket=A.latency_bucket(3710), read_bucket=None,
@@ -214,11 +210,50 @@ def test_country_from_the_details_api_else_the_calling_code(
     assert A.country_of(country, msisdn) == expected
 
 
-def test_the_whatsapp_user_is_hashed_only_for_messages_with_a_whatsapp_step() -> None:
+def test_the_user_is_kept_only_for_messages_with_a_whatsapp_step() -> None:
     sms = _state((_step(1, "sms", [("sent", 0)]),))
     wa = _state((_step(1, "whatsapp", [("sent", 0)]),))
-    assert A.user_hash(sms, lambda m: f"h({m})") is None
-    assert A.user_hash(wa, lambda m: f"h({m})") == "h(+6581234567)"
+    assert A.contribution(sms, "+658123xxxx", "h").user is None  # type: ignore[union-attr]
+    assert A.contribution(wa, "+658123xxxx", "h").user == "h"  # type: ignore[union-attr]
+
+
+channels = st.sampled_from(["whatsapp", "sms", "viber", "line"])
+step_states = st.lists(
+    st.tuples(st.sampled_from(["queued", "sent", "delivered", "read", "undelivered"]), st.integers(0, 10**6)),
+    min_size=1,
+    max_size=4,
+).map(lambda evs: sorted(evs, key=lambda e: e[1]))
+
+
+@given(
+    st.lists(
+        st.tuples(channels, step_states, st.none() | st.sampled_from([1018, 41])), min_size=1, max_size=3
+    ),
+    st.none() | st.sampled_from(["+6581234567", "+63922110123", "+14155550100"]),
+    st.none() | st.sampled_from(["SG", "ph"]),
+    st.booleans(),
+    st.booleans(),
+)
+def test_what_a_state_adds_is_what_its_stored_rows_take_away(
+    steps: list, msisdn: str | None, country: str | None, final: bool, clear: bool
+) -> None:
+    """contribution(state) == contribution_from_rows(the rows the store writes for it), whatever the
+    PII policy: so a later state subtracts exactly what this one added."""
+    built = tuple(
+        _step(n, ch, evs, code, country=country if n == len(steps) else None)
+        for n, (ch, evs, code) in enumerate(steps, 1)
+    )
+    sent = [x.sent_at for x in built if x.sent_at]
+    delivered = [e.timestamp for x in built for e in x.history if e.state in ("delivered", "read")]
+    read = [e.timestamp for x in built for e in x.history if e.state == "read"]
+    state = _state(built, first_sent_at=min(sent, default=None), delivered_at=min(delivered, default=None),
+                   read_at=min(read, default=None), final=final)  # fmt: skip
+    state = dataclasses.replace(state, user=User(msisdn=msisdn))
+    pii = PiiPolicy(hash_key=b"k", clear=clear)
+    message, step_rows = state_rows(state, pii)
+    new = A.contribution(state, message["msisdn"] or message["msisdn_masked"], message["msisdn_hash"])
+    assert new == A.contribution_from_rows(message, list(reversed(step_rows)))
+    assert new is not None and new.country == A.country_of(country, msisdn)
 
 
 def test_the_window_is_24_hours_from_the_inbound_message() -> None:
