@@ -9,6 +9,7 @@ Tables (docs/analytics.md describes them for analysts):
 - `analytics_inbound`: per (subaccount, hour, channel, country, type, interactive type or '') a count;
 - `analytics_window`: per (subaccount, hour of the inbound message, country) WhatsApp inbound messages
   and how many of them were answered inside the 24 h window;
+- `analytics_error_codes`: 8x8's meaning of each delivery error code (`sinks.error_codes`), to join;
 - `analytics_wa_outbound` (umid, subaccount, keyed hash of the number, first WhatsApp event) and
   `analytics_wa_inbound` (with `answered`): the two sides the window share matches; not for analysts.
 What a message contributes is computed from its `messages` and `message_steps` rows
@@ -26,6 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+from sinks.error_codes import ERROR_CODES
 
 VIEWS = ("funnel", "fallback", "latency", "errors", "inbound", "window")
 GRANULARITIES = ("hour", "day", "total")
@@ -71,7 +74,17 @@ def _ddl(t: str, ts: str, i: str, after: str = "") -> tuple[str, ...]:
         f" wa_user {t} NOT NULL, ts {ts} NOT NULL, hour {ts} NOT NULL, country {t} NOT NULL,"
         f" answered {i} NOT NULL)",
         "CREATE INDEX analytics_wa_inbound_user ON analytics_wa_inbound (sub_account_id, wa_user, ts)",
+        f"CREATE TABLE analytics_error_codes (error_code {i} PRIMARY KEY, reason {t} NOT NULL,"
+        f" description {t} NOT NULL)",
+        "INSERT INTO analytics_error_codes (error_code, reason, description) VALUES "
+        + ", ".join(
+            f"({code}, {_literal(r)}, {_literal(d)})" for code, (r, d) in sorted(ERROR_CODES.items())
+        ),
     )
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 SQLITE_DDL = _ddl("TEXT", "TEXT", "INTEGER", " WITHOUT ROWID")
