@@ -251,33 +251,57 @@ def contribution(state: MessageState, number: str | None, number_hash: str | Non
     deliver = read = None
     first_sent, delivered = state.first_sent_at, state.delivered_at
     if delivered is not None and first_sent is not None:
-        deliver = latency_bucket((delivered - first_sent).total_seconds())
+        seconds = (delivered - first_sent).total_seconds()
+        deliver = min(bisect_right(_LOWER_BOUNDS, seconds), LAST_BUCKET) if seconds >= 1.0 else 0
         if state.read_at is not None:
-            read = latency_bucket((state.read_at - delivered).total_seconds())
+            seconds = (state.read_at - delivered).total_seconds()
+            read = min(bisect_right(_LOWER_BOUNDS, seconds), LAST_BUCKET) if seconds >= 1.0 else 0
     errors: tuple[tuple[str, int], ...] = ()
     wa_at = None
-    channels = []
-    for s in steps:
-        ch = s.channel.lower()
-        channels.append(ch)
+    if len(steps) == 1:
+        s = steps[0]
+        path = channel = s.channel.lower()
         if s.error_code is not None and s.state in FAILURE_STATES:
-            errors += ((ch, s.error_code),)
-        if ch == WHATSAPP and (wa_at is None or s.first_event_at < wa_at):
+            errors = ((channel, s.error_code),)
+        if channel == WHATSAPP:
             wa_at = s.first_event_at
-    return Contribution(
-        state.sub_account_id,
-        hour_of(steps[0].first_event_at),
-        channels[-1],
-        country_of(steps[-1].country, number),
-        ">".join(channels),
-        _OUTCOME.get(state.state, "pending"),
-        bool(state.final),
-        deliver,
-        read,
-        errors,
-        number_hash if wa_at is not None else None,
-        wa_at,
+    else:
+        channels = []
+        for s in steps:
+            ch = s.channel.lower()
+            channels.append(ch)
+            if s.error_code is not None and s.state in FAILURE_STATES:
+                errors += ((ch, s.error_code),)
+            if ch == WHATSAPP and (wa_at is None or s.first_event_at < wa_at):
+                wa_at = s.first_event_at
+        channel, path = channels[-1], ">".join(channels)
+    first = steps[0].first_event_at
+    hour = _HOURS.get(first.timestamp() // 3600)
+    if hour is None:
+        if len(_HOURS) > 100_000:
+            _HOURS.clear()
+        hour = _HOURS[first.timestamp() // 3600] = hour_of(first)
+    return _new(
+        Contribution,
+        (
+            state.sub_account_id,
+            hour,
+            channel,
+            country_of(steps[-1].country, number),
+            path,
+            _OUTCOME.get(state.state, "pending"),
+            bool(state.final),
+            deliver,
+            read,
+            errors,
+            number_hash if wa_at is not None else None,
+            wa_at,
+        ),
     )
+
+
+_new = tuple.__new__
+_HOURS: dict[float, datetime] = {}  # epoch hour -> its start (a cache: datetime.replace is slow)
 
 
 #: the columns `contribution_from_rows` reads
@@ -386,6 +410,56 @@ class Deltas:
 
     def __bool__(self) -> bool:
         return bool(self.messages or self.latency or self.errors)
+
+
+@dataclass(slots=True)
+class Changes:
+    """What one write batch changes: the aggregate counts (`counts`: the aggregated part of each
+    contribution, `Contribution[:10]`, with how many messages gained (+) or lost (-) it; `deltas()`
+    expands them), and the WhatsApp sends that appeared, moved or went (`gone`: their umids, to delete;
+    `outbound`: (umid, sub, user, time) rows to insert; `rewindow`: the (sub, user, time) whose inbound
+    windows must be checked again)."""
+
+    counts: dict[tuple[Any, ...], int] = field(default_factory=dict)
+    gone: list[str] = field(default_factory=list)
+    outbound: list[tuple[str, str, str, datetime]] = field(default_factory=list)
+    rewindow: list[tuple[str, str, datetime]] = field(default_factory=list)
+
+    def record(self, umid: str, old: Contribution | None, new: Contribution | None) -> None:
+        """One message moved from `old` to `new` (equal: nothing to do)."""
+        if old == new:
+            return
+        counts = self.counts
+        if old is not None:
+            key = old[:10]
+            counts[key] = counts.get(key, 0) - 1
+        if new is not None:
+            key = new[:10]
+            counts[key] = counts.get(key, 0) + 1
+        a = (
+            (old[0], old[10], old[11])
+            if old is not None and old[10] is not None and old[11] is not None
+            else None
+        )
+        b = (
+            (new[0], new[10], new[11])
+            if new is not None and new[10] is not None and new[11] is not None
+            else None
+        )
+        if a != b:  # a WhatsApp send appeared, moved or went (`window_change`)
+            self.gone.append(umid)
+            if a is not None:
+                self.rewindow.append(a)
+            if b is not None:
+                self.rewindow.append(b)
+                self.outbound.append((umid, *b))
+
+    def deltas(self) -> Deltas:
+        d = Deltas()
+        for key, n in self.counts.items():
+            if n:
+                d.add(key, n)  # type: ignore[arg-type]
+        return d
 
 
 def totals(contributions: Iterable[Contribution | None]) -> Deltas:

@@ -603,7 +603,8 @@ class PostgresStore:
                 if deleted != len(replaced):
                     raise _Raced(f"{len(replaced) - deleted} message rows changed meanwhile")
                 stored = set(cur.execute(_STORED_EVENTS, (umids,)).fetchall())
-        written: list[tuple[Any, ...]] = []
+        changes = A.Changes()
+        aggregates = self.aggregates
 
         # Each table's rows are built lazily inside its own COPY: the server ingests (parses, checks
         # keys, updates indexes) the rows already sent while the next ones are built, so the client's
@@ -611,7 +612,9 @@ class PostgresStore:
         def message_rows() -> Iterator[tuple[Any, ...]]:
             for s in advancing:
                 values = R.message_values(s, pii, merged.msisdn.get(s.umid))
-                written.append(values)
+                if aggregates:  # here, while the server ingests the rows already sent
+                    new = A.contribution(s, values[_NUMBER] or values[_MASKED], values[_HASH])
+                    changes.record(s.umid, old.get(s.umid), new)
                 yield values
 
         def step_rows() -> Iterator[tuple[Any, ...]]:
@@ -629,7 +632,7 @@ class PostgresStore:
         self._copy_rows(conn, "message_steps", "message_steps", R.STEP_COLUMNS, step_rows())
         self._copy_rows(conn, "status_events", "status_events", R.EVENT_COLUMNS, event_rows())
         if self.aggregates:
-            self._maintain(conn, advancing, written, old)
+            self._flush(conn, changes)
         return len(advancing)
 
     def _merge_states(self, conn: psycopg.Connection[Any], states: Sequence[MessageState]) -> int:
@@ -675,31 +678,24 @@ class PostgresStore:
     ) -> None:
         """Add `new - old` contribution of every advancing message (`rows`: their `messages` rows) to the
         analytics tables, in the write's transaction."""
-        deltas = A.Deltas()
-        gone: list[str] = []
-        outbound: list[tuple[Any, ...]] = []
-        rewindow: list[tuple[str, str, datetime]] = []
+        changes = A.Changes()
         for s, row in zip(advancing, rows, strict=True):
-            new = A.contribution(s, row[_NUMBER] or row[_MASKED], row[_HASH])
-            before = old.get(s.umid)
-            if new == before:
-                continue
-            deltas.change(before, new)
-            moved = A.window_change(before, new)
-            if moved:
-                rewindow += moved
-                gone.append(s.umid)
-                if new is not None and new.user is not None and new.whatsapp_at is not None:
-                    outbound.append((s.umid, new.sub_account_id, new.user, new.whatsapp_at))
-        if gone:
-            conn.execute(_DELETE_WA_OUTBOUND, (gone,))
-        if outbound:
-            self._copy_rows(
-                conn, "analytics_wa_outbound", "analytics_wa_outbound", _WA_OUTBOUND_COLUMNS, outbound
+            changes.record(
+                s.umid, old.get(s.umid), A.contribution(s, row[_NUMBER] or row[_MASKED], row[_HASH])
             )
-        self._apply(conn, deltas)
-        if rewindow:
-            self._rewindow(conn, rewindow)
+        self._flush(conn, changes)
+
+    def _flush(self, conn: psycopg.Connection[Any], changes: A.Changes) -> None:
+        """Write what a batch changes in the analytics tables (`sinks.aggregates.Changes`)."""
+        if changes.gone:
+            conn.execute(_DELETE_WA_OUTBOUND, (changes.gone,))
+        if changes.outbound:
+            self._copy_rows(
+                conn, "analytics_wa_outbound", "analytics_wa_outbound", _WA_OUTBOUND_COLUMNS, changes.outbound
+            )
+        self._apply(conn, changes.deltas())
+        if changes.rewindow:
+            self._rewindow(conn, changes.rewindow)
 
     def _apply(self, conn: psycopg.Connection[Any], deltas: A.Deltas) -> None:
         self._upsert(conn, "messages", A.message_rows(deltas))

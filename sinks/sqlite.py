@@ -449,27 +449,16 @@ class SqliteStore:
     ) -> None:
         """Add `new - old` contribution of every advancing message (`rows`: their `messages` rows) to the
         analytics tables, in the write's transaction."""
-        deltas = A.Deltas()
-        gone: list[tuple[str]] = []
-        outbound: list[tuple[Any, ...]] = []
-        rewindow: list[tuple[str, str, datetime]] = []
+        changes = A.Changes()
         for s, row in zip(advancing, rows, strict=True):
-            new = A.contribution(s, row[_NUMBER] or row[_MASKED], row[_HASH])
-            before = old.get(s.umid)
-            if new == before:
-                continue
-            deltas.change(before, new)
-            moved = A.window_change(before, new)
-            if moved:
-                rewindow += moved
-                gone.append((s.umid,))
-                if new is not None and new.user is not None and new.whatsapp_at is not None:
-                    outbound.append(_adapt_values((s.umid, new.sub_account_id, new.user, new.whatsapp_at)))
-        conn.executemany("DELETE FROM analytics_wa_outbound WHERE umid = ?", gone)
-        conn.executemany(_INSERT_WA_OUTBOUND, outbound)
-        self._apply(conn, deltas)
-        if rewindow:
-            self._rewindow(conn, rewindow)
+            changes.record(
+                s.umid, old.get(s.umid), A.contribution(s, row[_NUMBER] or row[_MASKED], row[_HASH])
+            )
+        conn.executemany("DELETE FROM analytics_wa_outbound WHERE umid = ?", [(u,) for u in changes.gone])
+        conn.executemany(_INSERT_WA_OUTBOUND, map(_adapt_values, changes.outbound))
+        self._apply(conn, changes.deltas())
+        if changes.rewindow:
+            self._rewindow(conn, changes.rewindow)
 
     @staticmethod
     def _apply(conn: sqlite3.Connection, deltas: A.Deltas) -> None:

@@ -137,6 +137,18 @@ def test_a_message_counts_once_in_its_current_state_whatever_its_versions(
             d.change(current[umid], c)  # a redelivery of the same version
     expected = A.totals(current.values())
     assert (d.messages, d.latency, d.errors) == (expected.messages, expected.latency, expected.errors)
+    # the stores' batch form: Changes counts the aggregated parts and expands them once
+    changes, now = A.Changes(), {}
+    for umid, versions in histories.items():
+        for c in versions:
+            changes.record(umid, now.get(umid), c)
+            now[umid] = c
+    got = changes.deltas()
+    assert (got.messages, got.latency, got.errors) == (expected.messages, expected.latency, expected.errors)
+    sends = {
+        (c.sub_account_id, c.user, c.whatsapp_at) for c in now.values() if c and c.user and c.whatsapp_at
+    }
+    assert {o[1:] for o in changes.outbound} >= sends
 
 
 @given(contributions, contributions)
