@@ -320,6 +320,19 @@ STEP_FACT_COLUMNS: tuple[str, ...] = (
 )
 
 
+def contribution_from_tuples(message: Sequence[Any], steps: list[Sequence[Any]]) -> Contribution | None:
+    """`contribution_from_rows` of rows as tuples in `MESSAGE_FACT_COLUMNS` / `STEP_FACT_COLUMNS` order."""
+    steps.sort(key=_step_number)
+    return _contribution(
+        message[1], message[2], message[3], message[4], message[5], message[6], message[7] or message[8],
+        message[9], [(r[2], r[3], r[4], r[5], r[6]) for r in steps],
+    )  # fmt: skip
+
+
+def _step_number(r: Sequence[Any]) -> Any:
+    return r[1]
+
+
 def contribution_from_rows(
     message: Mapping[str, Any], steps: Iterable[Mapping[str, Any]]
 ) -> Contribution | None:
@@ -416,9 +429,9 @@ class Deltas:
 class Changes:
     """What one write batch changes: the aggregate counts (`counts`: the aggregated part of each
     contribution, `Contribution[:10]`, with how many messages gained (+) or lost (-) it; `deltas()`
-    expands them), and the WhatsApp sends that appeared, moved or went (`gone`: their umids, to delete;
-    `outbound`: (umid, sub, user, time) rows to insert; `rewindow`: the (sub, user, time) whose inbound
-    windows must be checked again)."""
+    expands them), and the WhatsApp sends that appeared, moved or went (`gone`: the umids whose stored
+    send is replaced, to delete; `outbound`: (umid, sub, user, time) rows to insert; `rewindow`: the
+    (sub, user, time) whose inbound windows must be checked again)."""
 
     counts: dict[tuple[Any, ...], int] = field(default_factory=dict)
     gone: list[str] = field(default_factory=list)
@@ -447,8 +460,8 @@ class Changes:
             else None
         )
         if a != b:  # a WhatsApp send appeared, moved or went (`window_change`)
-            self.gone.append(umid)
             if a is not None:
+                self.gone.append(umid)
                 self.rewindow.append(a)
             if b is not None:
                 self.rewindow.append(b)

@@ -387,12 +387,12 @@ def _old_contributions(
 ) -> dict[str, A.Contribution]:
     """Contributions of stored messages from their rows (tuples in `MESSAGE_FACT_COLUMNS` and
     `STEP_FACT_COLUMNS` order)."""
-    by_umid: dict[str, list[dict[str, Any]]] = {}
+    by_umid: dict[str, list[tuple[Any, ...]]] = {}
     for r in steps:
-        by_umid.setdefault(r[0], []).append(dict(zip(A.STEP_FACT_COLUMNS, r, strict=True)))
+        by_umid.setdefault(r[0], []).append(r)
     out = {}
     for m in messages:
-        c = A.contribution_from_rows(dict(zip(A.MESSAGE_FACT_COLUMNS, m, strict=True)), by_umid.get(m[0], []))
+        c = A.contribution_from_tuples(m, by_umid.get(m[0], []))
         if c is not None:
             out[m[0]] = c
     return out
@@ -686,16 +686,24 @@ class PostgresStore:
         self._flush(conn, changes)
 
     def _flush(self, conn: psycopg.Connection[Any], changes: A.Changes) -> None:
-        """Write what a batch changes in the analytics tables (`sinks.aggregates.Changes`)."""
+        """Write what a batch changes in the analytics tables (`sinks.aggregates.Changes`); the upserts
+        and the window lookup go in one pipeline (one round trip)."""
         if changes.gone:
             conn.execute(_DELETE_WA_OUTBOUND, (changes.gone,))
         if changes.outbound:
             self._copy_rows(
                 conn, "analytics_wa_outbound", "analytics_wa_outbound", _WA_OUTBOUND_COLUMNS, changes.outbound
             )
-        self._apply(conn, changes.deltas())
-        if changes.rewindow:
-            self._rewindow(conn, changes.rewindow)
+        deltas = changes.deltas()
+        with conn.pipeline():
+            self._apply(conn, deltas)
+            around = (
+                conn.execute(_WA_INBOUND_AROUND, _columns_of(changes.rewindow, 3))
+                if changes.rewindow
+                else None
+            )
+        if around is not None:
+            self._rewindow(conn, around.fetchall())
 
     def _apply(self, conn: psycopg.Connection[Any], deltas: A.Deltas) -> None:
         self._upsert(conn, "messages", A.message_rows(deltas))
@@ -719,10 +727,9 @@ class PostgresStore:
         with conn.cursor(row_factory=tuple_row) as cur:
             return [r[0] for r in cur.execute(_WA_ANSWERED, _columns_of(keys, 3)).fetchall()]
 
-    def _rewindow(self, conn: psycopg.Connection[Any], keys: Sequence[tuple[str, str, datetime]]) -> None:
-        """Recompute `answered` of the WhatsApp inbound messages whose window holds one of `keys`'
-        times (an outbound WhatsApp message appeared, moved or went), and move the window counts."""
-        found = conn.execute(_WA_INBOUND_AROUND, _columns_of(keys, 3)).fetchall()
+    def _rewindow(self, conn: psycopg.Connection[Any], found: Sequence[R.Row]) -> None:
+        """Recompute `answered` of the WhatsApp inbound messages `found` (`_WA_INBOUND_AROUND`: whose
+        window holds a WhatsApp send that appeared, moved or went), and move the window counts."""
         if not found:
             return
         now = self._answered(conn, [(r["sub_account_id"], r["wa_user"], r["ts"]) for r in found])

@@ -265,6 +265,8 @@ def test_what_a_state_adds_is_what_its_stored_rows_take_away(
     message, step_rows = state_rows(state, pii)
     new = A.contribution(state, message["msisdn"] or message["msisdn_masked"], message["msisdn_hash"])
     assert new == A.contribution_from_rows(message, list(reversed(step_rows)))
+    as_tuples = [tuple(r[c] for c in A.STEP_FACT_COLUMNS) for r in reversed(step_rows)]
+    assert new == A.contribution_from_tuples(tuple(message[c] for c in A.MESSAGE_FACT_COLUMNS), as_tuples)
     assert new is not None and new.country == A.country_of(country, msisdn)
 
 
