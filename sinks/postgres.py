@@ -340,6 +340,7 @@ _WA_INBOUND_AROUND = (
     " JOIN analytics_wa_inbound i ON i.sub_account_id = q.sub AND i.wa_user = q.usr"
     " AND i.ts > q.at - interval '24 hours' AND i.ts <= q.at"
 )
+_WA_INBOUND_ANY = "SELECT EXISTS (SELECT 1 FROM analytics_wa_inbound WHERE sub_account_id = ANY(%s)) AS found"
 # whether each (sub, user, ts) has an outbound WhatsApp message at ts <= t < ts + 24 h
 _WA_ANSWERED = (
     "SELECT EXISTS (SELECT 1 FROM analytics_wa_outbound f WHERE f.sub_account_id = q.sub"
@@ -695,13 +696,14 @@ class PostgresStore:
                 conn, "analytics_wa_outbound", "analytics_wa_outbound", _WA_OUTBOUND_COLUMNS, changes.outbound
             )
         deltas = changes.deltas()
+        rewindow = changes.rewindow
+        if rewindow:  # only subaccounts that ever got a WhatsApp inbound message have windows to check
+            subs = sorted({k[0] for k in rewindow})
+            if not conn.execute(_WA_INBOUND_ANY, (subs,)).fetchone()["found"]:
+                rewindow = []
         with conn.pipeline():
             self._apply(conn, deltas)
-            around = (
-                conn.execute(_WA_INBOUND_AROUND, _columns_of(changes.rewindow, 3))
-                if changes.rewindow
-                else None
-            )
+            around = conn.execute(_WA_INBOUND_AROUND, _columns_of(rewindow, 3)) if rewindow else None
         if around is not None:
             self._rewindow(conn, around.fetchall())
 
