@@ -37,6 +37,12 @@ with the default (on) and with the opt-in `PostgresStore(..., synchronous_commit
 Then SQLite (a temp file, WAL, synchronous=NORMAL): chatpipe's executemany path, row-at-a-time with a
 commit per message, and a raw executemany INSERT into keyless empty tables. SQLite is report-only.
 The workload objects are frozen out of the garbage collector (`gc.freeze`) before any timing.
+
+Analytics (`--aggregates`, or `--only-aggregates` for this comparison alone): chatpipe's path with the
+analytics aggregates maintained (the default) and without (`aggregates=False`), each on a fresh database,
+alternated for `--aggregate-rounds` rounds, PostgreSQL and SQLite; the cost is the drop in records/s
+(goal: at most 15%), printed per wall-clock second (best round) and per CPU second of the sink and its
+PostgreSQL backend (median round: less disturbed by other processes on a shared machine).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ import gc
 import os
 import random
 import sqlite3
+import statistics
 import sys
 import tempfile
 import time
@@ -465,6 +472,69 @@ def bench_sqlite(batches: list[list[MessageState]], naive: list[list[MessageStat
         print(f"  ratio raw insert / chatpipe               : {raw / fast:6.2f}x")
 
 
+def _backend_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a local PostgreSQL backend has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_aggregates(batches: list[list[MessageState]], n: int, rounds: int, skip_sqlite: bool) -> None:
+    """chatpipe's write path with and without analytics maintenance, side by side (module docstring).
+    Two figures each: records per wall-clock second (best of the rounds), and records per CPU second
+    (the sink process plus, for PostgreSQL, its server backend; median of the rounds), which a busy
+    shared machine disturbs less."""
+
+    def compare(name: str, run: Callable[[bool], tuple[float, float]]) -> None:
+        wall: dict[bool, list[float]] = {True: [], False: []}
+        cpu: dict[bool, list[float]] = {True: [], False: []}
+        for r in range(rounds):
+            for with_aggregates in (False, True) if r % 2 == 0 else (True, False):
+                seconds, cpu_seconds = run(with_aggregates)
+                wall[with_aggregates].append(n / seconds)
+                cpu[with_aggregates].append(n / cpu_seconds)
+        for label, figures, pick in (("wall", wall, max), ("CPU", cpu, statistics.median)):
+            without, with_ = pick(figures[False]), pick(figures[True])
+            cost = 1 - with_ / without
+            verdict = "met" if cost <= 0.15 else "NOT met"
+            how = f"best of {rounds}" if pick is max else f"median of {rounds}"
+            print(
+                f"  {name} {label:<4}: without aggregates {without:>9,.0f} records/s, with {with_:>9,.0f}"
+                f" records/s ({how}): cost {cost:6.1%} (goal <= 15%): {verdict}"
+            )
+
+    with PostgresServer() as server:
+        print(f"Analytics maintenance, PostgreSQL (fsync=off), {n:,} records, batch={len(batches[0]):,}")
+
+        def pg(with_aggregates: bool) -> tuple[float, float]:
+            store = PostgresStore(fresh_database(server, "agg"), PII, aggregates=with_aggregates)
+            store.migrate()
+            backend = store._connection().info.backend_pid
+            cpu0, server0 = time.process_time(), _backend_cpu(backend)
+            seconds = timed(lambda: _write_all(store, batches))
+            cpu_seconds = time.process_time() - cpu0 + _backend_cpu(backend) - server0
+            store.close()
+            return seconds, cpu_seconds
+
+        compare("PostgreSQL", pg)
+    if skip_sqlite:
+        return
+    print(f"Analytics maintenance, SQLite {sqlite3.sqlite_version} (file, WAL, synchronous=NORMAL)")
+    with tempfile.TemporaryDirectory(prefix="chatpipe-bench-") as tmp:
+        runs = iter(range(1_000))
+
+        def lite(with_aggregates: bool) -> tuple[float, float]:
+            store = SqliteStore(os.path.join(tmp, f"agg{next(runs)}.db"), PII, aggregates=with_aggregates)
+            store.migrate()
+            cpu0 = time.process_time()
+            seconds = timed(lambda: [store.write_states(b) for b in batches])
+            cpu_seconds = time.process_time() - cpu0
+            store.close()
+            return seconds, cpu_seconds
+
+        compare("SQLite", lite)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=500_000, help="MessageState records in the stream")
@@ -473,6 +543,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--naive-rows", type=int, default=20_000, help="records for the row-at-a-time runs")
     p.add_argument("--durable-rows", type=int, default=100_000, help="records for synchronous_commit")
     p.add_argument("--skip-sqlite", action="store_true")
+    p.add_argument("--aggregates", action="store_true", help="also compare with/without analytics")
+    p.add_argument("--only-aggregates", action="store_true", help="only the with/without analytics runs")
+    p.add_argument("--aggregate-rounds", type=int, default=2)
     args = p.parse_args(argv)
 
     t = time.perf_counter()
@@ -490,6 +563,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     gc.collect()
     gc.freeze()
+    if args.only_aggregates:
+        bench_aggregates(batches, n, args.aggregate_rounds, args.skip_sqlite)
+        return
     table_rows = table_rows_written(batches)
     print(f"an exact sink writes {table_rows:,} table rows for them ({table_rows / n:.2f} per record)")
     bench_postgres(batches, naive, n, table_rows)
@@ -497,6 +573,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         bench_synchronous_commit(batches, args.durable_rows)
     if not args.skip_sqlite:
         bench_sqlite(batches, naive, n)
+    if args.aggregates:
+        bench_aggregates(batches, n, args.aggregate_rounds, args.skip_sqlite)
 
 
 if __name__ == "__main__":

@@ -321,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_schemas)
 
     from chatpipe.configref import add_config_parser
+    from chatpipe.export import add_export_parser
     from chatpipe.replay import add_replay_parser
     from chatpipe.simulate import add_simulate_parser
     from chatpipe.verify import add_verify_parser
@@ -329,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_verify_parser(sub)
     add_replay_parser(sub)
     add_config_parser(sub)
+    add_export_parser(sub)
     return parser
 
 

@@ -13,6 +13,8 @@
   itself (`sinks.rows.conversation_record`): last inbound time, WhatsApp service window (`windowOpen`
   evaluated now), counts by type, the last call-permission answer (`granted` evaluated now), version.
   `user` as above (channelUserId or E.164 number, both hash-matched); unknown: 404.
+- `GET /api/v1/subaccounts/{subAccountId}/analytics/{funnel|fallback|latency|errors|inbound|window}`:
+  the subaccount's aggregates (`sinks.api_analytics`, docs/analytics.md).
 
 Errors use 8x8's body `{code, message, errorId, timestamp}`: 400 with 1001 (illegal subAccountId), 1008
 (malformed umid or channelId) or 1000 (any other invalid parameter); 404 with 1300.
@@ -39,6 +41,7 @@ from schemas.errors import TransientError
 from schemas.timefmt import format_iso8601
 from sinks.auth import ApiKeys, Verdict, authorize, parse_api_keys, parse_api_keys_spec
 from sinks.rows import complete_details, parse_channel_ids, parse_inbound_cursor
+from sinks.dashboard import add_dashboard
 from sinks.store import DEFAULT_LIMIT, MAX_LIMIT, Store, open_store
 
 #: path ids, checked with the formats ingest applies (`schemas.ids`): what ingest stores, the API serves
@@ -317,6 +320,10 @@ def create_app(
     app.router.add_get(prefix + "/messages", list_messages)
     app.router.add_get(prefix + "/conversations/{channelId}", conversation)
     app.router.add_get(prefix + "/conversations/{channelId}/messages", conversation_messages)
+    from sinks.api_analytics import add_routes as add_analytics_routes
+
+    add_analytics_routes(app, prefix)  # .../analytics/{view}: docs/analytics.md
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_view)
+    add_dashboard(app)
     return app

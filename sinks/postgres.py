@@ -36,6 +36,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, TypeVar
 
 import psycopg
@@ -45,6 +46,8 @@ from psycopg.types.json import Jsonb
 from processors.join import descends, join
 from schemas.errors import TransientError
 from schemas.models import Conversation, InboundMessage, MessageState
+from sinks import aggregates as A
+from sinks import analytics_sql as Q
 from sinks import rows as R
 from sinks.rows import PiiPolicy
 from sinks.store import (
@@ -316,6 +319,8 @@ _CHANNEL_IDS = (
     " (SELECT max(channel_id) FROM inbound_messages i WHERE i.sub_account_id = %(sub)s"
     " AND i.channel = c.channel AND channel_id IS NOT NULL) AS high"
     " FROM unnest(%(channels)s::text[]) AS c(channel)"
+    (*Q.MIGRATION, Q.POSTGRES_DDL),
+    (*Q.BACKFILL, ()),  # PostgresStore.migrate runs _backfill when it applies it
 )
 
 # Staging tables: same columns as their targets, no constraints, emptied at every commit.
@@ -373,8 +378,55 @@ _DELETE_REPLACED_STEPS = "DELETE FROM message_steps WHERE umid = ANY(%b)"
 _STORED_EVENTS = "SELECT umid, step, state, coalesce(detail, ''), ts FROM status_events WHERE umid = ANY(%b)"
 _INSERT_INBOUND = (
     f"INSERT INTO inbound_messages ({_INBOUND_COLS}) SELECT {_INBOUND_COLS} FROM stage_inbound"
-    " ON CONFLICT (umid) DO NOTHING"
+    " ON CONFLICT (umid) DO NOTHING RETURNING umid"
 )
+# analytics (sinks.aggregates): facts read back, aggregate `+=` upserts, WhatsApp window matching
+_OLD_MESSAGE_COLS = ", ".join(A.MESSAGE_FACT_COLUMNS)
+_OLD_STEP_COLS = ", ".join(A.STEP_FACT_COLUMNS)
+# the fast path's deletes, returning what the old contributions are computed from
+_DELETE_REPLACED_RETURNING = (
+    _DELETE_REPLACED + " RETURNING " + ", ".join("m." + c for c in A.MESSAGE_FACT_COLUMNS)
+)
+_DELETE_REPLACED_STEPS_RETURNING = _DELETE_REPLACED_STEPS + f" RETURNING {_OLD_STEP_COLS}"
+_OLD_MESSAGES = f"SELECT {_OLD_MESSAGE_COLS} FROM messages WHERE umid = ANY(%b)"
+_OLD_STEPS = f"SELECT {_OLD_STEP_COLS} FROM message_steps WHERE umid = ANY(%b)"
+_DELETE_WA_OUTBOUND = "DELETE FROM analytics_wa_outbound WHERE umid = ANY(%b)"
+_WA_OUTBOUND_COLUMNS = ("umid", "sub_account_id", "wa_user", "wa_at")
+_AGG_UPSERTS = Q.pg_unnest_upserts()
+# inbound WhatsApp messages whose window holds one of the (sub, user, t): t - 24 h < ts <= t
+_WA_INBOUND_AROUND = (
+    "SELECT DISTINCT i.umid, i.sub_account_id, i.wa_user, i.ts, i.hour, i.country, i.answered"
+    " FROM unnest(%b::text[], %b::text[], %b::timestamptz[]) AS q(sub, usr, at)"
+    " JOIN analytics_wa_inbound i ON i.sub_account_id = q.sub AND i.wa_user = q.usr"
+    " AND i.ts > q.at - interval '24 hours' AND i.ts <= q.at"
+)
+_WA_INBOUND_ANY = "SELECT EXISTS (SELECT 1 FROM analytics_wa_inbound WHERE sub_account_id = ANY(%s)) AS found"
+# whether each (sub, user, ts) has an outbound WhatsApp message at ts <= t < ts + 24 h
+_WA_ANSWERED = (
+    "SELECT EXISTS (SELECT 1 FROM analytics_wa_outbound f WHERE f.sub_account_id = q.sub"
+    " AND f.wa_user = q.usr AND f.wa_at >= q.ts AND f.wa_at < q.ts + interval '24 hours')::int"
+    " FROM unnest(%b::text[], %b::text[], %b::timestamptz[]) WITH ORDINALITY AS q(sub, usr, ts, n)"
+    " ORDER BY q.n"
+)
+_SET_ANSWERED = (
+    "UPDATE analytics_wa_inbound i SET answered = q.answered"
+    " FROM unnest(%b::text[], %b::bigint[]) AS q(umid, answered) WHERE i.umid = q.umid"
+)
+_INSERT_WA_INBOUND = (
+    "INSERT INTO analytics_wa_inbound (umid, sub_account_id, wa_user, ts, hour, country, answered)"
+    " SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::timestamptz[],"
+    " %b::text[], %b::bigint[]) ON CONFLICT (umid) DO NOTHING"
+)
+_ANALYTICS_DAY = "date_trunc('day', hour, 'UTC')"
+_NUMBER = R.MESSAGE_COLUMNS.index("msisdn")
+_MASKED = R.MESSAGE_COLUMNS.index("msisdn_masked")
+_HASH = R.MESSAGE_COLUMNS.index("msisdn_hash")
+
+
+def _columns_of(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Row tuples as one list per column (the arrays of an unnest() statement)."""
+    return [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
+
 
 _UPSERT_CONVERSATIONS = (
     f"INSERT INTO conversations AS t ({_CONVERSATION_COLS})"
@@ -391,6 +443,22 @@ _GET_CONVERSATION = (
 )
 
 
+def _old_contributions(
+    messages: Sequence[tuple[Any, ...]], steps: Sequence[tuple[Any, ...]]
+) -> dict[str, A.Contribution]:
+    """Contributions of stored messages from their rows (tuples in `MESSAGE_FACT_COLUMNS` and
+    `STEP_FACT_COLUMNS` order)."""
+    by_umid: dict[str, list[tuple[Any, ...]]] = {}
+    for r in steps:
+        by_umid.setdefault(r[0], []).append(r)
+    out = {}
+    for m in messages:
+        c = A.contribution_from_tuples(m, by_umid.get(m[0], []))
+        if c is not None:
+            out[m[0]] = c
+    return out
+
+
 class _Raced(Exception):
     """A concurrent writer changed a row between the version read and the write: use the merge path."""
 
@@ -398,9 +466,12 @@ class _Raced(Exception):
 class PostgresStore:
     """See `sinks.store.Store` for the contract."""
 
-    def __init__(self, url: str, pii: PiiPolicy, *, synchronous_commit: bool = True) -> None:
+    def __init__(
+        self, url: str, pii: PiiPolicy, *, synchronous_commit: bool = True, aggregates: bool = True
+    ) -> None:
         self.url = url
         self.pii = pii
+        self.aggregates = aggregates  # False: analytics tables not maintained (benchmarks only)
         self.synchronous_commit = synchronous_commit
         self.merge_fallbacks = 0  # batches written by the merge path after a race (for tests/metrics)
         self._lock = threading.RLock()
@@ -473,7 +544,16 @@ class PostgresStore:
                     "SELECT attrelid::regclass::text AS table, attname AS column,"
                     " format_type(atttypid, atttypmod) AS type FROM pg_attribute"
                     " WHERE attrelid = ANY(%s::regclass[]) AND attnum > 0 AND NOT attisdropped",
-                    (["messages", "message_steps", "status_events", "inbound_messages", "conversations"],),
+                    (
+                        [
+                            "messages",
+                            "message_steps",
+                            "status_events",
+                            "inbound_messages",
+                            "conversations",
+                            "analytics_wa_outbound",
+                        ],
+                    ),
                 )
             }
 
@@ -482,12 +562,12 @@ class PostgresStore:
     ) -> None:
         """Binary COPY of `rows` (tuples in `columns` order) into `stage` (a staging table, or the target
         itself); the column types are those of `table` (binary COPY needs them, ~3x cheaper than text)."""
+        if (table, columns[0]) not in self._types:  # a table created since the types were read
+            self._load_types(conn, refresh=True)  # (not inside the COPY: it holds the connection)
         with (
             conn.cursor() as cur,
             cur.copy(f"COPY {stage} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)") as copy,
         ):
-            if (table, columns[0]) not in self._types:  # a table created since the types were read
-                self._load_types(conn, refresh=True)
             copy.set_types([self._types[(table, c)] for c in columns])
             for row in rows:
                 copy.write_row(row)
@@ -508,6 +588,8 @@ class PostgresStore:
                     continue
                 for sql in statements:
                     conn.execute(sql)
+                if version == Q.BACKFILL[0]:
+                    self._backfill(conn)
                 conn.execute(
                     f"INSERT INTO {MIGRATIONS_TABLE} (version, name) VALUES (%s, %s)", (version, name)
                 )
@@ -567,20 +649,34 @@ class PostgresStore:
                 return 0
             replaced = [s for s in advancing if s.umid in held]
             stored: set[tuple[Any, ...]] = set()
+            old: dict[str, A.Contribution] = {}
             if replaced:
                 umids = [s.umid for s in replaced]
-                deleted = cur.execute(_DELETE_REPLACED, (umids, [s.version for s in replaced])).rowcount
+                versions = [s.version for s in replaced]
+                if self.aggregates:  # the deletes return what the old contributions are made of
+                    found = cur.execute(_DELETE_REPLACED_RETURNING, (umids, versions)).fetchall()
+                    deleted = len(found)
+                    old_steps = cur.execute(_DELETE_REPLACED_STEPS_RETURNING, (umids,)).fetchall()
+                    old = _old_contributions(found, old_steps)
+                else:
+                    deleted = cur.execute(_DELETE_REPLACED, (umids, versions)).rowcount
+                    cur.execute(_DELETE_REPLACED_STEPS, (umids,))
                 if deleted != len(replaced):
                     raise _Raced(f"{len(replaced) - deleted} message rows changed meanwhile")
-                cur.execute(_DELETE_REPLACED_STEPS, (umids,))
                 stored = set(cur.execute(_STORED_EVENTS, (umids,)).fetchall())
+        changes = A.Changes()
+        aggregates = self.aggregates
 
         # Each table's rows are built lazily inside its own COPY: the server ingests (parses, checks
         # keys, updates indexes) the rows already sent while the next ones are built, so the client's
         # work and the server's overlap instead of adding up.
         def message_rows() -> Iterator[tuple[Any, ...]]:
             for s in advancing:
-                yield R.message_values(s, pii, merged.msisdn.get(s.umid))
+                values = R.message_values(s, pii, merged.msisdn.get(s.umid))
+                if aggregates:  # here, while the server ingests the rows already sent
+                    new = A.contribution(s, values[_NUMBER] or values[_MASKED], values[_HASH])
+                    changes.record(s.umid, old.get(s.umid), new)
+                yield values
 
         def step_rows() -> Iterator[tuple[Any, ...]]:
             for s in advancing:
@@ -596,13 +692,21 @@ class PostgresStore:
         self._copy_rows(conn, "messages", "messages", R.MESSAGE_COLUMNS, message_rows())
         self._copy_rows(conn, "message_steps", "message_steps", R.STEP_COLUMNS, step_rows())
         self._copy_rows(conn, "status_events", "status_events", R.EVENT_COLUMNS, event_rows())
+        if self.aggregates:
+            self._flush(conn, changes)
         return len(advancing)
 
     def _merge_states(self, conn: psycopg.Connection[Any], states: Sequence[MessageState]) -> int:
         """The conflict-proof path: staging tables + guarded upsert (module docstring)."""
         self._stage(conn)
         pii = self.pii
-        _held, merged = self._resolve(conn, states)
+        held, merged = self._resolve(conn, states)
+        old: dict[str, A.Contribution] = {}
+        if self.aggregates and held:
+            umids = list(held)
+            with conn.cursor(row_factory=tuple_row) as cur:
+                found = cur.execute(_OLD_MESSAGES + " FOR UPDATE", (umids,)).fetchall()
+                old = _old_contributions(found, cur.execute(_OLD_STEPS, (umids,)).fetchall())
         message_rows, step_rows, event_rows = [], [], []
         for s in merged.states:
             message_rows.append(R.message_values(s, pii, merged.msisdn.get(s.umid)))
@@ -618,7 +722,141 @@ class PostgresStore:
             conn.execute(_DELETE_STEPS)
             conn.execute(_INSERT_STEPS)
             conn.execute(_INSERT_EVENTS)
+            if self.aggregates:
+                umids = {r["umid"] for r in conn.execute("SELECT umid FROM stage_advanced")}
+                pairs = [(s, v) for s, v in zip(merged.states, message_rows, strict=True) if s.umid in umids]
+                self._maintain(conn, [s for s, _ in pairs], [v for _, v in pairs], old)
         return advanced
+
+    # --- analytics (sinks.aggregates) --------------------------------------------------------
+
+    def _maintain(
+        self,
+        conn: psycopg.Connection[Any],
+        advancing: Sequence[MessageState],
+        rows: Sequence[tuple[Any, ...]],
+        old: dict[str, A.Contribution],
+    ) -> None:
+        """Add `new - old` contribution of every advancing message (`rows`: their `messages` rows) to the
+        analytics tables, in the write's transaction."""
+        changes = A.Changes()
+        for s, row in zip(advancing, rows, strict=True):
+            changes.record(
+                s.umid, old.get(s.umid), A.contribution(s, row[_NUMBER] or row[_MASKED], row[_HASH])
+            )
+        self._flush(conn, changes)
+
+    def _flush(self, conn: psycopg.Connection[Any], changes: A.Changes) -> None:
+        """Write what a batch changes in the analytics tables (`sinks.aggregates.Changes`); the upserts
+        and the window lookup go in one pipeline (one round trip)."""
+        if changes.gone:
+            conn.execute(_DELETE_WA_OUTBOUND, (changes.gone,))
+        if changes.outbound:
+            self._copy_rows(
+                conn, "analytics_wa_outbound", "analytics_wa_outbound", _WA_OUTBOUND_COLUMNS, changes.outbound
+            )
+        deltas = changes.deltas()
+        rewindow = changes.rewindow
+        if rewindow:  # only subaccounts that ever got a WhatsApp inbound message have windows to check
+            subs = sorted({k[0] for k in rewindow})
+            if not conn.execute(_WA_INBOUND_ANY, (subs,)).fetchone()["found"]:
+                rewindow = []
+        with conn.pipeline():
+            self._apply(conn, deltas)
+            around = conn.execute(_WA_INBOUND_AROUND, _columns_of(rewindow, 3)) if rewindow else None
+        if around is not None:
+            self._rewindow(conn, around.fetchall())
+
+    def _apply(self, conn: psycopg.Connection[Any], deltas: A.Deltas) -> None:
+        self._upsert(conn, "messages", A.message_rows(deltas))
+        self._upsert(conn, "latency", A.latency_rows(deltas))
+        self._upsert(conn, "errors", A.error_rows(deltas))
+
+    @staticmethod
+    def _upsert(conn: psycopg.Connection[Any], table: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Add `rows` (`sinks.analytics_sql` upsert rows) to the hourly table and its daily table."""
+        if rows:
+            conn.execute(_AGG_UPSERTS[table], _columns_of(rows, len(rows[0])))
+            daily = Q.daily_rows(table, rows)
+            if daily:
+                conn.execute(_AGG_UPSERTS[table + "_daily"], _columns_of(daily, len(rows[0])))
+
+    @staticmethod
+    def _answered(conn: psycopg.Connection[Any], keys: Sequence[tuple[str, str, datetime]]) -> list[int]:
+        """For each (sub, user, ts): 1 when an outbound WhatsApp message answers it in its window."""
+        if not keys:
+            return []
+        with conn.cursor(row_factory=tuple_row) as cur:
+            return [r[0] for r in cur.execute(_WA_ANSWERED, _columns_of(keys, 3)).fetchall()]
+
+    def _rewindow(self, conn: psycopg.Connection[Any], found: Sequence[R.Row]) -> None:
+        """Recompute `answered` of the WhatsApp inbound messages `found` (`_WA_INBOUND_AROUND`: whose
+        window holds a WhatsApp send that appeared, moved or went), and move the window counts."""
+        if not found:
+            return
+        now = self._answered(conn, [(r["sub_account_id"], r["wa_user"], r["ts"]) for r in found])
+        window: dict[tuple[str, datetime, str], list[int]] = {}
+        changed: list[tuple[str, int]] = []
+        for r, answered in zip(found, now, strict=True):
+            if answered != r["answered"]:
+                changed.append((r["umid"], answered))
+                key = (r["sub_account_id"], r["hour"], r["country"])
+                window.setdefault(key, [0, 0])[1] += answered - r["answered"]
+        if changed:
+            conn.execute(_SET_ANSWERED, _columns_of(changed, 2))
+            self._upsert(conn, "window", [(*k, *v) for k, v in sorted(window.items())])
+
+    def _count_inbound(self, conn: psycopg.Connection[Any], rows: Sequence[R.Row]) -> None:
+        """Count newly stored inbound messages (their rows) by type; WhatsApp ones in the window table."""
+        counts: dict[tuple[Any, ...], int] = {}
+        wa: list[tuple[R.Row, tuple[Any, ...]]] = []
+        for r in rows:
+            key = A.inbound_key(r)
+            counts[key] = counts.get(key, 0) + 1
+            if key[2] == A.WHATSAPP and r["msisdn_hash"] is not None:
+                wa.append((r, key))
+        self._upsert(conn, "inbound", [(*k, n) for k, n in sorted(counts.items())])
+        if not wa:
+            return
+        answered = self._answered(conn, [(key[0], r["msisdn_hash"], r["ts"]) for r, key in wa])
+        window: dict[tuple[str, datetime, str], list[int]] = {}
+        facts = []
+        for (r, key), a in zip(wa, answered, strict=True):
+            facts.append((r["umid"], key[0], r["msisdn_hash"], r["ts"], key[1], key[3], a))
+            w = window.setdefault((key[0], key[1], key[3]), [0, 0])
+            w[0] += 1
+            w[1] += a
+        conn.execute(_INSERT_WA_INBOUND, _columns_of(facts, 7))
+        self._upsert(conn, "window", [(*k, *v) for k, v in sorted(window.items())])
+
+    def _backfill(self, conn: psycopg.Connection[Any]) -> None:
+        """Migration 9: the aggregates of every message and inbound message stored before migration 8."""
+        deltas = A.Deltas()
+        outbound: list[tuple[Any, ...]] = []
+        with conn.cursor("analytics_backfill", row_factory=tuple_row) as messages:
+            messages.execute(f"SELECT {_OLD_MESSAGE_COLS} FROM messages ORDER BY umid")
+            while chunk := messages.fetchmany(5000):
+                with conn.cursor(row_factory=tuple_row) as cur:
+                    steps = cur.execute(_OLD_STEPS, ([r[0] for r in chunk],)).fetchall()
+                for umid, c in _old_contributions(chunk, steps).items():
+                    deltas.add(c)
+                    if c.user is not None and c.whatsapp_at is not None:
+                        outbound.append((umid, c.sub_account_id, c.user, c.whatsapp_at))
+        if outbound:
+            self._copy_rows(
+                conn, "analytics_wa_outbound", "analytics_wa_outbound", _WA_OUTBOUND_COLUMNS, outbound
+            )
+        self._apply(conn, deltas)
+        with conn.cursor("analytics_backfill_inbound") as inbound:
+            inbound.execute("SELECT * FROM inbound_messages ORDER BY umid")
+            while chunk := inbound.fetchmany(5000):
+                self._count_inbound(conn, chunk)
+
+    def analytics(self, query: Q.Query) -> list[dict[str, Any]]:
+        sql, params = Q.select(query, "%s", _ANALYTICS_DAY)
+        found = self._run(lambda conn: conn.execute(sql, params).fetchall())
+        # SUM(bigint) is numeric in PostgreSQL: counts back to int
+        return [{k: int(v) if isinstance(v, Decimal) else v for k, v in r.items()} for r in found]
 
     def write_inbound(self, msgs: Sequence[InboundMessage]) -> int:
         if not msgs:
@@ -632,7 +870,10 @@ class PostgresStore:
             self._stage(conn)
             rows = (R.as_tuple(R.inbound_row(m, pii), R.INBOUND_COLUMNS) for m in first.values())
             self._copy_rows(conn, "stage_inbound", "inbound_messages", R.INBOUND_COLUMNS, rows)
-            return conn.execute(_INSERT_INBOUND).rowcount
+            inserted = [r["umid"] for r in conn.execute(_INSERT_INBOUND).fetchall()]
+            if self.aggregates:
+                self._count_inbound(conn, [R.inbound_row(first[u], pii) for u in inserted])
+            return len(inserted)
 
         return self._run(work)
 

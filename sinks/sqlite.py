@@ -22,6 +22,8 @@ from typing import Any
 from processors.join import descends, join
 from schemas.errors import TransientError
 from schemas.models import Conversation, InboundMessage, MessageState
+from sinks import aggregates as A
+from sinks import analytics_sql as Q
 from sinks import rows as R
 from sinks.rows import PiiPolicy
 from sinks.store import (
@@ -232,6 +234,8 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             "CREATE INDEX inbound_channel_ids ON inbound_messages (sub_account_id, channel, channel_id)",
         ),
     ),
+    (*Q.MIGRATION, Q.SQLITE_DDL),
+    (*Q.BACKFILL, ()),  # SqliteStore.migrate runs _backfill when it applies it
 )
 
 
@@ -276,6 +280,41 @@ _VERSIONS = f"SELECT umid, version, lineage FROM messages WHERE {_IN_JSON}"
 _LOAD_MESSAGES = f"SELECT * FROM messages WHERE {_IN_JSON}"
 _LOAD_STEPS = f"SELECT * FROM message_steps WHERE {_IN_JSON}"
 _LOAD_EVENTS = f"SELECT * FROM status_events WHERE {_IN_JSON}"
+_OLD_MESSAGES = f"SELECT {', '.join(A.MESSAGE_FACT_COLUMNS)} FROM messages WHERE {_IN_JSON}"
+_OLD_STEPS = f"SELECT {', '.join(A.STEP_FACT_COLUMNS)} FROM message_steps WHERE {_IN_JSON}"
+_AGG_UPSERTS = Q.upserts("?")
+_WA_ANSWERED = (
+    "SELECT 1 FROM analytics_wa_outbound WHERE sub_account_id = ? AND wa_user = ?"
+    " AND wa_at >= ? AND wa_at < ? LIMIT 1"
+)
+_WA_INBOUND_AROUND = (
+    "SELECT umid, ts, hour, country, answered FROM analytics_wa_inbound"
+    " WHERE sub_account_id = ? AND wa_user = ? AND ts > ? AND ts <= ?"
+)
+_INSERT_WA_OUTBOUND = (
+    "INSERT OR REPLACE INTO analytics_wa_outbound (umid, sub_account_id, wa_user, wa_at) VALUES (?, ?, ?, ?)"
+)
+_INSERT_WA_INBOUND = (
+    "INSERT INTO analytics_wa_inbound (umid, sub_account_id, wa_user, ts, hour, country, answered)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (umid) DO NOTHING"
+)
+
+
+def _when(value: Any) -> Any:
+    """A timestamp column the row factory left as text, parsed (None and datetimes pass)."""
+    return from_text(value) if isinstance(value, str) else value
+
+
+_NUMBER = R.MESSAGE_COLUMNS.index("msisdn")
+_MASKED = R.MESSAGE_COLUMNS.index("msisdn_masked")
+_HASH = R.MESSAGE_COLUMNS.index("msisdn_hash")
+
+
+def _upsert(conn: sqlite3.Connection, name: str, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Add `rows` (`sinks.analytics_sql` upsert rows) to the hourly table `name` and its daily table."""
+    if rows:
+        conn.executemany(_AGG_UPSERTS[name], map(_adapt_values, rows))
+        conn.executemany(_AGG_UPSERTS[name + "_daily"], map(_adapt_values, Q.daily_rows(name, rows)))
 
 
 _CANDIDATES = (
@@ -356,9 +395,10 @@ def _row(cursor: sqlite3.Cursor, values: tuple[Any, ...]) -> R.Row:
 class SqliteStore:
     """See `sinks.store.Store` for the contract."""
 
-    def __init__(self, path: str, pii: PiiPolicy) -> None:
+    def __init__(self, path: str, pii: PiiPolicy, *, aggregates: bool = True) -> None:
         self.path = path
         self.pii = pii
+        self.aggregates = aggregates  # False: analytics tables not maintained (benchmarks only)
         self._lock = threading.RLock()
         if path != ":memory:":
             parent = os.path.dirname(os.path.abspath(path))
@@ -406,6 +446,8 @@ class SqliteStore:
                     continue
                 for sql in statements:
                     conn.execute(sql)
+                if version == Q.BACKFILL[0]:
+                    self._backfill(conn)
                 conn.execute(
                     f"INSERT INTO {MIGRATIONS_TABLE} (version, name, applied_at) VALUES (?, ?, ?)",
                     (version, name, to_text(datetime.now(UTC))),
@@ -422,6 +464,7 @@ class SqliteStore:
             advancing = [s for s in merged.states if s.umid not in held or s.version > held[s.umid][0]]
             if not advancing:
                 return 0
+            old = self._old_contributions(conn, [s.umid for s in advancing if s.umid in held])
             messages: list[tuple[Any, ...]] = []
             steps: list[tuple[Any, ...]] = []
             events: list[tuple[Any, ...]] = []
@@ -434,7 +477,75 @@ class SqliteStore:
             conn.executemany("DELETE FROM message_steps WHERE umid = ?", replaced)
             conn.executemany(_INSERT_STEP, steps)
             conn.executemany(_INSERT_EVENT, events)
+            if self.aggregates:
+                self._maintain(conn, advancing, messages, old)
             return len(advancing)
+
+    def _old_contributions(self, conn: sqlite3.Connection, umids: list[str]) -> dict[str, A.Contribution]:
+        """The contributions of the stored messages `umids` (before their rows are replaced)."""
+        if not umids or not self.aggregates:
+            return {}
+        arg = (json.dumps(umids),)
+        steps: dict[str, list[R.Row]] = {}
+        for r in conn.execute(_OLD_STEPS, arg):
+            steps.setdefault(r["umid"], []).append(r)
+        out = {}
+        for m in conn.execute(_OLD_MESSAGES, arg):
+            c = A.contribution_from_rows(m, steps.get(m["umid"], []))
+            if c is not None:
+                out[m["umid"]] = c
+        return out
+
+    def _maintain(
+        self,
+        conn: sqlite3.Connection,
+        advancing: Sequence[MessageState],
+        rows: Sequence[tuple[Any, ...]],
+        old: dict[str, A.Contribution],
+    ) -> None:
+        """Add `new - old` contribution of every advancing message (`rows`: their `messages` rows) to the
+        analytics tables, in the write's transaction."""
+        changes = A.Changes()
+        for s, row in zip(advancing, rows, strict=True):
+            changes.record(
+                s.umid, old.get(s.umid), A.contribution(s, row[_NUMBER] or row[_MASKED], row[_HASH])
+            )
+        conn.executemany("DELETE FROM analytics_wa_outbound WHERE umid = ?", [(u,) for u in changes.gone])
+        conn.executemany(_INSERT_WA_OUTBOUND, map(_adapt_values, changes.outbound))
+        self._apply(conn, changes.deltas())
+        if changes.rewindow:
+            self._rewindow(conn, changes.rewindow)
+
+    @staticmethod
+    def _apply(conn: sqlite3.Connection, deltas: A.Deltas) -> None:
+        _upsert(conn, "messages", A.message_rows(deltas))
+        _upsert(conn, "latency", A.latency_rows(deltas))
+        _upsert(conn, "errors", A.error_rows(deltas))
+
+    @staticmethod
+    def _answered(conn: sqlite3.Connection, sub: str, user: str, ts: datetime) -> int:
+        found = conn.execute(_WA_ANSWERED, (sub, user, to_text(ts), to_text(ts + A.WINDOW))).fetchone()
+        return 1 if found else 0
+
+    def _rewindow(self, conn: sqlite3.Connection, keys: Sequence[tuple[str, str, datetime]]) -> None:
+        """Recompute `answered` of the WhatsApp inbound messages whose window holds one of `keys`'
+        times (an outbound WhatsApp message appeared, moved or went), and move the window counts."""
+        seen: set[str] = set()
+        window: dict[tuple[str, datetime, str], list[int]] = {}
+        for sub, user, at in keys:
+            rows = conn.execute(_WA_INBOUND_AROUND, (sub, user, to_text(at - A.WINDOW), to_text(at)))
+            for r in rows.fetchall():
+                if r["umid"] in seen:
+                    continue
+                seen.add(r["umid"])
+                now = self._answered(conn, sub, user, _when(r["ts"]))
+                if now != r["answered"]:
+                    conn.execute(
+                        "UPDATE analytics_wa_inbound SET answered = ? WHERE umid = ?", (now, r["umid"])
+                    )
+                    key = (sub, _when(r["hour"]), r["country"])
+                    window.setdefault(key, [0, 0])[1] += now - r["answered"]
+        _upsert(conn, "window", [(*k, *v) for k, v in sorted(window.items())])
 
     @staticmethod
     def _load_states(conn: sqlite3.Connection, umids: list[str]) -> dict[str, tuple[MessageState, R.Row]]:
@@ -456,11 +567,67 @@ class SqliteStore:
     def write_inbound(self, msgs: Sequence[InboundMessage]) -> int:
         if not msgs:
             return 0
+        rows = [R.inbound_row(m, self.pii) for m in msgs]
         with self._write() as conn:
-            cur = conn.executemany(
-                _INSERT_INBOUND, [_adapt(R.inbound_row(m, self.pii), R.INBOUND_COLUMNS) for m in msgs]
-            )
+            held: set[str] = set()
+            if self.aggregates:
+                arg = (json.dumps(list({m.umid for m in msgs})),)
+                held = {
+                    r["umid"]
+                    for r in conn.execute(f"SELECT umid FROM inbound_messages WHERE {_IN_JSON}", arg)
+                }
+            cur = conn.executemany(_INSERT_INBOUND, [_adapt(r, R.INBOUND_COLUMNS) for r in rows])
+            if self.aggregates:
+                first = {r["umid"]: r for r in reversed(rows)}  # the first row of each umid wins
+                self._count_inbound(conn, [r for u, r in first.items() if u not in held])
             return max(cur.rowcount, 0)
+
+    def _count_inbound(self, conn: sqlite3.Connection, rows: Sequence[R.Row]) -> None:
+        """Count newly stored inbound messages (their rows) by type; WhatsApp ones in the window table."""
+        counts: dict[tuple[Any, ...], int] = {}
+        window: dict[tuple[str, datetime, str], list[int]] = {}
+        facts: list[tuple[Any, ...]] = []
+        for r in rows:
+            key = A.inbound_key(r)
+            counts[key] = counts.get(key, 0) + 1
+            user = r["msisdn_hash"]
+            if key[2] == A.WHATSAPP and user is not None:
+                answered = self._answered(conn, key[0], user, r["ts"])
+                facts.append(_adapt_values((r["umid"], key[0], user, r["ts"], key[1], key[3], answered)))
+                w = window.setdefault((key[0], key[1], key[3]), [0, 0])
+                w[0] += 1
+                w[1] += answered
+        _upsert(conn, "inbound", [(*k, n) for k, n in sorted(counts.items())])
+        conn.executemany(_INSERT_WA_INBOUND, facts)
+        _upsert(conn, "window", [(*k, *v) for k, v in sorted(window.items())])
+
+    def _backfill(self, conn: sqlite3.Connection) -> None:
+        """Migration 9: the aggregates of every message and inbound message stored before migration 8."""
+        deltas = A.Deltas()
+        outbound: list[tuple[Any, ...]] = []
+        cur = conn.execute(f"SELECT {', '.join(A.MESSAGE_FACT_COLUMNS)} FROM messages ORDER BY umid")
+        while chunk := cur.fetchmany(5000):
+            old = {r["umid"]: r for r in chunk}
+            steps: dict[str, list[R.Row]] = {}
+            for r in conn.execute(_OLD_STEPS, (json.dumps(list(old)),)):
+                steps.setdefault(r["umid"], []).append(r)
+            for umid, m in old.items():
+                c = A.contribution_from_rows(m, steps.get(umid, []))
+                deltas.add(c)
+                if c is not None and c.user is not None and c.whatsapp_at is not None:
+                    outbound.append(_adapt_values((umid, c.sub_account_id, c.user, c.whatsapp_at)))
+        conn.executemany(_INSERT_WA_OUTBOUND, outbound)
+        self._apply(conn, deltas)
+        cur = conn.execute("SELECT * FROM inbound_messages ORDER BY umid")
+        while chunk := cur.fetchmany(5000):
+            self._count_inbound(conn, chunk)
+
+    def analytics(self, query: Q.Query) -> list[dict[str, Any]]:
+        sql, params = Q.select(query, "?", "substr(hour, 1, 10) || 'T00:00:00.000000Z'")
+        found = self._read(sql, [_adapt_value(p) for p in params])
+        for r in found:
+            r["bucket"] = _when(r["bucket"])
+        return found
 
     def write_conversations(self, convs: Sequence[Conversation]) -> int:
         latest = R.latest_conversations(convs)

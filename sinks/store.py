@@ -14,6 +14,9 @@ Contract shared by both dialects (`sinks.sqlite`, `sinks.postgres`):
   the stored version. Returns how many conversations were inserted or advanced. Rows are keyed by the
   keyed hash of the conversation key (PII: see `sinks.rows`).
 - Reads never see another subaccount's messages: an umid of another subaccount is "unknown".
+- Analytics (`sinks.aggregates`, docs/analytics.md): `write_states` and `write_inbound` also move the
+  aggregate tables, in the same transaction, by each message's `new - old` contribution (a store opened
+  with `aggregates=False`, for benchmarks only, leaves them alone); `analytics(query)` reads them.
 - A connection the database ended between calls (a restart, an idle timeout) is replaced and the call
   tried once more. A database that stays unreachable raises `schemas.errors.TransientError` (nothing of
   the batch is committed); the next call reconnects, so the caller pauses and retries the same batch.
@@ -35,6 +38,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from schemas.models import Conversation, InboundMessage, MessageState
+from sinks.analytics_sql import Query
 from sinks.rows import PiiPolicy
 
 MIGRATIONS_TABLE = "chatpipe_schema_migrations"
@@ -143,6 +147,9 @@ class Store(Protocol):
     def record_lookups(self, lookups: Sequence[LookupRecord]) -> None:
         """Keep each lookup's outcome, attempts and next due time in one transaction; a record older than
         the stored one (`checked_at`) changes nothing; `details` None keeps the stored details."""
+    def analytics(self, query: Query) -> list[dict[str, Any]]:
+        """The aggregate rows of one subaccount (`sinks.analytics_sql.select`): `bucket` (an aware
+        datetime, None for granularity `total`), the view's keys, the summed counters."""
 
     def close(self) -> None:
         """Release the connection; the store is unusable afterwards."""

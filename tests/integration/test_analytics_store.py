@@ -1,0 +1,302 @@
+"""Analytics aggregates against known truth, in SQLite and PostgreSQL.
+
+The simulator's traffic plan (`chatpipe.proof.traffic.generate`) is the truth: every message's events per
+step, its recipient's country, every inbound message. The receipts it would POST are parsed by ingest's
+parser and folded by the processor's pure state machine, version by version, as the state topic would
+carry them; the store's aggregates must equal what the plan says, computed here on its own (never by
+`sinks.aggregates.contribution`), also after the whole state topic is delivered again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import sqlite3
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+
+from chatpipe.proof.traffic import Message, Traffic, TrafficConfig, generate
+from chatpipe.proof.truth import expected_message
+from ingest.parse import parse_webhook
+from processors.state import apply
+from schemas.models import InboundMessage, MessageState
+from sinks import aggregates as A
+from sinks.analytics_sql import Query
+from sinks.postgres import PostgresStore
+from sinks.rows import PiiPolicy
+from sinks.store import Store, open_store
+from tests.support.postgres import PostgresServer, fresh_database
+
+pytestmark = pytest.mark.integration
+
+PII = PiiPolicy(hash_key=b"analytics-test-key")
+START = datetime(2026, 3, 1, 22, 0, tzinfo=UTC)
+SINCE, UNTIL = START - timedelta(days=1), START + timedelta(days=3)
+FAILURES = {"undelivered", "rejected", "failed", "error"}
+RANK = {"queued": 1, "accepted": 1, "sent": 2, "delivered": 3, "read": 4, **dict.fromkeys(FAILURES, 3)}
+NO_READ = {"sms", "zalonotification", "linenotification"}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    traffic: Traffic
+    versions: list[MessageState]  # every version the processor emitted, in emission order
+    inbound: list[InboundMessage]
+
+
+def build(messages: int = 600, seed: int = 11) -> Dataset:
+    traffic = generate(
+        TrafficConfig(messages=messages, seed=seed, start=START, malformed_share=0.0, inbound_share=0.3,
+                      spread=4 * 3600.0)
+    )  # fmt: skip
+    states: dict[str, MessageState] = {}
+    versions: list[MessageState] = []
+    inbound: list[InboundMessage] = []
+    for w in traffic.webhooks:
+        event = parse_webhook(w.body, w.at or START)
+        if isinstance(event, InboundMessage):
+            inbound.append(event)
+            continue
+        out = apply(states.get(event.umid), event, now=w.at or START, lineage=7)
+        if out.changed:
+            states[event.umid] = out.state
+            versions.append(out.state)
+    return Dataset(traffic, versions, inbound)
+
+
+# --- the truth, from the plan ------------------------------------------------------------------
+
+
+def _country(m: Message) -> str:
+    # a message has the recipient's number unless every step is LINE addressed by LINE id
+    on_line_only = all(s.channel in ("line", "linenotification") for s in m.steps) and m.user.line_id
+    return "unknown" if on_line_only else m.user.country
+
+
+def _final(last_channel: str, last_state: str, read: bool) -> bool:
+    if read:
+        return True
+    ok = last_state not in FAILURES
+    if last_channel in NO_READ:
+        return ok and RANK.get(last_state, 0) >= 3
+    if last_channel == "line":
+        return ok and RANK.get(last_state, 0) >= 2
+    return False
+
+
+def truth(ds: Dataset) -> dict[str, Any]:
+    funnel: Counter[tuple[Any, ...]] = Counter()
+    latency: Counter[tuple[Any, ...]] = Counter()
+    errors: Counter[tuple[Any, ...]] = Counter()
+    inbound: Counter[tuple[Any, ...]] = Counter()
+    window: Counter[tuple[Any, ...]] = Counter()
+    wa_sends: dict[tuple[str, str], list[datetime]] = {}
+    outcome = {"sent": "sent", "delivered": "delivered", "read": "read", **dict.fromkeys(FAILURES, "failed")}
+    for m in ds.traffic.messages:
+        exp = expected_message(m)
+        events = [e for s in m.steps for e in s.events]
+        hour = min(e.at for e in events).replace(minute=0, second=0, microsecond=0)
+        path = ">".join(s.channel for s in exp.steps)
+        country = _country(m)
+        key = (m.sub_account_id, hour, exp.steps[-1].channel, country, path)
+        o = outcome.get(exp.state, "pending")
+        read_at = min((e.at for e in events if e.state == "read"), default=None)
+        funnel[(*key, "messages")] += 1
+        funnel[(*key, o)] += 1
+        funnel[(*key, "final")] += _final(exp.steps[-1].channel, exp.state, read_at is not None)
+        sent = min((e.at for e in events if e.state in ("sent", "delivered", "read")), default=None)
+        delivered = min((e.at for e in events if e.state in ("delivered", "read")), default=None)
+        base = key[:4]
+        if sent and delivered:
+            latency[(*base, "deliver", A.latency_bucket((delivered - sent).total_seconds()))] += 1
+        if delivered and read_at:
+            latency[(*base, "read", A.latency_bucket((read_at - delivered).total_seconds()))] += 1
+        for s in exp.steps:
+            if s.state in FAILURES and s.error_code is not None:
+                errors[(m.sub_account_id, hour, s.channel, country, s.error_code)] += 1
+        for s in m.steps:
+            if s.channel == "whatsapp":
+                at = min(e.at for e in s.events)
+                wa_sends.setdefault((m.sub_account_id, m.user.msisdn), []).append(at)
+    for i in ds.traffic.inbound:
+        hour = i.at.replace(minute=0, second=0, microsecond=0)
+        country = A.country_of(None, i.user.msisdn)
+        kind = ("Interactive", i.type) if i.type in ("button_reply", "list_reply") else (i.type, "")
+        inbound[(i.sub_account_id, hour, i.channel, country, *kind)] += 1
+        if i.channel == "whatsapp" and i.user.msisdn:
+            sends = wa_sends.get((i.sub_account_id, i.user.msisdn), [])
+            window[(i.sub_account_id, hour, country, "inbound")] += 1
+            window[(i.sub_account_id, hour, country, "answered")] += any(
+                i.at <= t < i.at + timedelta(hours=24) for t in sends
+            )
+    return {
+        "funnel": +funnel, "latency": +latency, "errors": +errors, "inbound": +inbound, "window": +window,
+    }  # fmt: skip
+
+
+# --- the store's numbers -----------------------------------------------------------------------
+
+
+def observed(store: Store, subs: tuple[str, ...]) -> dict[str, Any]:
+    funnel: Counter[tuple[Any, ...]] = Counter()
+    latency: Counter[tuple[Any, ...]] = Counter()
+    errors: Counter[tuple[Any, ...]] = Counter()
+    inbound: Counter[tuple[Any, ...]] = Counter()
+    window: Counter[tuple[Any, ...]] = Counter()
+    by = ("channel", "country")
+    for sub in subs:
+        for r in _fine_funnel(store, sub):
+            key = (sub, r["bucket"], r["channel"], r["country"], r["path"])
+            for c in A.MESSAGE_COUNTERS:
+                funnel[(*key, c)] += r[c]
+        for metric in A.METRICS:
+            for r in store.analytics(Query("latency", sub, SINCE, UNTIL, "hour", group_by=by, metric=metric)):
+                key = (sub, r["bucket"], r["channel"], r["country"], metric, r["bucket_index"])
+                latency[key] += r["count"]
+        for r in store.analytics(Query("errors", sub, SINCE, UNTIL, "hour", group_by=by)):
+            errors[(sub, r["bucket"], r["channel"], r["country"], r["error_code"])] += r["count"]
+        for country in _countries(store, sub):
+            for r in store.analytics(Query("inbound", sub, SINCE, UNTIL, "hour", country=country)):
+                key = (sub, r["bucket"], r["channel"], country, r["type"], r["interactive_type"])
+                inbound[key] += r["count"]
+        for r in store.analytics(Query("window", sub, SINCE, UNTIL, "hour", group_by=("country",))):
+            window[(sub, r["bucket"], r["country"], "inbound")] += r["inbound"]
+            window[(sub, r["bucket"], r["country"], "answered")] += r["answered"]
+    return {
+        "funnel": +funnel, "latency": +latency, "errors": +errors, "inbound": +inbound, "window": +window,
+    }  # fmt: skip
+
+
+def _fine_funnel(store: Store, sub: str) -> Iterator[dict[str, Any]]:
+    """Funnel rows per hour x channel x country x path: the fallback view filtered by each country and
+    current channel."""
+    for country in _countries(store, sub):
+        rows = store.analytics(Query("fallback", sub, SINCE, UNTIL, "hour", country=country))
+        for r in rows:
+            yield {**r, "country": country, "channel": r["path"].rsplit(">", 1)[-1]}
+
+
+def _countries(store: Store, sub: str) -> list[str]:
+    rows = store.analytics(Query("funnel", sub, SINCE, UNTIL, "total", group_by=("country",)))
+    return sorted({r["country"] for r in rows} | set(A.CALLING_CODES.values()) | {"unknown"})
+
+
+# --- tests -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dataset() -> Dataset:
+    return build()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Store]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'chatpipe.db'}"
+    else:
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        url = fresh_database(server)
+    s = open_store(url, PII)
+    s.migrate()
+    yield s
+    s.close()
+
+
+def _write(store: Store, ds: Dataset, batch: int, rng: random.Random) -> None:
+    """Every version in emission order, in batches; the inbound messages shuffled, half of them before
+    any state and the rest between the state batches (both orders of a window's two sides)."""
+    inbound = list(ds.inbound)
+    rng.shuffle(inbound)
+    half = len(inbound) // 2
+    store.write_inbound(inbound[:half])
+    rest = inbound[half:]
+    chunks = max(1, -(-len(ds.versions) // batch))
+    step = -(-len(rest) // chunks)
+    for n, i in enumerate(range(0, len(ds.versions), batch)):
+        store.write_states(ds.versions[i : i + batch])
+        store.write_inbound(rest[n * step : (n + 1) * step])
+
+
+def test_every_aggregate_equals_the_truth_and_a_redelivery_changes_nothing(
+    store: Store, dataset: Dataset
+) -> None:
+    expected = truth(dataset)
+    assert all(expected.values()), "the dataset exercises every aggregate"
+    subs = dataset.traffic.sub_accounts
+    _write(store, dataset, 500, random.Random(2))
+    first = observed(store, subs)
+    for name in expected:
+        assert first[name] == expected[name], name
+    _days_equal_their_hours(store, subs)
+    # the whole state topic (every version) and every inbound message again, in other batches
+    _write(store, dataset, 170, random.Random(3))
+    assert observed(store, subs) == first
+
+
+def _days_equal_their_hours(store: Store, subs: tuple[str, ...]) -> None:
+    """Day and total answers (whole days from the daily tables, the edges from the hourly ones) equal
+    the sums of the hourly rows, over a range that starts and ends inside a day."""
+    since, until = START + timedelta(minutes=90), START + timedelta(days=2, hours=5)
+    views = {"funnel": "messages", "fallback": "messages", "latency": "count", "errors": "count",
+             "inbound": "count", "window": "inbound"}  # fmt: skip
+    for sub in subs:
+        for view, counter in views.items():
+            by_hour: Counter[Any] = Counter()
+            for r in store.analytics(Query(view, sub, since, until, "hour")):
+                by_hour[A.day_of(r["bucket"])] += r[counter]
+            by_day: Counter[Any] = Counter()
+            for r in store.analytics(Query(view, sub, since, until, "day")):
+                by_day[r["bucket"]] += r[counter]
+            assert +by_hour == +by_day, (sub, view)
+            total = sum(r[counter] for r in store.analytics(Query(view, sub, since, until, "total")))
+            assert total == sum(by_hour.values()), (sub, view)
+
+
+def test_the_merge_path_and_a_new_lineage_keep_the_aggregates_exact(store: Store, dataset: Dataset) -> None:
+    """PostgreSQL's conflict path (staging + upsert) and states of a new lineage (the processor's state
+    lost: merged by content) move the aggregates like the fast path."""
+    _write(store, dataset, 500, random.Random(2))
+    first = observed(store, dataset.traffic.sub_accounts)
+    latest: dict[str, MessageState] = {}
+    for s in dataset.versions:
+        latest[s.umid] = s
+    # the same final states again, but as version 1 of another lineage: merged by content
+    relined = [dataclasses.replace(s, version=1, lineage=99) for s in latest.values()]
+    if isinstance(store, PostgresStore):
+        for i in range(0, len(relined), 300):
+            store._run(lambda conn, b=relined[i : i + 300]: store._merge_states(conn, b))
+    else:
+        store.write_states(relined)
+    assert observed(store, dataset.traffic.sub_accounts) == first
+
+
+def test_rows_stored_before_the_aggregates_existed_are_counted_by_migration_9(
+    store: Store, dataset: Dataset, tmp_path: Any
+) -> None:
+    expected = truth(dataset)
+    url = store.url if isinstance(store, PostgresStore) else f"sqlite:///{store.path}"  # type: ignore[attr-defined]
+    blind = open_store(url, PII)
+    blind.aggregates = False  # type: ignore[attr-defined]
+    _write(blind, dataset, 500, random.Random(4))
+    blind.close()
+    assert observed(store, dataset.traffic.sub_accounts)["funnel"] == Counter()
+    _forget_migration(url, 9)
+    store.migrate()
+    got = observed(store, dataset.traffic.sub_accounts)
+    for name in expected:
+        assert got[name] == expected[name], name
+
+
+def _forget_migration(url: str, version: int) -> None:
+    if url.startswith("sqlite"):
+        with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
+            conn.execute("DELETE FROM chatpipe_schema_migrations WHERE version = ?", (version,))
+    else:
+        with psycopg.connect(url) as conn:
+            conn.execute("DELETE FROM chatpipe_schema_migrations WHERE version = %s", (version,))
