@@ -240,7 +240,7 @@ class DevStack:
             CHATPIPE_INGEST_PORT=str(s.ingest_port),
             CHATPIPE_API_PORT=str(s.api_port),
             CHATPIPE_WORKER_WEB_PORT=str(free_port()),
-            # dev stays open by default (docs/interface.md), saying so; tokens and keys, when set, are enforced
+            # dev stays open by default (docs/interface.md), saying so; tokens and keys are enforced when set
             CHATPIPE_INSECURE="1",
         )
         if not (s.webhook_token or s.oauth_client_id):

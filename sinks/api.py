@@ -40,8 +40,8 @@ from schemas import ids
 from schemas.errors import TransientError
 from schemas.timefmt import format_iso8601
 from sinks.auth import ApiKeys, Verdict, authorize, parse_api_keys, parse_api_keys_spec
-from sinks.rows import complete_details, parse_channel_ids, parse_inbound_cursor
 from sinks.dashboard import add_dashboard
+from sinks.rows import complete_details, parse_channel_ids, parse_inbound_cursor
 from sinks.store import DEFAULT_LIMIT, MAX_LIMIT, Store, open_store
 
 #: path ids, checked with the formats ingest applies (`schemas.ids`): what ingest stores, the API serves
