@@ -63,6 +63,7 @@
   }
   function fillForm(f) {
     $("f-sub").value = f.sub;
+    $("f-key").value = sessionStorage.getItem("chatpipe-api-key") || "";
     $("f-channel").value = f.channel;
     $("f-country").value = f.country;
     $("f-range").value = f.range;
@@ -74,6 +75,8 @@
     form.classList.toggle("is-custom", f.range === "custom");
   }
   function formFilters() {
+    const key = $("f-key").value;  // kept in this tab's sessionStorage, never in the URL
+    if (key) sessionStorage.setItem("chatpipe-api-key", key); else sessionStorage.removeItem("chatpipe-api-key");
     const country = $("f-country").value.trim();
     const f = {
       sub: $("f-sub").value.trim(),
@@ -115,7 +118,10 @@
     if (f.channel) q.set("channel", f.channel);
     if (f.country) q.set("country", f.country);
     const url = `/api/v1/subaccounts/${encodeURIComponent(f.sub)}/analytics/${view}?${q}`;
-    const r = await fetch(url, { headers: { Accept: "application/json" }, cache: "no-store" });
+    const headers = { Accept: "application/json" };
+    const key = sessionStorage.getItem("chatpipe-api-key");  // the read API's key, when it requires one
+    if (key) headers.Authorization = `Bearer ${key}`;
+    const r = await fetch(url, { headers, cache: "no-store" });
     const body = await r.json().catch(() => null);
     if (!r.ok) throw new Error(`${view}: ${r.status} ${body && body.message ? body.message : r.statusText}`);
     return body;
@@ -462,6 +468,14 @@
     clearInterval(timer);
     const every = Number(readQuery().refresh);
     if (every > 0) timer = setInterval(refresh, every * 1000);
+  }
+
+  // a key handed over in the link's fragment (#key=..., never sent to a server) moves to this tab's
+  // sessionStorage and leaves the address bar
+  const handed = new URLSearchParams(location.hash.slice(1)).get("key");
+  if (handed) {
+    sessionStorage.setItem("chatpipe-api-key", handed);
+    history.replaceState(null, "", location.pathname + location.search);
   }
 
   form.addEventListener("submit", (e) => {

@@ -34,6 +34,7 @@ FLAGS = (
 FAILURES = ("undelivered", "rejected", "failed", "error")
 MESSAGES = 400
 SCREENSHOT_ENV = "CHATPIPE_DASHBOARD_SCREENSHOT"
+API_KEY = "dashboard-test-key"  # the read API of the dev stack wants it (CHATPIPE_API_KEYS)
 
 
 @pytest.fixture(autouse=True)
@@ -179,7 +180,7 @@ def test_dashboard_shows_the_stores_numbers_and_saves_a_screenshot(
 ) -> None:
     truth = tmp_path / "truth.jsonl"
     db = tmp_path / ".chatpipe" / "chatpipe.db"
-    with running_dev(tmp_path) as (_proc, ingest, api):
+    with running_dev(tmp_path, CHATPIPE_API_KEYS=f"{API_KEY}:*") as (_proc, ingest, api):
         sent = simulate.main(
             ["--url", ingest, "--messages", str(MESSAGES), "--rate", "600", "--seed", "17",
              "--truth", str(truth), "--time-factor", "0.01", "--malformed-share", "0",
@@ -201,10 +202,14 @@ def test_dashboard_shows_the_stores_numbers_and_saves_a_screenshot(
         iso = {k: v.isoformat().replace("+00:00", "Z") for k, v in (("since", since), ("until", until))}
         params = {"sub": sub, "range": "custom", **iso, "granularity": "hour", "refresh": "0"}
         url = f"{api}/dashboard?{urlencode(params)}"
+        refused = Elements()  # the read API wants a key: without one the page says so and shows nothing
+        refused.feed(chromium(url, tmp_path / "chromium", "--dump-dom"))
+        assert refused.by_id("app")["data-state"] == "error"
+        key = f"#{urlencode({'key': API_KEY})}"  # handed over in the fragment, kept in sessionStorage
 
         want = store_figures(db, sub)
         assert want["messages"] > 20 and want["fellBack"] and want["errors"]  # a dataset worth showing
-        page = render(url, tmp_path / "chromium")
+        page = render(url + key, tmp_path / "chromium")
         got = shown_figures(page)
         want["errors"] = top_errors(want["errors"], got["errors"])  # type: ignore[arg-type]
         assert got == want
@@ -213,7 +218,8 @@ def test_dashboard_shows_the_stores_numbers_and_saves_a_screenshot(
         assert page.by_id("range-line")  # units and range are printed
 
         # the default view (the last 24 hours up to the end of this one) holds the same traffic
-        default = render(f"{api}/dashboard?{urlencode({'sub': sub, 'refresh': '0'})}", tmp_path / "chromium")
+        plain = urlencode({"sub": sub, "refresh": "0"})
+        default = render(f"{api}/dashboard?{plain}{key}", tmp_path / "chromium")
         assert default.value("kpi-messages") == want["messages"]
         shown_since, shown_until = (
             datetime.fromisoformat(default.by_id("app")[k]) for k in ("data-since", "data-until")
@@ -225,13 +231,13 @@ def test_dashboard_shows_the_stores_numbers_and_saves_a_screenshot(
             db, "SELECT current_channel FROM messages WHERE sub_account_id = ? GROUP BY 1 ORDER BY count(*)"
             " LIMIT 1", sub,
         )[0][0]  # fmt: skip
-        filtered = render(f"{url}&{urlencode({'channel': channel})}", tmp_path / "chromium")
+        filtered = render(f"{url}&{urlencode({'channel': channel})}{key}", tmp_path / "chromium")
         assert (
             filtered.value("kpi-messages") == store_figures(db, sub, channel)["messages"] < want["messages"]
         )
 
         shot = tmp_path / "dashboard.png"
-        live = url.replace("refresh=0", "refresh=5")  # a few refreshes: the live rate is measured
+        live = url.replace("refresh=0", "refresh=5") + key  # a few refreshes: the live rate is measured
         chromium(live, tmp_path / "chromium", f"--screenshot={shot}", "--window-size=1366,900")
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
         if os.environ.get(SCREENSHOT_ENV):
