@@ -320,7 +320,7 @@ STEP_FACT_COLUMNS: tuple[str, ...] = (
 )
 
 
-def contribution_from_tuples(message: Sequence[Any], steps: list[Sequence[Any]]) -> Contribution | None:
+def contribution_from_tuples(message: Sequence[Any], steps: list[Any]) -> Contribution | None:
     """`contribution_from_rows` of rows as tuples in `MESSAGE_FACT_COLUMNS` / `STEP_FACT_COLUMNS` order."""
     steps.sort(key=_step_number)
     return _contribution(

@@ -723,8 +723,8 @@ class PostgresStore:
             conn.execute(_INSERT_STEPS)
             conn.execute(_INSERT_EVENTS)
             if self.aggregates:
-                umids = {r["umid"] for r in conn.execute("SELECT umid FROM stage_advanced")}
-                pairs = [(s, v) for s, v in zip(merged.states, message_rows, strict=True) if s.umid in umids]
+                moved = {r["umid"] for r in conn.execute("SELECT umid FROM stage_advanced")}
+                pairs = [(s, v) for s, v in zip(merged.states, message_rows, strict=True) if s.umid in moved]
                 self._maintain(conn, [s for s, _ in pairs], [v for _, v in pairs], old)
         return advanced
 
@@ -759,7 +759,8 @@ class PostgresStore:
         rewindow = changes.rewindow
         if rewindow:  # only subaccounts that ever got a WhatsApp inbound message have windows to check
             subs = sorted({k[0] for k in rewindow})
-            if not conn.execute(_WA_INBOUND_ANY, (subs,)).fetchone()["found"]:
+            any_inbound = conn.execute(_WA_INBOUND_ANY, (subs,)).fetchone()
+            if not (any_inbound and any_inbound["found"]):
                 rewindow = []
         with conn.pipeline():
             self._apply(conn, deltas)
@@ -847,10 +848,10 @@ class PostgresStore:
                 conn, "analytics_wa_outbound", "analytics_wa_outbound", _WA_OUTBOUND_COLUMNS, outbound
             )
         self._apply(conn, deltas)
-        with conn.cursor("analytics_backfill_inbound") as inbound:
+        with conn.cursor("analytics_backfill_inbound", row_factory=dict_row) as inbound:
             inbound.execute("SELECT * FROM inbound_messages ORDER BY umid")
-            while chunk := inbound.fetchmany(5000):
-                self._count_inbound(conn, chunk)
+            while rows := inbound.fetchmany(5000):
+                self._count_inbound(conn, rows)
 
     def analytics(self, query: Q.Query) -> list[dict[str, Any]]:
         sql, params = Q.select(query, "%s", _ANALYTICS_DAY)
