@@ -31,7 +31,7 @@ from sinks.analytics_sql import Query
 from sinks.postgres import PostgresStore
 from sinks.rows import PiiPolicy
 from sinks.store import Store, open_store
-from tests.support.postgres import PostgresServer, fresh_database
+from tests.support.postgres import store_url
 
 pytestmark = pytest.mark.integration
 
@@ -197,12 +197,7 @@ def dataset() -> Dataset:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Store]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'chatpipe.db'}"
-    else:
-        server: PostgresServer = request.getfixturevalue("postgres_server")
-        url = fresh_database(server)
-    s = open_store(url, PII)
+    s = open_store(store_url(request, tmp_path), PII)
     s.migrate()
     yield s
     s.close()

@@ -24,7 +24,7 @@ from sinks.rows import PiiPolicy
 from sinks.store import Store, open_store
 from tests.fixtures import webhooks
 from tests.integration.test_store import MSISDN, T0, conversation_versions, inbound, mk_state, mk_step
-from tests.support.postgres import PostgresServer, fresh_database
+from tests.support.postgres import store_url
 from tests.unit.test_parse import patched
 
 pytestmark = pytest.mark.integration
@@ -123,12 +123,7 @@ def fallback_message(umid: str = UMID, sub: str = SUB, version: int = 5) -> Any:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Store]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'chatpipe.db'}"
-    else:
-        server: PostgresServer = request.getfixturevalue("postgres_server")
-        url = fresh_database(server)
-    s = open_store(url, PII)
+    s = open_store(store_url(request, tmp_path), PII)
     s.migrate()
     yield s
     s.close()

@@ -18,7 +18,7 @@ from sinks import aggregates as A
 from sinks.api import create_app
 from sinks.store import Store, open_store
 from tests.integration.test_analytics_store import PII, SINCE, START, UNTIL, Dataset, _write, build, truth
-from tests.support.postgres import PostgresServer, fresh_database
+from tests.support.postgres import store_url
 
 pytestmark = pytest.mark.integration
 
@@ -32,12 +32,7 @@ def dataset() -> Dataset:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Any, dataset: Dataset) -> Iterator[Store]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'chatpipe.db'}"
-    else:
-        server: PostgresServer = request.getfixturevalue("postgres_server")
-        url = fresh_database(server)
-    s = open_store(url, PII)
+    s = open_store(store_url(request, tmp_path), PII)
     s.migrate()
     _write(s, dataset, 400, random.Random(1))
     yield s

@@ -24,7 +24,7 @@ from schemas.models import DeliveryReceipt, InboundContent, InboundMessage, Stat
 from sinks.api import create_app
 from sinks.rows import PiiPolicy
 from sinks.store import LookupRecord, Store, open_store
-from tests.support.postgres import PostgresServer, fresh_database
+from tests.support.postgres import store_url
 
 pytestmark = pytest.mark.integration
 
@@ -48,12 +48,7 @@ def openapi() -> Any:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'chatpipe.db'}"
-    else:
-        server: PostgresServer = request.getfixturevalue("postgres_server")
-        url = fresh_database(server)
-    s = open_store(url, PII)
+    s = open_store(store_url(request, tmp_path), PII)
     s.migrate()
     yield s
     s.close()

@@ -25,7 +25,7 @@ from sinks.analytics_sql import Query
 from sinks.export_rows import CLEAR_ONLY_COLUMNS, kind_of
 from sinks.rows import PiiPolicy
 from sinks.store import Store, open_store
-from tests.support.postgres import PostgresServer, fresh_database
+from tests.support.postgres import store_url
 
 pytestmark = pytest.mark.integration
 
@@ -161,11 +161,7 @@ class Backend:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'chatpipe.db'}"
-    else:
-        server: PostgresServer = request.getfixturevalue("postgres_server")
-        url = fresh_database(server)
+    url = store_url(request, tmp_path)
     store = open_store(url, PII)
     store.migrate()
     # in several batches, with a redelivery and an older version that must change nothing

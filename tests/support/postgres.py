@@ -212,6 +212,14 @@ def fresh_database(server: PostgresServer, prefix: str = "t") -> str:
     return server.create_database(f"{prefix}_{os.getpid()}_{int(time.time())}_{next(_counter)}")
 
 
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of a new empty store of the dialect a `params=["sqlite", "postgresql"]` fixture names: a
+    SQLite file in `tmp_path`, or a fresh database on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'chatpipe.db'}"
+    return fresh_database(request.getfixturevalue("postgres_server"))
+
+
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     try:
