@@ -84,5 +84,6 @@ class DlqLimit:
         """The window's figures, for the ERROR that stops the worker."""
         return (
             f"{self.dead} of the last {self.seen} records dead-lettered ({self.ratio:.0%}), "
-            f"above the limit of {self.max_ratio:.0%} (at least {self.min_count} in a window of {self.window})"
+            f"above the limit of {self.max_ratio:.0%} "
+            f"(at least {self.min_count} in a window of {self.window})"
         )

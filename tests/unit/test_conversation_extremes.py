@@ -15,7 +15,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from processors.conversation import WHATSAPP_SERVICE_WINDOW, apply_inbound, window_open
-from schemas.models import CallPermissionReply, Conversation, InboundContent, InboundMessage, Interactive, User
+from schemas.models import (
+    CallPermissionReply,
+    Conversation,
+    InboundContent,
+    InboundMessage,
+    Interactive,
+    User,
+)
 
 MAX = datetime.max.replace(tzinfo=UTC)
 MIN = datetime.min.replace(tzinfo=UTC)
@@ -40,7 +47,9 @@ def message(umid: str, t: datetime, channel: str, answer: str | None, permanent:
     )  # fmt: skip
 
 
-def messages(at: st.SearchStrategy[datetime], channel: str | None = None) -> st.SearchStrategy[list[InboundMessage]]:
+def messages(
+    at: st.SearchStrategy[datetime], channel: str | None = None
+) -> st.SearchStrategy[list[InboundMessage]]:
     one = st.builds(
         message,
         st.sampled_from(["u1", "u2", "u3", "u4"]),
@@ -75,7 +84,10 @@ def test_no_message_time_makes_the_fold_raise(ms: list[InboundMessage], now: dat
 
 
 @PROPS
-@given(messages(late_times, "whatsapp"), st.timedeltas(min_value=timedelta(days=2), max_value=timedelta(days=3_000_000)))
+@given(
+    messages(late_times, "whatsapp"),
+    st.timedeltas(min_value=timedelta(days=2), max_value=timedelta(days=3_000_000)),
+)
 def test_moving_every_message_moves_the_conversation_alike_saturating_at_datetime_max(
     ms: list[InboundMessage], back: timedelta
 ) -> None:
@@ -99,7 +111,9 @@ def test_a_whatsapp_message_at_the_end_of_the_calendar_opens_a_window_until_date
     """The message that stopped the conversations agent: the window saturates, it does not overflow."""
     conv, changed = apply_inbound(None, message("u1", END, "whatsapp", None, False), now=END)
     assert changed and conv.window_open_until == MAX and window_open(conv, END)
-    again, changed = apply_inbound(conv, message("u2", END - timedelta(days=1), "whatsapp", None, False), now=END)
+    again, changed = apply_inbound(
+        conv, message("u2", END - timedelta(days=1), "whatsapp", None, False), now=END
+    )
     assert changed and again.window_open_until == MAX and again.last_umid == "u1"
 
 

@@ -60,7 +60,9 @@ def test_the_minimum_keeps_a_fresh_worker_from_stopping_on_its_first_poison_reco
     assert rule.exceeded
 
 
-@pytest.mark.parametrize(("ratio", "window", "minimum"), [(-0.1, 10, 1), (1.5, 10, 1), (0.5, 0, 1), (0.5, 10, 0), (0.5, 10, 11)])
+@pytest.mark.parametrize(
+    ("ratio", "window", "minimum"), [(-0.1, 10, 1), (1.5, 10, 1), (0.5, 0, 1), (0.5, 10, 0), (0.5, 10, 11)]
+)
 def test_settings_that_cannot_work_are_refused(ratio: float, window: int, minimum: int) -> None:
     with pytest.raises(ValueError):
         DlqLimit(ratio, window, minimum)
