@@ -27,6 +27,7 @@ import io
 import json
 import random
 import struct
+import subprocess
 import time
 import urllib.request
 from datetime import UTC, datetime, timedelta
@@ -327,3 +328,25 @@ def uncommitted(bootstrap: str, topic: str) -> int:
         return sum(max(0, ends[c.partition] - max(c.offset, 0)) for c in committed)
     finally:
         consumer.close()
+
+
+def test_a_bad_deploy_trips_the_dead_letter_limit_and_the_worker_stops_leaving_the_batch_uncommitted(
+    bootstrap: str, codecs: Codecs, workers: Any, tmp_path: Path
+) -> None:
+    """Every record "poison" (here: not Avro at all, as a worker with a wrong codec would see them): the
+    worker must not swallow the stream into the DLQ. It stops (exit 1) with an ERROR naming the ratio and
+    the last reason, and the records of the tripping batch are not committed."""
+    limit = {"CHATPIPE_PROCESSOR_DLQ_WINDOW": "20", "CHATPIPE_PROCESSOR_DLQ_MIN": "5"}
+    worker = workers(tmp_path / "w", "w", **limit)
+    worker.wait_ready()
+    before = uncommitted(bootstrap, RECEIPTS.name)
+    produce_burst(bootstrap, [(f"x-deploy-{i}".encode(), b"not avro %d" % i) for i in range(8)])
+    try:
+        code = worker.proc.wait(90)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the worker did not stop:\n{worker.tail()}")
+    log = worker.tail(200_000)
+    assert code == 1, log[-3000:]
+    assert "dead-letter limit reached" in log and "records dead-lettered (" in log, log[-3000:]
+    assert "not Confluent-framed Avro" in log  # the last reason
+    assert uncommitted(bootstrap, RECEIPTS.name) > before
