@@ -46,6 +46,9 @@ records (step 3) and acknowledged before the batch's receipts are acked: none is
 (`TransientError`: the registry or broker unavailable) is not the record's fault: it propagates (the
 agent restarts, the receipts come again), it is never parked. The happy path pays one try block per umid,
 nothing per receipt.
+The conversation agents park poison inbound messages the same way, one message at a time
+(`InboundPoison`). Each input has a dead-letter limit (`processors.dlqlimit`): when most of its recent
+records were parked the worker stops (`halt`, exit 1) without acking the batch that tripped it.
 
 Time: the timer's clock is the ingest clock of the partition (`received_at` of the newest receipt seen
 on it), not the wall clock, so a worker catching up on a backlog never seals a message whose late
