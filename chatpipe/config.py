@@ -101,6 +101,11 @@ class Settings:
     processor_cache_size: int = 200_000
     processor_in_flight: int = 4
     processor_expire_interval: float = 30.0
+    # the dead-letter limit (processors/dlqlimit.py): stop when more than this share of the last
+    # `window` records of one input were dead-lettered, once at least `min` were
+    processor_dlq_max_ratio: float = 0.5
+    processor_dlq_window: int = 1000
+    processor_dlq_min: int = 100
     emit_steps_and_events: bool = True
     pii_clear: bool = False
     pii_hash_key: str | None = _secret_field()
@@ -168,6 +173,10 @@ class Settings:
             raise ValueError("CHATPIPE_INGEST_BODY_TIMEOUT must be > 0 seconds")
         if not 0 <= self.ingest_linger_ms <= 1000:
             raise ValueError("CHATPIPE_INGEST_LINGER_MS must be between 0 and 1000")
+        if not 0 <= self.processor_dlq_max_ratio <= 1:
+            raise ValueError("CHATPIPE_PROCESSOR_DLQ_MAX_RATIO must be between 0 and 1")
+        if not 1 <= self.processor_dlq_min <= self.processor_dlq_window:
+            raise ValueError("CHATPIPE_PROCESSOR_DLQ_MIN must be between 1 and CHATPIPE_PROCESSOR_DLQ_WINDOW")
         if self.spool_stall_failures < 1:
             raise ValueError("CHATPIPE_SPOOL_STALL_FAILURES must be >= 1")
         if not self.spool_stall_seconds > 0:

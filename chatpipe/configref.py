@@ -128,6 +128,12 @@ MEANINGS: dict[str, str] = {
     "processor_cache_size": "Decoded states a worker keeps in memory (about 2 KB each: the bulk of its RSS).",
     "processor_in_flight": "Batches folded while earlier ones await the broker's acks.",
     "processor_expire_interval": "Seconds between the worker's expiry timer runs (finality by timer).",
+    "processor_dlq_max_ratio": (
+        "The worker stops when more than this share of the last `CHATPIPE_PROCESSOR_DLQ_WINDOW` records of "
+        "one input were dead-lettered (a bad deploy; the records stay uncommitted); 1 turns the limit off."
+    ),
+    "processor_dlq_window": "Records of one input (receipts, inbound) the dead-letter limit looks back over.",
+    "processor_dlq_min": "Dead letters in the window before the dead-letter limit can stop the worker.",
     "emit_steps_and_events": (
         "The worker also writes `chatpipe.messages.steps` and `chatpipe.messages.events`."
     ),

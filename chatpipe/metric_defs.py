@@ -122,8 +122,9 @@ class ProcessorMetrics:
         )
         self.dead_letters = Counter(
             "chatpipe_processor_dead_letters_total",
-            "Receipts parked in chatpipe.processor.dlq (acked by the broker) by the stage that failed:"
-            " decode (the record) or fold (the pure core, the stored state or the outputs of its umid)",
+            "Records parked in chatpipe.processor.dlq (acked by the broker) by the stage that failed:"
+            " decode (the record) or fold (the pure core, the stored state or the outputs of its umid)"
+            " for receipts; inbound_decode or inbound_fold (its conversation) for inbound messages",
             ["stage"],
             registry=registry,
         )

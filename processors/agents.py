@@ -46,6 +46,9 @@ records (step 3) and acknowledged before the batch's receipts are acked: none is
 (`TransientError`: the registry or broker unavailable) is not the record's fault: it propagates (the
 agent restarts, the receipts come again), it is never parked. The happy path pays one try block per umid,
 nothing per receipt.
+The conversation agents park poison inbound messages the same way, one message at a time
+(`InboundPoison`). Each input has a dead-letter limit (`processors.dlqlimit`): when most of its recent
+records were parked the worker stops (`halt`, exit 1) without acking the batch that tripped it.
 
 Time: the timer's clock is the ingest clock of the partition (`received_at` of the newest receipt seen
 on it), not the wall clock, so a worker catching up on a backlog never seals a message whose late
@@ -65,13 +68,15 @@ import asyncio
 import contextlib
 import heapq
 import logging
+import os
 import random
+import signal
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import rocksdict
 from confluent_kafka import KafkaError, Producer
@@ -88,6 +93,7 @@ from processors.app import (
     stored_header,
 )
 from processors.conversation import apply_inbound, conversation_key
+from processors.dlqlimit import DlqLimitExceeded
 from processors.state import apply_many, expire, expire_due
 from schemas.errors import InvalidEvent, TransientError
 from schemas.models import (
@@ -185,6 +191,67 @@ def _check_at(due: datetime | None) -> int:
     return -1 if due is None else max(0, _us(due))
 
 
+def dead_letter(
+    codec: Any,
+    what: str,
+    stage: str,
+    topic: str,
+    partition: int,
+    offset: int,
+    umid: str,
+    raw: bytes,
+    reason: str,
+    now: datetime,
+) -> tuple[str, bytes, bytes]:
+    """The dead letter of one poison record (`what`: receipt, inbound message) as (stage, key, value) for
+    `chatpipe.processor.dlq`: the record's bytes whole, the reason, its position in `headers`; logs it at
+    ERROR. The caller sends it, and acks the record only once the broker acked the letter."""
+    error_id = str(uuid.uuid4())
+    log.error(
+        "poison %s parked (%s) topic=%s partition=%s offset=%s umid=%s error_id=%s: %s",
+        what,
+        stage,
+        topic,
+        partition,
+        offset,
+        umid,
+        error_id,
+        reason,
+    )
+    letter = DeadLetter(
+        error_id=error_id,
+        reason=f"{stage}: {topic}[{partition}]@{offset} umid={umid}: {reason}",
+        code=POISON_CODE,
+        http_status=0,
+        source="processor",
+        received_at=now,
+        body=raw,
+        headers=(
+            ("topic", topic),
+            ("partition", str(partition)),
+            ("offset", str(offset)),
+            ("umid", umid),
+            ("stage", stage),
+        ),
+    )
+    return stage, error_id.encode(), codec.encode(letter)
+
+
+async def halt(p: Processor, exc: DlqLimitExceeded) -> NoReturn:
+    """Stop the worker: the dead-letter limit tripped (a bad deploy, not bad records). The batch that
+    tripped it is never acked, so its records stay uncommitted and come again after the fix; the worker
+    exits 1 (`processors.runner`). Waits until the shutdown cancels the calling agent."""
+    log.error(
+        "dead-letter limit reached, the worker stops; the records of this batch are not acknowledged "
+        "(they come again once the cause is fixed): %s",
+        exc,
+    )
+    p.fatal.append(exc)
+    os.kill(os.getpid(), signal.SIGTERM)  # Faust's own graceful stop, as an operator's would be
+    await asyncio.Event().wait()
+    raise AssertionError("unreachable")
+
+
 class Folder:
     """The shell: batches of receipts and timer runs -> RocksDB, changelog, state topic."""
 
@@ -225,6 +292,8 @@ class Folder:
         self._progress = asyncio.Event()  # set when the sender takes batches or fails
         self._sender: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
+        self.limit = p.runtime.dlq_limit()  # the dead-letter limit of the receipts
+        self.last_reason = ""
 
     # --- partitions ----------------------------------------------------------------------------
 
@@ -353,6 +422,11 @@ class Folder:
         for outcome_name, n in counts.items():
             if n:
                 self.metrics.events.labels(outcome_name).inc(n)
+        dead = len(out.dead_letters)
+        self.limit.record(len(events) - len(skipped) - dead, dead)
+        if dead and self.limit.exceeded:  # before the local write: nothing of this batch is kept
+            where = f"{self.receipts_topic}: {self.limit.describe()}"
+            raise DlqLimitExceeded(f"{where}; last: {self.last_reason}")
         self._write_local(out)
         return out
 
@@ -480,35 +554,9 @@ class Folder:
         now: datetime,
     ) -> tuple[str, bytes, bytes]:
         """The dead letter of one receipt, (stage, key, value) for `_Batch.dead_letters`; logs it."""
-        error_id = str(uuid.uuid4())
-        log.error(
-            "poison receipt parked (%s) topic=%s partition=%s offset=%s umid=%s error_id=%s: %s",
-            stage,
-            topic,
-            partition,
-            offset,
-            umid,
-            error_id,
-            reason,
-        )
         assert self.dlq_codec is not None
-        letter = DeadLetter(
-            error_id=error_id,
-            reason=f"{stage}: {topic}[{partition}]@{offset} umid={umid}: {reason}",
-            code=POISON_CODE,
-            http_status=0,
-            source="processor",
-            received_at=now,
-            body=raw,
-            headers=(
-                ("topic", topic),
-                ("partition", str(partition)),
-                ("offset", str(offset)),
-                ("umid", umid),
-                ("stage", stage),
-            ),
-        )
-        return stage, error_id.encode(), self.dlq_codec.encode(letter)
+        self.last_reason = reason
+        return dead_letter(self.dlq_codec, "receipt", stage, topic, partition, offset, umid, raw, reason, now)
 
     def _write_local(self, out: _Batch) -> None:
         for partition, kvs in out.values.items():
@@ -592,7 +640,11 @@ class Folder:
     async def submit(self, events: Sequence[Any]) -> None:
         """Fold one batch now and queue it for the sender; waits while `in_flight` batches wait."""
         await self._room()
-        self._enqueue(self.fold(events, datetime.now(UTC)))
+        try:
+            out = self.fold(events, datetime.now(UTC))
+        except DlqLimitExceeded as exc:
+            await halt(self.p, exc)
+        self._enqueue(out)
 
     async def _room(self) -> None:
         while True:
@@ -818,35 +870,107 @@ def install_agents(p: Processor) -> Folder:
     return folder
 
 
+class InboundPoison:
+    """Poison inbound messages, for one of the conversation agents (one input, one dead-letter limit).
+
+    What the receipt path does, one record at a time: a message that does not decode, or that cannot be
+    folded into its conversation (any non-retriable exception from the codecs, the stored conversation or
+    the pure core), is parked in `chatpipe.processor.dlq` (`dead_letter`), counted in
+    `chatpipe_processor_dead_letters_total{stage}` and acked by the broker before the agent goes on (its
+    record is acked only then). A retriable error propagates. The producer is made at the first dead
+    letter: the happy path pays one `DlqLimit.record` per message."""
+
+    def __init__(self, p: Processor) -> None:
+        self.p = p
+        self.limit = p.runtime.dlq_limit()
+        self._producer: Producer | None = None
+        self._errors: list[str] = []
+
+    def passed(self) -> None:
+        self.limit.record(1, 0)
+
+    async def park(self, event: Any, stage: str, umid: str, exc: Exception) -> None:
+        """Park `event`'s record; raises `exc` when it is retriable; stops the worker (`halt`) when the
+        dead-letter limit trips."""
+        if _retriable(exc):
+            raise exc
+        reason = exc.reason if isinstance(exc, InvalidEvent) else f"{type(exc).__name__}: {exc}"
+        msg, codec = event.message, self.p.codecs.processor_dlq
+        _, key, value = dead_letter(
+            codec, "inbound message", stage, msg.topic, msg.partition, msg.offset, umid, event.value,
+            reason, datetime.now(UTC),
+        )  # fmt: skip
+        if self._producer is None:
+            settings = self.p.settings
+            self._producer = Producer(
+                {
+                    "bootstrap.servers": settings.kafka_bootstrap,
+                    "enable.idempotence": settings.kafka_idempotence,
+                    "acks": "all",
+                    "client.id": "chatpipe-inbound-dlq",
+                }
+            )
+        producer = self._producer
+        producer.produce(codec.spec.name, value, key, on_delivery=self._on_delivery)
+        left = await asyncio.get_running_loop().run_in_executor(None, producer.flush, FLUSH_TIMEOUT)
+        if left or self._errors:
+            errors, self._errors = self._errors, []
+            raise TransientError(f"dead letter not acknowledged ({left} left): {'; '.join(errors[:5])}")
+        self.p.metrics.dead_letters.labels(stage).inc()
+        self.limit.record(0, 1)
+        if self.limit.exceeded:  # the parked record is safe in the DLQ; the ones behind it stay unread
+            await halt(self.p, DlqLimitExceeded(f"{msg.topic}: {self.limit.describe()}; last: {reason}"))
+
+    def _on_delivery(self, err: KafkaError | None, msg: Any) -> None:
+        if err is not None:
+            self._errors.append(str(err))
+
+
+def _key_text(key: Any) -> str:
+    return key.decode("utf-8", "replace") if isinstance(key, bytes) else "-"
+
+
 def install_conversation_agents(p: Processor) -> None:
     """Inbound messages -> conversations. Two plain Faust agents (inbound volume is far below receipts):
     re-key each message by its conversation, then fold it into the conversation table and emit changes.
-    Replays after a crash are harmless: a umid already folded is a duplicate (`recent_umids`)."""
+    Replays after a crash are harmless: a umid already folded is a duplicate (`recent_umids`). A message
+    either agent cannot decode or fold is parked (`InboundPoison`) and the agent goes on."""
     codecs, metrics = p.codecs, p.metrics
     table = p.conversation_table
+    rekey_poison, fold_poison = InboundPoison(p), InboundPoison(p)
 
     @p.app.agent(p.inbound, name="conversation-rekey")
     async def rekey(stream: Any) -> None:
         async for event in stream.events():
             try:
                 msg = codecs.inbound.decode(event.value)
-            except InvalidEvent as exc:
-                log.error("undecodable inbound message offset=%s: %s", event.message.offset, exc.reason)
+                key = conversation_key(msg).encode()
+            except Exception as exc:
                 metrics.events.labels("invalid").inc()
+                await rekey_poison.park(event, "inbound_decode", _key_text(event.message.key), exc)
                 continue
-            await p.by_conversation.send(key=conversation_key(msg).encode(), value=event.value)
+            await p.by_conversation.send(key=key, value=event.value)
+            rekey_poison.passed()
 
     @p.app.agent(p.by_conversation, name="conversations")
     async def fold_conversations(stream: Any) -> None:
         async for event in stream.events():
-            msg = codecs.inbound_by_conversation.decode(event.value)
-            previous = table.get(event.key)
-            prev = codecs.conversations.decode(previous) if previous is not None else None
-            conv, changed = apply_inbound(prev, msg, now=datetime.now(UTC))
-            value = codecs.conversations.encode(conv)
+            umid = "-"
+            try:
+                msg = codecs.inbound_by_conversation.decode(event.value)
+                umid = msg.umid
+                previous = table.get(event.key)
+                prev = codecs.conversations.decode(previous) if previous is not None else None
+                conv, changed = apply_inbound(prev, msg, now=datetime.now(UTC))
+                value = codecs.conversations.encode(conv)
+            except Exception as exc:
+                stage = "inbound_fold" if umid != "-" else "inbound_decode"
+                await fold_poison.park(event, stage, umid, exc)
+                continue
             table[event.key] = value
             if changed:
                 await p.conversations.send(key=event.key, value=value)
                 metrics.events.labels("inbound").inc()
             else:
                 metrics.events.labels("inbound_duplicate").inc()
+            fold_poison.passed()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import gc
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry
 from chatpipe.config import Settings
 from chatpipe.metric_defs import ProcessorMetrics
 from chatpipe.topics import PROCESSOR_APP_ID
+from processors.dlqlimit import DlqLimit
 from processors.state import StateConfig
 from schemas.catalog import CONVERSATIONS, INBOUND, INBOUND_BY_CONVERSATION, MESSAGE_STATE, RECEIPTS
 from schemas.codec import Codecs
@@ -58,6 +59,14 @@ class RuntimeConfig:
     final_retention: timedelta = timedelta(days=1)  # a final state stays this long, then becomes GONE
     tombstone_retention: timedelta = timedelta(days=30)  # a GONE marker stays this long, then is deleted
     changelog_one_record_per_batch: bool = False  # Tansu: exact end offsets for table recovery
+    # the dead-letter limit of each input (processors/dlqlimit.py; settings `processor_dlq_*`)
+    dlq_max_ratio: float = 0.5
+    dlq_window: int = 1000
+    dlq_min: int = 100
+
+    def dlq_limit(self) -> DlqLimit:
+        """A fresh dead-letter limit for one input."""
+        return DlqLimit(self.dlq_max_ratio, self.dlq_window, self.dlq_min)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.cache_size < 0 or self.in_flight < 1:
@@ -66,6 +75,7 @@ class RuntimeConfig:
             raise ValueError("batch_within and expire_interval must be positive")
         if self.final_retention < timedelta(0) or self.tombstone_retention < timedelta(0):
             raise ValueError("final_retention and tombstone_retention must not be negative")
+        self.dlq_limit()  # ValueError on a limit that cannot work
 
 
 @dataclass(slots=True)
@@ -159,6 +169,8 @@ class Processor:
     conversation_table: Any
     metrics: ProcessorMetrics
     metrics_registry: CollectorRegistry
+    #: why the worker stopped itself (the dead-letter limit, agents.py `halt`); empty while it runs
+    fatal: list[BaseException] = field(default_factory=list)
 
 
 def runtime_config(settings: Settings) -> RuntimeConfig:
@@ -171,6 +183,9 @@ def runtime_config(settings: Settings) -> RuntimeConfig:
         final_retention=timedelta(hours=settings.final_retention_hours),
         tombstone_retention=timedelta(hours=settings.tombstone_retention_hours),
         changelog_one_record_per_batch=settings.embedded_broker,
+        dlq_max_ratio=settings.processor_dlq_max_ratio,
+        dlq_window=settings.processor_dlq_window,
+        dlq_min=settings.processor_dlq_min,
     )
 
 

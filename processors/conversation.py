@@ -8,12 +8,18 @@ Everything is a function of the SET of distinct inbound messages seen (by umid),
 reordering give the same conversation; `version` grows by one per real change for monotonic sinks.
 Only the most recent `recent_limit` umids are remembered for deduplication: 8x8 retries a webhook within
 about two minutes, far inside that horizon.
+
+Time range: a message may carry any time `datetime` can represent (like receipts, `processors.state`
+"Time range"). Times are only compared, except the WhatsApp window (`last_inbound_at` + 24 h), which
+saturates at `datetime.max` instead of overflowing: no decoded message makes `apply_inbound` raise, except
+a message of another conversation (ValueError, a routing bug).
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+from processors.state import _after
 from schemas.models import Conversation, InboundMessage, User
 
 WHATSAPP_SERVICE_WINDOW = timedelta(hours=24)
@@ -62,7 +68,7 @@ def apply_inbound(
     recent = ((prev.recent_umids if prev else ()) + (msg.umid,))[-RECENT_LIMIT:]
     newest = prev is None or (msg.timestamp, msg.umid) >= (prev.last_inbound_at, prev.last_umid)
     last_at = msg.timestamp if newest else prev.last_inbound_at  # type: ignore[union-attr]
-    window = last_at + WHATSAPP_SERVICE_WINDOW if msg.channel == "whatsapp" else None
+    window = _after(last_at, WHATSAPP_SERVICE_WINDOW) if msg.channel == "whatsapp" else None
     perm = _permission(prev, msg)
     if prev is None:
         user, profile_at = msg.user, (msg.timestamp if msg.user.name or msg.user.username else None)

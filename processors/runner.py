@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import faust
@@ -10,6 +11,8 @@ from chatpipe.config import Settings
 from chatpipe.patches import apply_worker_patches
 from processors.agents import install_agents
 from processors.app import create_processor, tune_gc
+
+log = logging.getLogger(__name__)
 
 
 class _Worker(faust.Worker):
@@ -32,5 +35,11 @@ def run_worker(settings: Settings, on_ready: Callable[[], None] | None = None) -
     install_agents(processor)
     worker = _Worker(processor.app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
     worker.on_ready = on_ready
-    worker.execute_from_commandline()  # returns via SystemExit when stopped
+    try:
+        worker.execute_from_commandline()  # returns via SystemExit when stopped
+    except SystemExit:
+        if processor.fatal:  # it stopped itself (the dead-letter limit, agents.py `halt`): a failure
+            log.error("the worker stopped itself: %s", processor.fatal[0])
+            return 1
+        raise
     return 0

@@ -72,7 +72,9 @@ def codecs(registry_url: str) -> Codecs:
 class Worker:
     """One `chatpipe worker` subprocess."""
 
-    def __init__(self, bootstrap: str, registry_url: str, state_dir: Path, logs: Path, name: str) -> None:
+    def __init__(
+        self, bootstrap: str, registry_url: str, state_dir: Path, logs: Path, name: str, **extra_env: str
+    ) -> None:
         self.port = free_port()
         self.ready = logs / f"{name}.ready"
         self.ready.unlink(missing_ok=True)
@@ -88,6 +90,7 @@ class Worker:
             CHATPIPE_READY_FILE=str(self.ready),
             CHATPIPE_LOG_LEVEL=os.environ.get("TEST_WORKER_LOG_LEVEL", "WARNING"),
         )
+        env.update(extra_env)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "chatpipe.cli", "worker"],
@@ -139,8 +142,8 @@ class Worker:
 def workers(bootstrap: str, registry_url: str, tmp_path: Path) -> Iterator[Any]:
     started: list[Worker] = []
 
-    def start(state_dir: Path, name: str) -> Worker:
-        w = Worker(bootstrap, registry_url, state_dir, tmp_path, name)
+    def start(state_dir: Path, name: str, **extra_env: str) -> Worker:
+        w = Worker(bootstrap, registry_url, state_dir, tmp_path, name, **extra_env)
         started.append(w)
         return w
 

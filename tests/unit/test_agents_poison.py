@@ -41,14 +41,14 @@ class Event:
         self.value = value
 
 
-def make_folder() -> tuple[Folder, Codecs, dict[bytes, bytes]]:
+def make_folder(runtime: RuntimeConfig | None = None) -> tuple[Folder, Codecs, dict[bytes, bytes]]:
     codecs = Codecs(Registry("memory://", client=InMemoryClient()))  # type: ignore[arg-type]
     name = SimpleNamespace(get_topic_name=lambda: TOPIC)
     p = SimpleNamespace(
         app=None,
         codecs=codecs,
         config=StateConfig(),
-        runtime=RuntimeConfig(),
+        runtime=runtime or RuntimeConfig(),
         metrics=ProcessorMetrics(CollectorRegistry()),
         receipts=name,
         states=SimpleNamespace(get_topic_name=lambda: "chatpipe.messages.state"),
@@ -207,3 +207,78 @@ def test_a_retriable_error_is_not_the_records_fault_it_propagates(monkeypatch: p
     monkeypatch.setattr(codecs.receipts, "decode", registry_down)
     with pytest.raises(TransientError):
         folder.fold(events, NOW)
+
+
+def test_the_dead_letter_limit_stops_the_fold_before_it_writes_anything() -> None:
+    """A bad deploy: most records of the last ten dead-lettered. `fold` refuses the batch that trips the
+    limit (nothing written, nothing to send: its receipts stay unacked), naming the ratio and the reason."""
+    from processors.dlqlimit import DlqLimitExceeded
+
+    folder, codecs, _ = make_folder(RuntimeConfig(dlq_max_ratio=0.5, dlq_window=10, dlq_min=3))
+    written: list[_Batch] = []
+    folder._write_local = written.append  # type: ignore[method-assign]
+    ok = folder.fold(events_of(codecs, [(0, rc("u-1", "sent", 1)), (0, b"garbage1")]), NOW)
+    assert len(ok.dead_letters) == 1 and written == [ok]  # 1 of 2: under the minimum
+    batch = [(0, rc("u-2", "sent", 1)), (1, b"garbage2"), (1, b"garbage3")]
+    with pytest.raises(DlqLimitExceeded) as caught:
+        folder.fold(events_of(codecs, batch), NOW)
+    assert "3 of the last 5 records dead-lettered (60%)" in str(caught.value)
+    assert "not Confluent-framed Avro" in str(caught.value)
+    assert written == [ok]
+
+
+def test_an_odd_poison_receipt_never_trips_the_dead_letter_limit() -> None:
+    folder, codecs, _ = make_folder(RuntimeConfig(dlq_max_ratio=0.5, dlq_window=10, dlq_min=3))
+    for i in range(20):
+        batch = [(0, rc(f"u-{i}", "sent", 1)), (1, rc(f"v-{i}", "sent", 1)), (0, b"bad")]
+        assert len(folder.fold(events_of(codecs, batch), NOW).dead_letters) == 1
+
+
+class FakeProducer:
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.sent: list[tuple[str, bytes, bytes]] = []
+
+    def produce(self, topic: str, value: bytes, key: bytes, on_delivery: Any) -> None:
+        self.sent.append((topic, key, value))
+
+    def flush(self, timeout: float) -> int:
+        return 0
+
+
+async def test_a_poison_inbound_message_is_parked_and_the_limit_stops_the_worker(monkeypatch: Any) -> None:
+    """`InboundPoison`: each poison message is sent to the DLQ (acked) and counted; a retriable error is
+    raised, never parked; the dead-letter limit calls `halt` once the window is mostly poison."""
+    folder, codecs, _ = make_folder()
+    halted: list[Exception] = []
+
+    async def halt(p: Any, exc: Exception) -> None:
+        halted.append(exc)
+
+    monkeypatch.setattr(agents, "Producer", FakeProducer)
+    monkeypatch.setattr(agents, "halt", halt)
+    p = SimpleNamespace(
+        codecs=codecs,
+        metrics=folder.metrics,
+        settings=SimpleNamespace(kafka_bootstrap="127.0.0.1:1", kafka_idempotence=True),
+        runtime=RuntimeConfig(dlq_max_ratio=0.5, dlq_window=10, dlq_min=3),
+    )
+    poison = agents.InboundPoison(p)  # type: ignore[arg-type]
+    event = Event(2, 7, b"i-1", b"garbage")
+    event.message.topic = "chatpipe.inbound.raw"
+    with pytest.raises(TransientError):
+        await poison.park(event, "inbound_decode", "i-1", TransientError("registry down"))
+    for _ in range(2):
+        poison.passed()
+    await poison.park(event, "inbound_decode", "i-1", ValueError("boom"))
+    await poison.park(event, "inbound_fold", "i-1", ValueError("boom"))
+    assert not halted  # 2 of 4: under the minimum
+    await poison.park(event, "inbound_fold", "i-1", ValueError("last straw"))
+    assert len(halted) == 1 and "3 of the last 5" in str(halted[0]) and "last straw" in str(halted[0])
+    assert poison._producer is not None
+    letters = [codecs.processor_dlq.decode(v) for _, _, v in poison._producer.sent]  # type: ignore[attr-defined]
+    assert [dict(x.headers)["stage"] for x in letters] == ["inbound_decode", "inbound_fold", "inbound_fold"]
+    assert {(x.body, dict(x.headers)["offset"], dict(x.headers)["topic"]) for x in letters} == {
+        (b"garbage", "7", "chatpipe.inbound.raw")
+    }
+    counted = folder.metrics.dead_letters.labels
+    assert (counted("inbound_decode")._value.get(), counted("inbound_fold")._value.get()) == (1.0, 2.0)
