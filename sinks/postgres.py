@@ -290,6 +290,8 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             " WHERE channel_id IS NOT NULL",
         ),
     ),
+    (*Q.MIGRATION, Q.POSTGRES_DDL),
+    (*Q.BACKFILL, ()),  # PostgresStore.migrate runs _backfill when it applies it
 )
 
 _CANDIDATES = (
@@ -319,8 +321,6 @@ _CHANNEL_IDS = (
     " (SELECT max(channel_id) FROM inbound_messages i WHERE i.sub_account_id = %(sub)s"
     " AND i.channel = c.channel AND channel_id IS NOT NULL) AS high"
     " FROM unnest(%(channels)s::text[]) AS c(channel)"
-    (*Q.MIGRATION, Q.POSTGRES_DDL),
-    (*Q.BACKFILL, ()),  # PostgresStore.migrate runs _backfill when it applies it
 )
 
 # Staging tables: same columns as their targets, no constraints, emptied at every commit.
