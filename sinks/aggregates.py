@@ -217,26 +217,44 @@ def _contribution(
         deliver = latency_bucket((delivered_at - first_sent_at).total_seconds())
         if read_at is not None:
             read = latency_bucket((read_at - delivered_at).total_seconds())
-    channels = [s[0].lower() for s in steps]
-    errors = tuple(
-        (channels[i], s[2]) for i, s in enumerate(steps) if s[2] is not None and s[1] in FAILURE_STATES
+    errors: tuple[tuple[str, int], ...] = ()
+    wa_at = None
+    channels = []
+    for s in steps:
+        ch = s[0].lower()
+        channels.append(ch)
+        if s[2] is not None and s[1] in FAILURE_STATES:
+            errors += ((ch, s[2]),)
+        if ch == WHATSAPP and (wa_at is None or s[3] < wa_at):
+            wa_at = s[3]
+    return _new(
+        Contribution,
+        (
+            sub_account_id,
+            _hour(steps[0][3]),
+            channels[-1],
+            country_of(steps[-1][4], number),
+            channels[0] if len(channels) == 1 else ">".join(channels),
+            _OUTCOME.get(state, "pending"),
+            bool(final),
+            deliver,
+            read,
+            errors,
+            number_hash if wa_at is not None else None,
+            wa_at,
+        ),
     )
-    wa = [s[3] for i, s in enumerate(steps) if channels[i] == WHATSAPP]
-    last = steps[-1]
-    return Contribution(
-        sub_account_id,
-        hour_of(steps[0][3]),
-        channels[-1],
-        country_of(last[4], number),
-        ">".join(channels),
-        _OUTCOME.get(state, "pending"),
-        bool(final),
-        deliver,
-        read,
-        errors,
-        number_hash if wa else None,
-        min(wa) if wa else None,
-    )
+
+
+def _hour(when: datetime) -> datetime:
+    """`hour_of(when)`, cached by epoch hour (datetime.replace and astimezone are slow)."""
+    epoch_hour = when.timestamp() // 3600
+    hour = _HOURS.get(epoch_hour)
+    if hour is None:
+        if len(_HOURS) > 100_000:
+            _HOURS.clear()
+        hour = _HOURS[epoch_hour] = hour_of(when)
+    return hour
 
 
 def contribution(state: MessageState, number: str | None, number_hash: str | None) -> Contribution | None:
@@ -275,17 +293,11 @@ def contribution(state: MessageState, number: str | None, number_hash: str | Non
             if ch == WHATSAPP and (wa_at is None or s.first_event_at < wa_at):
                 wa_at = s.first_event_at
         channel, path = channels[-1], ">".join(channels)
-    first = steps[0].first_event_at
-    hour = _HOURS.get(first.timestamp() // 3600)
-    if hour is None:
-        if len(_HOURS) > 100_000:
-            _HOURS.clear()
-        hour = _HOURS[first.timestamp() // 3600] = hour_of(first)
     return _new(
         Contribution,
         (
             state.sub_account_id,
-            hour,
+            _hour(steps[0].first_event_at),
             channel,
             country_of(steps[-1].country, number),
             path,
@@ -322,10 +334,11 @@ STEP_FACT_COLUMNS: tuple[str, ...] = (
 
 def contribution_from_tuples(message: Sequence[Any], steps: list[Any]) -> Contribution | None:
     """`contribution_from_rows` of rows as tuples in `MESSAGE_FACT_COLUMNS` / `STEP_FACT_COLUMNS` order."""
-    steps.sort(key=_step_number)
+    if len(steps) > 1:
+        steps.sort(key=_step_number)
     return _contribution(
         message[1], message[2], message[3], message[4], message[5], message[6], message[7] or message[8],
-        message[9], [(r[2], r[3], r[4], r[5], r[6]) for r in steps],
+        message[9], [r[2:] for r in steps],
     )  # fmt: skip
 
 

@@ -775,12 +775,10 @@ class PostgresStore:
 
     @staticmethod
     def _upsert(conn: psycopg.Connection[Any], table: str, rows: Sequence[tuple[Any, ...]]) -> None:
-        """Add `rows` (`sinks.analytics_sql` upsert rows) to the hourly table and its daily table."""
+        """Add `rows` (`sinks.analytics_sql` upsert rows) to the hourly table and its daily table (one
+        statement: the server rolls them up by day)."""
         if rows:
             conn.execute(_AGG_UPSERTS[table], _columns_of(rows, len(rows[0])))
-            daily = Q.daily_rows(table, rows)
-            if daily:
-                conn.execute(_AGG_UPSERTS[table + "_daily"], _columns_of(daily, len(rows[0])))
 
     @staticmethod
     def _answered(conn: psycopg.Connection[Any], keys: Sequence[tuple[str, str, datetime]]) -> list[int]:
