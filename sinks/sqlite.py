@@ -486,14 +486,17 @@ class SqliteStore:
         if not umids or not self.aggregates:
             return {}
         arg = (json.dumps(umids),)
-        steps: dict[str, list[R.Row]] = {}
-        for r in conn.execute(_OLD_STEPS, arg):
-            steps.setdefault(r["umid"], []).append(r)
+        cur = conn.cursor()
+        cur.row_factory = None  # plain tuples, timestamps parsed here (only the few the facts need)
+        steps: dict[str, list[tuple[Any, ...]]] = {}
+        for u, n, channel, state, code, first, country in cur.execute(_OLD_STEPS, arg):
+            steps.setdefault(u, []).append((u, n, channel, state, code, _when(first), country))
         out = {}
-        for m in conn.execute(_OLD_MESSAGES, arg):
-            c = A.contribution_from_rows(m, steps.get(m["umid"], []))
+        for m in cur.execute(_OLD_MESSAGES, arg).fetchall():
+            fact = (*m[:4], _when(m[4]), _when(m[5]), _when(m[6]), *m[7:])
+            c = A.contribution_from_tuples(fact, steps.get(m[0], []))
             if c is not None:
-                out[m["umid"]] = c
+                out[m[0]] = c
         return out
 
     def _maintain(
