@@ -291,6 +291,7 @@ _WA_INBOUND_AROUND = (
     "SELECT umid, ts, hour, country, answered FROM analytics_wa_inbound"
     " WHERE sub_account_id = ? AND wa_user = ? AND ts > ? AND ts <= ?"
 )
+_WA_INBOUND_ANY = "SELECT 1 FROM analytics_wa_inbound WHERE sub_account_id = ? LIMIT 1"
 _INSERT_WA_OUTBOUND = (
     "INSERT OR REPLACE INTO analytics_wa_outbound (umid, sub_account_id, wa_user, wa_at) VALUES (?, ?, ?, ?)"
 )
@@ -517,7 +518,12 @@ class SqliteStore:
         conn.executemany(_INSERT_WA_OUTBOUND, map(_adapt_values, changes.outbound))
         self._apply(conn, changes.deltas())
         if changes.rewindow:
-            self._rewindow(conn, changes.rewindow)
+            # only subaccounts that ever got a WhatsApp inbound message have windows to check
+            subs = {k[0] for k in changes.rewindow}
+            subs = {sub for sub in subs if conn.execute(_WA_INBOUND_ANY, (sub,)).fetchone() is not None}
+            keys = [k for k in changes.rewindow if k[0] in subs]
+            if keys:
+                self._rewindow(conn, keys)
 
     @staticmethod
     def _apply(conn: sqlite3.Connection, deltas: A.Deltas) -> None:
