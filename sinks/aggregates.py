@@ -22,11 +22,13 @@ percentiles (`percentile`).
 
 from __future__ import annotations
 
+import collections
 import math
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 from schemas.models import MessageState
@@ -456,27 +458,32 @@ class Changes:
         if old == new:
             return
         counts = self.counts
+        a = b = None
         if old is not None:
             key = old[:10]
             counts[key] = counts.get(key, 0) - 1
+            if old[10] is not None and old[11] is not None:
+                a = (old[0], old[10], old[11])
         if new is not None:
             key = new[:10]
             counts[key] = counts.get(key, 0) + 1
-        a = (
-            (old[0], old[10], old[11])
-            if old is not None and old[10] is not None and old[11] is not None
-            else None
-        )
-        b = (
-            (new[0], new[10], new[11])
-            if new is not None and new[10] is not None and new[11] is not None
-            else None
-        )
+            if new[10] is not None and new[11] is not None:
+                b = (new[0], new[10], new[11])
         if a != b:  # a WhatsApp send appeared, moved or went (`window_change`)
             if a is not None:
                 self.gone.append(umid)
                 self.rewindow.append(a)
             if b is not None:
+                self.rewindow.append(b)
+                self.outbound.append((umid, *b))
+
+    def record_new(self, umids: Sequence[str], news: Sequence[Contribution | None]) -> None:
+        """`record(umid, None, new)` of each pair: messages that had no contribution before, counted in
+        bulk (the counting loop runs in C: `Counter.update`'s)."""
+        _count_elements(self.counts, map(_AGGREGATED, filter(None, news)))
+        for umid, new in zip(umids, news, strict=True):
+            if new is not None and new[10] is not None and new[11] is not None:
+                b = (new[0], new[10], new[11])
                 self.rewindow.append(b)
                 self.outbound.append((umid, *b))
 
@@ -486,6 +493,20 @@ class Changes:
             if n:
                 d.add(key, n)  # type: ignore[arg-type]
         return d
+
+
+_AGGREGATED = itemgetter(slice(0, 10))  # the aggregated part of a contribution (`Changes.counts` keys)
+
+
+def _count_each(counts: dict[Any, int], keys: Iterable[Any]) -> None:
+    for k in keys:
+        counts[k] = counts.get(k, 0) + 1
+
+
+# `Counter.update`'s counting loop, in C in CPython (the same as `_count_each`)
+_count_elements: Callable[[dict[Any, int], Iterable[Any]], None] = getattr(
+    collections, "_count_elements", _count_each
+)
 
 
 def totals(contributions: Iterable[Contribution | None]) -> Deltas:

@@ -666,16 +666,24 @@ class PostgresStore:
                 stored = set(cur.execute(_STORED_EVENTS, (umids,)).fetchall())
         changes = A.Changes()
         aggregates = self.aggregates
+        fresh_umids: list[str] = []
+        fresh: list[A.Contribution | None] = []  # of the messages without an old contribution
 
         # Each table's rows are built lazily inside its own COPY: the server ingests (parses, checks
         # keys, updates indexes) the rows already sent while the next ones are built, so the client's
         # work and the server's overlap instead of adding up.
         def message_rows() -> Iterator[tuple[Any, ...]]:
+            contribution, msisdn = A.contribution, merged.msisdn
             for s in advancing:
-                values = R.message_values(s, pii, merged.msisdn.get(s.umid))
+                values = R.message_values(s, pii, msisdn.get(s.umid))
                 if aggregates:  # here, while the server ingests the rows already sent
-                    new = A.contribution(s, values[_NUMBER] or values[_MASKED], values[_HASH])
-                    changes.record(s.umid, old.get(s.umid), new)
+                    new = contribution(s, values[_NUMBER] or values[_MASKED], values[_HASH])
+                    was = old.get(s.umid)
+                    if was is None:  # counted in bulk below
+                        fresh_umids.append(s.umid)
+                        fresh.append(new)
+                    else:
+                        changes.record(s.umid, was, new)
                 yield values
 
         def step_rows() -> Iterator[tuple[Any, ...]]:
@@ -693,6 +701,7 @@ class PostgresStore:
         self._copy_rows(conn, "message_steps", "message_steps", R.STEP_COLUMNS, step_rows())
         self._copy_rows(conn, "status_events", "status_events", R.EVENT_COLUMNS, event_rows())
         if self.aggregates:
+            changes.record_new(fresh_umids, fresh)
             self._flush(conn, changes)
         return len(advancing)
 

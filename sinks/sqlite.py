@@ -510,10 +510,18 @@ class SqliteStore:
         """Add `new - old` contribution of every advancing message (`rows`: their `messages` rows) to the
         analytics tables, in the write's transaction."""
         changes = A.Changes()
+        fresh_umids: list[str] = []
+        fresh: list[A.Contribution | None] = []  # of the messages without an old contribution
+        contribution = A.contribution
         for s, row in zip(advancing, rows, strict=True):
-            changes.record(
-                s.umid, old.get(s.umid), A.contribution(s, row[_NUMBER] or row[_MASKED], row[_HASH])
-            )
+            new = contribution(s, row[_NUMBER] or row[_MASKED], row[_HASH])
+            was = old.get(s.umid)
+            if was is None:  # counted in bulk below
+                fresh_umids.append(s.umid)
+                fresh.append(new)
+            else:
+                changes.record(s.umid, was, new)
+        changes.record_new(fresh_umids, fresh)
         conn.executemany("DELETE FROM analytics_wa_outbound WHERE umid = ?", [(u,) for u in changes.gone])
         conn.executemany(_INSERT_WA_OUTBOUND, map(_adapt_values, changes.outbound))
         self._apply(conn, changes.deltas())
