@@ -295,13 +295,19 @@ def contribution(state: MessageState, number: str | None, number_hash: str | Non
             if ch == WHATSAPP and (wa_at is None or s.first_event_at < wa_at):
                 wa_at = s.first_event_at
         channel, path = channels[-1], ">".join(channels)
+    first = steps[0].first_event_at
+    country = steps[-1].country
+    if country or not number:
+        country = country_of(country, number)
+    else:  # country_of's cache, inlined
+        country = _BY_HEAD.get(number[:4]) or country_of(None, number)
     return _new(
         Contribution,
         (
             state.sub_account_id,
-            _hour(steps[0].first_event_at),
+            _HOURS.get(first.timestamp() // 3600) or _hour(first),
             channel,
-            country_of(steps[-1].country, number),
+            country,
             path,
             _OUTCOME.get(state.state, "pending"),
             bool(state.final),

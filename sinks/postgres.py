@@ -654,9 +654,12 @@ class PostgresStore:
                 umids = [s.umid for s in replaced]
                 versions = [s.version for s in replaced]
                 if self.aggregates:  # the deletes return what the old contributions are made of
-                    found = cur.execute(_DELETE_REPLACED_RETURNING, (umids, versions)).fetchall()
+                    # binary results: timestamps load without parsing text
+                    found = cur.execute(_DELETE_REPLACED_RETURNING, (umids, versions), binary=True).fetchall()
                     deleted = len(found)
-                    old_steps = cur.execute(_DELETE_REPLACED_STEPS_RETURNING, (umids,)).fetchall()
+                    old_steps = cur.execute(
+                        _DELETE_REPLACED_STEPS_RETURNING, (umids,), binary=True
+                    ).fetchall()
                     old = _old_contributions(found, old_steps)
                 else:
                     deleted = cur.execute(_DELETE_REPLACED, (umids, versions)).rowcount
