@@ -22,11 +22,13 @@ percentiles (`percentile`).
 
 from __future__ import annotations
 
+import collections
 import math
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 from schemas.models import MessageState
@@ -217,26 +219,44 @@ def _contribution(
         deliver = latency_bucket((delivered_at - first_sent_at).total_seconds())
         if read_at is not None:
             read = latency_bucket((read_at - delivered_at).total_seconds())
-    channels = [s[0].lower() for s in steps]
-    errors = tuple(
-        (channels[i], s[2]) for i, s in enumerate(steps) if s[2] is not None and s[1] in FAILURE_STATES
+    errors: tuple[tuple[str, int], ...] = ()
+    wa_at = None
+    channels = []
+    for s in steps:
+        ch = s[0].lower()
+        channels.append(ch)
+        if s[2] is not None and s[1] in FAILURE_STATES:
+            errors += ((ch, s[2]),)
+        if ch == WHATSAPP and (wa_at is None or s[3] < wa_at):
+            wa_at = s[3]
+    return _new(
+        Contribution,
+        (
+            sub_account_id,
+            _hour(steps[0][3]),
+            channels[-1],
+            country_of(steps[-1][4], number),
+            channels[0] if len(channels) == 1 else ">".join(channels),
+            _OUTCOME.get(state, "pending"),
+            bool(final),
+            deliver,
+            read,
+            errors,
+            number_hash if wa_at is not None else None,
+            wa_at,
+        ),
     )
-    wa = [s[3] for i, s in enumerate(steps) if channels[i] == WHATSAPP]
-    last = steps[-1]
-    return Contribution(
-        sub_account_id,
-        hour_of(steps[0][3]),
-        channels[-1],
-        country_of(last[4], number),
-        ">".join(channels),
-        _OUTCOME.get(state, "pending"),
-        bool(final),
-        deliver,
-        read,
-        errors,
-        number_hash if wa else None,
-        min(wa) if wa else None,
-    )
+
+
+def _hour(when: datetime) -> datetime:
+    """`hour_of(when)`, cached by epoch hour (datetime.replace and astimezone are slow)."""
+    epoch_hour = when.timestamp() // 3600
+    hour = _HOURS.get(epoch_hour)
+    if hour is None:
+        if len(_HOURS) > 100_000:
+            _HOURS.clear()
+        hour = _HOURS[epoch_hour] = hour_of(when)
+    return hour
 
 
 def contribution(state: MessageState, number: str | None, number_hash: str | None) -> Contribution | None:
@@ -276,18 +296,18 @@ def contribution(state: MessageState, number: str | None, number_hash: str | Non
                 wa_at = s.first_event_at
         channel, path = channels[-1], ">".join(channels)
     first = steps[0].first_event_at
-    hour = _HOURS.get(first.timestamp() // 3600)
-    if hour is None:
-        if len(_HOURS) > 100_000:
-            _HOURS.clear()
-        hour = _HOURS[first.timestamp() // 3600] = hour_of(first)
+    country = steps[-1].country
+    if country or not number:
+        country = country_of(country, number)
+    else:  # country_of's cache, inlined
+        country = _BY_HEAD.get(number[:4]) or country_of(None, number)
     return _new(
         Contribution,
         (
             state.sub_account_id,
-            hour,
+            _HOURS.get(first.timestamp() // 3600) or _hour(first),
             channel,
-            country_of(steps[-1].country, number),
+            country,
             path,
             _OUTCOME.get(state.state, "pending"),
             bool(state.final),
@@ -322,10 +342,11 @@ STEP_FACT_COLUMNS: tuple[str, ...] = (
 
 def contribution_from_tuples(message: Sequence[Any], steps: list[Any]) -> Contribution | None:
     """`contribution_from_rows` of rows as tuples in `MESSAGE_FACT_COLUMNS` / `STEP_FACT_COLUMNS` order."""
-    steps.sort(key=_step_number)
+    if len(steps) > 1:
+        steps.sort(key=_step_number)
     return _contribution(
         message[1], message[2], message[3], message[4], message[5], message[6], message[7] or message[8],
-        message[9], [(r[2], r[3], r[4], r[5], r[6]) for r in steps],
+        message[9], [r[2:] for r in steps],
     )  # fmt: skip
 
 
@@ -443,27 +464,32 @@ class Changes:
         if old == new:
             return
         counts = self.counts
+        a = b = None
         if old is not None:
             key = old[:10]
             counts[key] = counts.get(key, 0) - 1
+            if old[10] is not None and old[11] is not None:
+                a = (old[0], old[10], old[11])
         if new is not None:
             key = new[:10]
             counts[key] = counts.get(key, 0) + 1
-        a = (
-            (old[0], old[10], old[11])
-            if old is not None and old[10] is not None and old[11] is not None
-            else None
-        )
-        b = (
-            (new[0], new[10], new[11])
-            if new is not None and new[10] is not None and new[11] is not None
-            else None
-        )
+            if new[10] is not None and new[11] is not None:
+                b = (new[0], new[10], new[11])
         if a != b:  # a WhatsApp send appeared, moved or went (`window_change`)
             if a is not None:
                 self.gone.append(umid)
                 self.rewindow.append(a)
             if b is not None:
+                self.rewindow.append(b)
+                self.outbound.append((umid, *b))
+
+    def record_new(self, umids: Sequence[str], news: Sequence[Contribution | None]) -> None:
+        """`record(umid, None, new)` of each pair: messages that had no contribution before, counted in
+        bulk (the counting loop runs in C: `Counter.update`'s)."""
+        _count_elements(self.counts, map(_AGGREGATED, filter(None, news)))
+        for umid, new in zip(umids, news, strict=True):
+            if new is not None and new[10] is not None and new[11] is not None:
+                b = (new[0], new[10], new[11])
                 self.rewindow.append(b)
                 self.outbound.append((umid, *b))
 
@@ -473,6 +499,20 @@ class Changes:
             if n:
                 d.add(key, n)  # type: ignore[arg-type]
         return d
+
+
+_AGGREGATED = itemgetter(slice(0, 10))  # the aggregated part of a contribution (`Changes.counts` keys)
+
+
+def _count_each(counts: dict[Any, int], keys: Iterable[Any]) -> None:
+    for k in keys:
+        counts[k] = counts.get(k, 0) + 1
+
+
+# `Counter.update`'s counting loop, in C in CPython (the same as `_count_each`)
+_count_elements: Callable[[dict[Any, int], Iterable[Any]], None] = getattr(
+    collections, "_count_elements", _count_each
+)
 
 
 def totals(contributions: Iterable[Contribution | None]) -> Deltas:

@@ -263,16 +263,26 @@ def daily_rows(name: str, rows: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ..
 
 
 def pg_unnest_upserts() -> dict[str, str]:
-    """The `+=` upserts of each aggregate table for PostgreSQL, one statement per batch: each column's
-    values as one array parameter (binary: `%b`), `unnest`ed."""
+    """The `+=` upserts of each aggregate table for PostgreSQL, one statement per batch and table: each
+    column's values as one array parameter (binary: `%b`), `unnest`ed into the hourly table, and the
+    same rows rolled up by the server into the daily table (what `daily_rows` computes: hours to their
+    UTC day, counters added, zero rows dropped; in key order, as the hourly rows come)."""
     out = {}
-    for name, (key, extra, counters) in _ALL_TABLES.items():
-        table = f"analytics_{name}"
+    for name, (key, extra, counters) in _TABLE_COLUMNS.items():
         cols = (*key, *extra, *counters)
         arrays = ", ".join(f"%b::{pg_type(c)}[]" for c in cols)
         sets = ", ".join(f"{c} = t.{c} + excluded.{c}" for c in counters)
+        conflict = f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {sets}"
+        day_key = ["sub_account_id", "date_trunc('day', hour, 'UTC')", *key[2:]]
+        sums = [f"sum({c})::bigint" for c in counters]
+        # the columns set on insert (`extra`) are functions of the key: any value of the group will do
         out[name] = (
-            f"INSERT INTO {table} AS t ({', '.join(cols)}) SELECT * FROM unnest({arrays})"
-            f" ON CONFLICT ({', '.join(key)}) DO UPDATE SET {sets}"
+            f"WITH r ({', '.join(cols)}) AS (SELECT * FROM unnest({arrays})),"
+            f" h AS (INSERT INTO analytics_{name} AS t ({', '.join(cols)}) SELECT * FROM r {conflict})"
+            f" INSERT INTO analytics_{name}_daily AS t ({', '.join(cols)})"
+            f" SELECT {', '.join([*day_key, *(f'min({c})' for c in extra), *sums])} FROM r"
+            f" GROUP BY {', '.join(str(i + 1) for i in range(len(key)))}"
+            f" HAVING {' OR '.join(f'{x} <> 0' for x in sums)}"
+            f" ORDER BY {', '.join(str(i + 1) for i in range(len(key)))} {conflict}"
         )
     return out

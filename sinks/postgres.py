@@ -654,9 +654,12 @@ class PostgresStore:
                 umids = [s.umid for s in replaced]
                 versions = [s.version for s in replaced]
                 if self.aggregates:  # the deletes return what the old contributions are made of
-                    found = cur.execute(_DELETE_REPLACED_RETURNING, (umids, versions)).fetchall()
+                    # binary results: timestamps load without parsing text
+                    found = cur.execute(_DELETE_REPLACED_RETURNING, (umids, versions), binary=True).fetchall()
                     deleted = len(found)
-                    old_steps = cur.execute(_DELETE_REPLACED_STEPS_RETURNING, (umids,)).fetchall()
+                    old_steps = cur.execute(
+                        _DELETE_REPLACED_STEPS_RETURNING, (umids,), binary=True
+                    ).fetchall()
                     old = _old_contributions(found, old_steps)
                 else:
                     deleted = cur.execute(_DELETE_REPLACED, (umids, versions)).rowcount
@@ -666,16 +669,24 @@ class PostgresStore:
                 stored = set(cur.execute(_STORED_EVENTS, (umids,)).fetchall())
         changes = A.Changes()
         aggregates = self.aggregates
+        fresh_umids: list[str] = []
+        fresh: list[A.Contribution | None] = []  # of the messages without an old contribution
 
         # Each table's rows are built lazily inside its own COPY: the server ingests (parses, checks
         # keys, updates indexes) the rows already sent while the next ones are built, so the client's
         # work and the server's overlap instead of adding up.
         def message_rows() -> Iterator[tuple[Any, ...]]:
+            contribution, msisdn = A.contribution, merged.msisdn
             for s in advancing:
-                values = R.message_values(s, pii, merged.msisdn.get(s.umid))
+                values = R.message_values(s, pii, msisdn.get(s.umid))
                 if aggregates:  # here, while the server ingests the rows already sent
-                    new = A.contribution(s, values[_NUMBER] or values[_MASKED], values[_HASH])
-                    changes.record(s.umid, old.get(s.umid), new)
+                    new = contribution(s, values[_NUMBER] or values[_MASKED], values[_HASH])
+                    was = old.get(s.umid)
+                    if was is None:  # counted in bulk below
+                        fresh_umids.append(s.umid)
+                        fresh.append(new)
+                    else:
+                        changes.record(s.umid, was, new)
                 yield values
 
         def step_rows() -> Iterator[tuple[Any, ...]]:
@@ -693,6 +704,7 @@ class PostgresStore:
         self._copy_rows(conn, "message_steps", "message_steps", R.STEP_COLUMNS, step_rows())
         self._copy_rows(conn, "status_events", "status_events", R.EVENT_COLUMNS, event_rows())
         if self.aggregates:
+            changes.record_new(fresh_umids, fresh)
             self._flush(conn, changes)
         return len(advancing)
 
@@ -775,12 +787,10 @@ class PostgresStore:
 
     @staticmethod
     def _upsert(conn: psycopg.Connection[Any], table: str, rows: Sequence[tuple[Any, ...]]) -> None:
-        """Add `rows` (`sinks.analytics_sql` upsert rows) to the hourly table and its daily table."""
+        """Add `rows` (`sinks.analytics_sql` upsert rows) to the hourly table and its daily table (one
+        statement: the server rolls them up by day)."""
         if rows:
             conn.execute(_AGG_UPSERTS[table], _columns_of(rows, len(rows[0])))
-            daily = Q.daily_rows(table, rows)
-            if daily:
-                conn.execute(_AGG_UPSERTS[table + "_daily"], _columns_of(daily, len(rows[0])))
 
     @staticmethod
     def _answered(conn: psycopg.Connection[Any], keys: Sequence[tuple[str, str, datetime]]) -> list[int]:

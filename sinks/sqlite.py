@@ -291,6 +291,7 @@ _WA_INBOUND_AROUND = (
     "SELECT umid, ts, hour, country, answered FROM analytics_wa_inbound"
     " WHERE sub_account_id = ? AND wa_user = ? AND ts > ? AND ts <= ?"
 )
+_WA_INBOUND_ANY = "SELECT 1 FROM analytics_wa_inbound WHERE sub_account_id = ? LIMIT 1"
 _INSERT_WA_OUTBOUND = (
     "INSERT OR REPLACE INTO analytics_wa_outbound (umid, sub_account_id, wa_user, wa_at) VALUES (?, ?, ?, ?)"
 )
@@ -486,14 +487,17 @@ class SqliteStore:
         if not umids or not self.aggregates:
             return {}
         arg = (json.dumps(umids),)
-        steps: dict[str, list[R.Row]] = {}
-        for r in conn.execute(_OLD_STEPS, arg):
-            steps.setdefault(r["umid"], []).append(r)
+        cur = conn.cursor()
+        cur.row_factory = None  # plain tuples, timestamps parsed here (only the few the facts need)
+        steps: dict[str, list[tuple[Any, ...]]] = {}
+        for u, n, channel, state, code, first, country in cur.execute(_OLD_STEPS, arg):
+            steps.setdefault(u, []).append((u, n, channel, state, code, _when(first), country))
         out = {}
-        for m in conn.execute(_OLD_MESSAGES, arg):
-            c = A.contribution_from_rows(m, steps.get(m["umid"], []))
+        for m in cur.execute(_OLD_MESSAGES, arg).fetchall():
+            fact = (*m[:4], _when(m[4]), _when(m[5]), _when(m[6]), *m[7:])
+            c = A.contribution_from_tuples(fact, steps.get(m[0], []))
             if c is not None:
-                out[m["umid"]] = c
+                out[m[0]] = c
         return out
 
     def _maintain(
@@ -506,15 +510,28 @@ class SqliteStore:
         """Add `new - old` contribution of every advancing message (`rows`: their `messages` rows) to the
         analytics tables, in the write's transaction."""
         changes = A.Changes()
+        fresh_umids: list[str] = []
+        fresh: list[A.Contribution | None] = []  # of the messages without an old contribution
+        contribution = A.contribution
         for s, row in zip(advancing, rows, strict=True):
-            changes.record(
-                s.umid, old.get(s.umid), A.contribution(s, row[_NUMBER] or row[_MASKED], row[_HASH])
-            )
+            new = contribution(s, row[_NUMBER] or row[_MASKED], row[_HASH])
+            was = old.get(s.umid)
+            if was is None:  # counted in bulk below
+                fresh_umids.append(s.umid)
+                fresh.append(new)
+            else:
+                changes.record(s.umid, was, new)
+        changes.record_new(fresh_umids, fresh)
         conn.executemany("DELETE FROM analytics_wa_outbound WHERE umid = ?", [(u,) for u in changes.gone])
         conn.executemany(_INSERT_WA_OUTBOUND, map(_adapt_values, changes.outbound))
         self._apply(conn, changes.deltas())
         if changes.rewindow:
-            self._rewindow(conn, changes.rewindow)
+            # only subaccounts that ever got a WhatsApp inbound message have windows to check
+            subs = {k[0] for k in changes.rewindow}
+            subs = {sub for sub in subs if conn.execute(_WA_INBOUND_ANY, (sub,)).fetchone() is not None}
+            keys = [k for k in changes.rewindow if k[0] in subs]
+            if keys:
+                self._rewindow(conn, keys)
 
     @staticmethod
     def _apply(conn: sqlite3.Connection, deltas: A.Deltas) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -149,6 +150,22 @@ def test_a_message_counts_once_in_its_current_state_whatever_its_versions(
         (c.sub_account_id, c.user, c.whatsapp_at) for c in now.values() if c and c.user and c.whatsapp_at
     }
     assert {o[1:] for o in changes.outbound} >= sends
+
+
+@given(st.lists(st.tuples(contributions | st.none(), contributions | st.none()), max_size=8))
+def test_counting_new_messages_in_bulk_equals_recording_each(pairs: list[tuple[Any, Any]]) -> None:
+    """`Changes.record_new` (the stores' bulk form for messages without an old contribution) changes
+    exactly what `record(umid, None, new)` of each does, also after other changes of the batch."""
+    umids = [f"u{i}" for i in range(len(pairs))]
+    one, bulk = A.Changes(), A.Changes()
+    for umid, (old, _) in zip(umids, pairs, strict=True):
+        one.record(umid + "-old", old, None)
+        bulk.record(umid + "-old", old, None)
+    for umid, (_, new) in zip(umids, pairs, strict=True):
+        one.record(umid, None, new)
+    bulk.record_new(umids, [new for _, new in pairs])
+    assert {k: n for k, n in bulk.counts.items() if n} == {k: n for k, n in one.counts.items() if n}
+    assert (bulk.gone, bulk.outbound, bulk.rewindow) == (one.gone, one.outbound, one.rewindow)
 
 
 @given(contributions, contributions)
