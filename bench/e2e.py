@@ -79,8 +79,8 @@ from chatpipe.proof.client import DeliveryResult, SendStats, deliver
 from chatpipe.proof.delivery import RetryPolicy, failed
 from chatpipe.proof.traffic import Traffic, TrafficConfig, generate
 from chatpipe.proof.truth import truth_of
+from chatpipe.runtime.topics import PROCESSOR_APP_ID
 from chatpipe.simulate import WEBHOOK_PATH, delivery_of, write_truth
-from chatpipe.topics import PROCESSOR_APP_ID
 from schemas.catalog import MESSAGE_STATE, RECEIPTS
 from sinks.worker import SINK_GROUP
 

@@ -62,10 +62,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import orjson
 
 from chatpipe.broker import free_port, start_tansu, wait_for_port
-from chatpipe.config import Settings
 from chatpipe.dev import EMBEDDED_PARTITIONS, _die_with_parent
-from chatpipe.serve import run
-from chatpipe.topics import ensure_topics
+from chatpipe.runtime.config import Settings
+from chatpipe.runtime.serve import run
+from chatpipe.runtime.topics import ensure_topics
 from tests.fixtures.webhooks import DELIVERY_RECEIPTS, load
 
 PATH = "/v1/webhooks/chatapps"

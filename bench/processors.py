@@ -39,8 +39,8 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from bench.state_core import build
 from chatpipe.broker import free_port, start_tansu, wait_for_port
-from chatpipe.serve import serve_in_thread
-from chatpipe.topics import ensure_topics
+from chatpipe.runtime.serve import serve_in_thread
+from chatpipe.runtime.topics import ensure_topics
 from processors.state import StateConfig, apply_many
 from schemas.catalog import RECEIPTS
 from schemas.codec import Codecs

@@ -40,10 +40,10 @@ import httpx
 from aiohttp import web
 
 from chatpipe.broker import free_port, start_tansu, wait_for_port
-from chatpipe.config import Settings
 from chatpipe.reconciler import Reconciler, ReconcilerConfig
-from chatpipe.serve import serve_in_thread
-from chatpipe.topics import ensure_topics
+from chatpipe.runtime.config import Settings
+from chatpipe.runtime.serve import serve_in_thread
+from chatpipe.runtime.topics import ensure_topics
 from processors.state import apply_many
 from schemas.models import DeliveryReceipt, Status
 from schemas.registry import create_registry_app

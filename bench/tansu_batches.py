@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from confluent_kafka import OFFSET_END, Consumer, Producer, TopicPartition
 
 from chatpipe.broker import free_port, start_tansu
-from chatpipe.topics import ensure_topics
+from chatpipe.runtime.topics import ensure_topics
 from schemas.catalog import RECEIPTS
 
 TOPIC = RECEIPTS.name  # created with the rest of chatpipe's topics, as `chatpipe dev` does

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from chatpipe.config import Settings
+from chatpipe.runtime.config import Settings
 
 log = logging.getLogger("chatpipe")
 
@@ -40,7 +40,7 @@ def cmd_dev(settings: Settings, args: argparse.Namespace, env: dict[str, str]) -
 
 
 def cmd_ingest(settings: Settings, args: argparse.Namespace, env: dict[str, str]) -> int:
-    from chatpipe.serve import run, serve_until_signal
+    from chatpipe.runtime.serve import run, serve_until_signal
     from ingest.app import create_app, fast_dispatch
 
     if not (settings.webhook_token or settings.oauth_client_id or settings.insecure):
@@ -123,7 +123,7 @@ def cmd_sink(settings: Settings, args: argparse.Namespace, env: dict[str, str]) 
     from aiohttp import web
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    from chatpipe.serve import serve_in_thread
+    from chatpipe.runtime.serve import serve_in_thread
     from sinks.store import open_store
     from sinks.worker import SinkWorker, pii_policy
 
@@ -155,7 +155,7 @@ def cmd_sink(settings: Settings, args: argparse.Namespace, env: dict[str, str]) 
 
 
 def cmd_api(settings: Settings, args: argparse.Namespace, env: dict[str, str]) -> int:
-    from chatpipe.serve import run, serve_until_signal
+    from chatpipe.runtime.serve import run, serve_until_signal
     from sinks.api import create_app, load_api_keys
 
     try:
@@ -191,7 +191,7 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace, env: dict[str, s
 
 
 def cmd_registry(settings: Settings, args: argparse.Namespace, env: dict[str, str]) -> int:
-    from chatpipe.serve import run, serve_until_signal
+    from chatpipe.runtime.serve import run, serve_until_signal
     from schemas.registry import create_registry_app
 
     storage = Path(args.storage) if args.storage else settings.state_dir / "registry.json"
@@ -201,7 +201,7 @@ def cmd_registry(settings: Settings, args: argparse.Namespace, env: dict[str, st
 
 
 def cmd_topics(settings: Settings, args: argparse.Namespace, env: dict[str, str]) -> int:
-    from chatpipe.topics import ensure_topics
+    from chatpipe.runtime.topics import ensure_topics
 
     created = ensure_topics(settings.kafka_bootstrap, settings.partitions, settings.replication_factor)
     print("created: " + (", ".join(created) or "nothing (all topics exist)"))
@@ -359,7 +359,7 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
     except ValueError as exc:
         print(f"chatpipe: configuration error: {exc}", file=sys.stderr)
         return 2
-    from chatpipe.serve import setup_logging
+    from chatpipe.runtime.serve import setup_logging
 
     setup_logging(settings.log_level, settings.log_format, args.command)
     try:

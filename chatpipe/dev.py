@@ -45,9 +45,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatpipe.broker import free_port, s3_env, start_tansu, wait_for_port
-from chatpipe.config import Settings
 from chatpipe.objectstore import DEFAULT_BUCKET
-from chatpipe.topics import ensure_topics
+from chatpipe.runtime.config import Settings
+from chatpipe.runtime.topics import ensure_topics
 from sinks.store import sqlite_path
 
 READY_TIMEOUT = 90.0

@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from chatpipe.config import Settings
+from chatpipe.runtime.config import Settings
 from sinks.export_rows import TABLES, Kind
 from sinks.rows import fixed_iso
 

@@ -53,8 +53,8 @@ import httpx
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from chatpipe.config import Settings
-from chatpipe.metric_defs import ReconcilerMetrics
+from chatpipe.runtime.config import Settings
+from chatpipe.runtime.metric_defs import ReconcilerMetrics
 from ingest.publisher import AsyncProducer, ProduceFailed, producer_config
 from processors.reconcile import (
     LIMIT_INTERVAL,
@@ -625,7 +625,7 @@ def run_reconciler(settings: Settings, on_ready: Callable[[], None] | None = Non
     if not settings.api_8x8_key:
         log.info("reconciler off: CHATPIPE_8X8_API_KEY is not set")
         return 0
-    from chatpipe.serve import run
+    from chatpipe.runtime.serve import run
 
     run(serve(settings, on_ready), settings.event_loop)
     return 0

@@ -37,11 +37,11 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from chatpipe.config import Settings
 from chatpipe.proof.client import deliver
 from chatpipe.proof.delivery import RetryPolicy
 from chatpipe.proof.shell import run_alone
 from chatpipe.proof.traffic import Webhook
+from chatpipe.runtime.config import Settings
 from chatpipe.simulate import Progress, webhook_url
 from schemas.catalog import INBOUND, INGEST_DLQ, PROCESSOR_DLQ, RECEIPTS
 from schemas.codec import Codecs

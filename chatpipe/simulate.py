@@ -33,13 +33,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from chatpipe.config import Settings
 from chatpipe.proof.client import DeliveryResult, SendStats, deliver
 from chatpipe.proof.delivery import RetryPolicy
 from chatpipe.proof.runs import Part, Simulation, merge_delivery, parts_of, simulation
 from chatpipe.proof.shell import run_alone
 from chatpipe.proof.traffic import TrafficConfig, Webhook
 from chatpipe.proof.truth import Delivery, Truth, dump_lines, load_lines
+from chatpipe.runtime.config import Settings
 
 __all__ = ["add_simulate_parser", "cmd_simulate", "main"]
 

@@ -31,10 +31,10 @@ from urllib.parse import quote
 
 import aiohttp
 
-from chatpipe.config import Settings
 from chatpipe.proof.compare import CATEGORIES, Mismatch, Report, compare_inbound, compare_message, report
 from chatpipe.proof.shell import run_alone
 from chatpipe.proof.truth import ExpectedMessage, Truth, load_lines
+from chatpipe.runtime.config import Settings
 
 __all__ = ["add_verify_parser", "cmd_verify", "main"]
 

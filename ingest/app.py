@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import time
 import uuid
@@ -24,9 +25,10 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from chatpipe.config import Settings
-from chatpipe.metric_defs import IngestMetrics
-from chatpipe.serve import Handler, answer_and_close
+from chatpipe.runtime.config import Settings
+from chatpipe.runtime.metric_defs import IngestMetrics
+from chatpipe.runtime.serve import Handler, answer_and_close
+from chatpipe.runtime.specs import parse_networks
 from ingest import auth
 from ingest.fastreceipt import encode_receipt, matches
 from ingest.parse import error_body, parse_webhook
@@ -308,8 +310,8 @@ class Authn:
         self.client_secret = settings.oauth_client_secret
         self.token_ttl = settings.oauth_token_ttl
         self.key = auth.signing_key(self.client_secret) if self.client_secret else b""
-        self.allowlist = auth.parse_networks(settings.allowed_ips)
-        self.proxies = auth.parse_networks(settings.trusted_proxies)
+        self.allowlist = parse_networks(settings.allowed_ips)
+        self.proxies = parse_networks(settings.trusted_proxies)
 
     @property
     def required(self) -> bool:
@@ -515,8 +517,8 @@ async def token(request: web.Request) -> web.Response:
         return web.json_response({"error": "unsupported_grant_type"}, status=400)
     creds = auth.client_credentials(request.headers.get("Authorization"), form)
     if creds is None or not (
-        auth.hmac.compare_digest(creds[0].encode(), (authn.client_id or "").encode())
-        and auth.hmac.compare_digest(creds[1].encode(), (authn.client_secret or "").encode())
+        hmac.compare_digest(creds[0].encode(), (authn.client_id or "").encode())
+        and hmac.compare_digest(creds[1].encode(), (authn.client_secret or "").encode())
     ):
         request.app[METRICS].auth_failures.labels("oauth2").inc()
         return web.json_response({"error": "invalid_client"}, status=401,

@@ -10,6 +10,8 @@ import ipaddress
 import json
 from urllib.parse import unquote_plus
 
+from chatpipe.runtime.specs import Network
+
 
 def presented_secret(authorization: str | None) -> str | None:
     """The secret carried by an Authorization header: a Bearer token or the Basic-auth password."""
@@ -94,36 +96,6 @@ def client_credentials(authorization: str | None, form: dict[str, str]) -> tuple
 
 
 # --- source address allowlist ------------------------------------------------------------------------
-
-#: 8x8's published webhook source addresses for messaging products (ip-address-list.md, 2025-10-13).
-EIGHT_BY_EIGHT_WEBHOOK_IPS = (
-    "52.220.117.120", "52.220.109.9", "18.136.13.204",
-    "34.101.157.207", "34.101.215.77", "34.34.217.244", "34.101.109.67",
-    "34.142.20.188", "34.142.64.178", "34.39.69.103", "34.39.114.155",
-    "50.112.250.190", "100.21.170.42", "52.10.10.63",
-)
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def parse_networks(spec: str) -> tuple[Network, ...]:
-    """Comma-separated addresses/CIDRs; the word `8x8` expands to 8x8's published addresses.
-
-    Raises ValueError naming the bad entry.
-    """
-    nets: list[Network] = []
-    for item in (s.strip() for s in spec.split(",")):
-        if not item:
-            continue
-        if item.lower() == "8x8":
-            nets.extend(ipaddress.ip_network(ip) for ip in EIGHT_BY_EIGHT_WEBHOOK_IPS)
-            continue
-        try:
-            nets.append(ipaddress.ip_network(item, strict=False))
-        except ValueError:
-            raise ValueError(f"not an IP address or network: {item!r}") from None
-    return tuple(nets)
-
 
 def _in(addr: str, nets: tuple[Network, ...]) -> bool:
     try:

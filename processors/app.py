@@ -29,9 +29,9 @@ import faust
 from faust.sensors.monitor import Monitor
 from prometheus_client import CollectorRegistry
 
-from chatpipe.config import Settings
-from chatpipe.metric_defs import ProcessorMetrics
-from chatpipe.topics import PROCESSOR_APP_ID
+from chatpipe.runtime.config import Settings
+from chatpipe.runtime.metric_defs import ProcessorMetrics
+from chatpipe.runtime.topics import PROCESSOR_APP_ID
 from processors.dlqlimit import DlqLimit
 from processors.state import StateConfig
 from schemas.catalog import CONVERSATIONS, INBOUND, INBOUND_BY_CONVERSATION, MESSAGE_STATE, RECEIPTS
@@ -118,7 +118,7 @@ class QuietMonitor(Monitor):
     """Faust's monitor without its per-event bookkeeping (it costs more than the state machine).
 
     Keeps the rebalance/commit/assignment hooks (rare) and drops the per-message, per-stream-event and
-    per-table-access ones. chatpipe's own metrics are in `chatpipe.metric_defs`.
+    per-table-access ones. chatpipe's own metrics are in `chatpipe.runtime.metric_defs`.
     """
 
     def on_message_in(self, tp: Any, offset: int, message: Any) -> None:

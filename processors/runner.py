@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import faust
 
-from chatpipe.config import Settings
-from chatpipe.patches import apply_worker_patches
+from chatpipe.runtime.config import Settings
+from chatpipe.runtime.patches import apply_worker_patches
 from processors.agents import install_agents
 from processors.app import create_processor, tune_gc
 

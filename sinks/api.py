@@ -34,14 +34,15 @@ from datetime import UTC, datetime
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from chatpipe.config import Settings
-from chatpipe.metric_defs import ApiMetrics
+from chatpipe.runtime.config import Settings
+from chatpipe.runtime.metric_defs import ApiMetrics
+from chatpipe.runtime.specs import ApiKeys, parse_api_keys, parse_api_keys_spec, parse_channel_ids
 from schemas import ids
 from schemas.errors import TransientError
 from schemas.timefmt import format_iso8601
-from sinks.auth import ApiKeys, Verdict, authorize, parse_api_keys, parse_api_keys_spec
+from sinks.auth import Verdict, authorize
 from sinks.dashboard import add_dashboard
-from sinks.rows import complete_details, parse_channel_ids, parse_inbound_cursor
+from sinks.rows import complete_details, parse_inbound_cursor
 from sinks.store import DEFAULT_LIMIT, MAX_LIMIT, Store, open_store
 
 #: path ids, checked with the formats ingest applies (`schemas.ids`): what ingest stores, the API serves

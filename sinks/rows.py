@@ -797,21 +797,6 @@ def complete_details(
     return out
 
 
-def parse_channel_ids(spec: str) -> dict[tuple[str, str], str]:
-    """`CHATPIPE_CHANNEL_IDS`: comma-separated `subAccountId:channel=channelId` (channel as the read API
-    names it: SMS, WhatsApp, RCS, Viber, ...; any case). Raises ValueError naming the bad entry."""
-    out: dict[tuple[str, str], str] = {}
-    for entry in (e.strip() for e in spec.split(",")):
-        if not entry:
-            continue
-        key, eq, channel_id = entry.partition("=")
-        sub, colon, channel = key.strip().rpartition(":")
-        if not (eq and colon and sub.strip() and channel.strip() and channel_id.strip()):
-            raise ValueError(f"expected subAccountId:channel=channelId, got {entry!r}")
-        out[(sub.strip(), channel.strip().lower())] = channel_id.strip()
-    return out
-
-
 def summary_record(message: Row) -> dict[str, Any]:
     """One message of a list answer: its current status, path and identifiers (camelCase, nulls out)."""
     status = _compact(

@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from prometheus_client import CollectorRegistry
 
-from chatpipe.config import Settings
-from chatpipe.metric_defs import SinkMetrics
+from chatpipe.runtime.config import Settings
+from chatpipe.runtime.metric_defs import SinkMetrics
 from schemas.catalog import CONVERSATIONS, INBOUND, MESSAGE_STATE
 from schemas.codec import Codecs
 from schemas.errors import InvalidEvent, TransientError

@@ -19,7 +19,7 @@ pytest_plugins = ["tests.support.postgres"]
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A Tansu broker for the whole session with chatpipe's topics created; yields the bootstrap."""
-    from chatpipe.topics import ensure_topics
+    from chatpipe.runtime.topics import ensure_topics
 
     port = free_port()
     log = tmp_path_factory.mktemp("broker") / "tansu.log"
@@ -39,7 +39,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def registry_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The embedded schema registry, served from a thread on a free port."""
-    from chatpipe.serve import serve_in_thread
+    from chatpipe.runtime.serve import serve_in_thread
     from schemas.registry import create_registry_app
 
     storage = tmp_path_factory.mktemp("registry") / "registry.json"

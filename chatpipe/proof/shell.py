@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from chatpipe.config import Settings
+from chatpipe.runtime.config import Settings
 
 Command = Callable[[Settings, argparse.Namespace, dict[str, str]], int]
 

@@ -14,7 +14,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from chatpipe.config import Settings
+from chatpipe.runtime.config import Settings
 from ingest.fastreceipt import encode_receipt
 from ingest.parse import parse_webhook
 from schemas.errors import InvalidEvent

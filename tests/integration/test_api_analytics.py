@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from chatpipe.config import Settings
+from chatpipe.runtime.config import Settings
 from sinks import aggregates as A
 from sinks.api import create_app
 from sinks.store import Store, open_store

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from chatpipe.config import Settings
+from chatpipe.runtime.config import Settings
 from sinks.api import CODE_FORBIDDEN, CODE_UNAUTHORIZED, create_app
 from sinks.store import Store, open_store
 from tests.integration.test_api import NOW, PII, SUB, UMID, assert_error, fallback_message

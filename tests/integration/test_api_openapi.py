@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from chatpipe.config import Settings
+from chatpipe.runtime.config import Settings
 from processors.reconcile import Outcome
 from processors.state import apply_many
 from schemas.models import DeliveryReceipt, InboundContent, InboundMessage, Status, User

@@ -148,7 +148,7 @@ async def test_the_page_and_its_own_files_are_served_and_nothing_else() -> None:
     """Offline by construction: this origin's files only, a CSP refusing any other, no URL to elsewhere."""
     from aiohttp.test_utils import TestClient, TestServer
 
-    from chatpipe.config import Settings
+    from chatpipe.runtime.config import Settings
     from sinks.api import create_app
     from sinks.dashboard import FILES
     from sinks.rows import PiiPolicy

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from chatpipe.topics import PROCESSOR_APP_ID
+from chatpipe.runtime.topics import PROCESSOR_APP_ID
 from schemas.catalog import MESSAGE_STATE, RECEIPTS
 from tests.support.dev import (
     DevProcess,

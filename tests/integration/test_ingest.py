@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chatpipe.broker import free_port
-from chatpipe.config import Settings
-from chatpipe.patches import install_dispatch
-from chatpipe.serve import start_site
+from chatpipe.runtime.config import Settings
+from chatpipe.runtime.patches import install_dispatch
+from chatpipe.runtime.serve import start_site
 from ingest.app import WEBHOOK, create_app, fast_dispatch
 from ingest.parse import parse_webhook
 from schemas.catalog import INBOUND, INGEST_DLQ, RECEIPTS

@@ -21,8 +21,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from chatpipe.broker import free_port, start_tansu, wait_for_port
-from chatpipe.config import Settings
-from chatpipe.topics import ensure_topics
+from chatpipe.runtime.config import Settings
+from chatpipe.runtime.topics import ensure_topics
 from ingest.app import INTAKE, create_app
 from ingest.spool import Spool
 from schemas.catalog import RECEIPTS

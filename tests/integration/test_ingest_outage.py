@@ -28,9 +28,9 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from chatpipe.broker import free_port, start_tansu, wait_for_port
-from chatpipe.config import Settings
-from chatpipe.serve import start_site
-from chatpipe.topics import ensure_topics
+from chatpipe.runtime.config import Settings
+from chatpipe.runtime.serve import start_site
+from chatpipe.runtime.topics import ensure_topics
 from ingest.app import INTAKE, create_app, fast_dispatch
 from ingest.publisher import AsyncProducer, ProduceFailed, producer_config
 from schemas.catalog import RECEIPTS

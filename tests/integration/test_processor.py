@@ -26,7 +26,7 @@ import pytest
 from confluent_kafka import Producer
 
 from chatpipe.broker import free_port, start_tansu
-from chatpipe.topics import ensure_topics
+from chatpipe.runtime.topics import ensure_topics
 from processors.state import apply
 from schemas import mapping
 from schemas.catalog import MESSAGE_STATE, MESSAGE_STEPS, RECEIPTS

@@ -39,7 +39,7 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from chatpipe.topics import PROCESSOR_APP_ID
+from chatpipe.runtime.topics import PROCESSOR_APP_ID
 from processors.app import LIVE, Stored, encode_stored
 from processors.conversation import apply_inbound, conversation_key
 from schemas import mapping

@@ -29,8 +29,8 @@ import pytest
 from aiohttp import web
 
 from chatpipe.broker import free_port
-from chatpipe.config import Settings
 from chatpipe.reconciler import Reconciler, ReconcilerConfig, run_reconciler, scan_candidates
+from chatpipe.runtime.config import Settings
 from processors.reconcile import Outcome
 from processors.state import apply_many
 from schemas.catalog import RECEIPTS
@@ -497,7 +497,7 @@ def test_process_serves_health_and_metrics_and_stops_on_sigterm(
     port = free_port()
     code = (
         "import logging, sys\n"
-        "from chatpipe.config import Settings\n"
+        "from chatpipe.runtime.config import Settings\n"
         "from chatpipe.reconciler import run_reconciler\n"
         "logging.basicConfig(level='INFO')\n"
         f"s = Settings(kafka_bootstrap={broker!r}, schema_registry_url={registry_url!r},"

@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from chatpipe.config import Settings
+from chatpipe.runtime.config import Settings
 from schemas.catalog import CONVERSATIONS, MESSAGE_STATE, SINK_DLQ
 from schemas.codec import Codecs
 from schemas.models import Conversation, MessageState

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from chatpipe.metric_defs import ProcessorMetrics
+from chatpipe.runtime.metric_defs import ProcessorMetrics
 from processors import agents
 from processors.agents import Folder, _Batch
 from processors.app import GONE, RuntimeConfig, Stored, decode_stored, encode_stored

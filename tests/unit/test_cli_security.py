@@ -14,14 +14,14 @@ from chatpipe import cli
 def started(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Which services got past the checks (their servers are replaced by a recorder: no I/O here)."""
     calls: list[str] = []
-    import chatpipe.serve
+    import chatpipe.runtime.serve
     import ingest.app
     import sinks.api
 
     monkeypatch.setattr(ingest.app, "create_app", lambda *a, **k: calls.append("ingest"))
     monkeypatch.setattr(sinks.api, "create_app", lambda *a, **k: calls.append("api"))
-    monkeypatch.setattr(chatpipe.serve, "run", lambda *a, **k: None)
-    monkeypatch.setattr(chatpipe.serve, "serve_until_signal", lambda *a, **k: None)
+    monkeypatch.setattr(chatpipe.runtime.serve, "run", lambda *a, **k: None)
+    monkeypatch.setattr(chatpipe.runtime.serve, "serve_until_signal", lambda *a, **k: None)
     return calls
 
 

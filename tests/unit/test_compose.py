@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from chatpipe.config import Settings, env_name
+from chatpipe.runtime.config import Settings, env_name
 
 ROOT = Path(__file__).resolve().parents[2]
 RAW = yaml.safe_load((ROOT / "compose.yaml").read_text(encoding="utf-8"))

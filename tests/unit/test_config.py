@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from chatpipe.config import Settings
+from chatpipe.runtime.config import Settings
 
 
 def test_ingest_linger_defaults_to_one_millisecond_and_parses_fractions() -> None:

@@ -1,5 +1,5 @@
 """The configuration reference (docs/configuration.md) and the README's configuration table agree with
-the settings object (chatpipe/config.py): every variable, its type, its default, its meaning."""
+the settings object (chatpipe/runtime/config.py): every variable, its type, its default, its meaning."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from chatpipe.config import Settings, env_name
 from chatpipe.configref import MEANINGS, format_default, render, rows
+from chatpipe.runtime.config import Settings, env_name
 
 ROOT = Path(__file__).resolve().parents[2]
 CODE_DEFAULTS = {env_name(f.name): format_default(f.default) for f in dataclasses.fields(Settings)}

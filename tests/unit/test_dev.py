@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from chatpipe import dev
-from chatpipe.config import Settings
 from chatpipe.dev import EMBEDDED_PARTITIONS, _die_with_parent, dev_partitions
+from chatpipe.runtime.config import Settings
 
 PRINT_NICE_OF_A_THREAD = (
     "import os, threading; out = []; "

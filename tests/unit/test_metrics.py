@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from chatpipe.metric_defs import _LATENCY_BUCKETS, LoopHistogram
+from chatpipe.runtime.metric_defs import _LATENCY_BUCKETS, LoopHistogram
 
 
 def _exposed(registry: CollectorRegistry) -> list[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from chatpipe.config import Settings, env_name
+from chatpipe.runtime.config import Settings, env_name
 from tests.unit.test_ops_prometheus import EXPORTED
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,5 +1,5 @@
 """ops/prometheus: the alert rules name only metrics and labels the services really export
-(chatpipe/metric_defs.py, or a documented exporter's), cover what the operations guide promises, and
+(chatpipe/runtime/metric_defs.py, or a documented exporter's), cover what the operations guide promises, and
 Prometheus scrapes every chatpipe service of compose.yaml on the port it serves /metrics on. Where
 promtool is installed (Debian's `prometheus` package; scripts/test installs it), the config and the rules
 are also checked by promtool and the alerts unit-tested (ops/prometheus/alerts.test.yml)."""
@@ -19,7 +19,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from chatpipe import metric_defs
+from chatpipe.runtime import metric_defs
 
 ROOT = Path(__file__).resolve().parents[2]
 OPS = ROOT / "ops" / "prometheus"
@@ -157,7 +157,9 @@ def test_alert_names_only_exported_metrics_and_labels(rule: dict[str, Any]) -> N
     known = {**EXPORTED, **EXTERNAL}
     labels_in_query: set[str] = set(TARGET_LABELS)
     for name, matchers in q.selectors:
-        assert name in known, f"{rule['alert']}: {name} is exported by no service (chatpipe/metric_defs.py)"
+        assert name in known, (
+            f"{rule['alert']}: {name} is exported by no service (chatpipe/runtime/metric_defs.py)"
+        )
         labels = known[name] | TARGET_LABELS
         labels_in_query |= labels
         for label, op, value in matchers:

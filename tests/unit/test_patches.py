@@ -1,6 +1,6 @@
-"""`chatpipe.patches`: each patch of another library's internals still takes effect, and the version guard
-refuses versions the patches were not written for. A failure here after a library upgrade means: read
-the patch against the new version before widening `SUPPORTED`."""
+"""`chatpipe.runtime.patches`: each patch of another library's internals still takes effect, and the
+version guard refuses versions the patches were not written for. A failure here after a library
+upgrade means: read the patch against the new version before widening `SUPPORTED`."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from chatpipe import patches
-from chatpipe.patches import (
+from chatpipe.runtime import patches
+from chatpipe.runtime.patches import (
     SUPPORTED,
     UnsupportedLibraryVersion,
     apply_worker_patches,
@@ -66,7 +66,7 @@ def test_a_version_outside_the_range_is_refused_naming_it(name: str, version: st
         check_versions(SUPPORTED, versions(**{name.replace("-", "_"): version}))
     message = str(refused.value)
     assert f"{name} {version} is installed" in message
-    assert "chatpipe/patches.py" in message
+    assert "chatpipe/runtime/patches.py" in message
     assert message.count(" is installed") == 1  # only the wrong one is named
 
 
@@ -140,7 +140,7 @@ async def test_faust_consumer_never_acks_a_gap(caplog: pytest.LogCaptureFixture)
     added: list[tuple[int, int]] = []
     tree = SimpleNamespace(addi=lambda start, end: added.append((start, end)))
     consumer = SimpleNamespace(_committed_offset={"tp": 4}, _gap=defaultdict(lambda: tree))
-    with caplog.at_level(logging.WARNING, logger="chatpipe.patches"):
+    with caplog.at_level(logging.WARNING, logger="chatpipe.runtime.patches"):
         await AIOKafkaConsumer._add_gap(consumer, "tp", 5, 10)  # faust's own records (5, 11) as acked
     assert added == []
     assert "offsets 5..9 of tp were not delivered" in caplog.text

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from chatpipe.patches import deliver_first
+from chatpipe.runtime.patches import deliver_first
 
 
 class FakeConsumer:

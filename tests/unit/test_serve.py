@@ -7,8 +7,8 @@ import asyncio
 import pytest
 import uvloop
 
-from chatpipe.config import Settings
-from chatpipe.serve import run
+from chatpipe.runtime.config import Settings
+from chatpipe.runtime.serve import run
 
 
 async def _loop_type() -> type:

@@ -6,8 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chatpipe.config import Settings
-from sinks.auth import ApiKeys, Verdict, authorize, bearer_key, parse_api_keys, parse_api_keys_spec
+from chatpipe.runtime.config import Settings
+from chatpipe.runtime.specs import ApiKeys, parse_api_keys, parse_api_keys_spec
+from sinks.auth import Verdict, authorize, bearer_key
 
 KEYS = parse_api_keys_spec("k-one:subA,subB; k-all:*")
 

@@ -15,8 +15,8 @@ from typing import Any
 
 from aiohttp import web
 
-from chatpipe.patches import Dispatch, install_dispatch
-from chatpipe.patches import Handler as Handler  # re-exported: ingest.app imports it from here
+from chatpipe.runtime.patches import Dispatch, install_dispatch
+from chatpipe.runtime.patches import Handler as Handler  # re-exported: ingest.app imports it from here
 
 
 class JsonFormatter(logging.Formatter):
@@ -79,7 +79,7 @@ async def start_site(
 
     With `dispatch`, the server's request handler becomes `dispatch(app, handler)`: a way for a hot route
     to skip the router. Set before the site starts, so every connection gets it (a patch of aiohttp's
-    internals: `chatpipe.patches.install_dispatch`, which checks aiohttp's version first).
+    internals: `chatpipe.runtime.patches.install_dispatch`, which checks aiohttp's version first).
 
     With `header_timeout`, a connection that has not delivered a whole request head (request line and
     headers) within that many seconds of opening, or of its previous answer, is closed. This is aiohttp's

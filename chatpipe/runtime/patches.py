@@ -11,10 +11,10 @@ version's source, widen `SUPPORTED`, run the patch tests and the processor and i
 | `patch_fetcher_close` | aiokafka `Fetcher.close` | `processors.runner.run_worker` |
 | `patch_gap_acking` | faust `Consumer._add_gap` | `processors.runner.run_worker` |
 | `patch_message_delivery` | faust `Consumer.wait_first` (mode's) | `processors.runner.run_worker` |
-| `install_dispatch` | aiohttp `Server.request_handler` | `chatpipe.serve.start_site` (`chatpipe ingest`) |
+| `install_dispatch` | aiohttp `Server.request_handler` | `serve.start_site` (`chatpipe ingest`) |
 
 Imports only the standard library at module level (faust, mode and aiokafka are imported by the functions
-that patch them), so the ingest and API processes that import `chatpipe.serve` never load Faust.
+that patch them), so the ingest and API processes that import `chatpipe.runtime.serve` never load Faust.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def check_versions(
             "written for: "
             + "; ".join(wrong)
             + ". Install the versions pyproject.toml pins (scripts/setup), or read each patch in "
-            "chatpipe/patches.py against the new version and widen SUPPORTED there."
+            "chatpipe/runtime/patches.py against the new version and widen SUPPORTED there."
         )
     return found
 

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chatpipe.runtime.specs import parse_api_keys_spec, parse_channel_ids, parse_networks
+
 _SECRET = "***"
 #: what the HTTP services (ingest, api, registry, reconciler) can run on
 EVENT_LOOPS = ("asyncio", "uvloop")
@@ -182,8 +184,6 @@ class Settings:
         if not self.spool_stall_seconds > 0:
             raise ValueError("CHATPIPE_SPOOL_STALL_SECONDS must be > 0")
         if self.api_keys:
-            from sinks.auth import parse_api_keys_spec
-
             try:
                 parse_api_keys_spec(self.api_keys)
             except ValueError as exc:
@@ -192,14 +192,10 @@ class Settings:
             raise ValueError("CHATPIPE_RECONCILE_MARGIN must be >= 0 seconds")
         if not self.reconcile_interval > 0:
             raise ValueError("CHATPIPE_RECONCILE_INTERVAL must be > 0 seconds")
-        from sinks.rows import parse_channel_ids
-
         try:
             parse_channel_ids(self.channel_ids)
         except ValueError as exc:
             raise ValueError(f"CHATPIPE_CHANNEL_IDS: {exc}") from None
-        from ingest.auth import parse_networks
-
         for name, spec in (
             ("CHATPIPE_ALLOWED_IPS", self.allowed_ips),
             ("CHATPIPE_TRUSTED_PROXIES", self.trusted_proxies),
