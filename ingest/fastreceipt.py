@@ -28,8 +28,6 @@ from ingest.parse import (
     DEFAULT_MAX_DEPTH,
     EARLIEST,
     EVENT_DELIVERY_RECEIPT,
-    INT32_MAX,
-    INT32_MIN,
     MAX_AHEAD,
     MAX_CHANNEL_USER_ID,
     MAX_DETAIL,
@@ -42,7 +40,6 @@ from ingest.parse import (
     STATES,
     UTF8_BOM,
     channel_ok,
-    normalise_channel,
 )
 from schemas.fastpath import (
     EPOCH,
@@ -53,6 +50,7 @@ from schemas.fastpath import (
     varint,
     write_long,
 )
+from schemas.fields import INT32_MAX, INT32_MIN, normalise_channel
 from schemas.ids import BATCH_ID, CLIENT_BATCH_ID, CLIENT_MESSAGE_ID, SUBACCOUNT_ID, UMID
 from schemas.timefmt import parse_iso8601
 

@@ -32,12 +32,28 @@ from __future__ import annotations
 import math
 import re
 from datetime import UTC, datetime, timedelta
-from typing import Any, NoReturn
+from typing import Any
 
 import orjson
 
 from schemas import ids
 from schemas.errors import InvalidEvent
+from schemas.fields import (
+    CODE_INVALID,
+    FieldError,
+    JSONObject,
+    bad,
+    field_path,
+    jtype,
+    normalise_channel,
+    opt_int32,
+    opt_obj,
+    opt_str,
+    req_obj,
+    req_str,
+    show,
+    wrong_type,
+)
 from schemas.models import (
     ButtonReply,
     CallPermissionReply,
@@ -61,7 +77,6 @@ __all__ = [
     "parse_webhook",
 ]
 
-CODE_INVALID = 1000
 """8x8 "Invalid parameter": the body is not a well-formed webhook of a kind we accept."""
 HTTP_INVALID = 400
 CODE_UNSUPPORTED = 1003
@@ -69,9 +84,6 @@ CODE_UNSUPPORTED = 1003
 HTTP_UNSUPPORTED = 422
 
 DEFAULT_MAX_DEPTH = 32
-MAX_ID_LENGTH = ids.UMID.max_len
-INT32_MIN = -(2**31)
-INT32_MAX = 2**31 - 1
 
 NAMESPACE = "chatapps"
 EVENT_DELIVERY_RECEIPT = "outbound_message_status_changed"
@@ -79,9 +91,7 @@ EVENT_INBOUND_MESSAGE = "inbound_message_received"
 
 UTF8_BOM = b"\xef\xbb\xbf"
 _ORJSON_MAX_DEPTH = 1024
-_SHOW_MAX = 80
 
-CHANNEL_ALIASES = {"googlercs": "rcs"}
 
 #: every `status.state` 8x8 documents (message-status-references.md, the details API's MessageStatus,
 #: list-of-supported-chatapps-channels.md and chatapps-fallback-management.md for `accepted`), lower case
@@ -144,83 +154,11 @@ _INTERACTIVE_KEYS = {
     _CALL: "callPermissionReply",
 }
 
-_JSON_TYPE_NAMES: dict[type, str] = {
-    dict: "object",
-    list: "array",
-    str: "string",
-    int: "number",
-    float: "number",
-    bool: "boolean",
-    type(None): "null",
-}
-
-JSONObject = dict[str, Any]
-
-
-class _Bad(Exception):
-    """Raised by the field helpers; `parse_webhook` adds the raw body and re-raises as InvalidEvent."""
-
-    def __init__(self, field: str, message: str, code: int = CODE_INVALID) -> None:
-        super().__init__(message)
-        self.field = field
-        self.message = message
-        self.code = code
-
-
-def _path(parent: str, key: str) -> str:
-    return f"{parent}.{key}" if parent else key
-
-
-def _jtype(value: object) -> str:
-    return _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
-
-
-def _show(value: object) -> str:
-    """repr() for reasons, cut short: a reason ends up in logs, the DLQ and the HTTP answer."""
-    text = repr(value)
-    return text if len(text) <= _SHOW_MAX else text[: _SHOW_MAX - 1] + "…"
-
-
-def _bad(parent: str, key: str, message: str, code: int = CODE_INVALID) -> NoReturn:
-    raise _Bad(_path(parent, key), message, code)
-
-
-def _wrong_type(parent: str, key: str, expected: str, value: object) -> NoReturn:
-    _bad(parent, key, f"expected {expected}, got {_jtype(value)}")
-
-
-# --- field helpers: `obj` is a JSON object, `parent` its path ------------------------------------
-
-
-def _req_str(obj: JSONObject, key: str, parent: str, max_len: int | None = None) -> str:
-    value = obj.get(key)
-    if value is None:
-        _bad(parent, key, "required")
-    if type(value) is not str:
-        _wrong_type(parent, key, "string", value)
-    if not value or value.isspace():
-        _bad(parent, key, "must not be empty")
-    if max_len is not None and len(value) > max_len:
-        _bad(parent, key, f"longer than {max_len} characters")
-    return value
-
-
-def _opt_str(obj: JSONObject, key: str, parent: str, max_len: int) -> str | None:
-    value = obj.get(key)
-    if value is None:
-        return None
-    if type(value) is not str:
-        _wrong_type(parent, key, "string", value)
-    if len(value) > max_len:
-        _bad(parent, key, f"longer than {max_len} characters")
-    return value
-
-
 def _req_id(obj: JSONObject, key: str, parent: str, fmt: ids.IdFormat) -> str:
-    value = _req_str(obj, key, parent)
+    value = req_str(obj, key, parent)
     problem = fmt.problem(value)
     if problem is not None:
-        _bad(parent, key, problem)
+        bad(parent, key, problem)
     return value
 
 
@@ -230,55 +168,19 @@ def _opt_id(obj: JSONObject, key: str, parent: str, fmt: ids.IdFormat) -> str | 
     if value is None:
         return None
     if type(value) is not str:
-        _wrong_type(parent, key, "string", value)
+        wrong_type(parent, key, "string", value)
     problem = None if value == "" else fmt.problem(value)
     if problem is not None:
-        _bad(parent, key, problem)
+        bad(parent, key, problem)
     return value
 
 
 def _channel(obj: JSONObject, key: str, parent: str) -> str:
-    value = _req_str(obj, key, parent, MAX_CHANNEL)
+    value = req_str(obj, key, parent, MAX_CHANNEL)
     if not channel_ok(value):
-        bad = next(c for c in value if not re.fullmatch(CHANNEL_CHARS, c))
-        _bad(parent, key, f"character {bad!r} (U+{ord(bad):04X}) is not allowed in a channel name")
+        char = next(c for c in value if not re.fullmatch(CHANNEL_CHARS, c))
+        bad(parent, key, f"character {char!r} (U+{ord(char):04X}) is not allowed in a channel name")
     return normalise_channel(value)
-
-
-def _req_obj(obj: JSONObject, key: str, parent: str) -> JSONObject:
-    value = obj.get(key)
-    if value is None:
-        _bad(parent, key, "required")
-    if type(value) is not dict:
-        _wrong_type(parent, key, "object", value)
-    return value
-
-
-def _opt_obj(obj: JSONObject, key: str, parent: str) -> JSONObject | None:
-    value = obj.get(key)
-    if value is None or type(value) is dict:
-        return value
-    _wrong_type(parent, key, "object", value)
-
-
-def _opt_int(obj: JSONObject, key: str, parent: str) -> int | None:
-    """An int32, given as a JSON integer or a string of ASCII digits (`15` or `"15"`)."""
-    value = obj.get(key)
-    if value is None:
-        return None
-    if type(value) is int:
-        number = value
-    elif type(value) is str:
-        text = value.strip()
-        digits = text[1:] if text[:1] in ("-", "+") else text
-        if not (digits.isascii() and digits.isdigit()) or len(digits) > 10:
-            _bad(parent, key, f"not an integer: {_show(value)}")
-        number = int(text)
-    else:
-        _wrong_type(parent, key, "integer", value)
-    if not INT32_MIN <= number <= INT32_MAX:
-        _bad(parent, key, f"out of range: {number}")
-    return number
 
 
 def _opt_code_str(obj: JSONObject, key: str, parent: str, max_len: int) -> str | None:
@@ -286,14 +188,14 @@ def _opt_code_str(obj: JSONObject, key: str, parent: str, max_len: int) -> str |
     value = obj.get(key)
     if type(value) is int:
         value = str(value)
-    return _opt_str({key: value}, key, parent, max_len)
+    return opt_str({key: value}, key, parent, max_len)
 
 
 def _opt_bool(obj: JSONObject, key: str, parent: str) -> bool | None:
     value = obj.get(key)
     if value is None or type(value) is bool:
         return value
-    _wrong_type(parent, key, "boolean", value)
+    wrong_type(parent, key, "boolean", value)
 
 
 def _opt_coordinate(obj: JSONObject, key: str, parent: str, limit: float) -> float | None:
@@ -307,26 +209,26 @@ def _opt_coordinate(obj: JSONObject, key: str, parent: str, limit: float) -> flo
         try:
             number = float(value)
         except ValueError:
-            _bad(parent, key, f"not a number: {_show(value)}")
+            bad(parent, key, f"not a number: {show(value)}")
     else:
-        _wrong_type(parent, key, "number", value)
+        wrong_type(parent, key, "number", value)
     if not math.isfinite(number) or not -limit <= number <= limit:
-        _bad(parent, key, f"out of range [-{limit:g}, {limit:g}]: {_show(value)}")
+        bad(parent, key, f"out of range [-{limit:g}, {limit:g}]: {show(value)}")
     return number
 
 
 def _timestamp(value: object, parent: str, key: str, latest: datetime, ahead: str) -> datetime:
     if type(value) is not str:
-        _wrong_type(parent, key, "string", value)
+        wrong_type(parent, key, "string", value)
     try:
         ts = parse_iso8601(value)
     except (ValueError, OverflowError):
         # OverflowError: a valid-looking timestamp whose UTC equivalent leaves datetime's range
-        _bad(parent, key, f"not an ISO 8601 timestamp: {_show(value)}")
+        bad(parent, key, f"not an ISO 8601 timestamp: {show(value)}")
     if ts < EARLIEST:
-        _bad(parent, key, f"before 2000-01-01: {_show(value)}")
+        bad(parent, key, f"before 2000-01-01: {show(value)}")
     if ts > latest:
-        _bad(parent, key, f"more than {ahead} after the request was received: {_show(value)}")
+        bad(parent, key, f"more than {ahead} after the request was received: {show(value)}")
     return ts
 
 
@@ -334,7 +236,7 @@ def _req_timestamp(obj: JSONObject, key: str, parent: str, received_at: datetime
     """An event time: from EARLIEST to MAX_AHEAD after `received_at`."""
     value = obj.get(key)
     if value is None:
-        _bad(parent, key, "required")
+        bad(parent, key, "required")
     return _timestamp(value, parent, key, received_at + MAX_AHEAD, "1 day")
 
 
@@ -346,57 +248,51 @@ def _opt_expiry(obj: JSONObject, key: str, parent: str, received_at: datetime) -
     return _timestamp(value, parent, key, received_at + MAX_EXPIRY_AHEAD, "30 days")
 
 
-def normalise_channel(value: str) -> str:
-    """Lower case, aliases resolved (`GoogleRCS` -> `rcs`): the channel as chatpipe stores it."""
-    lowered = value.lower()
-    return CHANNEL_ALIASES.get(lowered, lowered)
-
-
 def _compact_json(value: object, parent: str, key: str) -> str:
     try:
         return orjson.dumps(value).decode()
     except orjson.JSONEncodeError as exc:  # only past orjson's own depth limit
-        _bad(parent, key, f"cannot be re-encoded: {exc}")
+        bad(parent, key, f"cannot be re-encoded: {exc}")
 
 
 def _version(envelope: JSONObject, payload: JSONObject) -> int | None:
     # v9 / v3 put `version` in the envelope; accept it inside the payload too
     if envelope.get("version") is not None:
-        return _opt_int(envelope, "version", "")
-    return _opt_int(payload, "version", "payload")
+        return opt_int32(envelope, "version", "")
+    return opt_int32(payload, "version", "payload")
 
 
 # --- the two event kinds ------------------------------------------------------------------------
 
 
 def _user(payload: JSONObject, parent: str) -> User:
-    obj = _opt_obj(payload, "user", parent)
+    obj = opt_obj(payload, "user", parent)
     if not obj:
         return User()
-    path = _path(parent, "user")
+    user_path = field_path(parent, "user")
     return User(
-        msisdn=_opt_str(obj, "msisdn", path, MAX_MSISDN),
-        channel_user_id=_opt_str(obj, "channelUserId", path, MAX_CHANNEL_USER_ID),
-        name=_opt_str(obj, "name", path, MAX_USER_NAME),
-        username=_opt_str(obj, "username", path, MAX_USER_NAME),
+        msisdn=opt_str(obj, "msisdn", user_path, MAX_MSISDN),
+        channel_user_id=opt_str(obj, "channelUserId", user_path, MAX_CHANNEL_USER_ID),
+        name=opt_str(obj, "name", user_path, MAX_USER_NAME),
+        username=opt_str(obj, "username", user_path, MAX_USER_NAME),
     )
 
 
 def _status(payload: JSONObject, received_at: datetime) -> Status:
-    status = _req_obj(payload, "status", "payload")
+    status = req_obj(payload, "status", "payload")
     path = "payload.status"
-    given = _req_str(status, "state", path)
+    given = req_str(status, "state", path)
     state = given.lower()
     if state not in STATES:
-        _bad(path, "state", f"unknown value {_show(given)} (8x8 documents {_STATES_SHOWN})")
+        bad(path, "state", f"unknown value {show(given)} (8x8 documents {_STATES_SHOWN})")
     timestamp = _req_timestamp(status, "timestamp", path, received_at)
-    detail = _opt_str(status, "detail", path, MAX_DETAIL)
+    detail = opt_str(status, "detail", path, MAX_DETAIL)
     return Status(
         state=state,
         timestamp=timestamp,
         detail=detail.lower() if detail else None,
-        error_code=_opt_int(status, "errorCode", path),
-        error_message=_opt_str(status, "errorMessage", path, MAX_ERROR_MESSAGE),
+        error_code=opt_int32(status, "errorCode", path),
+        error_message=opt_str(status, "errorMessage", path, MAX_ERROR_MESSAGE),
     )
 
 
@@ -409,12 +305,12 @@ def _delivery_receipt(
     channel = _channel(payload, "channel", p)
     status = _status(payload, received_at)
     provider_error_code = pricing_category = None
-    whatsapp = _opt_obj(payload, "whatsapp", p)
+    whatsapp = opt_obj(payload, "whatsapp", p)
     if whatsapp:
         w = "payload.whatsapp"
         provider_error_code = _opt_code_str(whatsapp, "providerErrorCode", w, MAX_PROVIDER_ERROR_CODE)
-        pricing_category = _opt_str(whatsapp, "pricingCategory", w, MAX_PRICING_CATEGORY)
-    outbound = _opt_obj(payload, "outboundContent", p)
+        pricing_category = opt_str(whatsapp, "pricingCategory", w, MAX_PRICING_CATEGORY)
+    outbound = opt_obj(payload, "outboundContent", p)
     return DeliveryReceipt(
         umid=umid,
         sub_account_id=sub_account_id,
@@ -441,16 +337,16 @@ def _reply_object(interactive: JSONObject, kind: str, path: str) -> tuple[JSONOb
             if candidate.lower().replace("_", "") == kind:
                 key = candidate
                 break
-    return _opt_obj(interactive, key, path), _path(path, key)
+    return opt_obj(interactive, key, path), field_path(path, key)
 
 
 def _interactive(content: JSONObject, received_at: datetime) -> Interactive | None:
     parent = "payload.content"
-    obj = _opt_obj(content, "interactive", parent)
+    obj = opt_obj(content, "interactive", parent)
     if obj is None:
         return None
     path = "payload.content.interactive"
-    itype = _req_str(obj, "type", path, MAX_SHORT)
+    itype = req_str(obj, "type", path, MAX_SHORT)
     kind = itype.lower().replace("_", "")
     if kind not in _INTERACTIVE_KEYS:
         return Interactive(type=itype)
@@ -459,49 +355,49 @@ def _interactive(content: JSONObject, received_at: datetime) -> Interactive | No
         return Interactive(type=itype)
     if kind == _BUTTON:
         button = ButtonReply(
-            id=_opt_str(sub, "id", sub_path, MAX_REPLY_ID),
-            title=_opt_str(sub, "title", sub_path, MAX_REPLY_TEXT),
+            id=opt_str(sub, "id", sub_path, MAX_REPLY_ID),
+            title=opt_str(sub, "title", sub_path, MAX_REPLY_TEXT),
         )
         return Interactive(type=itype, button_reply=button)
     if kind == _LIST:
         listed = ListReply(
-            id=_opt_str(sub, "id", sub_path, MAX_REPLY_ID),
-            title=_opt_str(sub, "title", sub_path, MAX_REPLY_TEXT),
-            description=_opt_str(sub, "description", sub_path, MAX_REPLY_TEXT),
+            id=opt_str(sub, "id", sub_path, MAX_REPLY_ID),
+            title=opt_str(sub, "title", sub_path, MAX_REPLY_TEXT),
+            description=opt_str(sub, "description", sub_path, MAX_REPLY_TEXT),
         )
         return Interactive(type=itype, list_reply=listed)
     if kind == _NFM:
         response = sub.get("responseJson")
         if response is not None and type(response) is not str:
             if type(response) not in (dict, list):
-                _wrong_type(sub_path, "responseJson", "string", response)
+                wrong_type(sub_path, "responseJson", "string", response)
             response = _compact_json(response, sub_path, "responseJson")
         if response is not None and len(response) > MAX_RESPONSE_JSON:
-            _bad(sub_path, "responseJson", f"longer than {MAX_RESPONSE_JSON} characters")
+            bad(sub_path, "responseJson", f"longer than {MAX_RESPONSE_JSON} characters")
         return Interactive(type=itype, nfm_response_json=response)
     call = CallPermissionReply(
-        response=_opt_str(sub, "response", sub_path, MAX_SHORT),
+        response=opt_str(sub, "response", sub_path, MAX_SHORT),
         is_permanent=_opt_bool(sub, "isPermanent", sub_path),
         expiration_timestamp=_opt_expiry(sub, "expirationTimestamp", sub_path, received_at),
-        response_source=_opt_str(sub, "responseSource", sub_path, MAX_SHORT),
+        response_source=opt_str(sub, "responseSource", sub_path, MAX_SHORT),
     )
     return Interactive(type=itype, call_permission_reply=call)
 
 
 def _content(payload: JSONObject, received_at: datetime) -> InboundContent:
-    content = _opt_obj(payload, "content", "payload")
+    content = opt_obj(payload, "content", "payload")
     if not content:
         return InboundContent()
     p = "payload.content"
     latitude = longitude = None
-    location = _opt_obj(content, "location", p)
+    location = opt_obj(content, "location", p)
     if location:
         latitude = _opt_coordinate(location, "latitude", "payload.content.location", 90.0)
         longitude = _opt_coordinate(location, "longitude", "payload.content.location", 180.0)
     return InboundContent(
-        text=_opt_str(content, "text", p, MAX_TEXT),
-        url=_opt_str(content, "url", p, MAX_URL),
-        payload=_opt_str(content, "payload", p, MAX_PAYLOAD),
+        text=opt_str(content, "text", p, MAX_TEXT),
+        url=opt_str(content, "url", p, MAX_URL),
+        payload=opt_str(content, "payload", p, MAX_PAYLOAD),
         latitude=latitude,
         longitude=longitude,
         interactive=_interactive(content, received_at),
@@ -515,9 +411,9 @@ def _inbound_message(
     umid = _req_id(payload, "umid", p, ids.UMID)
     sub_account_id = _req_id(payload, "subAccountId", p, ids.SUBACCOUNT_ID)
     timestamp = _req_timestamp(payload, "timestamp", p, received_at)
-    recipient = _req_obj(payload, "recipient", p)
+    recipient = req_obj(payload, "recipient", p)
     channel = _channel(recipient, "channel", "payload.recipient")
-    mtype = _req_str(payload, "type", p, MAX_TYPE)
+    mtype = req_str(payload, "type", p, MAX_TYPE)
     return InboundMessage(
         umid=umid,
         sub_account_id=sub_account_id,
@@ -554,21 +450,22 @@ def _decode(body: bytes, max_depth: int) -> tuple[JSONObject, str]:
     try:
         raw_json = body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise _Bad("body", f"not UTF-8 (byte {exc.start})") from None
+        raise FieldError("body", f"not UTF-8 (byte {exc.start})") from None
     if not raw_json or raw_json.isspace():
-        raise _Bad("body", "empty")
+        raise FieldError("body", "empty")
     data = body[len(UTF8_BOM) :] if body.startswith(UTF8_BOM) else body
     try:
         value = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         if "depth" in exc.msg or "recursion" in exc.msg:  # orjson stops at 1024 levels
-            raise _Bad("body", f"JSON nesting deeper than {min(max_depth, _ORJSON_MAX_DEPTH)}") from None
-        raise _Bad("body", f"not valid JSON (line {exc.lineno} column {exc.colno})") from None
+            limit = min(max_depth, _ORJSON_MAX_DEPTH)
+            raise FieldError("body", f"JSON nesting deeper than {limit}") from None
+        raise FieldError("body", f"not valid JSON (line {exc.lineno} column {exc.colno})") from None
     if type(value) is not dict:
-        raise _Bad("body", f"expected a JSON object, got {_jtype(value)}")
+        raise FieldError("body", f"expected a JSON object, got {jtype(value)}")
     # cheap bound first: nesting cannot exceed the number of opening brackets in the text
     if data.count(b"{") + data.count(b"[") > max_depth and _too_deep(value, max_depth):
-        raise _Bad("body", f"JSON nesting deeper than {max_depth}")
+        raise FieldError("body", f"JSON nesting deeper than {max_depth}")
     return value, raw_json
 
 
@@ -576,14 +473,14 @@ def _parse(body: bytes, received_at: datetime, max_depth: int) -> DeliveryReceip
     envelope, raw_json = _decode(body, max_depth)
     # eventType first: other 8x8 webhooks (WhatsApp business management) carry no namespace at all and
     # must be refused as unsupported, not as malformed
-    event_type = _req_str(envelope, "eventType", "")
+    event_type = req_str(envelope, "eventType", "")
     kind = event_type.lower()
     if kind != EVENT_DELIVERY_RECEIPT and kind != EVENT_INBOUND_MESSAGE:
-        raise _Bad("eventType", f"unsupported value {_show(event_type)}", CODE_UNSUPPORTED)
-    namespace = _req_str(envelope, "namespace", "")
+        raise FieldError("eventType", f"unsupported value {show(event_type)}", CODE_UNSUPPORTED)
+    namespace = req_str(envelope, "namespace", "")
     if namespace.lower() != NAMESPACE:
-        raise _Bad("namespace", f"unsupported value {_show(namespace)}", CODE_UNSUPPORTED)
-    payload = _req_obj(envelope, "payload", "")
+        raise FieldError("namespace", f"unsupported value {show(namespace)}", CODE_UNSUPPORTED)
+    payload = req_obj(envelope, "payload", "")
     if kind == EVENT_DELIVERY_RECEIPT:
         return _delivery_receipt(envelope, payload, received_at, raw_json)
     return _inbound_message(envelope, payload, received_at, raw_json)
@@ -605,10 +502,14 @@ def parse_webhook(
         raise ValueError(f"max_depth must be at least 1, got {max_depth}")
     try:
         return _parse(body, received_at, max_depth)
-    except _Bad as bad:
-        status = HTTP_UNSUPPORTED if bad.code == CODE_UNSUPPORTED else HTTP_INVALID
+    except FieldError as problem:
+        status = HTTP_UNSUPPORTED if problem.code == CODE_UNSUPPORTED else HTTP_INVALID
         raise InvalidEvent(
-            f"{bad.field}: {bad.message}", field=bad.field, code=bad.code, http_status=status, raw=body
+            f"{problem.field}: {problem.message}",
+            field=problem.field,
+            code=problem.code,
+            http_status=status,
+            raw=body,
         ) from None
 
 

@@ -32,14 +32,25 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, NoReturn
+from typing import Any
 
 import orjson
 
-from ingest.parse import INT32_MAX, INT32_MIN, MAX_ID_LENGTH, normalise_channel
 from schemas.errors import InvalidEvent
+from schemas.fields import (
+    MAX_ID_LENGTH,
+    FieldError,
+    bad,
+    int32,
+    iso_timestamp,
+    jtype,
+    normalise_channel,
+    opt_obj,
+    opt_str,
+    req_str,
+    show,
+)
 from schemas.models import DeliveryReceipt, Status, User
-from schemas.timefmt import parse_iso8601
 
 __all__ = [
     "Candidate",
@@ -54,89 +65,7 @@ __all__ = [
     "step_details",
 ]
 
-_SHOW_MAX = 80
-
-
 # --- details body -> receipts ---------------------------------------------------------------------
-
-
-class _Bad(Exception):
-    def __init__(self, path: str, message: str) -> None:
-        super().__init__(message)
-        self.path = path
-        self.message = message
-
-
-def _show(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= _SHOW_MAX else text[: _SHOW_MAX - 1] + "…"
-
-
-def _jtype(value: object) -> str:
-    names = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
-
-
-def _bad(path: str, message: str) -> NoReturn:
-    raise _Bad(path, message)
-
-
-def _req_str(obj: Mapping[str, Any], key: str, path: str, max_len: int | None = None) -> str:
-    value = obj.get(key)
-    p = f"{path}.{key}"
-    if value is None:
-        _bad(p, "required")
-    if type(value) is not str:
-        _bad(p, f"expected string, got {_jtype(value)}")
-    if not value.strip():
-        _bad(p, "must not be empty")
-    if max_len is not None and len(value) > max_len:
-        _bad(p, f"longer than {max_len} characters")
-    return value
-
-
-def _opt_str(obj: Mapping[str, Any], key: str, path: str) -> str | None:
-    value = obj.get(key)
-    if value is None or type(value) is str:
-        return value
-    _bad(f"{path}.{key}", f"expected string, got {_jtype(value)}")
-
-
-def _opt_obj(obj: Mapping[str, Any], key: str, path: str) -> dict[str, Any] | None:
-    value = obj.get(key)
-    if value is None or type(value) is dict:
-        return value
-    _bad(f"{path}.{key}", f"expected object, got {_jtype(value)}")
-
-
-def _int(value: object, path: str) -> int:
-    """A JSON integer or a string of ASCII digits, within int32."""
-    if type(value) is int:
-        number = value
-    elif type(value) is str:
-        text = value.strip()
-        digits = text[1:] if text[:1] in ("-", "+") else text
-        if not (digits.isascii() and digits.isdigit()) or len(digits) > 10:
-            _bad(path, f"not an integer: {_show(value)}")
-        number = int(text)
-    else:
-        _bad(path, f"expected integer, got {_jtype(value)}")
-    if not INT32_MIN <= number <= INT32_MAX:
-        _bad(path, f"out of range: {number}")
-    return number
-
-
-def _timestamp(obj: Mapping[str, Any], key: str, path: str) -> datetime:
-    value = obj.get(key)
-    p = f"{path}.{key}"
-    if value is None:
-        _bad(p, "required")
-    if type(value) is not str:
-        _bad(p, f"expected string, got {_jtype(value)}")
-    try:
-        return parse_iso8601(value)
-    except (ValueError, OverflowError):
-        _bad(p, f"not an ISO 8601 timestamp: {_show(value)}")
 
 
 def _channel(value: str, known: Sequence[str]) -> str:
@@ -155,36 +84,38 @@ def _record(
     rec: object, path: str, sub_account_id: str, umid: str, fetched_at: datetime, known: Sequence[str]
 ) -> tuple[int, DeliveryReceipt]:
     if type(rec) is not dict:
-        _bad(path, f"expected object, got {_jtype(rec)}")
-    got_umid = _req_str(rec, "umid", path, MAX_ID_LENGTH)
+        raise FieldError(path, f"expected object, got {jtype(rec)}")
+    got_umid = req_str(rec, "umid", path, MAX_ID_LENGTH)
     if got_umid.lower() != umid.lower():
-        _bad(f"{path}.umid", f"{_show(got_umid)} is not the requested umid {_show(umid)}")
-    got_sub = _req_str(rec, "subAccountId", path, MAX_ID_LENGTH)
+        bad(path, "umid", f"{show(got_umid)} is not the requested umid {show(umid)}")
+    got_sub = req_str(rec, "subAccountId", path, MAX_ID_LENGTH)
     if got_sub.lower() != sub_account_id.lower():
-        _bad(f"{path}.subAccountId", f"{_show(got_sub)} is not the requested subaccount")
-    direction = _opt_str(rec, "direction", path)
+        bad(path, "subAccountId", f"{show(got_sub)} is not the requested subaccount")
+    direction = opt_str(rec, "direction", path)
     if direction is not None and direction.lower() != "outbound":
-        _bad(f"{path}.direction", f"expected outbound, got {_show(direction)}")
-    channel = _channel(_req_str(rec, "channel", path), known)
-    if "step" not in rec or rec["step"] is None:
-        _bad(f"{path}.step", "required")
-    step = _int(rec["step"], f"{path}.step")
+        bad(path, "direction", f"expected outbound, got {show(direction)}")
+    channel = _channel(req_str(rec, "channel", path), known)
+    if rec.get("step") is None:
+        bad(path, "step", "required")
+    step = int32(rec["step"], path, "step")
     if step < 1:
-        _bad(f"{path}.step", f"must be >= 1, got {step}")
-    status = _opt_obj(rec, "status", path)
+        bad(path, "step", f"must be >= 1, got {step}")
+    status = opt_obj(rec, "status", path)
     if status is None:
-        _bad(f"{path}.status", "required")
+        bad(path, "status", "required")
     sp = f"{path}.status"
-    detail = _opt_str(status, "detail", sp)
+    detail = opt_str(status, "detail", sp)
     code = status.get("errorCode")
+    if status.get("timestamp") is None:
+        bad(sp, "timestamp", "required")
     st = Status(
-        state=_req_str(status, "state", sp).lower(),
-        timestamp=_timestamp(status, "timestamp", sp),
+        state=req_str(status, "state", sp).lower(),
+        timestamp=iso_timestamp(status["timestamp"], sp, "timestamp"),
         detail=detail.lower() if detail else None,
-        error_code=None if code is None else _int(code, f"{sp}.errorCode"),
-        error_message=_opt_str(status, "errorMessage", sp),
+        error_code=None if code is None else int32(code, sp, "errorCode"),
+        error_message=opt_str(status, "errorMessage", sp),
     )
-    user = _opt_obj(rec, "user", path) or {}
+    user = opt_obj(rec, "user", path) or {}
     up = f"{path}.user"
     receipt = DeliveryReceipt(
         umid=umid,
@@ -193,10 +124,10 @@ def _record(
         status=st,
         received_at=fetched_at,
         raw_json=orjson.dumps(rec).decode(),
-        user=User(msisdn=_opt_str(user, "msisdn", up), channel_user_id=_opt_str(user, "channelUserId", up)),
-        batch_id=_opt_str(rec, "batchId", path),
-        client_message_id=_opt_str(rec, "clientMessageId", path),
-        client_batch_id=_opt_str(rec, "clientBatchId", path),
+        user=User(msisdn=opt_str(user, "msisdn", up), channel_user_id=opt_str(user, "channelUserId", up)),
+        batch_id=opt_str(rec, "batchId", path),
+        client_message_id=opt_str(rec, "clientMessageId", path),
+        client_batch_id=opt_str(rec, "clientBatchId", path),
     )
     return step, receipt
 
@@ -225,25 +156,26 @@ def details_to_receipts(
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
-            _bad("body", f"not valid JSON (line {exc.lineno} column {exc.colno})")
+            raise FieldError("body", f"not valid JSON (line {exc.lineno} column {exc.colno})") from None
         if type(doc) is not dict:
-            _bad("body", f"expected a JSON object, got {_jtype(doc)}")
+            raise FieldError("body", f"expected a JSON object, got {jtype(doc)}")
         data = doc.get("data")
         if data is None:
-            _bad("data", "required")
+            raise FieldError("data", "required")
         if type(data) is not list:
-            _bad("data", f"expected array, got {_jtype(data)}")
+            raise FieldError("data", f"expected array, got {jtype(data)}")
         known = tuple(known_channels)
         out: list[tuple[int, DeliveryReceipt]] = []
         seen: dict[int, int] = {}
         for i, rec in enumerate(data):
             step, receipt = _record(rec, f"data[{i}]", sub_account_id, umid, fetched_at, known)
             if step in seen:
-                _bad(f"data[{i}].step", f"step {step} already given by data[{seen[step]}]")
+                bad(f"data[{i}]", "step", f"step {step} already given by data[{seen[step]}]")
             seen[step] = i
             out.append((step, receipt))
-    except _Bad as bad:
-        raise InvalidEvent(f"{bad.path}: {bad.message}", field=bad.path, raw=bytes(body)) from None
+    except FieldError as problem:
+        message = f"{problem.field}: {problem.message}"
+        raise InvalidEvent(message, field=problem.field, raw=bytes(body)) from None
     out.sort(key=lambda pair: pair[0])
     return [r for _, r in out]
 
@@ -258,7 +190,7 @@ def step_details(receipts: Sequence[DeliveryReceipt]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for r in receipts:
         rec = orjson.loads(r.raw_json)
-        item: dict[str, Any] = {"step": _int(rec.get("step"), "step"), "channel": r.channel}
+        item: dict[str, Any] = {"step": int32(rec.get("step"), "", "step"), "channel": r.channel}
         for key in STEP_DETAIL_KEYS:
             value = rec.get(key)
             if isinstance(value, str) and value.strip():
