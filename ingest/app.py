@@ -506,6 +506,11 @@ def fast_dispatch(app: web.Application, handler: Handler) -> Handler:
     return dispatch
 
 
+def _bytes(text: str) -> bytes:
+    """A request's text back to its bytes: aiohttp keeps bytes that are not UTF-8 as surrogate escapes."""
+    return text.encode("utf-8", "surrogateescape")
+
+
 async def token(request: web.Request) -> web.Response:
     """OAuth2 client-credentials grant (RFC 6749 4.4): short-lived bearer tokens for 8x8's webhook calls."""
     authn = request.app[AUTHN]
@@ -517,8 +522,8 @@ async def token(request: web.Request) -> web.Response:
         return web.json_response({"error": "unsupported_grant_type"}, status=400)
     creds = auth.client_credentials(request.headers.get("Authorization"), form)
     if creds is None or not (
-        hmac.compare_digest(creds[0].encode(), (authn.client_id or "").encode())
-        and hmac.compare_digest(creds[1].encode(), (authn.client_secret or "").encode())
+        hmac.compare_digest(_bytes(creds[0]), (authn.client_id or "").encode())
+        and hmac.compare_digest(_bytes(creds[1]), (authn.client_secret or "").encode())
     ):
         request.app[METRICS].auth_failures.labels("oauth2").inc()
         return web.json_response({"error": "invalid_client"}, status=401,

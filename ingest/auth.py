@@ -25,7 +25,7 @@ def presented_secret(authorization: str | None) -> str | None:
     if scheme == "basic" and value:
         try:
             decoded = base64.b64decode(value, validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
+        except ValueError:  # binascii.Error, UnicodeDecodeError, and non-ASCII text (surrogate escapes)
             return None
         _, sep, password = decoded.partition(":")
         return password if sep else None
@@ -33,11 +33,14 @@ def presented_secret(authorization: str | None) -> str | None:
 
 
 def token_matches(authorization: str | None, token: str) -> bool:
-    """Constant-time comparison of the presented secret with the configured token."""
+    """Constant-time comparison of the presented secret with the configured token.
+
+    aiohttp hands over header bytes that are not UTF-8 as surrogate escapes (`\\xff` -> `\\udcff`): they
+    are encoded back to those bytes, which match no UTF-8 token (a 401, never an exception)."""
     secret = presented_secret(authorization)
     if secret is None:
         return False
-    return hmac.compare_digest(secret.encode("utf-8"), token.encode("utf-8"))
+    return hmac.compare_digest(secret.encode("utf-8", "surrogateescape"), token.encode("utf-8"))
 
 
 # --- OAuth2 client credentials ---------------------------------------------------------------------
@@ -87,7 +90,7 @@ def client_credentials(authorization: str | None, form: dict[str, str]) -> tuple
     if authorization and authorization.strip().lower().startswith("basic "):
         try:
             decoded = base64.b64decode(authorization.strip()[6:].strip(), validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
+        except ValueError:  # binascii.Error, UnicodeDecodeError, and non-ASCII text (surrogate escapes)
             return None
         cid, sep, secret = decoded.partition(":")
         return (unquote_plus(cid), unquote_plus(secret)) if sep else None

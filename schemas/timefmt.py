@@ -40,7 +40,8 @@ def parse_iso8601(value: str) -> datetime:
 def format_iso8601(value: datetime) -> str:
     """Format as 8x8 does in its APIs: UTC, `Z` suffix, fraction only when non-zero (2 digits min)."""
     value = value.astimezone(UTC)
-    base = value.strftime("%Y-%m-%dT%H:%M:%S")
+    # not strftime's %Y: it writes years before 1000 without their zeros (`999-01-01`), not ISO 8601
+    base = f"{value.year:04d}-{value.month:02d}-{value.day:02d}T{value:%H:%M:%S}"
     if value.microsecond:
         frac = f"{value.microsecond:06d}".rstrip("0")
         base += "." + frac.ljust(2, "0")

@@ -252,6 +252,35 @@ async def test_unauthenticated_requests_get_401_with_code_1200(
         await client.close()
 
 
+async def test_an_authorization_header_that_is_not_utf8_gets_401_not_500(
+    broker: str, registry_url: str, state_dir: Path
+) -> None:
+    """Raw header bytes over a socket to the server as `chatpipe ingest` runs it: aiohttp hands bytes that
+    are not UTF-8 over as surrogate escapes, which used to raise in the token check (a 500)."""
+    import asyncio
+
+    settings = ingest_settings(broker, registry_url, state_dir, webhook_token="s3cret")
+    port = free_port()
+    runner = await start_site(create_app(settings), "127.0.0.1", port, dispatch=fast_dispatch)
+    try:
+        body = with_umid(ALL[0], str(uuid.uuid4()))
+        for auth in (b"Bearer \xff\xfe", b"Basic \xff", b"Bearer s3cret\xff"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            head = (
+                f"POST {URL} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\nAuthorization: "
+            ).encode()
+            writer.write(head + auth + b"\r\n\r\n" + body)
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(), 30)
+            writer.close()
+            status_line, _, rest = answer.partition(b"\r\n")
+            assert status_line.startswith(b"HTTP/1.1 401"), (auth, answer[:300])
+            assert json.loads(rest.partition(b"\r\n\r\n")[2])["code"] == 1200
+    finally:
+        await runner.cleanup()
+
+
 async def test_oauth2_client_credentials_tokens_open_the_webhook(
     broker: str, registry_url: str, state_dir: Path
 ) -> None:
