@@ -10,9 +10,9 @@ from pathlib import Path
 import yaml
 
 from chatpipe.config import Settings, env_name
-from tests.unit.test_ops_prometheus import EXPORTED
+from tests.unit.repo.test_ops_prometheus import EXPORTED
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 DOC = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
 
 

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from chatpipe import metric_defs
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 OPS = ROOT / "ops" / "prometheus"
 SOURCES = [ROOT / d for d in ("chatpipe", "ingest", "processors", "sinks")]
 

@@ -25,7 +25,7 @@ from schemas.catalog import CONVERSATIONS, MESSAGE_STATE, SINK_DLQ
 from schemas.codec import Codecs
 from schemas.models import Conversation, MessageState
 from sinks.worker import SinkWorker
-from tests.integration.test_store import conversation_versions, versions
+from tests.integration.sinks.test_store import conversation_versions, versions
 from tests.support.kafka import read_topic
 from tests.support.postgres import PostgresServer, fresh_database
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_dev_e2e import running_dev, sample_receipt_scenario
+from tests.integration.pipeline.test_dev_e2e import running_dev, sample_receipt_scenario
 from tests.support.containers import production_parts
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]

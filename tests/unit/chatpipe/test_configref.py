@@ -12,7 +12,7 @@ import pytest
 from chatpipe.config import Settings, env_name
 from chatpipe.configref import MEANINGS, format_default, render, rows
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CODE_DEFAULTS = {env_name(f.name): format_default(f.default) for f in dataclasses.fields(Settings)}
 
 

@@ -25,8 +25,7 @@ from chatpipe.export import (
     parse_time,
     progress_line,
 )
-from sinks.export_rows import CLEAR_ONLY_COLUMNS, TABLES, kind_of
-from sinks.rows import MESSAGE_COLUMNS, PiiPolicy
+from sinks.export_rows import kind_of
 
 T0 = datetime(2026, 6, 9, 10, 0, 0, 123456, tzinfo=UTC)
 COLUMNS = ("umid", "step", "fell_back", "status_at", "latitude", "detail")
@@ -123,24 +122,6 @@ def test_unreadable_store_exits_2_naming_the_cause(
     assert code == 2
     captured = capsys.readouterr()
     assert cause in captured.err and captured.out == ""
-
-
-# --- tables ------------------------------------------------------------------------------------
-
-
-def test_message_tables_have_a_umid_column_and_clear_only_columns_follow_the_policy() -> None:
-    for table in TABLES.values():
-        assert table.columns[0] == ("sub_account_id" if table.name == "aggregates" else "umid")
-        masked = table.exported_columns(PiiPolicy())
-        assert not set(masked) & CLEAR_ONLY_COLUMNS
-        assert table.exported_columns(PiiPolicy(clear=True)) == table.columns
-    masked = TABLES["messages"].exported_columns(PiiPolicy())
-    assert "msisdn" not in masked and {"msisdn_masked", "msisdn_hash"} <= set(masked)
-    assert set(MESSAGE_COLUMNS) - set(masked) == {"msisdn"}
-
-
-def test_column_kinds() -> None:
-    assert [kind_of(c) for c in COLUMNS] == ["string", "int", "bool", "timestamp", "float", "string"]
 
 
 # --- writers -----------------------------------------------------------------------------------

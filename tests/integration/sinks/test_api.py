@@ -23,9 +23,9 @@ from sinks.api import create_app
 from sinks.rows import PiiPolicy
 from sinks.store import Store, open_store
 from tests.fixtures import webhooks
-from tests.integration.test_store import MSISDN, T0, conversation_versions, inbound, mk_state, mk_step
+from tests.integration.sinks.test_store import MSISDN, T0, conversation_versions, inbound, mk_state, mk_step
 from tests.support.postgres import store_url
-from tests.unit.test_parse import patched
+from tests.unit.ingest.test_parse import patched
 
 pytestmark = pytest.mark.integration
 

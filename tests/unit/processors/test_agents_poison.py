@@ -23,7 +23,7 @@ from processors.state import StateConfig, apply_many
 from schemas.codec import Codecs, Registry
 from schemas.errors import TransientError
 from schemas.models import DeadLetter, DeliveryReceipt, MessageState, Status, User
-from tests.unit.test_codec import InMemoryClient
+from tests.unit.schemas.test_codec import InMemoryClient
 
 T0 = datetime(2026, 7, 1, 12, 0, tzinfo=UTC)
 NOW = T0 + timedelta(hours=1)

@@ -15,7 +15,7 @@ import yaml
 
 from chatpipe.config import Settings, env_name
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 RAW = yaml.safe_load((ROOT / "compose.yaml").read_text(encoding="utf-8"))
 SERVICES: dict[str, Any] = RAW["services"]
 CHATPIPE = {"ingest", "worker", "sink", "api", "reconcile"}
@@ -91,7 +91,7 @@ def test_every_long_running_service_has_a_healthcheck() -> None:
 
 @pytest.mark.parametrize("name", sorted(CHATPIPE))
 def test_chatpipe_healthchecks_ask_the_port_the_service_serves(name: str) -> None:
-    from tests.unit.test_ops_prometheus import metrics_port
+    from tests.unit.repo.test_ops_prometheus import metrics_port
 
     service = SERVICES[name]
     test = " ".join(service["healthcheck"]["test"])

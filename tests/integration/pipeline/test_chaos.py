@@ -12,8 +12,8 @@ had to give up on a well-formed webhook.
   batch, and resumes without being restarted.
 
 Marked `chaos`: deselected by default (each takes one to two minutes and the default suite must stay
-under 10 minutes on 2 cores; the restart proof, tests/integration/test_simulate_restart.py, stays in it);
-`scripts/test -m chaos` runs them.
+under 10 minutes on 2 cores; the restart proof, tests/integration/pipeline/test_simulate_restart.py, stays
+in it); `scripts/test -m chaos` runs them.
 Nothing mocked: the embedded broker, registry, ingest, worker, sink, read API, SQLite or PostgreSQL.
 """
 

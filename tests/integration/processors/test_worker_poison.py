@@ -54,7 +54,7 @@ from schemas.catalog import (
 from schemas.codec import Codecs
 from schemas.models import Conversation, DeliveryReceipt, InboundContent, InboundMessage, Status, User
 from schemas.timefmt import parse_iso8601
-from tests.integration import test_processor as tp
+from tests.integration.processors import test_worker as tp
 from tests.support.kafka import read_topic
 
 pytestmark = pytest.mark.integration

@@ -20,7 +20,7 @@ import avro.schema as avro_schema
 import pytest
 
 from schemas.compat import check
-from tests.unit.test_compat import CASES
+from tests.unit.schemas.test_compat import CASES
 
 #: cases Avro's Python parser cannot take at all (not a verdict: it refuses the schema)
 UNPARSED_BY_AVRO = {"error type reads like a record"}

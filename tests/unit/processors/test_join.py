@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from processors.join import MERGED, descends, join, receipts_of
 from processors.state import apply_many, expire, is_sealed
 from schemas.models import EPOCH, MessageState
-from tests.unit.test_state import NOW, PROPS, at, fold, norm, rc, scrambled
+from tests.unit.processors.test_state import NOW, PROPS, at, fold, norm, rc, scrambled
 
 
 def content(state: MessageState) -> MessageState:

@@ -28,7 +28,7 @@ from tests.support.postgres import store_url
 
 pytestmark = pytest.mark.integration
 
-DOC = Path(__file__).resolve().parents[3] / "shared" / "8x8-docs" / "business_messaging_api.json"
+DOC = Path(__file__).resolve().parents[4] / "shared" / "8x8-docs" / "business_messaging_api.json"
 PII = PiiPolicy(hash_key=b"k")
 SUB = "acme-01"
 T0 = datetime(2026, 7, 1, 12, 0, tzinfo=UTC)

@@ -21,8 +21,8 @@ from schemas.errors import InvalidEvent
 from schemas.fastpath import LENGTHS, LENGTHS_TABLE, UNION1_LENGTHS, varint, write_long
 from schemas.models import DeliveryReceipt
 from tests.fixtures import webhooks
-from tests.unit.test_codec import InMemoryClient
-from tests.unit.test_parse import DELETE, _at, _paths, doc, json_values, patched
+from tests.unit.ingest.test_parse import DELETE, _at, _paths, doc, json_values, patched
+from tests.unit.schemas.test_codec import InMemoryClient
 
 RECEIVED_AT = datetime(2026, 7, 3, 3, 45, 0, 123456, tzinfo=UTC)
 DR = "dr_v9_whatsapp_undelivered_provider_error"

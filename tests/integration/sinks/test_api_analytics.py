@@ -17,7 +17,16 @@ from chatpipe.config import Settings
 from sinks import aggregates as A
 from sinks.api import create_app
 from sinks.store import Store, open_store
-from tests.integration.test_analytics_store import PII, SINCE, START, UNTIL, Dataset, _write, build, truth
+from tests.integration.sinks.test_analytics_store import (
+    PII,
+    SINCE,
+    START,
+    UNTIL,
+    Dataset,
+    _write,
+    build,
+    truth,
+)
 from tests.support.postgres import store_url
 
 pytestmark = pytest.mark.integration

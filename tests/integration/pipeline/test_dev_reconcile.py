@@ -1,10 +1,10 @@
 """`chatpipe dev` with an 8x8 API key runs the reconciler: receipts whose later receipts were lost end with
 8x8's whole step timeline in the read API.
 
-8x8 is played by a local aiohttp server (`tests.integration.test_reconciler.Fake8x8`, in a thread of the
-test): it answers the Retrieve message details endpoint with the documented shapes, requires the API key,
-and enforces 1 request/second per subaccount with its own clock (429 in 8x8's format otherwise). dev is
-configured only through the documented environment variables.
+8x8 is played by a local aiohttp server (`tests.integration.processors.test_reconciler.Fake8x8`, in a
+thread of the test): it answers the Retrieve message details endpoint with the documented shapes, requires
+the API key, and enforces 1 request/second per subaccount with its own clock (429 in 8x8's format
+otherwise). dev is configured only through the documented environment variables.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pytest
 from aiohttp import web
 
 from chatpipe.broker import free_port
-from tests.integration.test_reconciler import KEY, Fake8x8, detail_record
+from tests.integration.processors.test_reconciler import KEY, Fake8x8, detail_record
 from tests.support.dev import TEMPLATE, post_all, running_dev
 
 pytestmark = pytest.mark.integration

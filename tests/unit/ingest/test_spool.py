@@ -36,7 +36,7 @@ from ingest.spool import (
 )
 from schemas.errors import ChatpipeError
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 ALL = 1 << 30
 
 

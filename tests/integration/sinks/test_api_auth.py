@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from chatpipe.config import Settings
 from sinks.api import CODE_FORBIDDEN, CODE_UNAUTHORIZED, create_app
 from sinks.store import Store, open_store
-from tests.integration.test_api import NOW, PII, SUB, UMID, assert_error, fallback_message
+from tests.integration.sinks.test_api import NOW, PII, SUB, UMID, assert_error, fallback_message
 
 pytestmark = pytest.mark.integration
 
