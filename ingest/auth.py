@@ -94,8 +94,8 @@ def client_credentials(authorization: str | None, form: dict[str, str]) -> tuple
             return None
         cid, sep, secret = decoded.partition(":")
         return (unquote_plus(cid), unquote_plus(secret)) if sep else None
-    cid, secret = form.get("client_id"), form.get("client_secret")
-    return (cid, secret) if cid and secret else None
+    form_id, form_secret = form.get("client_id"), form.get("client_secret")
+    return (form_id, form_secret) if form_id and form_secret else None
 
 
 # --- source address allowlist ------------------------------------------------------------------------

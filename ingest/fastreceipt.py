@@ -10,8 +10,8 @@ checks, the same normalisation (lower-cased channel/state/detail, the `googlercs
 the envelope first, `outboundContent` re-encoded compactly, the body itself as `rawJson`) and the same
 limits (`schemas.ids` formats, `ingest.parse`'s STATES, MAX_* lengths and time window: anything outside
 them is left to the parser, which refuses it with the reason). That equality
-is the contract; `tests/unit/test_fastreceipt.py` checks it on every fixture and on generated and mutated
-receipts, and `LAYOUT` must equal the codec's schema (`matches`) or the caller must not use it.
+is the contract; `tests/unit/ingest/test_fastreceipt.py` checks it on every fixture and on generated and
+mutated receipts, and `LAYOUT` must equal the codec's schema (`matches`) or the caller must not use it.
 
 No I/O, no clock: pure like `ingest.parse`, about 3x cheaper than parse + encode per receipt.
 """

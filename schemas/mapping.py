@@ -100,7 +100,7 @@ def _by_field_name(records: dict[str, type]) -> dict[str, tuple[type, dict[str, 
     """Objects straight from (and to) the compiled Avro codec (`fastpath.compile_reader/writer(build=)`)
     for records whose Avro fields are their dataclass's attributes in camelCase: {record full name:
     (class, {Avro field: attribute})}. A field missing from the class makes the compiler refuse the
-    topic (the codec then goes through the dicts below); tests/unit/test_codec.py compares both paths
+    topic (the codec then goes through the dicts below); tests/unit/schemas/test_codec.py compares both paths
     on every sample and checks that these topics compile."""
     return {
         name: (cls, {_camel(f.name): f.name for f in dataclasses.fields(cls)})  # type: ignore[arg-type]

@@ -209,7 +209,7 @@ def dump_lines(truth: Truth) -> Iterator[str]:
     """The truth file, line by line (each without its newline)."""
     yield orjson.dumps(truth.run).decode()
     for m in truth.messages:
-        doc = {
+        doc: dict[str, Any] = {
             "type": "message",
             "umid": m.umid,
             "subAccountId": m.sub_account_id,

@@ -91,8 +91,9 @@ class Settings:
     # idempotent producers (librdkafka's enable.idempotence) for every chatpipe producer: no duplicates from
     # librdkafka's own retries. `chatpipe dev` turns it off on its disk broker, unless set: Tansu 0.6.0
     # stores a producer's sequence before the batch, so a broker killed in between answers the retry as a
-    # duplicate and the record is lost (measured, tests/integration/test_dev_persistent_broker.py); without
-    # idempotence a retry may write a record twice, which every consumer of chatpipe's topics absorbs
+    # duplicate and the record is lost (measured,
+    # tests/integration/pipeline/test_dev_persistent_broker.py); without idempotence a retry may write a
+    # record twice, which every consumer of chatpipe's topics absorbs
     kafka_idempotence: bool = True
     read_window_hours: float = 48.0
     stale_after_hours: float = 240.0

@@ -1,10 +1,11 @@
 """Every change chatpipe makes to another library's internals, fenced in one module.
 
 The model codebases patch nobody's internals; where chatpipe has to, each patch lives here with the upstream
-issue it works around, a test in `tests/unit/test_patches.py` that fails the moment it stops taking effect,
-and a version guard: `check_versions` refuses to run on library versions the patches were not written for
-(the ranges in `SUPPORTED`, the ones pyproject.toml pins). To move a pin: read each patch against the new
-version's source, widen `SUPPORTED`, run the patch tests and the processor and ingest integration tests.
+issue it works around, a test in `tests/unit/chatpipe/runtime/test_patches.py` that fails the moment it stops
+taking effect, and a version guard: `check_versions` refuses to run on library versions the patches were not
+written for (the ranges in `SUPPORTED`, the ones pyproject.toml pins). To move a pin: read each patch against
+the new version's source, widen `SUPPORTED`, run the patch tests and the processor and ingest integration
+tests.
 
 | patch | library internal replaced | used by |
 | --- | --- | --- |
