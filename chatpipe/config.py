@@ -192,7 +192,7 @@ class Settings:
             raise ValueError("CHATPIPE_RECONCILE_MARGIN must be >= 0 seconds")
         if not self.reconcile_interval > 0:
             raise ValueError("CHATPIPE_RECONCILE_INTERVAL must be > 0 seconds")
-        from sinks.rows import parse_channel_ids
+        from sinks.present import parse_channel_ids
 
         try:
             parse_channel_ids(self.channel_ids)

@@ -3,14 +3,14 @@
 - `GET /api/v1/subaccounts/{subAccountId}/messages/{umid}` answers exactly like 8x8 (`{"data": [...]}`,
   one record per fallback step); an umid unknown to this subaccount is 404.
 - `GET /api/v1/subaccounts/{subAccountId}/messages?clientMessageId=&batchId=&after=&limit=` lists message
-  summaries (`sinks.rows.summary_record`) ordered by umid: `{"data": [...], "next": cursor or null}`;
+  summaries (`sinks.present.summary_record`) ordered by umid: `{"data": [...], "next": cursor or null}`;
   pass `next` as `after` for the following page.
 - `GET /api/v1/subaccounts/{subAccountId}/conversations/{channelId}/messages?user=&after=&limit=` lists
-  the inbound messages of one conversation (`sinks.rows.inbound_record`), oldest first, same paging.
+  the inbound messages of one conversation (`sinks.present.inbound_record`), oldest first, same paging.
   `user` is the end user's E.164 number (`+6581968289`, matched through its keyed hash, since stores keep
   numbers masked) or else their channelUserId.
 - `GET /api/v1/subaccounts/{subAccountId}/conversations/{channelId}?user=` answers the conversation
-  itself (`sinks.rows.conversation_record`): last inbound time, WhatsApp service window (`windowOpen`
+  itself (`sinks.present.conversation_record`): last inbound time, WhatsApp service window (`windowOpen`
   evaluated now), counts by type, the last call-permission answer (`granted` evaluated now), version.
   `user` as above (channelUserId or E.164 number, both hash-matched); unknown: 404.
 - `GET /api/v1/subaccounts/{subAccountId}/analytics/{funnel|fallback|latency|errors|inbound|window}`:
@@ -18,8 +18,8 @@
 
 Errors use 8x8's body `{code, message, errorId, timestamp}`: 400 with 1001 (illegal subAccountId), 1008
 (malformed umid or channelId) or 1000 (any other invalid parameter); 404 with 1300.
-A subaccount only ever sees its own messages. Store calls are blocking (sqlite3/psycopg), so they run in
-a thread.
+A subaccount only ever sees its own messages. The store answers rows; the JSON shapes are built here
+with `sinks.present`. Store calls are blocking (sqlite3/psycopg), so they run in a thread.
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ from chatpipe.metric_defs import ApiMetrics
 from schemas import ids
 from schemas.errors import TransientError
 from schemas.timefmt import format_iso8601
+from sinks import present
 from sinks.auth import ApiKeys, Verdict, authorize, parse_api_keys, parse_api_keys_spec
 from sinks.dashboard import add_dashboard
-from sinks.rows import complete_details, parse_channel_ids, parse_inbound_cursor
+from sinks.rows import parse_inbound_cursor
 from sinks.store import DEFAULT_LIMIT, MAX_LIMIT, Store, open_store
 
 #: path ids, checked with the formats ingest applies (`schemas.ids`): what ingest stores, the API serves
@@ -133,11 +134,10 @@ async def message_details(request: web.Request) -> web.Response:
         sub, umid = _subaccount(request), _id(request, "umid")
     except BadRequest as exc:
         return _answer(request, "message", _error(400, exc.code, exc.message))
-    records = await asyncio.to_thread(request.app[STORE].get_message, sub, umid)
-    if not records:
+    found = await asyncio.to_thread(request.app[STORE].get_message, sub, umid)
+    data = present.message_details(found, request.app[CHANNEL_IDS]) if found is not None else []
+    if not data:
         return _answer(request, "message", _error(404, CODE_NOT_FOUND, f"Message {umid} not found"))
-    # required strings still unknown: the operator's channelIds, else "" (8x8's document allows no null)
-    data = complete_details(records, request.app[CHANNEL_IDS])
     return _answer(request, "message", web.json_response({"data": data}))
 
 
@@ -149,7 +149,7 @@ async def list_messages(request: web.Request) -> web.Response:
         after = _text(request, "after")
     except BadRequest as exc:
         return _answer(request, "list", _error(400, exc.code, exc.message))
-    records, cursor = await asyncio.to_thread(
+    rows, cursor = await asyncio.to_thread(
         request.app[STORE].list_messages,
         sub,
         client_message_id=client_message_id,
@@ -157,7 +157,8 @@ async def list_messages(request: web.Request) -> web.Response:
         after=after,
         limit=limit,
     )
-    return _answer(request, "list", web.json_response({"data": records, "next": cursor}))
+    data = [present.summary_record(r) for r in rows]
+    return _answer(request, "list", web.json_response({"data": data, "next": cursor}))
 
 
 async def conversation_messages(request: web.Request) -> web.Response:
@@ -173,7 +174,7 @@ async def conversation_messages(request: web.Request) -> web.Response:
     except BadRequest as exc:
         return _answer(request, "conversation", _error(400, exc.code, exc.message))
     by_msisdn = E164_RE.match(user) is not None
-    records, cursor = await asyncio.to_thread(
+    rows, cursor = await asyncio.to_thread(
         request.app[STORE].list_inbound,
         sub,
         channel_id=channel_id,
@@ -182,7 +183,8 @@ async def conversation_messages(request: web.Request) -> web.Response:
         after=after,
         limit=limit,
     )
-    return _answer(request, "conversation", web.json_response({"data": records, "next": cursor}))
+    data = [present.inbound_record(r) for r in rows]
+    return _answer(request, "conversation", web.json_response({"data": data, "next": cursor}))
 
 
 def _user(request: web.Request) -> str:
@@ -197,16 +199,15 @@ async def conversation(request: web.Request) -> web.Response:
         sub, channel_id, user = _subaccount(request), _id(request, "channelId"), _user(request)
     except BadRequest as exc:
         return _answer(request, "conversation_state", _error(400, exc.code, exc.message))
-    found = await asyncio.to_thread(
-        request.app[STORE].get_conversation, sub, channel_id, user, now=request.app[CLOCK]()
-    )
+    found = await asyncio.to_thread(request.app[STORE].get_conversation, sub, channel_id, user)
     if found is None:
         return _answer(
             request,
             "conversation_state",
             _error(404, CODE_NOT_FOUND, f"Conversation on channel {channel_id} not found"),
         )
-    return _answer(request, "conversation_state", web.json_response(found))
+    record = present.conversation_record(found, request.app[CLOCK]())
+    return _answer(request, "conversation_state", web.json_response(record))
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -303,7 +304,7 @@ def create_app(
     app[REGISTRY] = registry
     app[METRICS] = ApiMetrics(registry)
     app[CLOCK] = clock
-    app[CHANNEL_IDS] = parse_channel_ids(settings.channel_ids)
+    app[CHANNEL_IDS] = present.parse_channel_ids(settings.channel_ids)
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         own = store is None

@@ -304,8 +304,8 @@ async def test_one_pass_looks_up_each_candidate_once_and_produces_receipts(
     # and the state machine folds them onto what the processor had
     store = open_store(f"sqlite:///{db}", PII)
     try:
-        steps = store.get_message(viber.sub_account_id, fallback)
-        assert steps is not None and [s["channel"].lower() for s in steps] == ["viber"]
+        found = store.get_message(viber.sub_account_id, fallback)
+        assert found is not None and [s["channel"] for s in found.steps] == ["viber"]
     finally:
         store.close()
     before = folded(fallback, viber.sub_account_id, "viber", "sent", OLD - timedelta(minutes=10))
