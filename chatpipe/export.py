@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from chatpipe.config import Settings
+from chatpipe.proof.shell import SubParsers
 from sinks.export_rows import TABLES, Kind
 from sinks.rows import fixed_iso
 
@@ -339,7 +340,7 @@ def cmd_export(settings: Settings, args: argparse.Namespace, env: dict[str, str]
     return 0
 
 
-def add_export_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+def add_export_parser(sub: SubParsers) -> argparse.ArgumentParser:
     """Register `export` on `chatpipe`'s sub-command parsers."""
     p = sub.add_parser(
         "export",

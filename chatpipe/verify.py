@@ -34,7 +34,7 @@ import aiohttp
 
 from chatpipe.config import Settings
 from chatpipe.proof.compare import CATEGORIES, Mismatch, Report, compare_inbound, compare_message, report
-from chatpipe.proof.shell import run_alone
+from chatpipe.proof.shell import SubParsers, run_alone
 from chatpipe.proof.truth import ExpectedMessage, Truth, load_lines
 
 __all__ = ["add_verify_parser", "cmd_verify", "main"]
@@ -328,7 +328,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=16, help="read API requests in flight (default 16)")
 
 
-def add_verify_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+def add_verify_parser(sub: SubParsers) -> argparse.ArgumentParser:
     """Register `verify` on `chatpipe`'s sub-command parsers."""
     p = sub.add_parser(
         "verify",

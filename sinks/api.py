@@ -75,7 +75,7 @@ class BadRequest(Exception):
         self.message = message
 
 
-def _error(status: int, code: int, message: str) -> web.Response:
+def error_response(status: int, code: int, message: str) -> web.Response:
     return web.json_response(
         {
             "code": code,
@@ -87,7 +87,7 @@ def _error(status: int, code: int, message: str) -> web.Response:
     )
 
 
-def _subaccount(request: web.Request) -> str:
+def subaccount_id(request: web.Request) -> str:
     sub = request.match_info["subAccountId"]
     if not ids.SUBACCOUNT_ID.ok(sub):
         raise BadRequest(CODE_ILLEGAL_SUBACCOUNT, f"Invalid subAccountId {sub!r}")
@@ -114,7 +114,7 @@ def _limit(request: web.Request) -> int:
     return min(limit, MAX_LIMIT)
 
 
-def _text(request: web.Request, name: str) -> str | None:
+def text_param(request: web.Request, name: str) -> str | None:
     """A query parameter (absent or empty: None); too long or with control characters: 400."""
     value = request.query.get(name)
     if value is None or value == "":
@@ -124,31 +124,31 @@ def _text(request: web.Request, name: str) -> str | None:
     return value
 
 
-def _answer(request: web.Request, route: str, response: web.Response) -> web.Response:
+def answer(request: web.Request, route: str, response: web.Response) -> web.Response:
     request.app[METRICS].requests.labels(route, str(response.status)).inc()
     return response
 
 
 async def message_details(request: web.Request) -> web.Response:
     try:
-        sub, umid = _subaccount(request), _id(request, "umid")
+        sub, umid = subaccount_id(request), _id(request, "umid")
     except BadRequest as exc:
-        return _answer(request, "message", _error(400, exc.code, exc.message))
+        return answer(request, "message", error_response(400, exc.code, exc.message))
     found = await asyncio.to_thread(request.app[STORE].get_message, sub, umid)
     data = present.message_details(found, request.app[CHANNEL_IDS]) if found is not None else []
     if not data:
-        return _answer(request, "message", _error(404, CODE_NOT_FOUND, f"Message {umid} not found"))
-    return _answer(request, "message", web.json_response({"data": data}))
+        return answer(request, "message", error_response(404, CODE_NOT_FOUND, f"Message {umid} not found"))
+    return answer(request, "message", web.json_response({"data": data}))
 
 
 async def list_messages(request: web.Request) -> web.Response:
     try:
-        sub, limit = _subaccount(request), _limit(request)
-        client_message_id = _text(request, "clientMessageId")
-        batch_id = _text(request, "batchId")
-        after = _text(request, "after")
+        sub, limit = subaccount_id(request), _limit(request)
+        client_message_id = text_param(request, "clientMessageId")
+        batch_id = text_param(request, "batchId")
+        after = text_param(request, "after")
     except BadRequest as exc:
-        return _answer(request, "list", _error(400, exc.code, exc.message))
+        return answer(request, "list", error_response(400, exc.code, exc.message))
     rows, cursor = await asyncio.to_thread(
         request.app[STORE].list_messages,
         sub,
@@ -158,21 +158,21 @@ async def list_messages(request: web.Request) -> web.Response:
         limit=limit,
     )
     data = [present.summary_record(r) for r in rows]
-    return _answer(request, "list", web.json_response({"data": data, "next": cursor}))
+    return answer(request, "list", web.json_response({"data": data, "next": cursor}))
 
 
 async def conversation_messages(request: web.Request) -> web.Response:
     try:
-        sub, channel_id, limit = _subaccount(request), _id(request, "channelId"), _limit(request)
+        sub, channel_id, limit = subaccount_id(request), _id(request, "channelId"), _limit(request)
         user = _user(request)
-        after = _text(request, "after")
+        after = text_param(request, "after")
         if after is not None:
             try:
                 parse_inbound_cursor(after)
             except ValueError:
                 raise BadRequest(CODE_BAD_REQUEST, "after: not a cursor returned as next") from None
     except BadRequest as exc:
-        return _answer(request, "conversation", _error(400, exc.code, exc.message))
+        return answer(request, "conversation", error_response(400, exc.code, exc.message))
     by_msisdn = E164_RE.match(user) is not None
     rows, cursor = await asyncio.to_thread(
         request.app[STORE].list_inbound,
@@ -184,11 +184,11 @@ async def conversation_messages(request: web.Request) -> web.Response:
         limit=limit,
     )
     data = [present.inbound_record(r) for r in rows]
-    return _answer(request, "conversation", web.json_response({"data": data, "next": cursor}))
+    return answer(request, "conversation", web.json_response({"data": data, "next": cursor}))
 
 
 def _user(request: web.Request) -> str:
-    user = _text(request, "user")
+    user = text_param(request, "user")
     if user is None:
         raise BadRequest(CODE_BAD_REQUEST, "user: required (channelUserId or E.164 msisdn)")
     return user
@@ -196,18 +196,18 @@ def _user(request: web.Request) -> str:
 
 async def conversation(request: web.Request) -> web.Response:
     try:
-        sub, channel_id, user = _subaccount(request), _id(request, "channelId"), _user(request)
+        sub, channel_id, user = subaccount_id(request), _id(request, "channelId"), _user(request)
     except BadRequest as exc:
-        return _answer(request, "conversation_state", _error(400, exc.code, exc.message))
+        return answer(request, "conversation_state", error_response(400, exc.code, exc.message))
     found = await asyncio.to_thread(request.app[STORE].get_conversation, sub, channel_id, user)
     if found is None:
-        return _answer(
+        return answer(
             request,
             "conversation_state",
-            _error(404, CODE_NOT_FOUND, f"Conversation on channel {channel_id} not found"),
+            error_response(404, CODE_NOT_FOUND, f"Conversation on channel {channel_id} not found"),
         )
     record = present.conversation_record(found, request.app[CLOCK]())
-    return _answer(request, "conversation_state", web.json_response(record))
+    return answer(request, "conversation_state", web.json_response(record))
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -227,7 +227,7 @@ async def store_unavailable(request: web.Request, handler: Callable[..., object]
     try:
         return await handler(request)  # type: ignore[misc,no-any-return]
     except TransientError as exc:
-        response = _error(503, CODE_UNAVAILABLE, f"Store temporarily unavailable, retry later: {exc}")
+        response = error_response(503, CODE_UNAVAILABLE, f"Store temporarily unavailable, retry later: {exc}")
         response.headers["Retry-After"] = "1"
         return response
 
@@ -276,13 +276,14 @@ def api_key_auth(keys: ApiKeys) -> Callable[..., object]:
         if sub is not None:
             verdict = authorize(keys, request.headers.get("Authorization"), sub)
             if verdict is Verdict.UNAUTHENTICATED:
-                response = _error(401, CODE_UNAUTHORIZED, "Request was not authenticated properly")
+                response = error_response(401, CODE_UNAUTHORIZED, "Request was not authenticated properly")
                 response.headers["WWW-Authenticate"] = 'Bearer realm="chatpipe"'
-                return _answer(request, "auth", response)
+                return answer(request, "auth", response)
             if verdict is Verdict.FORBIDDEN:
                 # 8x8's details endpoint documents 400, 401, 404 and 429 only: it answers 401 (code 1201)
                 status = 401 if "umid" in request.match_info else 403
-                return _answer(request, "auth", _error(status, CODE_FORBIDDEN, f"Access forbidden to {sub}"))
+                forbidden = error_response(status, CODE_FORBIDDEN, f"Access forbidden to {sub}")
+                return answer(request, "auth", forbidden)
         return await handler(request)  # type: ignore[misc,no-any-return]
 
     return middleware
