@@ -448,6 +448,8 @@ class SqliteStore:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, holding the write lock from its start."""
+        if self.read_only:  # not a TransientError: retrying cannot help
+            raise PermissionError(f"{self!r} was opened read-only")
         with self._lock:
             conn = self._conn
             try:

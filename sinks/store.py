@@ -242,8 +242,9 @@ def open_store(
 ) -> Store:
     """Open (not migrate) the store named by `url`: `sqlite:///path` or `postgresql://...`.
 
-    `read_only=True` opens it for reads only: a SQLite file must exist (it is not created), writes fail
-    (SQLite: `sqlite3.OperationalError`; PostgreSQL: read-only transactions).
+    `read_only=True` opens it for reads only: a SQLite file must exist (it is not created); a write raises
+    (SQLite: PermissionError; PostgreSQL: every transaction is READ ONLY, so the database refuses it with
+    `psycopg.errors.ReadOnlySqlTransaction`), never TransientError: retrying cannot help.
 
     `synchronous_commit=False` (PostgreSQL only, opt-in) commits without waiting for the WAL flush: a
     server crash may lose the last committed batches although their offsets are committed.
