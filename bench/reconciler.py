@@ -47,8 +47,8 @@ from chatpipe.runtime.topics import ensure_topics
 from processors.state import apply_many
 from schemas.models import DeliveryReceipt, Status
 from schemas.registry import create_registry_app
+from sinks.connect import open_store
 from sinks.rows import PiiPolicy
-from sinks.store import open_store
 
 KEY = "bench-key"
 DELAYS = ((0.0, 0.40), (0.002, 0.30), (0.010, 0.25), (0.200, 0.05))

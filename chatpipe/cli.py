@@ -124,7 +124,7 @@ def cmd_sink(settings: Settings, args: argparse.Namespace, env: dict[str, str]) 
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     from chatpipe.runtime.serve import serve_in_thread
-    from sinks.store import open_store
+    from sinks.connect import open_store
     from sinks.worker import SinkWorker, pii_policy
 
     if args.migrate_only:

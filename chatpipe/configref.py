@@ -14,6 +14,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from chatpipe.proof.shell import SubParsers
 from chatpipe.runtime.config import Settings, env_name
 
 #: what each setting means, by field name (a new field of Settings needs its line here: the test says so)
@@ -227,7 +228,7 @@ def cmd_config(settings: Settings, args: argparse.Namespace, env: dict[str, str]
     return 0
 
 
-def add_config_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+def add_config_parser(sub: SubParsers) -> argparse.ArgumentParser:
     """Register `config` on `chatpipe`'s sub-command parsers."""
     p = sub.add_parser("config", help="print the configuration reference (every variable) as Markdown")
     p.add_argument("action", choices=["reference"])

@@ -48,7 +48,7 @@ from chatpipe.broker import free_port, s3_env, start_tansu, wait_for_port
 from chatpipe.objectstore import DEFAULT_BUCKET
 from chatpipe.runtime.config import Settings
 from chatpipe.runtime.topics import ensure_topics
-from sinks.store import sqlite_path
+from sinks.connect import sqlite_path
 
 READY_TIMEOUT = 90.0
 STOP_TIMEOUT = 15.0

@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from chatpipe.proof.shell import SubParsers
 from chatpipe.runtime.config import Settings
 from sinks.export_rows import TABLES, Kind
 from sinks.rows import fixed_iso
@@ -265,34 +266,34 @@ def export(source: Source, fmt: str, binary: IO[bytes], progress: Progress) -> i
 
 
 @dataclass
-class _Opened:
+class Opened:
+    """An export's source and what ends its read (the stream, then the store)."""
+
     source: Source
     close: Callable[[], None]
 
 
 def open_source(
     url: str, settings: Settings, table: str, since: datetime, until: datetime, batch: int
-) -> _Opened:
-    """The table's rows in range on a reader of its own (`sinks.export_rows`), counted first."""
-    from sinks.export_rows import open_reader
+) -> Opened:
+    """The table's rows in range, counted first (`Store.stream` on the store opened read-only)."""
+    from sinks.connect import open_store
     from sinks.worker import pii_policy
 
-    spec = TABLES[table]
-    columns = spec.exported_columns(pii_policy(settings))
-    reader = open_reader(url)
+    store = open_store(url, pii_policy(settings), read_only=True)
     try:
-        total = reader.count(spec, columns, since, until)
+        stream = store.stream(table, since, until, batch=batch)
     except BaseException:
-        reader.close()
+        store.close()
         raise
-    kinds = tuple(spec.kind(c) for c in columns)
-    batches = reader.batches(spec, columns, since, until, batch)
 
     def close() -> None:
-        batches.close()  # an export cut short (a closed pipe) leaves the cursor open: close it first
-        reader.close()
+        try:
+            stream.close()
+        finally:
+            store.close()
 
-    return _Opened(Source(columns, kinds, total, batches), close)
+    return Opened(Source(stream.columns, stream.kinds, stream.total, stream), close)
 
 
 def cmd_export(settings: Settings, args: argparse.Namespace, env: dict[str, str]) -> int:
@@ -339,7 +340,7 @@ def cmd_export(settings: Settings, args: argparse.Namespace, env: dict[str, str]
     return 0
 
 
-def add_export_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+def add_export_parser(sub: SubParsers) -> argparse.ArgumentParser:
     """Register `export` on `chatpipe`'s sub-command parsers."""
     p = sub.add_parser(
         "export",

@@ -71,7 +71,8 @@ from schemas.catalog import RECEIPTS
 from schemas.codec import Codecs
 from schemas.errors import ChatpipeError, InvalidEvent
 from schemas.models import DeliveryReceipt
-from sinks.store import LookupRecord, Store, open_store
+from sinks.connect import open_store
+from sinks.store import LookupRecord, Store
 
 log = logging.getLogger(__name__)
 

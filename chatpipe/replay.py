@@ -39,7 +39,7 @@ from pathlib import Path
 
 from chatpipe.proof.client import deliver
 from chatpipe.proof.delivery import RetryPolicy
-from chatpipe.proof.shell import run_alone
+from chatpipe.proof.shell import SubParsers, run_alone
 from chatpipe.proof.traffic import Webhook
 from chatpipe.runtime.config import Settings
 from chatpipe.simulate import Progress, webhook_url
@@ -94,7 +94,7 @@ def dump_lines(bodies: Iterable[bytes]) -> Iterator[str]:
 def bodies_from_topic(settings: Settings, topic: str, idle: float = 3.0) -> Iterator[bytes]:
     """Every record's webhook body, from the start of `topic` to the high watermark the broker reports
     in fetch responses (or until nothing new came for `idle` seconds: an empty partition)."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
     kind = TOPIC_KINDS.get(topic)
     if kind is None:
@@ -120,7 +120,7 @@ def bodies_from_topic(settings: Settings, topic: str, idle: float = 3.0) -> Iter
             for msg in consumer.consume(num_messages=5000, timeout=0.2):
                 err = msg.error()
                 if err is not None:
-                    if err.code() == err._PARTITION_EOF:
+                    if err.code() == KafkaError._PARTITION_EOF:
                         done.add(msg.partition())
                         continue
                     raise ReplayError(f"topic {topic} partition {msg.partition()}: {err}")
@@ -155,7 +155,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds before an attempt times out")
 
 
-def add_replay_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+def add_replay_parser(sub: SubParsers) -> argparse.ArgumentParser:
     """Register `replay` on `chatpipe`'s sub-command parsers."""
     p = sub.add_parser(
         "replay",

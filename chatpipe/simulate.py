@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 from chatpipe.proof.client import DeliveryResult, SendStats, deliver
 from chatpipe.proof.delivery import RetryPolicy
 from chatpipe.proof.runs import Part, Simulation, merge_delivery, parts_of, simulation
-from chatpipe.proof.shell import run_alone
+from chatpipe.proof.shell import SubParsers, run_alone
 from chatpipe.proof.traffic import TrafficConfig, Webhook
 from chatpipe.proof.truth import Delivery, Truth, dump_lines, load_lines
 from chatpipe.runtime.config import Settings
@@ -143,7 +143,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_simulate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+def add_simulate_parser(sub: SubParsers) -> argparse.ArgumentParser:
     """Register `simulate` on `chatpipe`'s sub-command parsers."""
     p = sub.add_parser(
         "simulate",

@@ -3,10 +3,11 @@
     chatpipe verify --truth FILE [--store URL] [--api URL] [--wait SECONDS] [--show N]
 
 Reads every message of the truth through `Store.get_message` (the store named by `--store`, default
-`CHATPIPE_STORE_URL`) and, with `--api`, through the read API's Retrieve message details route; lists
-the simulated subaccounts' stored umids to find extra ones; lists each simulated conversation's inbound
-messages. Messages and inbound umids the truth marks given up (8x8 would have stopped retrying one of
-their webhooks) are excluded: their state is that of whichever of their webhooks got through.
+`CHATPIPE_STORE_URL`; presented by `sinks.present.stored_details`) and, with `--api`, through the read
+API's Retrieve message details route; lists the simulated subaccounts' stored umids to find extra ones;
+lists each simulated conversation's inbound messages. Messages and inbound umids the truth marks given up
+(8x8 would have stopped retrying one of their webhooks) are excluded: their state is that of whichever of
+their webhooks got through.
 Categories: `chatpipe.proof.compare`. Prints a table of counts per source and category and the first
 mismatches (umid and what differs); ingest defects seen while sending (a malformed webhook answered 2xx,
 a well-formed one answered 4xx) fail the verification too.
@@ -32,7 +33,7 @@ from urllib.parse import quote
 import aiohttp
 
 from chatpipe.proof.compare import CATEGORIES, Mismatch, Report, compare_inbound, compare_message, report
-from chatpipe.proof.shell import run_alone
+from chatpipe.proof.shell import SubParsers, run_alone
 from chatpipe.proof.truth import ExpectedMessage, Truth, load_lines
 from chatpipe.runtime.config import Settings
 
@@ -60,13 +61,16 @@ class StoreSource:
     name = "store"
 
     def __init__(self, url: str, settings: Settings) -> None:
-        from sinks.store import open_store
+        from sinks.connect import open_store
         from sinks.worker import pii_policy
 
         self.store = open_store(url, pii_policy(settings))
 
     async def messages(self, wanted: Sequence[ExpectedMessage]) -> dict[str, Records]:
-        return {m.umid: self.store.get_message(m.sub_account_id, m.umid) for m in wanted}
+        from sinks.present import stored_details
+
+        found = {m.umid: self.store.get_message(m.sub_account_id, m.umid) for m in wanted}
+        return {umid: None if f is None else stored_details(f) for umid, f in found.items()}
 
     async def umids(self, sub_account_id: str) -> set[str]:
         found: set[str] = set()
@@ -324,7 +328,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=16, help="read API requests in flight (default 16)")
 
 
-def add_verify_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+def add_verify_parser(sub: SubParsers) -> argparse.ArgumentParser:
     """Register `verify` on `chatpipe`'s sub-command parsers."""
     p = sub.add_parser(
         "verify",

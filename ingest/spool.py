@@ -399,6 +399,11 @@ class Spool:
         seqs, _ = self._commit(items, partial=False)
         return seqs
 
+    def append_prefix(self, items: Sequence[tuple[str, bytes, bytes]]) -> tuple[list[int], int]:
+        """Spool the longest prefix of `items` that fits, as one group with one fsync; returns (seqs of the
+        admitted records, number admitted). Raises `SpoolFull` when not even the first record fits."""
+        return self._commit(items, partial=True)
+
     def _commit(self, items: Sequence[tuple[str, bytes, bytes]], partial: bool) -> tuple[list[int], int]:
         """Write and fsync the records that fit. `partial`: admit the longest prefix that fits instead of
         all-or-nothing. Returns (seqs of the admitted records, number admitted)."""
@@ -670,7 +675,7 @@ class AsyncSpool:
                 del self._pending[: self.max_group]
                 items = [item for item, _ in group]
                 try:
-                    seqs, _n = await loop.run_in_executor(self._writer, self.spool._commit, items, True)
+                    seqs, _n = await loop.run_in_executor(self._writer, self.spool.append_prefix, items)
                 except BaseException as exc:
                     for _, fut in group:
                         if not fut.done():

@@ -83,6 +83,7 @@ from confluent_kafka import KafkaError, Producer
 from faust.types import TP
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from chatpipe.runtime.patches import partition_db
 from processors.app import (
     GONE,
     LIVE,
@@ -306,7 +307,7 @@ class Folder:
         self.parts.clear()
 
     def _db(self, partition: int) -> Any:
-        return self.p.table.data._db_for_partition(partition)
+        return partition_db(self.p.table.data, partition)
 
     def _part(self, partition: int) -> _Partition:
         part = self.parts.get(partition)

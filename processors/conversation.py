@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from processors.state import _after
+from processors.state import saturating_add
 from schemas.models import Conversation, InboundMessage, User
 
 WHATSAPP_SERVICE_WINDOW = timedelta(hours=24)
@@ -68,7 +68,7 @@ def apply_inbound(
     recent = ((prev.recent_umids if prev else ()) + (msg.umid,))[-RECENT_LIMIT:]
     newest = prev is None or (msg.timestamp, msg.umid) >= (prev.last_inbound_at, prev.last_umid)
     last_at = msg.timestamp if newest else prev.last_inbound_at  # type: ignore[union-attr]
-    window = _after(last_at, WHATSAPP_SERVICE_WINDOW) if msg.channel == "whatsapp" else None
+    window = saturating_add(last_at, WHATSAPP_SERVICE_WINDOW) if msg.channel == "whatsapp" else None
     perm = _permission(prev, msg)
     if prev is None:
         user, profile_at = msg.user, (msg.timestamp if msg.user.name or msg.user.username else None)

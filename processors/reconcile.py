@@ -13,7 +13,7 @@ recognises one. The Avro schema has no `source` field (adding one is a schema ch
 Limits of synthetic receipts (what the receipt schema cannot carry): the authoritative `step` number,
 `channelId`, `country`, `contentType`, `createdAt` are only in `raw_json`, and the state machine still
 orders steps by each channel's first event time. So the reconciler also records them (`step_details`) in
-the store with the lookup, and the read API takes them from there (`sinks.rows.detail_records`): 8x8's
+the store with the lookup, and the read API takes them from there (`sinks.present.detail_records`): 8x8's
 step numbers win. The details API reports each step's CURRENT status only.
 
 Contracts

@@ -237,7 +237,7 @@ def _min(a: datetime | None, b: datetime | None) -> datetime | None:
 # --- finality ------------------------------------------------------------------------------------
 
 
-def _after(t: datetime, span: timedelta) -> datetime:
+def saturating_add(t: datetime, span: timedelta) -> datetime:
     """`t + span` for a positive span, saturating at `datetime.max` (see "Time range")."""
     try:
         return t + span
@@ -616,19 +616,19 @@ def expire_due(state: MessageState, config: StateConfig = DEFAULT_CONFIG) -> dat
     last = state.steps[-1]
     due: datetime | None = None
     if last.state in FAILURE_STATES:
-        due = _after(last.status_timestamp, config.fallback_horizon)
+        due = saturating_add(last.status_timestamp, config.fallback_horizon)
     for s in state.steps:
         if s.delivered_at is not None:
-            d = _after(s.delivered_at, config.read_window)
+            d = saturating_add(s.delivered_at, config.read_window)
             if due is None or d > due:
                 due = d
     if due is None and _RANKS.get(last.state, 0) >= 3 and last.state not in FAILURE_STATES:
         # delivered without a delivered_at (a foreign state)
-        due = _after(last.status_timestamp, config.read_window)
+        due = saturating_add(last.status_timestamp, config.read_window)
     if config.stale_after is not None:
         latest = max(max(s.status_timestamp, s.history[-1].timestamp if s.history else s.status_timestamp)
                      for s in state.steps)  # fmt: skip
-        stale = _after(latest, config.stale_after)
+        stale = saturating_add(latest, config.stale_after)
         if due is None or stale < due:
             due = stale
     return due

@@ -3,14 +3,14 @@
 - `GET /api/v1/subaccounts/{subAccountId}/messages/{umid}` answers exactly like 8x8 (`{"data": [...]}`,
   one record per fallback step); an umid unknown to this subaccount is 404.
 - `GET /api/v1/subaccounts/{subAccountId}/messages?clientMessageId=&batchId=&after=&limit=` lists message
-  summaries (`sinks.rows.summary_record`) ordered by umid: `{"data": [...], "next": cursor or null}`;
+  summaries (`sinks.present.summary_record`) ordered by umid: `{"data": [...], "next": cursor or null}`;
   pass `next` as `after` for the following page.
 - `GET /api/v1/subaccounts/{subAccountId}/conversations/{channelId}/messages?user=&after=&limit=` lists
-  the inbound messages of one conversation (`sinks.rows.inbound_record`), oldest first, same paging.
+  the inbound messages of one conversation (`sinks.present.inbound_record`), oldest first, same paging.
   `user` is the end user's E.164 number (`+6581968289`, matched through its keyed hash, since stores keep
   numbers masked) or else their channelUserId.
 - `GET /api/v1/subaccounts/{subAccountId}/conversations/{channelId}?user=` answers the conversation
-  itself (`sinks.rows.conversation_record`): last inbound time, WhatsApp service window (`windowOpen`
+  itself (`sinks.present.conversation_record`): last inbound time, WhatsApp service window (`windowOpen`
   evaluated now), counts by type, the last call-permission answer (`granted` evaluated now), version.
   `user` as above (channelUserId or E.164 number, both hash-matched); unknown: 404.
 - `GET /api/v1/subaccounts/{subAccountId}/analytics/{funnel|fallback|latency|errors|inbound|window}`:
@@ -18,8 +18,8 @@
 
 Errors use 8x8's body `{code, message, errorId, timestamp}`: 400 with 1001 (illegal subAccountId), 1008
 (malformed umid or channelId) or 1000 (any other invalid parameter); 404 with 1300.
-A subaccount only ever sees its own messages. Store calls are blocking (sqlite3/psycopg), so they run in
-a thread.
+A subaccount only ever sees its own messages. The store answers rows; the JSON shapes are built here
+with `sinks.present`. Store calls are blocking (sqlite3/psycopg), so they run in a thread.
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import uuid
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from datetime import datetime
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -39,60 +38,33 @@ from chatpipe.runtime.metric_defs import ApiMetrics
 from chatpipe.runtime.specs import ApiKeys, parse_api_keys, parse_api_keys_spec, parse_channel_ids
 from schemas import ids
 from schemas.errors import TransientError
-from schemas.timefmt import format_iso8601
+from sinks import present
 from sinks.auth import Verdict, authorize
+from sinks.connect import open_store
 from sinks.dashboard import add_dashboard
-from sinks.rows import complete_details, parse_inbound_cursor
-from sinks.store import DEFAULT_LIMIT, MAX_LIMIT, Store, open_store
+from sinks.http import (
+    CHANNEL_IDS,
+    CLOCK,
+    CODE_BAD_REQUEST,
+    CODE_INVALID_ID,
+    CODE_NOT_FOUND,
+    CODE_UNAVAILABLE,
+    METRICS,
+    REGISTRY,
+    STORE,
+    BadRequest,
+    answer,
+    error_response,
+    subaccount_id,
+    text_param,
+    utc_now,
+)
+from sinks.rows import parse_inbound_cursor
+from sinks.store import DEFAULT_LIMIT, MAX_LIMIT, Store
 
 #: path ids, checked with the formats ingest applies (`schemas.ids`): what ingest stores, the API serves
 _PATH_IDS = {"umid": ids.UMID, "channelId": ids.CHANNEL_ID}
 E164_RE = re.compile(r"^\+[1-9][0-9]{5,14}$")
-MAX_PARAM_CHARS = 200
-CODE_BAD_REQUEST = 1000
-CODE_ILLEGAL_SUBACCOUNT = 1001
-CODE_INVALID_ID = 1008
-CODE_NOT_FOUND = 1300
-CODE_UNAVAILABLE = 1500
-
-STORE = web.AppKey("store", Store)
-METRICS = web.AppKey("metrics", ApiMetrics)
-REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
-CLOCK: web.AppKey[Callable[[], datetime]] = web.AppKey("clock")
-CHANNEL_IDS: web.AppKey[dict[tuple[str, str], str]] = web.AppKey("channel_ids")
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-class BadRequest(Exception):
-    """A malformed request parameter: answered 400 with `code` and `message`."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def _error(status: int, code: int, message: str) -> web.Response:
-    return web.json_response(
-        {
-            "code": code,
-            "message": message,
-            "errorId": str(uuid.uuid4()),
-            "timestamp": format_iso8601(datetime.now(UTC)),
-        },
-        status=status,
-    )
-
-
-def _subaccount(request: web.Request) -> str:
-    sub = request.match_info["subAccountId"]
-    if not ids.SUBACCOUNT_ID.ok(sub):
-        raise BadRequest(CODE_ILLEGAL_SUBACCOUNT, f"Invalid subAccountId {sub!r}")
-    return sub
-
 
 def _id(request: web.Request, name: str) -> str:
     value = request.match_info[name]
@@ -114,43 +86,27 @@ def _limit(request: web.Request) -> int:
     return min(limit, MAX_LIMIT)
 
 
-def _text(request: web.Request, name: str) -> str | None:
-    """A query parameter (absent or empty: None); too long or with control characters: 400."""
-    value = request.query.get(name)
-    if value is None or value == "":
-        return None
-    if len(value) > MAX_PARAM_CHARS or not value.isprintable():
-        raise BadRequest(CODE_BAD_REQUEST, f"{name}: invalid value")
-    return value
-
-
-def _answer(request: web.Request, route: str, response: web.Response) -> web.Response:
-    request.app[METRICS].requests.labels(route, str(response.status)).inc()
-    return response
-
-
 async def message_details(request: web.Request) -> web.Response:
     try:
-        sub, umid = _subaccount(request), _id(request, "umid")
+        sub, umid = subaccount_id(request), _id(request, "umid")
     except BadRequest as exc:
-        return _answer(request, "message", _error(400, exc.code, exc.message))
-    records = await asyncio.to_thread(request.app[STORE].get_message, sub, umid)
-    if not records:
-        return _answer(request, "message", _error(404, CODE_NOT_FOUND, f"Message {umid} not found"))
-    # required strings still unknown: the operator's channelIds, else "" (8x8's document allows no null)
-    data = complete_details(records, request.app[CHANNEL_IDS])
-    return _answer(request, "message", web.json_response({"data": data}))
+        return answer(request, "message", error_response(400, exc.code, exc.message))
+    found = await asyncio.to_thread(request.app[STORE].get_message, sub, umid)
+    data = present.message_details(found, request.app[CHANNEL_IDS]) if found is not None else []
+    if not data:
+        return answer(request, "message", error_response(404, CODE_NOT_FOUND, f"Message {umid} not found"))
+    return answer(request, "message", web.json_response({"data": data}))
 
 
 async def list_messages(request: web.Request) -> web.Response:
     try:
-        sub, limit = _subaccount(request), _limit(request)
-        client_message_id = _text(request, "clientMessageId")
-        batch_id = _text(request, "batchId")
-        after = _text(request, "after")
+        sub, limit = subaccount_id(request), _limit(request)
+        client_message_id = text_param(request, "clientMessageId")
+        batch_id = text_param(request, "batchId")
+        after = text_param(request, "after")
     except BadRequest as exc:
-        return _answer(request, "list", _error(400, exc.code, exc.message))
-    records, cursor = await asyncio.to_thread(
+        return answer(request, "list", error_response(400, exc.code, exc.message))
+    rows, cursor = await asyncio.to_thread(
         request.app[STORE].list_messages,
         sub,
         client_message_id=client_message_id,
@@ -158,23 +114,24 @@ async def list_messages(request: web.Request) -> web.Response:
         after=after,
         limit=limit,
     )
-    return _answer(request, "list", web.json_response({"data": records, "next": cursor}))
+    data = [present.summary_record(r) for r in rows]
+    return answer(request, "list", web.json_response({"data": data, "next": cursor}))
 
 
 async def conversation_messages(request: web.Request) -> web.Response:
     try:
-        sub, channel_id, limit = _subaccount(request), _id(request, "channelId"), _limit(request)
+        sub, channel_id, limit = subaccount_id(request), _id(request, "channelId"), _limit(request)
         user = _user(request)
-        after = _text(request, "after")
+        after = text_param(request, "after")
         if after is not None:
             try:
                 parse_inbound_cursor(after)
             except ValueError:
                 raise BadRequest(CODE_BAD_REQUEST, "after: not a cursor returned as next") from None
     except BadRequest as exc:
-        return _answer(request, "conversation", _error(400, exc.code, exc.message))
+        return answer(request, "conversation", error_response(400, exc.code, exc.message))
     by_msisdn = E164_RE.match(user) is not None
-    records, cursor = await asyncio.to_thread(
+    rows, cursor = await asyncio.to_thread(
         request.app[STORE].list_inbound,
         sub,
         channel_id=channel_id,
@@ -183,11 +140,12 @@ async def conversation_messages(request: web.Request) -> web.Response:
         after=after,
         limit=limit,
     )
-    return _answer(request, "conversation", web.json_response({"data": records, "next": cursor}))
+    data = [present.inbound_record(r) for r in rows]
+    return answer(request, "conversation", web.json_response({"data": data, "next": cursor}))
 
 
 def _user(request: web.Request) -> str:
-    user = _text(request, "user")
+    user = text_param(request, "user")
     if user is None:
         raise BadRequest(CODE_BAD_REQUEST, "user: required (channelUserId or E.164 msisdn)")
     return user
@@ -195,19 +153,18 @@ def _user(request: web.Request) -> str:
 
 async def conversation(request: web.Request) -> web.Response:
     try:
-        sub, channel_id, user = _subaccount(request), _id(request, "channelId"), _user(request)
+        sub, channel_id, user = subaccount_id(request), _id(request, "channelId"), _user(request)
     except BadRequest as exc:
-        return _answer(request, "conversation_state", _error(400, exc.code, exc.message))
-    found = await asyncio.to_thread(
-        request.app[STORE].get_conversation, sub, channel_id, user, now=request.app[CLOCK]()
-    )
+        return answer(request, "conversation_state", error_response(400, exc.code, exc.message))
+    found = await asyncio.to_thread(request.app[STORE].get_conversation, sub, channel_id, user)
     if found is None:
-        return _answer(
+        return answer(
             request,
             "conversation_state",
-            _error(404, CODE_NOT_FOUND, f"Conversation on channel {channel_id} not found"),
+            error_response(404, CODE_NOT_FOUND, f"Conversation on channel {channel_id} not found"),
         )
-    return _answer(request, "conversation_state", web.json_response(found))
+    record = present.conversation_record(found, request.app[CLOCK]())
+    return answer(request, "conversation_state", web.json_response(record))
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -227,7 +184,7 @@ async def store_unavailable(request: web.Request, handler: Callable[..., object]
     try:
         return await handler(request)  # type: ignore[misc,no-any-return]
     except TransientError as exc:
-        response = _error(503, CODE_UNAVAILABLE, f"Store temporarily unavailable, retry later: {exc}")
+        response = error_response(503, CODE_UNAVAILABLE, f"Store temporarily unavailable, retry later: {exc}")
         response.headers["Retry-After"] = "1"
         return response
 
@@ -276,13 +233,14 @@ def api_key_auth(keys: ApiKeys) -> Callable[..., object]:
         if sub is not None:
             verdict = authorize(keys, request.headers.get("Authorization"), sub)
             if verdict is Verdict.UNAUTHENTICATED:
-                response = _error(401, CODE_UNAUTHORIZED, "Request was not authenticated properly")
+                response = error_response(401, CODE_UNAUTHORIZED, "Request was not authenticated properly")
                 response.headers["WWW-Authenticate"] = 'Bearer realm="chatpipe"'
-                return _answer(request, "auth", response)
+                return answer(request, "auth", response)
             if verdict is Verdict.FORBIDDEN:
                 # 8x8's details endpoint documents 400, 401, 404 and 429 only: it answers 401 (code 1201)
                 status = 401 if "umid" in request.match_info else 403
-                return _answer(request, "auth", _error(status, CODE_FORBIDDEN, f"Access forbidden to {sub}"))
+                forbidden = error_response(status, CODE_FORBIDDEN, f"Access forbidden to {sub}")
+                return answer(request, "auth", forbidden)
         return await handler(request)  # type: ignore[misc,no-any-return]
 
     return middleware

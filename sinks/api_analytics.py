@@ -19,7 +19,16 @@ from aiohttp import web
 from schemas.timefmt import format_iso8601
 from sinks import aggregates as A
 from sinks.analytics_sql import GRANULARITIES, GROUPABLE, VIEWS, Query
-from sinks.api import CLOCK, CODE_BAD_REQUEST, STORE, BadRequest, _answer, _error, _subaccount, _text
+from sinks.http import (
+    CLOCK,
+    CODE_BAD_REQUEST,
+    STORE,
+    BadRequest,
+    answer,
+    error_response,
+    subaccount_id,
+    text_param,
+)
 
 DEFAULT_DAYS = 7
 DEFAULT_ERRORS = 10
@@ -28,7 +37,7 @@ MAX_RANGE = timedelta(days=3660)
 
 
 def _time(request: web.Request, name: str) -> datetime | None:
-    raw = _text(request, name)
+    raw = text_param(request, name)
     if raw is None:
         return None
     try:
@@ -40,28 +49,28 @@ def _time(request: web.Request, name: str) -> datetime | None:
 
 def parse_query(request: web.Request, view: str, now: datetime) -> tuple[Query, int]:
     """The `Query` a request asks for, and the errors view's limit; BadRequest for a bad parameter."""
-    sub = _subaccount(request)
+    sub = subaccount_id(request)
     until = _time(request, "until")
     if until is None:
         until = A.hour_of(now) + (timedelta(hours=1) if now != A.hour_of(now) else timedelta(0))
     since = _time(request, "since") or until - timedelta(days=DEFAULT_DAYS)
     if since >= until or until - since > MAX_RANGE:
         raise BadRequest(CODE_BAD_REQUEST, "since/until: since must be before until, at most 10 years apart")
-    granularity = _text(request, "granularity") or ("total" if view == "errors" else "day")
+    granularity = text_param(request, "granularity") or ("total" if view == "errors" else "day")
     if granularity not in GRANULARITIES:
         raise BadRequest(CODE_BAD_REQUEST, f"granularity: one of {', '.join(GRANULARITIES)}")
-    group_by = tuple(g.strip() for g in (_text(request, "groupBy") or "").split(",") if g.strip())
+    group_by = tuple(g.strip() for g in (text_param(request, "groupBy") or "").split(",") if g.strip())
     if any(g not in GROUPABLE for g in group_by) or len(set(group_by)) != len(group_by):
         raise BadRequest(CODE_BAD_REQUEST, f"groupBy: a comma-separated list of {', '.join(GROUPABLE)}")
     if view in ("fallback", "inbound"):
         group_by = ()
-    channel = _text(request, "channel")
-    country = _text(request, "country")
-    metric = _text(request, "metric") or "deliver"
+    channel = text_param(request, "channel")
+    country = text_param(request, "country")
+    metric = text_param(request, "metric") or "deliver"
     if metric not in A.METRICS:
         raise BadRequest(CODE_BAD_REQUEST, "metric: deliver or read")
     limit = DEFAULT_ERRORS
-    raw = _text(request, "limit")
+    raw = text_param(request, "limit")
     if raw is not None:
         if not raw.isdigit() or not 1 <= int(raw) <= MAX_ERRORS:
             raise BadRequest(CODE_BAD_REQUEST, f"limit: an integer from 1 to {MAX_ERRORS}")
@@ -168,13 +177,13 @@ async def analytics_view(request: web.Request) -> web.Response:
     view = request.match_info["view"]
     route = f"analytics_{view}" if view in VIEWS else "analytics"
     if view not in VIEWS:
-        return _answer(request, route, _error(404, 1300, f"Unknown analytics view {view!r}"))
+        return answer(request, route, error_response(404, 1300, f"Unknown analytics view {view!r}"))
     try:
         query, limit = parse_query(request, view, request.app[CLOCK]())
     except BadRequest as exc:
-        return _answer(request, route, _error(400, exc.code, exc.message))
+        return answer(request, route, error_response(400, exc.code, exc.message))
     rows = await asyncio.to_thread(request.app[STORE].analytics, query)
-    return _answer(request, route, web.json_response(shape(query, rows, limit)))
+    return answer(request, route, web.json_response(shape(query, rows, limit)))
 
 
 def add_routes(app: web.Application, prefix: str) -> None:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -48,12 +48,15 @@ from schemas.errors import TransientError
 from schemas.models import Conversation, InboundMessage, MessageState
 from sinks import aggregates as A
 from sinks import analytics_sql as Q
+from sinks import export_rows as X
 from sinks import rows as R
 from sinks.rows import PiiPolicy
 from sinks.store import (
     DEFAULT_LIMIT,
     MIGRATIONS_TABLE,
     LookupRecord,
+    RowStream,
+    StoredMessage,
     clamp_limit,
     equalities,
     inbound_filters,
@@ -467,10 +470,17 @@ class PostgresStore:
     """See `sinks.store.Store` for the contract."""
 
     def __init__(
-        self, url: str, pii: PiiPolicy, *, synchronous_commit: bool = True, aggregates: bool = True
+        self,
+        url: str,
+        pii: PiiPolicy,
+        *,
+        synchronous_commit: bool = True,
+        aggregates: bool = True,
+        read_only: bool = False,
     ) -> None:
         self.url = url
         self.pii = pii
+        self.read_only = read_only  # every transaction READ ONLY (`open_store(read_only=True)`)
         self.aggregates = aggregates  # False: analytics tables not maintained (benchmarks only)
         self.synchronous_commit = synchronous_commit
         self.merge_fallbacks = 0  # batches written by the merge path after a race (for tests/metrics)
@@ -494,6 +504,7 @@ class PostgresStore:
             self._conn = None
             self._staged = False
             conn = psycopg.connect(self.url, row_factory=dict_row, connect_timeout=CONNECT_TIMEOUT_S)
+            conn.read_only = self.read_only or None
             if not self.synchronous_commit:
                 conn.execute("SET synchronous_commit = off")
                 conn.commit()
@@ -912,7 +923,7 @@ class PostgresStore:
 
     # --- reads -------------------------------------------------------------------------------
 
-    def get_message(self, sub_account_id: str, umid: str) -> list[dict[str, Any]] | None:
+    def get_message(self, sub_account_id: str, umid: str) -> StoredMessage | None:
         def work(conn: psycopg.Connection[Any]) -> tuple[R.Row | None, list[R.Row], Any, dict[str, str]]:
             found = conn.execute(
                 "SELECT * FROM messages WHERE umid = %s AND sub_account_id = %s", (umid, sub_account_id)
@@ -934,14 +945,12 @@ class PostgresStore:
         message, steps, details, ids = self._run(work)
         if message is None:
             return None
-        return R.detail_records(message, steps, clear=self.pii.clear, looked_up=details, channel_ids=ids)
+        return StoredMessage(message, tuple(steps), details, ids, self.pii.clear)
 
-    def get_conversation(
-        self, sub_account_id: str, channel_id: str, user: str, *, now: datetime
-    ) -> dict[str, Any] | None:
+    def get_conversation(self, sub_account_id: str, channel_id: str, user: str) -> R.Row | None:
         params = {"sub": sub_account_id, "channel_id": channel_id, "hash": self.pii.hash_msisdn(user)}
-        found = self._run(lambda conn: conn.execute(_GET_CONVERSATION, params).fetchone())
-        return R.conversation_record(found, now) if found else None
+        found: R.Row | None = self._run(lambda conn: conn.execute(_GET_CONVERSATION, params).fetchone())
+        return found
 
     def list_messages(
         self,
@@ -951,7 +960,7 @@ class PostgresStore:
         batch_id: str | None = None,
         after: str | None = None,
         limit: int = DEFAULT_LIMIT,
-    ) -> tuple[list[dict[str, Any]], str | None]:
+    ) -> tuple[list[R.Row], str | None]:
         limit = clamp_limit(limit)
         filters = message_filters(sub_account_id, client_message_id, batch_id)
         where, params = equalities(filters, "%s")
@@ -960,7 +969,7 @@ class PostgresStore:
             params.append(after)
         sql = f"SELECT * FROM messages WHERE {' AND '.join(where)} ORDER BY umid LIMIT %s"
         found = self._run(lambda conn: conn.execute(sql, (*params, limit + 1)).fetchall())
-        return paginate(found, limit, R.summary_record, lambda row: row["umid"])
+        return paginate(found, limit, lambda row: row["umid"])
 
     def list_inbound(
         self,
@@ -971,7 +980,7 @@ class PostgresStore:
         msisdn: str | None = None,
         after: str | None = None,
         limit: int = DEFAULT_LIMIT,
-    ) -> tuple[list[dict[str, Any]], str | None]:
+    ) -> tuple[list[R.Row], str | None]:
         limit = clamp_limit(limit)
         filters = inbound_filters(self.pii, sub_account_id, channel_id, channel_user_id, msisdn)
         where, params = equalities(filters, "%s")
@@ -980,7 +989,37 @@ class PostgresStore:
             params.extend(R.parse_inbound_cursor(after))
         sql = f"SELECT * FROM inbound_messages WHERE {' AND '.join(where)} ORDER BY ts, umid LIMIT %s"
         found = self._run(lambda conn: conn.execute(sql, (*params, limit + 1)).fetchall())
-        return paginate(found, limit, R.inbound_record, R.inbound_cursor)
+        return paginate(found, limit, R.inbound_cursor)
+
+    def stream(self, table: str, since: datetime, until: datetime, *, batch: int = 5000) -> RowStream:
+        """A named (server-side) cursor in one REPEATABLE READ, READ ONLY transaction on a connection of
+        its own, fetched `batch` rows at a time (the count and the rows see one snapshot)."""
+        spec = X.TABLES[table]
+        columns = spec.exported_columns(self.pii)
+        conn = psycopg.connect(self.url, connect_timeout=CONNECT_TIMEOUT_S, autocommit=True)
+        try:
+            conn.execute("SET TIME ZONE 'UTC'")
+            conn.autocommit = False
+            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            conn.read_only = True  # the first statement starts the one snapshot every read sees
+            row = conn.execute(X.count_sql(spec, "%s"), (since, until)).fetchone()
+        except BaseException:
+            conn.close()
+            raise
+
+        def batches() -> Generator[list[tuple[Any, ...]], None, None]:
+            with conn.cursor(name="chatpipe_stream") as cur:
+                cur.itersize = batch
+                cur.execute(X.select_sql(spec, columns, "%s"), (since, until))
+                while rows := cur.fetchmany(batch):
+                    yield rows
+
+        def release() -> None:
+            conn.rollback()
+            conn.close()
+
+        kinds = tuple(spec.kind(c) for c in columns)
+        return RowStream(columns, kinds, int(row[0]) if row else 0, batches(), release)
 
     # --- reconciliation ----------------------------------------------------------------------------
 

@@ -14,8 +14,8 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Generator, Iterator, Sequence
+from contextlib import closing, contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,12 +24,15 @@ from schemas.errors import TransientError
 from schemas.models import Conversation, InboundMessage, MessageState
 from sinks import aggregates as A
 from sinks import analytics_sql as Q
+from sinks import export_rows as X
 from sinks import rows as R
 from sinks.rows import PiiPolicy
 from sinks.store import (
     DEFAULT_LIMIT,
     MIGRATIONS_TABLE,
     LookupRecord,
+    RowStream,
+    StoredMessage,
     clamp_limit,
     equalities,
     inbound_filters,
@@ -393,23 +396,49 @@ def _row(cursor: sqlite3.Cursor, values: tuple[Any, ...]) -> R.Row:
     return out
 
 
+def _connect_read_only(path: str) -> sqlite3.Connection:
+    """A connection that cannot write (`mode=ro`): the file must exist."""
+    uri = path if path == ":memory:" else f"file:{path}?mode=ro"
+    return sqlite3.connect(
+        uri,
+        uri=path != ":memory:",
+        timeout=BUSY_TIMEOUT_MS / 1000,
+        isolation_level=None,
+        check_same_thread=False,
+    )
+
+
+def _end_stream(conn: sqlite3.Connection, own: bool, lock: threading.RLock) -> None:
+    conn.rollback()
+    if own:
+        conn.close()
+    else:
+        lock.release()
+
+
 class SqliteStore:
     """See `sinks.store.Store` for the contract."""
 
-    def __init__(self, path: str, pii: PiiPolicy, *, aggregates: bool = True) -> None:
+    def __init__(
+        self, path: str, pii: PiiPolicy, *, aggregates: bool = True, read_only: bool = False
+    ) -> None:
         self.path = path
         self.pii = pii
         self.aggregates = aggregates  # False: analytics tables not maintained (benchmarks only)
+        self.read_only = read_only  # `open_store(read_only=True)`: the file must exist, writes fail
         self._lock = threading.RLock()
-        if path != ":memory:":
-            parent = os.path.dirname(os.path.abspath(path))
-            os.makedirs(parent, exist_ok=True)
-        self._conn = sqlite3.connect(
-            path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
-        )
+        if read_only:
+            self._conn = _connect_read_only(path)
+        else:
+            if path != ":memory:":
+                parent = os.path.dirname(os.path.abspath(path))
+                os.makedirs(parent, exist_ok=True)
+            self._conn = sqlite3.connect(
+                path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+            )
         self._conn.row_factory = _row
         self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        if path != ":memory:":
+        if path != ":memory:" and not read_only:
             self._conn.execute("PRAGMA journal_mode = WAL")
         self._conn.execute("PRAGMA synchronous = NORMAL")
 
@@ -419,6 +448,8 @@ class SqliteStore:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, holding the write lock from its start."""
+        if self.read_only:  # not a TransientError: retrying cannot help
+            raise PermissionError(f"{self!r} was opened read-only")
         with self._lock:
             conn = self._conn
             try:
@@ -656,12 +687,10 @@ class SqliteStore:
             conn.executemany(_UPSERT_CONVERSATION, rows)
             return conn.total_changes - before  # an upsert stopped by the version guard changes nothing
 
-    def get_conversation(
-        self, sub_account_id: str, channel_id: str, user: str, *, now: datetime
-    ) -> dict[str, Any] | None:
+    def get_conversation(self, sub_account_id: str, channel_id: str, user: str) -> R.Row | None:
         hashed = self.pii.hash_msisdn(user)
         found = self._read(_GET_CONVERSATION, (sub_account_id, channel_id, hashed, hashed, hashed))
-        return R.conversation_record(found[0], now) if found else None
+        return found[0] if found else None
 
     def _read(self, sql: str, params: Sequence[Any]) -> list[R.Row]:
         with self._lock:
@@ -670,7 +699,7 @@ class SqliteStore:
             except sqlite3.OperationalError as exc:
                 raise TransientError(f"sqlite: read failed: {exc}") from exc
 
-    def get_message(self, sub_account_id: str, umid: str) -> list[dict[str, Any]] | None:
+    def get_message(self, sub_account_id: str, umid: str) -> StoredMessage | None:
         with self._lock:
             self._conn.execute("BEGIN")  # one snapshot for both reads
             try:
@@ -686,7 +715,7 @@ class SqliteStore:
         if not found:
             return None
         details = json.loads(looked[0]["details"]) if looked and looked[0]["details"] else None
-        return R.detail_records(found[0], steps, clear=self.pii.clear, looked_up=details, channel_ids=ids)
+        return StoredMessage(found[0], tuple(steps), details, ids, self.pii.clear)
 
     def _only_channel_id(self, sub_account_id: str, channel: str) -> str | None:
         """The channelId of the subaccount's inbound messages on `channel` when there is exactly one."""
@@ -703,7 +732,7 @@ class SqliteStore:
         batch_id: str | None = None,
         after: str | None = None,
         limit: int = DEFAULT_LIMIT,
-    ) -> tuple[list[dict[str, Any]], str | None]:
+    ) -> tuple[list[R.Row], str | None]:
         limit = clamp_limit(limit)
         filters = message_filters(sub_account_id, client_message_id, batch_id)
         where, params = equalities(filters, "?")
@@ -713,7 +742,7 @@ class SqliteStore:
         found = self._read(
             f"SELECT * FROM messages WHERE {' AND '.join(where)} ORDER BY umid LIMIT ?", (*params, limit + 1)
         )
-        return paginate(found, limit, R.summary_record, lambda row: row["umid"])
+        return paginate(found, limit, lambda row: row["umid"])
 
     def list_inbound(
         self,
@@ -724,7 +753,7 @@ class SqliteStore:
         msisdn: str | None = None,
         after: str | None = None,
         limit: int = DEFAULT_LIMIT,
-    ) -> tuple[list[dict[str, Any]], str | None]:
+    ) -> tuple[list[R.Row], str | None]:
         limit = clamp_limit(limit)
         filters = inbound_filters(self.pii, sub_account_id, channel_id, channel_user_id, msisdn)
         where, params = equalities(filters, "?")
@@ -737,7 +766,38 @@ class SqliteStore:
             f"SELECT * FROM inbound_messages WHERE {' AND '.join(where)} ORDER BY ts, umid LIMIT ?",
             (*params, limit + 1),
         )
-        return paginate(found, limit, R.inbound_record, R.inbound_cursor)
+        return paginate(found, limit, R.inbound_cursor)
+
+    def stream(self, table: str, since: datetime, until: datetime, *, batch: int = 5000) -> RowStream:
+        """A read transaction (one WAL snapshot) on a read-only connection of its own, `fetchmany`
+        batches; timestamps come back from their fixed ISO text. A `:memory:` store has no file another
+        connection could open: its stream uses the store's connection, which it holds until closed."""
+        spec = X.TABLES[table]
+        columns = spec.exported_columns(self.pii)
+        convert = X.converters(spec, columns)
+        own = self.path != ":memory:"
+        conn = _connect_read_only(self.path) if own else self._conn
+        if not own:
+            self._lock.acquire()
+        bounds = (R.fixed_iso(since), R.fixed_iso(until))
+        try:
+            conn.execute("BEGIN")  # one snapshot for the count and the rows
+            with closing(conn.cursor()) as cur:
+                cur.row_factory = None
+                (total,) = cur.execute(X.count_sql(spec, "?"), bounds).fetchone()
+        except BaseException:
+            _end_stream(conn, own, self._lock)
+            raise
+
+        def batches() -> Generator[list[tuple[Any, ...]], None, None]:
+            with closing(conn.cursor()) as cur:
+                cur.row_factory = None
+                cur.execute(X.select_sql(spec, columns, "?"), bounds)
+                while rows := cur.fetchmany(batch):
+                    yield [X.typed(r, convert) for r in rows] if convert else rows
+
+        kinds = tuple(spec.kind(c) for c in columns)
+        return RowStream(columns, kinds, int(total), batches(), lambda: _end_stream(conn, own, self._lock))
 
     # --- reconciliation ----------------------------------------------------------------------------
 

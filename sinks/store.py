@@ -20,26 +20,31 @@ Contract shared by both dialects (`sinks.sqlite`, `sinks.postgres`):
 - A connection the database ended between calls (a restart, an idle timeout) is replaced and the call
   tried once more. A database that stays unreachable raises `schemas.errors.TransientError` (nothing of
   the batch is committed); the next call reconnects, so the caller pauses and retries the same batch.
-- Timestamps are aware UTC datetimes in rows; the API shapes carry 8x8's ISO 8601 text.
+- Reads answer rows (dicts keyed by column, `sinks.rows`) and `StoredMessage`s, never 8x8's shapes: the
+  read API builds those (`sinks.present`). Timestamps are aware UTC datetimes in rows.
+- `stream(table, since, until)` reads one table's rows in a time range (`chatpipe export`) in constant
+  memory, counted and read in one snapshot on a read-only connection of its own.
 - Reconciliation (`chatpipe.reconciler`): `reconcile_candidates` lists the open messages due for a lookup,
   oldest first, paged, from a partial index on open messages; `lease_subaccounts` gives one reconciler
   process at a time a subaccount (so two never look up its umids, nor share its 8x8 quota);
   `record_lookups` keeps each lookup's outcome, when the umid is due again and what 8x8 said of its
-  steps, so a restarted reconciler does not ask again what it just asked, and `get_message` fills the
-  step fields receipts lack (step numbers, channelId, country, contentType, createdAt) from it.
+  steps, so a restarted reconciler does not ask again what it just asked, and `get_message` returns it
+  (`StoredMessage.looked_up`) to fill the step fields receipts lack (step numbers, channelId, country,
+  contentType, createdAt).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from types import TracebackType
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 from schemas.models import Conversation, InboundMessage, MessageState
 from sinks.analytics_sql import Query
-from sinks.rows import PiiPolicy
+from sinks.export_rows import Kind
+from sinks.rows import PiiPolicy, Row
 
 MIGRATIONS_TABLE = "chatpipe_schema_migrations"
 DEFAULT_LIMIT = 100
@@ -60,6 +65,62 @@ class LookupRecord:
     details: Sequence[dict[str, Any]] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """What the store holds of one outbound message (`Store.get_message`); the read API presents it.
+
+    `message`: its `messages` row; `steps`: its `message_steps` rows ordered by step; `looked_up`: what
+    8x8's details API said of its steps at the last lookup (`LookupRecord.details`), None when never
+    said; `channel_ids`: channel -> the subaccount's only channelId seen on inbound messages of that
+    channel, for the step channels whose row lacks one; `clear`: the store keeps PII in clear
+    (`PiiPolicy.clear`: outbound content is then not stored at all rather than masked)."""
+
+    message: Row
+    steps: tuple[Row, ...]
+    looked_up: Sequence[Mapping[str, Any]] | None
+    channel_ids: Mapping[str, str]
+    clear: bool
+
+
+class RowStream:
+    """One table's rows in a time range (`Store.stream`), read from one snapshot on a connection of its
+    own: `columns` (the header), `kinds` (`sinks.export_rows.Kind` of each column), `total` (the rows the
+    batches will yield, counted in the same snapshot); iterating yields lists of tuples of typed values
+    (aware UTC datetimes, bools, ints, floats, text), at most `batch` rows each. `close()` (or leaving a
+    `with` block) ends the cursor, then the snapshot and the connection; the batches stop there."""
+
+    def __init__(
+        self,
+        columns: tuple[str, ...],
+        kinds: tuple[Kind, ...],
+        total: int,
+        batches: Generator[list[tuple[Any, ...]], None, None],
+        release: Callable[[], None],
+    ) -> None:
+        self.columns = columns
+        self.kinds = kinds
+        self.total = total
+        self._batches = batches
+        self._release = release
+
+    def __iter__(self) -> Generator[list[tuple[Any, ...]], None, None]:
+        return self._batches
+
+    def close(self) -> None:
+        try:
+            self._batches.close()  # a stream cut short (a closed pipe) leaves its cursor open: close it first
+        finally:
+            self._release()
+
+    def __enter__(self) -> RowStream:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
 #: the keys of a `Store.reconcile_candidates` row
 CANDIDATE_COLUMNS = ("umid", "sub_account_id", "final", "status_at", "updated_at", "channel_path", "attempts")
 
@@ -78,18 +139,16 @@ class Store(Protocol):
         """Upsert one batch of conversations in one transaction (version guard); returns how many were
         inserted or advanced."""
 
-    def get_conversation(
-        self, sub_account_id: str, channel_id: str, user: str, *, now: datetime
-    ) -> dict[str, Any] | None:
-        """The conversation (`sinks.rows.conversation_record`, evaluated at `now`) of `user` on one of the
-        subaccount's channels, or None. `user` is the channelUserId, the E.164 number, or whatever
-        else keyed the conversation; matched through keyed hashes (the user id of the key, the msisdn).
-        When several conversations match (a number seen before its channelUserId was), the one keyed by
-        `user` itself wins, then the most recent."""
+    def get_conversation(self, sub_account_id: str, channel_id: str, user: str) -> Row | None:
+        """The `conversations` row of `user` on one of the subaccount's channels, or None (the read API
+        presents it with `sinks.present.conversation_record`). `user` is the channelUserId, the E.164
+        number, or whatever else keyed the conversation; matched through keyed hashes (the user id of the
+        key, the msisdn). When several conversations match (a number seen before its channelUserId was),
+        the one keyed by `user` itself wins, then the most recent."""
 
-    def get_message(self, sub_account_id: str, umid: str) -> list[dict[str, Any]] | None:
-        """8x8 Retrieve-message-details `data[]` (one record per step), or None when the umid is unknown
-        to this subaccount."""
+    def get_message(self, sub_account_id: str, umid: str) -> StoredMessage | None:
+        """The message as stored, read in one snapshot, or None when the umid is unknown to this
+        subaccount (`sinks.present.message_details` makes 8x8's Retrieve-message-details `data[]`)."""
 
     def list_messages(
         self,
@@ -99,8 +158,9 @@ class Store(Protocol):
         batch_id: str | None = None,
         after: str | None = None,
         limit: int = DEFAULT_LIMIT,
-    ) -> tuple[list[dict[str, Any]], str | None]:
-        """Message summaries (`sinks.rows.summary_record`) ordered by umid, filtered by the given ids.
+    ) -> tuple[list[Row], str | None]:
+        """`messages` rows ordered by umid, filtered by the given ids (the read API presents each with
+        `sinks.present.summary_record`).
 
         `after` is the cursor returned by the previous page; the second item is the next cursor, None
         on the last page. `limit` is clamped to 1..MAX_LIMIT.
@@ -115,9 +175,9 @@ class Store(Protocol):
         msisdn: str | None = None,
         after: str | None = None,
         limit: int = DEFAULT_LIMIT,
-    ) -> tuple[list[dict[str, Any]], str | None]:
-        """Inbound messages of one conversation (`sinks.rows.inbound_record`), oldest first, paginated
-        like `list_messages`. `msisdn` is matched through its keyed hash."""
+    ) -> tuple[list[Row], str | None]:
+        """`inbound_messages` rows of one conversation, oldest first, paginated like `list_messages`
+        (presented with `sinks.present.inbound_record`). `msisdn` is matched through its keyed hash."""
 
     def reconcile_candidates(
         self,
@@ -151,40 +211,20 @@ class Store(Protocol):
         """The aggregate rows of one subaccount (`sinks.analytics_sql.select`): `bucket` (an aware
         datetime, None for granularity `total`), the view's keys, the summed counters."""
 
+    def stream(self, table: str, since: datetime, until: datetime, *, batch: int = 5000) -> RowStream:
+        """The rows of `table` (a name of `sinks.export_rows.TABLES`) whose time is in [since, until),
+        ordered by primary key, in constant memory: counted and read in one snapshot on a read-only
+        connection of its own (the store's other calls are not held up). The columns are the table's,
+        without the clear-only ones unless the store's PII policy is clear. Close the stream (or use it
+        in a `with` block). Raises KeyError for an unknown table, the driver's error when the database
+        cannot be read."""
+
     def close(self) -> None:
         """Release the connection; the store is unusable afterwards."""
 
 
 def clamp_limit(limit: int) -> int:
     return max(1, min(int(limit), MAX_LIMIT))
-
-
-def sqlite_path(url: str) -> str:
-    """`sqlite:///rel/path.db` -> `rel/path.db`, `sqlite:////abs/path.db` -> `/abs/path.db`,
-    `sqlite:///:memory:` -> `:memory:` (SQLAlchemy's convention)."""
-    prefix = "sqlite:///"
-    if not url.startswith(prefix) or len(url) == len(prefix):
-        raise ValueError(f"not a sqlite URL (expected sqlite:///path): {url!r}")
-    return url[len(prefix) :]
-
-
-def open_store(url: str, pii: PiiPolicy, *, synchronous_commit: bool = True) -> Store:
-    """Open (not migrate) the store named by `url`: `sqlite:///path` or `postgresql://...`.
-
-    `synchronous_commit=False` (PostgreSQL only, opt-in) commits without waiting for the WAL flush: a
-    server crash may lose the last committed batches although their offsets are committed.
-    Raises ValueError for an unsupported URL, TransientError when PostgreSQL cannot be reached.
-    """
-    scheme = urlsplit(url).scheme.lower()
-    if scheme == "sqlite":
-        from sinks.sqlite import SqliteStore
-
-        return SqliteStore(sqlite_path(url), pii)
-    if scheme in ("postgresql", "postgres"):
-        from sinks.postgres import PostgresStore
-
-        return PostgresStore(url, pii, synchronous_commit=synchronous_commit)
-    raise ValueError(f"unsupported store URL scheme {scheme!r}: use sqlite:///path or postgresql://...")
 
 
 def message_filters(
@@ -222,9 +262,7 @@ def equalities(filters: Sequence[tuple[str, Any]], mark: str) -> tuple[list[str]
     return [f"{column} = {mark}" for column, _ in filters], [value for _, value in filters]
 
 
-def paginate(
-    found: Sequence[Any], limit: int, record: Callable[[Any], dict[str, Any]], cursor: Callable[[Any], str]
-) -> tuple[list[dict[str, Any]], str | None]:
-    """A page from up to `limit` + 1 rows: its records, and the cursor after it (None on the last page)."""
-    page = found[:limit]
-    return [record(r) for r in page], (cursor(page[-1]) if len(found) > limit else None)
+def paginate(found: Sequence[Row], limit: int, cursor: Callable[[Row], str]) -> tuple[list[Row], str | None]:
+    """A page from up to `limit` + 1 rows: its rows, and the cursor after it (None on the last page)."""
+    page = list(found[:limit])
+    return page, (cursor(page[-1]) if len(found) > limit else None)

@@ -27,8 +27,9 @@ from schemas.catalog import CONVERSATIONS, INBOUND, MESSAGE_STATE
 from schemas.codec import Codecs
 from schemas.errors import InvalidEvent, TransientError
 from schemas.models import Conversation, DeadLetter, InboundMessage, MessageState
+from sinks.connect import open_store
 from sinks.rows import PiiPolicy
-from sinks.store import Store, open_store
+from sinks.store import Store
 
 log = logging.getLogger(__name__)
 

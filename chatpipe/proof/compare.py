@@ -1,10 +1,10 @@
 """Truth against what chatpipe answers. Pure: records in, mismatches out.
 
-A message's observed records are 8x8's Retrieve message details `data[]` (what `Store.get_message`
-returns and the read API answers): one record per step with `step`, `channel` and `status{state, detail,
-errorCode, errorMessage, timestamp}`. Channels compare case-insensitively with 8x8's aliases
-(`GoogleRCS` = `RCS`); timestamps compare as instants to the microsecond (8x8 writes up to 7 fractional
-digits, chatpipe keeps 6: the 7th is cut, not rounded).
+A message's observed records are 8x8's Retrieve message details `data[]` (`Store.get_message` presented
+by `sinks.present`, what the read API answers): one record per step with `step`, `channel` and
+`status{state, detail, errorCode, errorMessage, timestamp}`. Channels compare case-insensitively with
+8x8's aliases (`GoogleRCS` = `RCS`); timestamps compare as instants to the microsecond (8x8 writes up to
+7 fractional digits, chatpipe keeps 6: the 7th is cut, not rounded).
 
 Categories, each counted once per message:
 - `missing`: no record at all (unknown umid); `extra`: a stored umid of a simulated subaccount the truth

@@ -7,10 +7,18 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from chatpipe.runtime.config import Settings
 
 Command = Callable[[Settings, argparse.Namespace, dict[str, str]], int]
+
+
+class SubParsers(Protocol):
+    """What `ArgumentParser.add_subparsers()` returns, as a command's `add_*_parser(sub)` uses it
+    (argparse names that class only privately)."""
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser: ...
 
 
 def run_alone(

@@ -14,6 +14,12 @@ tests.
 | `patch_message_delivery` | faust `Consumer.wait_first` (mode's) | `processors.runner.run_worker` |
 | `install_dispatch` | aiohttp `Server.request_handler` | `serve.start_site` (`chatpipe ingest`) |
 
+Reads of internals (nothing replaced), fenced here all the same:
+
+| accessor | library internal read | used by |
+| --- | --- | --- |
+| `partition_db` | faust `stores.rocksdb.Store._db_for_partition` | `processors.agents` (the receipts table) |
+
 Imports only the standard library at module level (faust, mode and aiokafka are imported by the functions
 that patch them), so the ingest and API processes that import `chatpipe.runtime.serve` never load Faust.
 """
@@ -264,6 +270,16 @@ def patch_message_delivery() -> None:
     from faust.transport.consumer import Consumer
 
     Consumer.wait_first = deliver_first  # type: ignore[method-assign]
+
+
+def partition_db(store: Any, partition: int) -> Any:
+    """The RocksDB database (rocksdict `Rdict`) holding `partition` of a Faust RocksDB table store
+    (`table.data`), opened on first use. Faust keeps one database per partition and offers no public
+    accessor: `faust.stores.rocksdb.Store._db_for_partition` is the method its own reads and writes use
+    (faust-streaming 0.15.3, within `SUPPORTED`). `processors.agents` reads and writes the receipts
+    table's partition directly, in batches (a `WriteBatch` per flush), which the table's mapping API does
+    not offer."""
+    return store._db_for_partition(partition)
 
 
 def apply_worker_patches() -> None:

@@ -36,8 +36,9 @@ from processors.state import apply_many
 from schemas.catalog import RECEIPTS
 from schemas.codec import Codecs
 from schemas.models import DeliveryReceipt, MessageState, Status
+from sinks.connect import open_store
 from sinks.rows import PiiPolicy
-from sinks.store import LookupRecord, Store, open_store
+from sinks.store import LookupRecord, Store
 from tests.support.kafka import read_topic
 from tests.support.postgres import PostgresServer, fresh_database
 
@@ -304,8 +305,8 @@ async def test_one_pass_looks_up_each_candidate_once_and_produces_receipts(
     # and the state machine folds them onto what the processor had
     store = open_store(f"sqlite:///{db}", PII)
     try:
-        steps = store.get_message(viber.sub_account_id, fallback)
-        assert steps is not None and [s["channel"].lower() for s in steps] == ["viber"]
+        found = store.get_message(viber.sub_account_id, fallback)
+        assert found is not None and [s["channel"] for s in found.steps] == ["viber"]
     finally:
         store.close()
     before = folded(fallback, viber.sub_account_id, "viber", "sent", OLD - timedelta(minutes=10))

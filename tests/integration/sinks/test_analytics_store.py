@@ -28,9 +28,10 @@ from processors.state import apply
 from schemas.models import InboundMessage, MessageState
 from sinks import aggregates as A
 from sinks.analytics_sql import Query
+from sinks.connect import open_store
 from sinks.postgres import PostgresStore
 from sinks.rows import PiiPolicy
-from sinks.store import Store, open_store
+from sinks.store import Store
 from tests.support.postgres import store_url
 
 pytestmark = pytest.mark.integration

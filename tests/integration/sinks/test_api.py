@@ -20,8 +20,9 @@ from ingest.parse import parse_webhook
 from schemas.errors import InvalidEvent
 from schemas.models import User
 from sinks.api import create_app
+from sinks.connect import open_store
 from sinks.rows import PiiPolicy
-from sinks.store import Store, open_store
+from sinks.store import Store
 from tests.fixtures import webhooks
 from tests.integration.sinks.test_store import MSISDN, T0, conversation_versions, inbound, mk_state, mk_step
 from tests.support.postgres import store_url

@@ -16,7 +16,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from chatpipe.runtime.config import Settings
 from sinks import aggregates as A
 from sinks.api import create_app
-from sinks.store import Store, open_store
+from sinks.connect import open_store
+from sinks.store import Store
 from tests.integration.sinks.test_analytics_store import (
     PII,
     SINCE,

@@ -14,7 +14,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from chatpipe.runtime.config import Settings
 from sinks.api import CODE_FORBIDDEN, CODE_UNAUTHORIZED, create_app
-from sinks.store import Store, open_store
+from sinks.connect import open_store
+from sinks.store import Store
 from tests.integration.sinks.test_api import NOW, PII, SUB, UMID, assert_error, fallback_message
 
 pytestmark = pytest.mark.integration

@@ -22,8 +22,9 @@ from processors.reconcile import Outcome
 from processors.state import apply_many
 from schemas.models import DeliveryReceipt, InboundContent, InboundMessage, Status, User
 from sinks.api import create_app
+from sinks.connect import open_store
 from sinks.rows import PiiPolicy
-from sinks.store import LookupRecord, Store, open_store
+from sinks.store import LookupRecord, Store
 from tests.support.postgres import store_url
 
 pytestmark = pytest.mark.integration

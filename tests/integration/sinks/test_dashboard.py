@@ -150,9 +150,9 @@ async def test_the_page_and_its_own_files_are_served_and_nothing_else() -> None:
 
     from chatpipe.runtime.config import Settings
     from sinks.api import create_app
+    from sinks.connect import open_store
     from sinks.dashboard import FILES
     from sinks.rows import PiiPolicy
-    from sinks.store import open_store
 
     store = open_store("sqlite:///:memory:", PiiPolicy())
     store.migrate()

@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import io
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,12 +20,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from chatpipe.cli import main
+from schemas.errors import TransientError
 from schemas.models import InboundContent, InboundMessage, MessageState, StatusEvent, Step, User
 from sinks import rows as R
 from sinks.analytics_sql import Query
+from sinks.connect import open_store
 from sinks.export_rows import CLEAR_ONLY_COLUMNS, kind_of
 from sinks.rows import PiiPolicy
-from sinks.store import Store, open_store
+from sinks.store import Store
 from tests.support.postgres import store_url
 
 pytestmark = pytest.mark.integration
@@ -325,3 +328,26 @@ def test_a_reader_that_stops_early_ends_the_export_quietly(tmp_path: Path) -> No
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "Exception" not in err, err
+
+
+def test_store_stream_reads_one_snapshot_on_a_read_only_store(backend: Backend, tmp_path: Path) -> None:
+    """`Store.stream` (what export reads through): the count and the rows agree, writes that land while
+    it streams are not seen, and the read-only store it is opened on refuses writes (not retriably)."""
+    reader = open_store(backend.url, PII, read_only=True)
+    try:
+        with reader.stream("inbound", SINCE, UNTIL, batch=2) as stream:  # counted: the snapshot is taken
+            backend.store.write_inbound([dataclasses.replace(INBOUND[5], umid="9999-late-umid")])
+            rows = [r for b in stream for r in b]
+        want = [r["umid"] for r in expected("inbound")]
+        assert [r[0] for r in rows] == want and stream.total == len(want) > 2  # the late one is not seen
+        assert stream.columns[0] == "umid" and "msisdn" not in stream.columns  # clear-only: not with PII
+        with reader.stream("inbound", SINCE, UNTIL) as stream:
+            assert "9999-late-umid" in {r[0] for b in stream for r in b}  # a new stream sees it
+        with pytest.raises(Exception) as refused:
+            reader.write_inbound([dataclasses.replace(INBOUND[5], umid="9999-refused-umid")])
+        assert not isinstance(refused.value, TransientError)
+    finally:
+        reader.close()
+    with pytest.raises(sqlite3.OperationalError):
+        open_store(f"sqlite:///{tmp_path / 'absent' / 'x.db'}", PII, read_only=True)
+    assert not (tmp_path / "absent").exists()  # nothing created

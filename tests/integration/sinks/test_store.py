@@ -28,11 +28,40 @@ from schemas.models import (
     User,
 )
 from sinks import postgres as postgres_sink
+from sinks import present
 from sinks import rows as R
 from sinks import sqlite as sqlite_sink
+from sinks.connect import open_store
 from sinks.rows import PiiPolicy
-from sinks.store import Store, open_store
+from sinks.store import Store
 from tests.support.postgres import PostgresServer, fresh_database
+
+
+class Shown:
+    """A store's reads presented as the read API presents them (`sinks.present`): what these tests
+    assert, so they hold the store's rows to 8x8's shapes."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def get_message(self, sub: str, umid: str) -> list[dict[str, Any]] | None:
+        found = self.store.get_message(sub, umid)
+        return None if found is None else present.stored_details(found)
+
+    def list_messages(self, sub: str, **kw: Any) -> tuple[list[dict[str, Any]], str | None]:
+        rows, cursor = self.store.list_messages(sub, **kw)
+        return [present.summary_record(r) for r in rows], cursor
+
+    def list_inbound(self, sub: str, **kw: Any) -> tuple[list[dict[str, Any]], str | None]:
+        rows, cursor = self.store.list_inbound(sub, **kw)
+        return [present.inbound_record(r) for r in rows], cursor
+
+    def get_conversation(
+        self, sub: str, channel_id: str, user: str, *, now: datetime
+    ) -> dict[str, Any] | None:
+        row = self.store.get_conversation(sub, channel_id, user)
+        return None if row is None else present.conversation_record(row, now)
+
 
 pytestmark = pytest.mark.integration
 
@@ -177,7 +206,7 @@ def test_sqlite_memory_url_works() -> None:
     store = open_store("sqlite:///:memory:", PII)
     store.migrate()
     assert store.write_states([versions("m-1")[4]]) == 1
-    assert store.get_message(SUB, "m-1") is not None
+    assert Shown(store).get_message(SUB, "m-1") is not None
     store.close()
 
 
@@ -221,7 +250,7 @@ def test_get_message_answers_the_8x8_shape_for_a_multi_step_message(backend: Bac
     )
     assert backend.store.write_states([state]) == 1
 
-    data = backend.store.get_message("sub_account_id", umid)
+    data = Shown(backend.store).get_message("sub_account_id", umid)
 
     # 8x8's first example, adapted: every optional key known (errorCode 0 is kept, not dropped).
     assert data is not None and len(data) == 2
@@ -270,7 +299,7 @@ def test_get_message_answers_the_8x8_shape_for_a_multi_step_message(backend: Bac
 
 def test_unknown_fields_are_left_out_but_required_keys_stay(backend: Backend) -> None:
     backend.store.write_states([mk_state("m-1", 1, (mk_step(1, "sms", [("sent", 0)]),), user=User())])
-    (record,) = backend.store.get_message(SUB, "m-1") or []
+    (record,) = Shown(backend.store).get_message(SUB, "m-1") or []
     assert record == {
         "umid": "m-1",
         "subAccountId": SUB,
@@ -292,7 +321,7 @@ def test_older_version_never_overwrites_newer(backend: Backend) -> None:
     assert backend.store.write_states([v[2]]) == 0
     assert backend.store.write_states([v[1], v[2]]) == 0
     assert backend.snapshot() == after_v3
-    data = backend.store.get_message(SUB, "m-1")
+    data = Shown(backend.store).get_message(SUB, "m-1")
     assert data is not None and [r["channel"] for r in data] == ["SMS", "WhatsApp"]
 
 
@@ -355,11 +384,11 @@ def test_a_subaccount_only_sees_its_own_messages(backend: Backend) -> None:
     backend.store.write_states(
         [versions("m-1")[2], mk_state("m-2", 1, (mk_step(1, "sms", [("sent", 0)]),), sub="other")]
     )
-    assert backend.store.get_message("other", "m-1") is None
-    assert backend.store.get_message(SUB, "m-2") is None
-    assert backend.store.get_message(SUB, "nope") is None
-    assert backend.store.get_message(SUB, "m-1") is not None
-    assert [m["umid"] for m in backend.store.list_messages("other")[0]] == ["m-2"]
+    assert Shown(backend.store).get_message("other", "m-1") is None
+    assert Shown(backend.store).get_message(SUB, "m-2") is None
+    assert Shown(backend.store).get_message(SUB, "nope") is None
+    assert Shown(backend.store).get_message(SUB, "m-1") is not None
+    assert [m["umid"] for m in Shown(backend.store).list_messages("other")[0]] == ["m-2"]
 
 
 def test_list_messages_paginates_in_umid_order(backend: Backend) -> None:
@@ -376,7 +405,7 @@ def test_list_messages_paginates_in_umid_order(backend: Backend) -> None:
     backend.store.write_states(list(reversed(batch)))
     seen, cursor, pages = [], None, 0
     while True:
-        page, cursor = backend.store.list_messages(SUB, after=cursor, limit=10)
+        page, cursor = Shown(backend.store).list_messages(SUB, after=cursor, limit=10)
         seen += [m["umid"] for m in page]
         pages += 1
         if cursor is None:
@@ -384,12 +413,12 @@ def test_list_messages_paginates_in_umid_order(backend: Backend) -> None:
     assert pages == 3
     assert seen == [f"m-{i:03d}" for i in range(25)]
 
-    evens, nxt = backend.store.list_messages(SUB, batch_id="b-even", limit=100)
+    evens, nxt = Shown(backend.store).list_messages(SUB, batch_id="b-even", limit=100)
     assert nxt is None and [m["umid"] for m in evens] == [f"m-{i:03d}" for i in range(0, 25, 2)]
-    by_client, _ = backend.store.list_messages(SUB, client_message_id="c-3")
+    by_client, _ = Shown(backend.store).list_messages(SUB, client_message_id="c-3")
     assert [m["umid"] for m in by_client] == ["m-003", "m-008", "m-013", "m-018", "m-023"]
     assert by_client[0]["status"] == {"state": "sent", "timestamp": "2020-06-17T04:15:24.06Z"}
-    exact, nxt = backend.store.list_messages(SUB, limit=25)
+    exact, nxt = Shown(backend.store).list_messages(SUB, limit=25)
     assert len(exact) == 25 and nxt is None
 
 
@@ -420,17 +449,17 @@ def test_inbound_messages_are_idempotent_masked_and_listed_per_conversation(back
 
     seen, cursor = [], None
     while True:
-        page, cursor = backend.store.list_inbound(
+        page, cursor = Shown(backend.store).list_inbound(
             SUB, channel_id="ch-1", channel_user_id="6581968289", after=cursor, limit=5
         )
         seen += [(m["timestamp"], m["umid"]) for m in page]
         if cursor is None:
             break
     assert len(seen) == 12 and seen == sorted(seen)
-    by_msisdn, _ = backend.store.list_inbound(SUB, msisdn="+6599999999")
+    by_msisdn, _ = Shown(backend.store).list_inbound(SUB, msisdn="+6599999999")
     assert [m["umid"] for m in by_msisdn] == ["in-x"]
     assert by_msisdn[0]["content"] == {"text": "**MASKED**"}
-    assert backend.store.list_inbound("other")[0] == []
+    assert Shown(backend.store).list_inbound("other")[0] == []
 
 
 def test_clear_policy_keeps_content_and_numbers(backend: Backend) -> None:
@@ -440,7 +469,7 @@ def test_clear_policy_keeps_content_and_numbers(backend: Backend) -> None:
     assert backend.query("SELECT text, raw_json, msisdn FROM inbound_messages") == [
         ("hello", '{"x": 1}', "+6581968289")
     ]
-    (record,) = store.get_message(SUB, "m-1") or []
+    (record,) = Shown(store).get_message(SUB, "m-1") or []
     assert record["user"] == {"msisdn": "+639221101234"}
 
 
@@ -485,7 +514,7 @@ def test_postgres_connection_killed_mid_session_reconnects(postgres_server: Post
             )
         # the ended connection is replaced and the write tried once more on a fresh one
         assert store.write_states([versions("m-1")[2]]) == 1
-        assert (store.get_message(SUB, "m-1") or [{}])[0]["status"]["state"] == "sent"
+        assert (Shown(store).get_message(SUB, "m-1") or [{}])[0]["status"]["state"] == "sent"
     finally:
         store.close()
 
@@ -621,7 +650,7 @@ def test_conversation_answers_its_documented_shape(backend: Backend) -> None:
     v = conversation_versions()
     assert backend.store.write_conversations([v[3]]) == 1
     now = T0 + timedelta(hours=1)
-    found = backend.store.get_conversation(SUB, "ch-1", "BSUID.1", now=now)
+    found = Shown(backend.store).get_conversation(SUB, "ch-1", "BSUID.1", now=now)
     assert found == {
         "subAccountId": SUB,
         "channel": "WhatsApp",
@@ -646,12 +675,12 @@ def test_conversation_answers_its_documented_shape(backend: Backend) -> None:
         "version": 4,
     }
     # the number finds the same conversation (through its keyed hash)
-    assert backend.store.get_conversation(SUB, "ch-1", MSISDN, now=now) == found
+    assert Shown(backend.store).get_conversation(SUB, "ch-1", MSISDN, now=now) == found
     # time-dependent fields follow `now`: the window closes after 24 h, the permission after 7 days
-    later = backend.store.get_conversation(SUB, "ch-1", "BSUID.1", now=T0 + timedelta(days=2))
+    later = Shown(backend.store).get_conversation(SUB, "ch-1", "BSUID.1", now=T0 + timedelta(days=2))
     assert later is not None and later["windowOpen"] is False
     assert later["callPermission"]["granted"] is True
-    expired = backend.store.get_conversation(SUB, "ch-1", "BSUID.1", now=T0 + timedelta(days=8))
+    expired = Shown(backend.store).get_conversation(SUB, "ch-1", "BSUID.1", now=T0 + timedelta(days=8))
     assert expired is not None and expired["callPermission"]["granted"] is False
 
 
@@ -690,11 +719,11 @@ def test_rewriting_the_same_conversations_changes_nothing(backend: Backend) -> N
 
 def test_a_conversation_keyed_by_the_number_is_found_by_the_number(backend: Backend) -> None:
     backend.store.write_conversations([conversation_versions(None, msisdn=MSISDN, n=2)[-1]])
-    found = backend.store.get_conversation(SUB, "ch-1", MSISDN, now=T0)
+    found = Shown(backend.store).get_conversation(SUB, "ch-1", MSISDN, now=T0)
     assert found is not None and found["user"] == {"msisdn": "+658196xxxx", "channelUserId": None}
     assert found["messageCount"] == 2
-    assert backend.store.get_conversation(SUB, "ch-1", "6581968289", now=T0) is None
-    assert backend.store.get_conversation(SUB, "ch-1", "+6581968288", now=T0) is None
+    assert Shown(backend.store).get_conversation(SUB, "ch-1", "6581968289", now=T0) is None
+    assert Shown(backend.store).get_conversation(SUB, "ch-1", "+6581968288", now=T0) is None
 
 
 def test_the_users_own_conversation_wins_over_one_sharing_the_number(backend: Backend) -> None:
@@ -702,9 +731,9 @@ def test_the_users_own_conversation_wins_over_one_sharing_the_number(backend: Ba
     by_number = conversation_versions(None, msisdn=MSISDN, n=3)[-1]
     by_id = conversation_versions("BSUID.1", msisdn=MSISDN, n=1)[-1]
     backend.store.write_conversations([by_number, by_id])
-    found = backend.store.get_conversation(SUB, "ch-1", MSISDN, now=T0)
+    found = Shown(backend.store).get_conversation(SUB, "ch-1", MSISDN, now=T0)
     assert found is not None and found["messageCount"] == 3  # keyed by the number itself
-    found = backend.store.get_conversation(SUB, "ch-1", "BSUID.1", now=T0)
+    found = Shown(backend.store).get_conversation(SUB, "ch-1", "BSUID.1", now=T0)
     assert found is not None and found["messageCount"] == 1
 
 
@@ -713,13 +742,14 @@ def test_conversations_are_isolated_by_subaccount_and_channel(backend: Backend) 
     theirs = conversation_versions(sub="other", n=3)[-1]
     elsewhere = conversation_versions(channel_id="ch-2", n=1)[-1]
     assert backend.store.write_conversations([mine, theirs, elsewhere]) == 3
+    shown = Shown(backend.store)
     for user in ("BSUID.1", MSISDN):
-        assert (backend.store.get_conversation(SUB, "ch-1", user, now=T0) or {})["messageCount"] == 2
-        assert (backend.store.get_conversation("other", "ch-1", user, now=T0) or {})["messageCount"] == 3
-        assert (backend.store.get_conversation(SUB, "ch-2", user, now=T0) or {})["messageCount"] == 1
-        assert backend.store.get_conversation("nobody", "ch-1", user, now=T0) is None
-        assert backend.store.get_conversation(SUB, "ch-3", user, now=T0) is None
-    assert backend.store.get_conversation(SUB, "ch-1", "BSUID.2", now=T0) is None
+        assert (shown.get_conversation(SUB, "ch-1", user, now=T0) or {})["messageCount"] == 2
+        assert (shown.get_conversation("other", "ch-1", user, now=T0) or {})["messageCount"] == 3
+        assert (shown.get_conversation(SUB, "ch-2", user, now=T0) or {})["messageCount"] == 1
+        assert shown.get_conversation("nobody", "ch-1", user, now=T0) is None
+        assert shown.get_conversation(SUB, "ch-3", user, now=T0) is None
+    assert shown.get_conversation(SUB, "ch-1", "BSUID.2", now=T0) is None
 
 
 def test_conversations_keep_no_number_in_clear_unless_the_policy_is_clear(backend: Backend) -> None:
@@ -745,7 +775,7 @@ def test_conversations_keep_no_number_in_clear_unless_the_policy_is_clear(backen
     assert backend.query(
         f"SELECT conversation_key, user_key, msisdn FROM conversations WHERE key_hash = '{rows[0][0]}'"
     ) == [(by_number.key, MSISDN, MSISDN)]
-    found = store.get_conversation(SUB, "ch-1", MSISDN, now=T0)
+    found = Shown(store).get_conversation(SUB, "ch-1", MSISDN, now=T0)
     assert found is not None and found["user"]["msisdn"] == MSISDN
     assert backend.count("conversations") == 2  # switching the policy never splits a conversation
 
@@ -771,7 +801,7 @@ def _folded(lineage: int, *receipts: Any, prev: MessageState | None = None) -> M
 
 
 def _detail(backend: Backend) -> list[tuple[Any, ...]]:
-    data = backend.store.get_message(SUB, "m-1") or []
+    data = Shown(backend.store).get_message(SUB, "m-1") or []
     return [(r["step"], r["channel"], r["status"]["state"], r["status"]["timestamp"]) for r in data]
 
 
@@ -847,7 +877,7 @@ def test_postgres_a_connection_the_server_ended_is_replaced_and_the_call_succeed
     try:
         v = versions("m-1")
         assert store.write_states([v[1]]) == 1
-        for call in (lambda: store.get_message(SUB, "m-1"), lambda: store.write_states([v[2]])):
+        for call in (lambda: Shown(store).get_message(SUB, "m-1"), lambda: store.write_states([v[2]])):
             with psycopg.connect(url) as admin:
                 ended = admin.execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
@@ -855,7 +885,7 @@ def test_postgres_a_connection_the_server_ended_is_replaced_and_the_call_succeed
                 ).fetchall()
             assert ended and all(r[0] for r in ended)
             assert call()
-        data = store.get_message(SUB, "m-1")
+        data = Shown(store).get_message(SUB, "m-1")
         assert data is not None and data[0]["status"]["state"] == "sent"
     finally:
         store.close()

@@ -12,7 +12,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from processors.conversation import call_permission_granted, window_open
 from schemas.models import (
     ButtonReply,
     Conversation,
@@ -239,106 +238,6 @@ def test_inbound_row_keeps_everything_when_clear() -> None:
 # --- 8x8 shapes --------------------------------------------------------------------------------
 
 
-DEFAULT_PII = PiiPolicy()
-
-
-def records(s: MessageState, pii: PiiPolicy = DEFAULT_PII) -> list[dict[str, object]]:
-    message, steps = R.state_rows(s, pii)
-    return R.detail_records(message, steps, clear=pii.clear)
-
-
-def test_detail_records_match_8x8_second_example_for_the_fallback_step() -> None:
-    s = fallback_state()
-    s = state(version=4, steps=s.steps, user=User(msisdn="+639221101234"), read_at=s.read_at, final=True)
-    assert records(s)[1] == {
-        "umid": "u-1",
-        "subAccountId": "acme_01",
-        "channel": "WhatsApp",
-        "channelId": "904d1303-5754-e911-8154-020897df5459",
-        "direction": "outbound",
-        "country": "SG",
-        "status": {"state": "read", "timestamp": "2020-06-17T04:25:21.06Z"},
-        "user": {"msisdn": "+63922110xxxx"},
-        "contentType": "Text",
-        "content": "**MASKED**",
-        "createdAt": "2020-06-17T04:15:21.06Z",
-        "clientMessageId": "client message id",
-        "clientBatchId": "client batch id",
-        "batchId": "c9c01382-38bf-4e27-8962-ae0684ab56c3",
-        "step": 2,
-    }
-
-
-def test_detail_records_keep_8x8_key_order_and_required_keys() -> None:
-    first = records(fallback_state())[0]
-    assert list(first) == [
-        "umid",
-        "subAccountId",
-        "channel",
-        "channelId",
-        "direction",
-        "status",
-        "user",
-        "contentType",
-        "content",
-        "createdAt",
-        "clientMessageId",
-        "clientBatchId",
-        "batchId",
-        "step",
-    ]
-    assert first["channel"] == "Viber"
-    assert first["channelId"] is None  # required: present even when unknown
-    assert first["contentType"] is None
-    assert first["createdAt"] == "2020-06-17T04:15:21.06Z"  # from the step that knows it
-    assert first["status"] == {
-        "state": "undelivered",
-        "detail": "rejected_by_operator",
-        "errorCode": 7,
-        "errorMessage": "Invalid message length",
-        "timestamp": "2020-06-17T04:15:21.06Z",
-    }
-    assert first["user"] == {"msisdn": "+63922110xxxx", "channelUserId": "cu-1"}
-
-
-def test_created_at_falls_back_to_the_first_event_when_never_reported() -> None:
-    s = state(steps=(step(1, "sms", "sent", T0),))
-    assert records(s)[0]["createdAt"] == "2020-06-17T04:15:21.06Z"
-
-
-def test_clear_policy_shows_the_number_and_no_masked_content() -> None:
-    first = records(fallback_state(), PiiPolicy(clear=True))[0]
-    assert first["user"]["msisdn"] == "+639221101234"  # type: ignore[index]
-    assert "content" not in first
-
-
-@pytest.mark.parametrize(
-    ("stored", "shown"),
-    [
-        ("sms", "SMS"),
-        ("whatsapp", "WhatsApp"),
-        ("rcs", "RCS"),
-        ("viber", "Viber"),
-        ("line", "Line"),
-        ("wechat", "WeChat"),
-        ("kakao", "Kakao"),
-        ("zalo", "Zalo"),
-        ("facebook", "Facebook"),
-        ("carrierpigeon", "carrierpigeon"),
-    ],
-)
-def test_display_channel_uses_8x8_casing(stored: str, shown: str) -> None:
-    assert R.display_channel(stored) == shown
-
-
-def test_summary_record_describes_the_path() -> None:
-    message, _ = R.state_rows(fallback_state(), PiiPolicy())
-    summary = R.summary_record(message)
-    assert summary["channelPath"] == ["Viber", "WhatsApp"]
-    assert summary["fellBack"] is True
-    assert summary["status"] == {"state": "read", "timestamp": "2020-06-17T04:25:21.06Z"}
-
-
 def test_fixed_iso_sorts_like_time() -> None:
     times = [T0, T0.replace(microsecond=0), T0 + timedelta(days=400), T0 - timedelta(microseconds=1)]
     assert sorted(times) == sorted(times, key=R.fixed_iso)
@@ -443,46 +342,6 @@ def test_conversation_row_keeps_the_key_in_clear_when_clear() -> None:
 def test_latest_conversations_keeps_the_highest_version_per_key() -> None:
     a1, a3, b2 = conversation(version=1), conversation(version=3), conversation("B", version=2)
     assert R.latest_conversations([a1, b2, a3, a1]) == [a3, b2]
-
-
-@given(
-    now_offset=st.integers(min_value=-3 * 86_400, max_value=10 * 86_400),
-    response=st.sampled_from([None, "accept", "reject"]),
-    permanent=st.sampled_from([None, False, True]),
-    until_offset=st.one_of(st.none(), st.integers(min_value=-86_400, max_value=8 * 86_400)),
-    window=st.booleans(),
-)
-def test_conversation_record_evaluates_now_like_the_processor(
-    now_offset: int, response: str | None, permanent: bool | None, until_offset: int | None, window: bool
-) -> None:
-    conv = conversation(
-        call_permission=response,
-        call_permission_at=T0 if response else None,
-        call_permission_until=None if until_offset is None else T0 + timedelta(seconds=until_offset),
-        call_permission_permanent=permanent,
-        window_open_until=(T0 + timedelta(hours=24)) if window else None,
-    )
-    now = T0 + timedelta(seconds=now_offset)
-    record = R.conversation_record(conversation_row(conv), now)
-    assert record["windowOpen"] is window_open(conv, now)
-    assert record["callPermission"]["granted"] is call_permission_granted(conv, now)
-
-
-def test_conversation_record_reads_json_text_and_shows_the_masked_number() -> None:
-    row = conversation_row(conversation())
-    row["counts_by_type"] = '{"Text":2,"Interactive":1}'  # as SQLite stores it
-    row["call_permission_permanent"] = None
-    record = R.conversation_record(row, T0)
-    assert record["countsByType"] == {"Interactive": 1, "Text": 2}
-    assert record["user"] == {"msisdn": "+658196xxxx", "channelUserId": "BSUID.1"}
-    assert record["callPermission"] == {
-        "response": None,
-        "at": None,
-        "until": None,
-        "permanent": None,
-        "granted": False,
-    }
-    assert (record["windowOpen"], record["windowOpenUntil"]) == (True, "2020-06-18T04:20:21.06Z")
 
 
 @given(

@@ -230,3 +230,12 @@ async def test_install_dispatch_refuses_an_unknown_aiohttp_before_touching_the_s
         assert runner.server.request_handler is original
     finally:
         await runner.cleanup()
+
+
+def test_partition_db_reads_through_the_accessor_faust_rocksdb_still_has() -> None:
+    """`partition_db` replaces nothing; it fails here the moment Faust renames or reshapes the accessor."""
+    from faust.stores.rocksdb import Store
+
+    assert list(inspect.signature(Store._db_for_partition).parameters) == ["self", "partition"]
+    store = SimpleNamespace(_db_for_partition=lambda partition: ("db", partition))
+    assert patches.partition_db(store, 3) == ("db", 3)
