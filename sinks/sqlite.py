@@ -280,20 +280,94 @@ _VERSIONS = f"SELECT umid, version, lineage FROM messages WHERE {_IN_JSON}"
 _LOAD_MESSAGES = f"SELECT * FROM messages WHERE {_IN_JSON}"
 _LOAD_STEPS = f"SELECT * FROM message_steps WHERE {_IN_JSON}"
 _LOAD_EVENTS = f"SELECT * FROM status_events WHERE {_IN_JSON}"
-_OLD_MESSAGES = f"SELECT {', '.join(A.MESSAGE_FACT_COLUMNS)} FROM messages WHERE {_IN_JSON}"
-_OLD_STEPS = f"SELECT {', '.join(A.STEP_FACT_COLUMNS)} FROM message_steps WHERE {_IN_JSON}"
+_OLD_MESSAGES = f"SELECT {', '.join(A.MESSAGE_FACT_COLUMNS)} FROM {{messages}} WHERE {_IN_JSON}"
+_OLD_STEPS = f"SELECT {', '.join(A.STEP_FACT_COLUMNS)} FROM {{steps}} WHERE {_IN_JSON}"
 _AGG_UPSERTS = Q.upserts("?")
 _WA_ANSWERED = (
     "SELECT 1 FROM analytics_wa_outbound WHERE sub_account_id = ? AND wa_user = ?"
     " AND wa_at >= ? AND wa_at < ? LIMIT 1"
 )
-_WA_INBOUND_AROUND = (
-    "SELECT umid, ts, hour, country, answered FROM analytics_wa_inbound"
-    " WHERE sub_account_id = ? AND wa_user = ? AND ts > ? AND ts <= ?"
-)
-_WA_INBOUND_ANY = "SELECT 1 FROM analytics_wa_inbound WHERE sub_account_id = ? LIMIT 1"
 _INSERT_WA_OUTBOUND = (
     "INSERT OR REPLACE INTO analytics_wa_outbound (umid, sub_account_id, wa_user, wa_at) VALUES (?, ?, ?, ?)"
+)
+# analytics (sinks.analytics_sql): the replaced rows kept aside, the facts of the batch's messages
+# computed by SQLite into temp tables, the aggregates' deltas and the WhatsApp sends from them
+_AGG_TEMP = (
+    "CREATE TEMP TABLE IF NOT EXISTS agg_old_messages (umid TEXT PRIMARY KEY, "
+    + ", ".join(A.MESSAGE_FACT_COLUMNS[1:])
+    + ")",
+    "CREATE TEMP TABLE IF NOT EXISTS agg_old_steps (umid TEXT, step INTEGER, "
+    + ", ".join(A.STEP_FACT_COLUMNS[2:])
+    + ", PRIMARY KEY (umid, step))",
+    f"CREATE TEMP TABLE IF NOT EXISTS agg_facts ({', '.join(Q.FACT_COLUMNS)})",
+    f"CREATE TEMP TABLE IF NOT EXISTS agg_error_facts ({', '.join(Q.ERROR_FACT_COLUMNS)})",
+    "CREATE TEMP TABLE IF NOT EXISTS agg_sends (umid, a_sub, a_user, a_at, b_sub, b_user, b_at)",
+    "CREATE TEMP TABLE IF NOT EXISTS agg_rewindow (sub, usr, at)",
+    *Q.SQLITE_CALLING_CODES,
+)
+_AGG_CLEAR = tuple(
+    f"DELETE FROM temp.{t}"
+    for t in ("agg_old_messages", "agg_old_steps", "agg_facts", "agg_error_facts", "agg_sends", "agg_rewindow")
+)
+_STASH_MESSAGES = f"INSERT INTO temp.agg_old_messages ({', '.join(A.MESSAGE_FACT_COLUMNS)}) " + (
+    _OLD_MESSAGES.format(messages="messages")
+)
+_STASH_STEPS = f"INSERT INTO temp.agg_old_steps ({', '.join(A.STEP_FACT_COLUMNS)}) " + (
+    _OLD_STEPS.format(steps="message_steps")
+)
+_FACTS = (
+    f"INSERT INTO temp.agg_facts ({', '.join(Q.FACT_COLUMNS)})"
+    f" {Q.facts(Q.SQLITE, 'messages', 'message_steps', 1)}",
+    f"INSERT INTO temp.agg_facts ({', '.join(Q.FACT_COLUMNS)})"
+    f" {Q.facts(Q.SQLITE, 'temp.agg_old_messages', 'temp.agg_old_steps', -1)}",
+    f"INSERT INTO temp.agg_error_facts ({', '.join(Q.ERROR_FACT_COLUMNS)})"
+    f" {Q.error_facts(Q.SQLITE, 'message_steps', 1)}",
+    f"INSERT INTO temp.agg_error_facts ({', '.join(Q.ERROR_FACT_COLUMNS)})"
+    f" {Q.error_facts(Q.SQLITE, 'temp.agg_old_steps', -1)}",
+)
+_ODD = "SELECT DISTINCT umid FROM temp.agg_facts WHERE plain = 0"
+_DROP_ODD = (
+    f"DELETE FROM temp.agg_facts WHERE {_IN_JSON}",
+    f"DELETE FROM temp.agg_error_facts WHERE {_IN_JSON}",
+)
+_AGG_DELTAS = tuple(
+    Q.upsert_from(Q.SQLITE, n, f"({sql}) AS d", daily=daily)
+    for n, sql in Q.delta_selects(Q.SQLITE, "temp.agg_facts", "temp.agg_error_facts").items()
+    for daily in (False, True)
+)
+# the batch's messages whose WhatsApp send (the old one in analytics_wa_outbound, the new one in the
+# facts) appeared, moved or went
+_SENDS = (
+    "INSERT INTO temp.agg_sends (umid, a_sub, a_user, a_at, b_sub, b_user, b_at)"
+    " SELECT u.umid, o.sub_account_id, o.wa_user, o.wa_at, n.sub_account_id, n.wa_user, n.wa_at"
+    " FROM (SELECT DISTINCT umid FROM temp.agg_facts) AS u"
+    " LEFT JOIN analytics_wa_outbound o ON o.umid = u.umid"
+    " LEFT JOIN temp.agg_facts n ON n.umid = u.umid AND n.sign = 1 AND n.wa_at IS NOT NULL"
+    " AND n.wa_user IS NOT NULL"
+    " WHERE NOT (o.sub_account_id IS n.sub_account_id AND o.wa_user IS n.wa_user AND o.wa_at IS n.wa_at)"
+)
+_MOVE_SENDS = (
+    "DELETE FROM analytics_wa_outbound WHERE umid IN (SELECT umid FROM temp.agg_sends WHERE b_at IS NULL)",
+    "INSERT OR REPLACE INTO analytics_wa_outbound (umid, sub_account_id, wa_user, wa_at)"
+    " SELECT umid, b_sub, b_user, b_at FROM temp.agg_sends WHERE b_at IS NOT NULL",
+    "INSERT INTO temp.agg_rewindow (sub, usr, at) SELECT a_sub, a_user, a_at FROM temp.agg_sends"
+    " WHERE a_at IS NOT NULL UNION ALL SELECT b_sub, b_user, b_at FROM temp.agg_sends WHERE b_at IS NOT NULL",
+)
+
+
+def _shift_day(ts: str, days: str) -> str:
+    """SQL of a stored timestamp `ts` moved by whole days `days` ('+1'): the same fixed-width text."""
+    return f"(strftime('%Y-%m-%dT%H:%M:%S', substr({ts}, 1, 19), '{days} day') || substr({ts}, 20))"
+
+
+# the inbound WhatsApp messages whose window holds a send of agg_rewindow (t - 24 h < ts <= t), with
+# whether a send answers them now
+_REWINDOW = (
+    "SELECT DISTINCT i.umid, i.sub_account_id, i.hour, i.country, i.answered, EXISTS (SELECT 1"
+    " FROM analytics_wa_outbound o WHERE o.sub_account_id = i.sub_account_id AND o.wa_user = i.wa_user"
+    f" AND o.wa_at >= i.ts AND o.wa_at < {_shift_day('i.ts', '+1')}) AS now"
+    " FROM temp.agg_rewindow q JOIN analytics_wa_inbound i ON i.sub_account_id = q.sub AND i.wa_user = q.usr"
+    f" AND i.ts > {_shift_day('q.at', '-1')} AND i.ts <= q.at"
 )
 _INSERT_WA_INBOUND = (
     "INSERT INTO analytics_wa_inbound (umid, sub_account_id, wa_user, ts, hour, country, answered)"
@@ -400,6 +474,7 @@ class SqliteStore:
         self.path = path
         self.pii = pii
         self.aggregates = aggregates  # False: analytics tables not maintained (benchmarks only)
+        self._agg_ready = False  # the analytics temp tables exist on the connection
         self._lock = threading.RLock()
         if path != ":memory:":
             parent = os.path.dirname(os.path.abspath(path))
@@ -465,7 +540,11 @@ class SqliteStore:
             advancing = [s for s in merged.states if s.umid not in held or s.version > held[s.umid][0]]
             if not advancing:
                 return 0
-            old = self._old_contributions(conn, [s.umid for s in advancing if s.umid in held])
+            if self.aggregates:  # the rows about to be replaced kept aside: the old contributions' facts
+                self._agg_tables(conn)
+                replaced = json.dumps([s.umid for s in advancing if s.umid in held])
+                conn.execute(_STASH_MESSAGES, (replaced,))
+                conn.execute(_STASH_STEPS, (replaced,))
             messages: list[tuple[Any, ...]] = []
             steps: list[tuple[Any, ...]] = []
             events: list[tuple[Any, ...]] = []
@@ -474,64 +553,79 @@ class SqliteStore:
                 steps.extend(map(_adapt_values, R.step_values(s)))
                 events.extend(map(_adapt_values, R.event_values(s)))
             conn.executemany(_UPSERT_MESSAGE, messages)
-            replaced = [(s.umid,) for s in advancing if s.umid in held]
-            conn.executemany("DELETE FROM message_steps WHERE umid = ?", replaced)
+            conn.executemany(
+                "DELETE FROM message_steps WHERE umid = ?", [(s.umid,) for s in advancing if s.umid in held]
+            )
             conn.executemany(_INSERT_STEP, steps)
             conn.executemany(_INSERT_EVENT, events)
             if self.aggregates:
-                self._maintain(conn, advancing, messages, old)
+                self._maintain(conn, json.dumps([s.umid for s in advancing]))
             return len(advancing)
 
-    def _old_contributions(self, conn: sqlite3.Connection, umids: list[str]) -> dict[str, A.Contribution]:
-        """The contributions of the stored messages `umids` (before their rows are replaced)."""
-        if not umids or not self.aggregates:
-            return {}
-        arg = (json.dumps(umids),)
-        cur = conn.cursor()
-        cur.row_factory = None  # plain tuples, timestamps parsed here (only the few the facts need)
-        steps: dict[str, list[tuple[Any, ...]]] = {}
-        for u, n, channel, state, code, first, country in cur.execute(_OLD_STEPS, arg):
-            steps.setdefault(u, []).append((u, n, channel, state, code, _when(first), country))
-        out = {}
-        for m in cur.execute(_OLD_MESSAGES, arg).fetchall():
-            fact = (*m[:4], _when(m[4]), _when(m[5]), _when(m[6]), *m[7:])
-            c = A.contribution_from_tuples(fact, steps.get(m[0], []))
-            if c is not None:
-                out[m[0]] = c
-        return out
+    # --- analytics (sinks.aggregates, sinks.analytics_sql) -----------------------------------
 
-    def _maintain(
-        self,
-        conn: sqlite3.Connection,
-        advancing: Sequence[MessageState],
-        rows: Sequence[tuple[Any, ...]],
-        old: dict[str, A.Contribution],
-    ) -> None:
-        """Add `new - old` contribution of every advancing message (`rows`: their `messages` rows) to the
-        analytics tables, in the write's transaction."""
+    def _agg_tables(self, conn: sqlite3.Connection) -> None:
+        if not self._agg_ready:
+            for sql in _AGG_TEMP:
+                conn.execute(sql)
+            self._agg_ready = True
+
+    def _maintain(self, conn: sqlite3.Connection, umids: str) -> None:
+        """Add `new - old` contribution of the advanced messages `umids` (a JSON list; their new rows
+        written, their replaced rows in temp.agg_old_*) to the analytics tables, in the write's
+        transaction: SQLite computes it from the facts of the rows, except for the messages that are not
+        plain (`sinks.analytics_sql`), which the Python definition counts; then the WhatsApp windows."""
+        self._agg_tables(conn)
+        for sql in _FACTS:
+            conn.execute(sql, {"umids": umids})
+        odd = [r["umid"] for r in conn.execute(_ODD)]
+        if odd:
+            for sql in _DROP_ODD:
+                conn.execute(sql, (json.dumps(odd),))
+        for sql in _AGG_DELTAS:
+            conn.execute(sql)
+        conn.execute(_SENDS)
+        for sql in _MOVE_SENDS:
+            conn.execute(sql)
+        if odd:
+            self._maintain_in_python(conn, odd)
+        self._rewindow(conn)
+        for sql in _AGG_CLEAR:
+            conn.execute(sql)
+
+    def _maintain_in_python(self, conn: sqlite3.Connection, umids: list[str]) -> None:
+        """`_maintain` of messages the SQL leaves out: contributions by `contribution_from_tuples`."""
+        old = self._contributions(conn, umids, "temp.agg_old_messages", "temp.agg_old_steps")
+        new = self._contributions(conn, umids, "messages", "message_steps")
         changes = A.Changes()
-        fresh_umids: list[str] = []
-        fresh: list[A.Contribution | None] = []  # of the messages without an old contribution
-        contribution = A.contribution
-        for s, row in zip(advancing, rows, strict=True):
-            new = contribution(s, row[_NUMBER] or row[_MASKED], row[_HASH])
-            was = old.get(s.umid)
-            if was is None:  # counted in bulk below
-                fresh_umids.append(s.umid)
-                fresh.append(new)
-            else:
-                changes.record(s.umid, was, new)
-        changes.record_new(fresh_umids, fresh)
+        for umid in umids:
+            changes.record(umid, old.get(umid), new.get(umid))
         conn.executemany("DELETE FROM analytics_wa_outbound WHERE umid = ?", [(u,) for u in changes.gone])
         conn.executemany(_INSERT_WA_OUTBOUND, map(_adapt_values, changes.outbound))
         self._apply(conn, changes.deltas())
-        if changes.rewindow:
-            # only subaccounts that ever got a WhatsApp inbound message have windows to check
-            subs = {k[0] for k in changes.rewindow}
-            subs = {sub for sub in subs if conn.execute(_WA_INBOUND_ANY, (sub,)).fetchone() is not None}
-            keys = [k for k in changes.rewindow if k[0] in subs]
-            if keys:
-                self._rewindow(conn, keys)
+        conn.executemany(
+            "INSERT INTO temp.agg_rewindow (sub, usr, at) VALUES (?, ?, ?)", map(_adapt_values, changes.rewindow)
+        )
+
+    @staticmethod
+    def _contributions(
+        conn: sqlite3.Connection, umids: list[str], messages: str, steps: str
+    ) -> dict[str, A.Contribution]:
+        """The contributions (`contribution_from_tuples`) of the messages `umids` stored in tables
+        `messages` / `steps`."""
+        arg = (json.dumps(umids),)
+        cur = conn.cursor()
+        cur.row_factory = None  # plain tuples, timestamps parsed here (only the few the facts need)
+        found: dict[str, list[tuple[Any, ...]]] = {}
+        for u, n, channel, state, code, first, country in cur.execute(_OLD_STEPS.format(steps=steps), arg):
+            found.setdefault(u, []).append((u, n, channel, state, code, _when(first), country))
+        out = {}
+        for m in cur.execute(_OLD_MESSAGES.format(messages=messages), arg).fetchall():
+            fact = (*m[:4], _when(m[4]), _when(m[5]), _when(m[6]), *m[7:])
+            c = A.contribution_from_tuples(fact, found.get(m[0], []))
+            if c is not None:
+                out[m[0]] = c
+        return out
 
     @staticmethod
     def _apply(conn: sqlite3.Connection, deltas: A.Deltas) -> None:
@@ -544,25 +638,17 @@ class SqliteStore:
         found = conn.execute(_WA_ANSWERED, (sub, user, to_text(ts), to_text(ts + A.WINDOW))).fetchone()
         return 1 if found else 0
 
-    def _rewindow(self, conn: sqlite3.Connection, keys: Sequence[tuple[str, str, datetime]]) -> None:
-        """Recompute `answered` of the WhatsApp inbound messages whose window holds one of `keys`'
-        times (an outbound WhatsApp message appeared, moved or went), and move the window counts."""
-        seen: set[str] = set()
+    @staticmethod
+    def _rewindow(conn: sqlite3.Connection) -> None:
+        """Recompute `answered` of the WhatsApp inbound messages whose window holds a send of
+        temp.agg_rewindow (one that appeared, moved or went), and move the window counts."""
         window: dict[tuple[str, datetime, str], list[int]] = {}
-        for sub, user, at in keys:
-            rows = conn.execute(_WA_INBOUND_AROUND, (sub, user, to_text(at - A.WINDOW), to_text(at)))
-            for r in rows.fetchall():
-                if r["umid"] in seen:
-                    continue
-                seen.add(r["umid"])
-                now = self._answered(conn, sub, user, _when(r["ts"]))
-                if now != r["answered"]:
-                    conn.execute(
-                        "UPDATE analytics_wa_inbound SET answered = ? WHERE umid = ?", (now, r["umid"])
-                    )
-                    key = (sub, _when(r["hour"]), r["country"])
-                    window.setdefault(key, [0, 0])[1] += now - r["answered"]
-        _upsert(conn, "window", [(*k, *v) for k, v in sorted(window.items())])
+        for r in conn.execute(_REWINDOW).fetchall():
+            if r["now"] != r["answered"]:
+                conn.execute("UPDATE analytics_wa_inbound SET answered = ? WHERE umid = ?", (r["now"], r["umid"]))
+                key = (r["sub_account_id"], _when(r["hour"]), r["country"])
+                window.setdefault(key, [0, 0])[1] += r["now"] - r["answered"]
+        _upsert(conn, "window", [(*k, *v) for k, v in sorted(window.items()) if v[1]])
 
     @staticmethod
     def _load_states(conn: sqlite3.Connection, umids: list[str]) -> dict[str, tuple[MessageState, R.Row]]:
@@ -620,21 +706,9 @@ class SqliteStore:
 
     def _backfill(self, conn: sqlite3.Connection) -> None:
         """Migration 9: the aggregates of every message and inbound message stored before migration 8."""
-        deltas = A.Deltas()
-        outbound: list[tuple[Any, ...]] = []
-        cur = conn.execute(f"SELECT {', '.join(A.MESSAGE_FACT_COLUMNS)} FROM messages ORDER BY umid")
+        cur = conn.execute("SELECT umid FROM messages ORDER BY umid")
         while chunk := cur.fetchmany(5000):
-            old = {r["umid"]: r for r in chunk}
-            steps: dict[str, list[R.Row]] = {}
-            for r in conn.execute(_OLD_STEPS, (json.dumps(list(old)),)):
-                steps.setdefault(r["umid"], []).append(r)
-            for umid, m in old.items():
-                c = A.contribution_from_rows(m, steps.get(umid, []))
-                deltas.add(c)
-                if c is not None and c.user is not None and c.whatsapp_at is not None:
-                    outbound.append(_adapt_values((umid, c.sub_account_id, c.user, c.whatsapp_at)))
-        conn.executemany(_INSERT_WA_OUTBOUND, outbound)
-        self._apply(conn, deltas)
+            self._maintain(conn, json.dumps([r["umid"] for r in chunk]))
         cur = conn.execute("SELECT * FROM inbound_messages ORDER BY umid")
         while chunk := cur.fetchmany(5000):
             self._count_inbound(conn, chunk)
