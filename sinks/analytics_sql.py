@@ -94,8 +94,14 @@ def _literal(text: str) -> str:
 SQLITE_DDL = _ddl("TEXT", "TEXT", "INTEGER", " WITHOUT ROWID")
 POSTGRES_DDL = _ddl("text", "timestamptz", "bigint")
 MIGRATION = (8, "analytics aggregates")
-#: the aggregates of the rows stored before migration 8, computed by the store in Python
+#: the aggregates of the rows stored before migration 8, counted by the store in bounded batches (one
+#: transaction each): messages by umid, then inbound messages by umid; the position in `analytics_backfill`
+#: (source -> the last umid counted, or BACKFILL_DONE), emptied when migration 9 is recorded
 BACKFILL = (9, "analytics aggregates: backfill from the stored rows")
+BACKFILL_DONE = "\U0010ffff"  # after every umid: the messages are all counted
+BACKFILL_PROGRESS_DDL = (
+    "CREATE TABLE IF NOT EXISTS analytics_backfill (source TEXT PRIMARY KEY, after TEXT NOT NULL)"
+)
 
 MESSAGE_AGG_COLUMNS: tuple[str, ...] = (
     "sub_account_id", "hour", "channel", "country", "path", "first_channel", "steps",
@@ -373,15 +379,17 @@ class Dialect:
     plain: str  # true when every character is in U+0001..U+007F
     hour: str  # the UTC hour start of a stored timestamp
     day: str  # the UTC day start of a stored hour
-    micros: str  # whole microseconds from stored timestamp {b} to {a}
+    micros: str  # the duration from stored timestamp {b} to {a} (PostgreSQL: an interval; SQLite: µs)
     calling_code: str  # ISO code of calling code {x}, NULL when unlisted
     first_channel: str  # path.split('>', 1)[0]
     umids: str  # membership of column {x} in the batch's umid parameter
     collate: str  # appended to text keys when ordering like Python (code points)
 
     def bucket(self, x: str) -> str:
-        if self.name == "postgresql":
-            return f"width_bucket({x}, '{{{','.join(map(str, LATENCY_THRESHOLDS_US))}}}'::bigint[])"
+        """The latency bucket of duration {x} (`micros`): how many thresholds it reaches."""
+        if self.name == "postgresql":  # intervals compare exactly, in whole microseconds
+            bounds = ",".join(f'"{t} microseconds"' for t in LATENCY_THRESHOLDS_US)
+            return f"width_bucket({x}, '{{{bounds}}}'::interval[])"
         return _sqlite_bucket(x)
 
 
@@ -392,9 +400,10 @@ PG = Dialect(
     upper='upper({x} COLLATE "C")',
     trim="btrim({x}, " + "E'" + "".join(f"\\x{ord(c):02x}" for c in ASCII_WHITESPACE) + "')",
     plain="({x} ~ '^[\\x01-\\x7f]*$')",
-    hour="date_trunc('hour', {x}, 'UTC')",
-    day="date_trunc('day', {x}, 'UTC')",
-    micros="((extract(epoch FROM {a}) - extract(epoch FROM {b})) * 1000000)::bigint",
+    # date_bin from an origin before any Python datetime: integer arithmetic on UTC microseconds
+    hour="date_bin('1 hour', {x}, TIMESTAMPTZ '0001-01-01 00:00:00+00')",
+    day="date_bin('1 day', {x}, TIMESTAMPTZ '0001-01-01 00:00:00+00')",
+    micros="({a} - {b})",
     calling_code=f"('{_CODES_JSON}'::jsonb ->> {{x}})",
     first_channel="split_part({x}, '>', 1)",
     umids="{x} = ANY(%(umids)b)",
@@ -419,7 +428,8 @@ SQLITE = Dialect(
 )
 #: SQLite: the calling codes as a temp table (`Dialect.calling_code`), made once per connection
 SQLITE_CALLING_CODES = (
-    "CREATE TEMP TABLE IF NOT EXISTS agg_calling_codes (code TEXT PRIMARY KEY, iso TEXT NOT NULL) WITHOUT ROWID",
+    "CREATE TEMP TABLE IF NOT EXISTS agg_calling_codes (code TEXT PRIMARY KEY, iso TEXT NOT NULL)"
+    " WITHOUT ROWID",
     "INSERT OR REPLACE INTO temp.agg_calling_codes (code, iso) VALUES "
     + ", ".join(f"({_sql_text(c)}, {_sql_text(i)})" for c, i in sorted(A.CALLING_CODES.items())),
 )
@@ -435,7 +445,10 @@ def _f(template: str, **kw: str) -> str:
 def _country(d: Dialect, country: str, number: str) -> str:
     """`country_of(country, number)` (for plain values): the details API's country stripped, upper-cased,
     at most 8 characters; else the calling code of the number's first 4 characters (`+` skipped)."""
-    digits = f"(CASE WHEN substr({number}, 1, 1) = '+' THEN substr({number}, 2, 3) ELSE substr({number}, 1, 4) END)"
+    digits = (
+        f"(CASE WHEN substr({number}, 1, 1) = '+' THEN substr({number}, 2, 3)"
+        f" ELSE substr({number}, 1, 4) END)"
+    )
     lookups = ", ".join(_f(d.calling_code, x=f"substr({digits}, 1, {n})") for n in (1, 2, 3))
     stripped = _f(d.upper, x=_f(d.trim, x=country))
     return (
@@ -447,52 +460,35 @@ def _country(d: Dialect, country: str, number: str) -> str:
 
 def facts(d: Dialect, messages: str, steps: str, sign: int) -> str:
     """SELECT of the facts (FACT_COLUMNS) of the messages in tables `messages` / `steps` (`messages` and
-    `message_steps`, or the temp tables holding replaced rows) whose umid is in the `umids` parameter."""
-    lower_ch = _f(d.lower, x="channel")
-    if d.name == "postgresql":
-        steps_summary = (
-            f"SELECT umid, min(step) AS lo, max(step) AS hi, count(*) AS n,"
-            f" string_agg({lower_ch}, '>' ORDER BY step) AS path,"
-            f" min(first_event_at) FILTER (WHERE {lower_ch} = 'whatsapp') AS wa_at"
-            f" FROM {steps} WHERE {_f(d.umids, x='umid')} GROUP BY umid"
-        )
-        path = "p.path"
-    else:
-        steps_summary = (
-            f"SELECT umid, min(step) AS lo, max(step) AS hi, count(*) AS n,"
-            f" min(CASE WHEN {lower_ch} = 'whatsapp' THEN first_event_at END) AS wa_at"
-            f" FROM {steps} WHERE {_f(d.umids, x='umid')} GROUP BY umid"
-        )
-        # group_concat's order is only defined as a window function (ORDER BY step) before SQLite 3.44
-        path = (
-            f"(CASE WHEN p.n = 1 THEN {_f(d.lower, x='f.channel')} ELSE (SELECT group_concat({_f(d.lower, x='x.channel')}, '>')"
-            f" OVER (ORDER BY x.step ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)"
-            f" FROM {steps} x WHERE x.umid = p.umid LIMIT 1) END)"
-        )
-    number = "coalesce(nullif(m.msisdn, ''), m.msisdn_masked)"
-    # PostgreSQL: every scan filtered by the umids (index scans; never a hash join over a whole table)
-    also = (
-        f" AND {_f(d.umids, x='m.umid')} AND {_f(d.umids, x='f.umid')} AND {_f(d.umids, x='l.umid')}"
-        if d.name == "postgresql"
-        else ""
+    `message_steps`, or the temp tables holding replaced rows) whose umid is in the `umids` parameter.
+    One pass over the steps in (umid, step) order: window aggregates over each message's steps up to the
+    current one, read at its last step (no later step), where they cover them all, in step order."""
+    ch = _f(d.lower, x="channel")
+    agg = "string_agg" if d.name == "postgresql" else "group_concat"
+    steps_summary = (
+        f"SELECT umid, {ch} AS channel, country, first_value(first_event_at) OVER w AS first_at,"
+        f" {agg}({ch}, '>') OVER w AS path,"
+        f" min(first_event_at) FILTER (WHERE {ch} = 'whatsapp') OVER w AS wa_at,"
+        f" lead(step) OVER w AS next"
+        f" FROM {steps} WHERE {_f(d.umids, x='umid')} WINDOW w AS (PARTITION BY umid ORDER BY step)"
     )
+    number = "coalesce(nullif(m.msisdn, ''), m.msisdn_masked)"
+    # PostgreSQL: the messages scan filtered by the umids too (an index scan, never a whole-table join)
+    also = f" AND {_f(d.umids, x='m.umid')}" if d.name == "postgresql" else ""
     both = "m.delivered_at IS NOT NULL AND m.first_sent_at IS NOT NULL"
-    plain_text = f"({path} || coalesce(l.country, '') || coalesce({number}, ''))"
+    plain_text = f"(s.path || coalesce(s.country, '') || coalesce({number}, ''))"
     return (
-        f"SELECT m.umid, {sign} AS sign, m.sub_account_id, {_f(d.hour, x='f.first_event_at')} AS hour,"
-        f" {_f(d.lower, x='l.channel')} AS channel, {_country(d, 'l.country', number)} AS country,"
-        f" {path} AS path, {_f(_OUTCOME_SQL, state='m.state')} AS outcome,"
+        f"SELECT m.umid, {sign} AS sign, m.sub_account_id, {_f(d.hour, x='s.first_at')} AS hour,"
+        f" s.channel, {_country(d, 's.country', number)} AS country,"
+        f" s.path, {_f(_OUTCOME_SQL, state='m.state')} AS outcome,"
         f" CASE WHEN m.final THEN 1 ELSE 0 END AS final,"
         f" CASE WHEN {both} THEN {_f(d.micros, a='m.delivered_at', b='m.first_sent_at')} END AS deliver_us,"
         f" CASE WHEN {both} AND m.read_at IS NOT NULL THEN {_f(d.micros, a='m.read_at', b='m.delivered_at')}"
         f" END AS read_us,"
-        f" CASE WHEN p.wa_at IS NOT NULL THEN m.msisdn_hash END AS wa_user, p.wa_at,"
+        f" CASE WHEN s.wa_at IS NOT NULL THEN m.msisdn_hash END AS wa_user, s.wa_at,"
         f" CASE WHEN {_f(d.plain, x=plain_text)} THEN 1 ELSE 0 END AS plain"
-        f" FROM ({steps_summary}) AS p"
-        f" JOIN {messages} m ON m.umid = p.umid"
-        f" JOIN {steps} f ON f.umid = p.umid AND f.step = p.lo"
-        f" JOIN {steps} l ON l.umid = p.umid AND l.step = p.hi"
-        f" WHERE true{also}"
+        f" FROM ({steps_summary}) AS s JOIN {messages} m ON m.umid = s.umid"
+        f" WHERE s.next IS NULL{also}"
     )
 
 
@@ -511,9 +507,11 @@ def _nonzero(cols: Sequence[str]) -> str:
 def delta_selects(d: Dialect, f: str, e: str) -> dict[str, str]:
     """Per aggregate table, the SELECT of its hourly delta rows (its columns: key, extra, counters; zero
     rows left out) from the facts relation `f` and the error facts relation `e` (plain messages only)."""
-    counters = ["sum(sign) AS messages"] + [
-        f"sum(CASE WHEN outcome = {i} THEN sign ELSE 0 END) AS {o}" for o, i in OUTCOME_INDEX.items()
-    ] + ["sum(final * sign) AS final"]
+    counters = (
+        ["sum(sign) AS messages"]
+        + [f"sum(CASE WHEN outcome = {i} THEN sign ELSE 0 END) AS {o}" for o, i in OUTCOME_INDEX.items()]
+        + ["sum(final * sign) AS final"]
+    )
     key = "sub_account_id, hour, channel, country"
     messages = (
         f"SELECT {key}, path, {_f(d.first_channel, x='path')} AS first_channel,"
@@ -560,4 +558,5 @@ def upsert_from(d: Dialect, name: str, source: str, *, daily: bool) -> str:
         select = f"SELECT * FROM ({select}) AS r WHERE true ORDER BY {_order(d, key)}"
     else:
         select = f"SELECT {', '.join(cols)} FROM {source} WHERE true ORDER BY {_order(d, key)}"
-    return f"INSERT INTO {table} ({', '.join(cols)}) {select} ON CONFLICT ({', '.join(key)}) DO UPDATE SET {sets}"
+    conflict = f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {sets}"
+    return f"INSERT INTO {table} ({', '.join(cols)}) {select} {conflict}"

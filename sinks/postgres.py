@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CONNECT_TIMEOUT_S = 10
+BACKFILL_BATCH = 5000
 MIGRATION_LOCK_ID = 0x63686174  # pg_advisory_xact_lock key shared by every chatpipe process ("chat")
 
 MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
@@ -291,7 +292,7 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         ),
     ),
     (*Q.MIGRATION, Q.POSTGRES_DDL),
-    (*Q.BACKFILL, ()),  # PostgresStore.migrate runs _backfill when it applies it
+    (*Q.BACKFILL, ()),  # PostgresStore.migrate runs it in batches (_backfill_batch)
 )
 
 _CANDIDATES = (
@@ -380,84 +381,60 @@ _INSERT_INBOUND = (
     f"INSERT INTO inbound_messages ({_INBOUND_COLS}) SELECT {_INBOUND_COLS} FROM stage_inbound"
     " ON CONFLICT (umid) DO NOTHING RETURNING umid"
 )
-# analytics (sinks.aggregates, sinks.analytics_sql): the replaced rows kept aside (temp tables), the
-# aggregates' deltas computed by the server from the facts of the batch's rows (`_MAINTAIN`), the WhatsApp
-# window matching (`_LOCK_WINDOWS`, `_REWINDOW`)
+# analytics (sinks.aggregates): facts read back, aggregate `+=` upserts, WhatsApp window matching (and its
+# locks); migration 9's batches computed by the server (sinks.analytics_sql: `_MAINTAIN`, `_REWINDOW`)
 _OLD_MESSAGE_COLS = ", ".join(A.MESSAGE_FACT_COLUMNS)
 _OLD_STEP_COLS = ", ".join(A.STEP_FACT_COLUMNS)
-_AGG_TEMP = (
-    f"{_TEMP} agg_old_messages (umid text PRIMARY KEY, sub_account_id text, state text, final boolean,"
-    " first_sent_at timestamptz, delivered_at timestamptz, read_at timestamptz, msisdn text,"
-    " msisdn_masked text, msisdn_hash text) ON COMMIT DELETE ROWS",
-    f"{_TEMP} agg_old_steps (umid text, step integer, channel text, state text, error_code integer,"
-    " first_event_at timestamptz, country text, PRIMARY KEY (umid, step)) ON COMMIT DELETE ROWS",
-    f"{_TEMP} agg_rewindow (sub text, usr text, at timestamptz) ON COMMIT DELETE ROWS",
-)
-# the fast path's deletes, keeping what the old contributions are computed from
-_STASH_DELETE_REPLACED = (
-    f"WITH d AS ({_DELETE_REPLACED} RETURNING "
-    + ", ".join("m." + c for c in A.MESSAGE_FACT_COLUMNS)
-    + f") INSERT INTO agg_old_messages ({_OLD_MESSAGE_COLS}) SELECT * FROM d"
-)
-_STASH_DELETE_REPLACED_STEPS = (
-    f"WITH d AS ({_DELETE_REPLACED_STEPS} RETURNING {_OLD_STEP_COLS})"
-    f" INSERT INTO agg_old_steps ({_OLD_STEP_COLS}) SELECT * FROM d"
-)
-# the merge path's: the stored rows of the batch's umids, locked (only those that advance count)
-_STASH_MESSAGES = (
-    f"INSERT INTO agg_old_messages ({_OLD_MESSAGE_COLS})"
-    f" SELECT {_OLD_MESSAGE_COLS} FROM messages WHERE umid = ANY(%b) FOR UPDATE"
-)
-_STASH_STEPS = (
-    f"INSERT INTO agg_old_steps ({_OLD_STEP_COLS}) SELECT {_OLD_STEP_COLS} FROM message_steps WHERE umid = ANY(%b)"
-)
+_AGG_TEMP = (f"{_TEMP} agg_rewindow (sub text, usr text, at timestamptz) ON COMMIT DELETE ROWS",)
 _OLD_MESSAGES = f"SELECT {_OLD_MESSAGE_COLS} FROM messages WHERE umid = ANY(%b)"
 _OLD_STEPS = f"SELECT {_OLD_STEP_COLS} FROM message_steps WHERE umid = ANY(%b)"
-_STASHED_MESSAGES = f"SELECT {_OLD_MESSAGE_COLS} FROM agg_old_messages WHERE umid = ANY(%b)"
-_STASHED_STEPS = f"SELECT {_OLD_STEP_COLS} FROM agg_old_steps WHERE umid = ANY(%b)"
+# the fast path's deletes, returning what the old contributions are computed from
+_DELETE_REPLACED_RETURNING = (
+    _DELETE_REPLACED + " RETURNING " + ", ".join("m." + c for c in A.MESSAGE_FACT_COLUMNS)
+)
+_DELETE_REPLACED_STEPS_RETURNING = _DELETE_REPLACED_STEPS + f" RETURNING {_OLD_STEP_COLS}"
+# inbound WhatsApp messages whose window holds one of the (sub, user, t): t - 24 h < ts <= t
+_WA_INBOUND_AROUND = (
+    "SELECT DISTINCT i.umid, i.sub_account_id, i.wa_user, i.ts, i.hour, i.country, i.answered"
+    " FROM unnest(%b::text[], %b::text[], %b::timestamptz[]) AS q(sub, usr, at)"
+    " JOIN analytics_wa_inbound i ON i.sub_account_id = q.sub AND i.wa_user = q.usr"
+    " AND i.ts > q.at - interval '24 hours' AND i.ts <= q.at"
+)
+_WA_INBOUND_ANY = "SELECT EXISTS (SELECT 1 FROM analytics_wa_inbound WHERE sub_account_id = ANY(%s)) AS found"
+_SET_ANSWERED = (
+    "UPDATE analytics_wa_inbound i SET answered = q.answered"
+    " FROM unnest(%b::text[], %b::bigint[]) AS q(umid, answered) WHERE i.umid = q.umid"
+)
 _DELETE_WA_OUTBOUND = "DELETE FROM analytics_wa_outbound WHERE umid = ANY(%b)"
 _WA_OUTBOUND_COLUMNS = ("umid", "sub_account_id", "wa_user", "wa_at")
 _AGG_UPSERTS = Q.pg_unnest_upserts()
 _DELTAS = Q.delta_selects(Q.PG, "g", "e")
-# One statement per batch (params: umids = the advancing umids): the facts of their new rows (+1) and of
-# their replaced rows (-1, kept in agg_old_*), the messages that are not plain left to Python (returned);
-# every aggregate table's hourly and daily deltas added; their WhatsApp sends moved in
-# analytics_wa_outbound and the sends that appeared, moved or went kept in agg_rewindow for `_REWINDOW`.
+# Migration 9's batches (param umids: messages not counted yet), one statement: the facts of their rows
+# (`sinks.analytics_sql.facts`), the messages that are not plain left to Python (returned); every aggregate
+# table's hourly and daily deltas added; their WhatsApp sends stored, and kept in agg_rewindow for
+# `_REWINDOW`.
 _MAINTAIN = (
-    f"WITH f AS MATERIALIZED ({Q.facts(Q.PG, 'messages', 'message_steps', 1)}"
-    f" UNION ALL {Q.facts(Q.PG, 'agg_old_messages', 'agg_old_steps', -1)}),"
+    f"WITH f AS MATERIALIZED ({Q.facts(Q.PG, 'messages', 'message_steps', 1)}),"
     " odd AS (SELECT DISTINCT umid FROM f WHERE plain = 0),"
     " g AS MATERIALIZED (SELECT * FROM f WHERE umid NOT IN (SELECT umid FROM odd)),"
-    f" e AS MATERIALIZED ({Q.error_facts(Q.PG, 'message_steps', 1)}"
-    f" UNION ALL {Q.error_facts(Q.PG, 'agg_old_steps', -1)}),"
+    f" e AS MATERIALIZED ({Q.error_facts(Q.PG, 'message_steps', 1)}),"
     + "".join(
         f" d_{n} AS MATERIALIZED ({sql}),"
         f" h_{n} AS ({Q.upsert_from(Q.PG, n, 'd_' + n, daily=False)}),"
         f" y_{n} AS ({Q.upsert_from(Q.PG, n, 'd_' + n, daily=True)}),"
         for n, sql in _DELTAS.items()
     )
-    + " nb AS (SELECT umid, sub_account_id, wa_user, wa_at FROM g"
-    " WHERE sign = 1 AND wa_at IS NOT NULL AND wa_user IS NOT NULL),"
-    " oa AS (SELECT umid, sub_account_id, wa_user, wa_at FROM analytics_wa_outbound"
-    " WHERE umid = ANY(%(umids)b) AND umid NOT IN (SELECT umid FROM odd)),"
-    " ch AS MATERIALIZED (SELECT coalesce(b.umid, a.umid) AS umid, a.sub_account_id AS a_sub,"
-    " a.wa_user AS a_user, a.wa_at AS a_at, b.sub_account_id AS b_sub, b.wa_user AS b_user, b.wa_at AS b_at"
-    " FROM oa a FULL JOIN nb b ON b.umid = a.umid"
-    " WHERE (a.sub_account_id, a.wa_user, a.wa_at) IS DISTINCT FROM (b.sub_account_id, b.wa_user, b.wa_at)),"
-    " od AS (DELETE FROM analytics_wa_outbound o USING ch WHERE o.umid = ch.umid AND ch.b_at IS NULL),"
-    " oi AS (INSERT INTO analytics_wa_outbound AS t (umid, sub_account_id, wa_user, wa_at)"
-    ' SELECT umid, b_sub, b_user, b_at FROM ch WHERE b_at IS NOT NULL ORDER BY umid COLLATE "C"'
-    " ON CONFLICT (umid) DO UPDATE SET sub_account_id = excluded.sub_account_id,"
-    " wa_user = excluded.wa_user, wa_at = excluded.wa_at),"
-    " rw AS (INSERT INTO agg_rewindow (sub, usr, at) SELECT a_sub, a_user, a_at FROM ch WHERE a_at IS NOT NULL"
-    " UNION ALL SELECT b_sub, b_user, b_at FROM ch WHERE b_at IS NOT NULL)"
+    + " nb AS MATERIALIZED (SELECT umid, sub_account_id, wa_user, wa_at FROM g"
+    " WHERE wa_at IS NOT NULL AND wa_user IS NOT NULL),"
+    " oi AS (INSERT INTO analytics_wa_outbound (umid, sub_account_id, wa_user, wa_at) SELECT * FROM nb),"
+    " rw AS (INSERT INTO agg_rewindow (sub, usr, at) SELECT sub_account_id, wa_user, wa_at FROM nb)"
     " SELECT umid FROM odd"
 )
 # The WhatsApp window share's ordering guarantee: a transaction that writes one side of a window (an
-# inbound WhatsApp message, or a WhatsApp send that appears, moves or goes) takes, before it reads the
-# other side, a transaction-scoped advisory lock per (subaccount, user) stripe, in stripe order (no
-# deadlock). Two writers of the same user's two sides are thus serialized: the second reads after the
-# first committed (READ COMMITTED: each statement sees what committed before it started), so an inbound
+# inbound WhatsApp message: `_count_inbound`; a WhatsApp send that appears, moves or goes: `_flush`,
+# `_rewindow_sql`) takes, before it reads the other side, a transaction-scoped advisory lock per
+# (subaccount, user) stripe, in stripe order (no deadlock; at most WINDOW_LOCK_STRIPES locks). Two writers
+# of the same user's two sides are thus serialized: the second reads after the first committed (READ COMMITTED: each statement sees what committed before it started), so an inbound
 # message and its reply written concurrently by two sink processes never both miss each other.
 WINDOW_LOCK_CLASS = 0x636877  # pg_advisory_xact_lock(class, stripe): the WhatsApp window locks
 WINDOW_LOCK_STRIPES = 256  # stripes of hashtext(subaccount|user): at most this many locks a transaction
@@ -468,9 +445,9 @@ _LOCK_WINDOWS = (
 )
 _LOCK_USERS = (
     f"SELECT count(*) FROM (SELECT pg_advisory_xact_lock({WINDOW_LOCK_CLASS}, k) FROM"
-    f" (SELECT DISTINCT {_STRIPE} AS k FROM unnest(%b::text[], %b::text[]) AS q(sub, usr) ORDER BY 1) AS s) AS l"
+    f" (SELECT DISTINCT {_STRIPE} AS k FROM unnest(%b::text[], %b::text[]) AS q(sub, usr)"
+    " ORDER BY 1) AS s) AS l"
 )
-_ADD_REWINDOW = "INSERT INTO agg_rewindow (sub, usr, at) SELECT * FROM unnest(%b::text[], %b::text[], %b::timestamptz[])"
 # the inbound WhatsApp messages whose window holds a send of agg_rewindow (t - 24 h < ts <= t): answered
 # recomputed, and the window counts moved
 _REWINDOW = (
@@ -484,7 +461,8 @@ _REWINDOW = (
     " upd AS (UPDATE analytics_wa_inbound i SET answered = cur.now FROM cur"
     " WHERE i.umid = cur.umid AND cur.now <> cur.answered"
     " RETURNING cur.sub_account_id, cur.hour, cur.country, cur.now - cur.answered AS d),"
-    " w AS MATERIALIZED (SELECT sub_account_id, hour, country, 0::bigint AS inbound, sum(d)::bigint AS answered"
+    " w AS MATERIALIZED (SELECT sub_account_id, hour, country, 0::bigint AS inbound,"
+    " sum(d)::bigint AS answered"
     " FROM upd GROUP BY 1, 2, 3 HAVING sum(d) <> 0),"
     f" h AS ({Q.upsert_from(Q.PG, 'window', 'w', daily=False)})"
     f" {Q.upsert_from(Q.PG, 'window', 'w', daily=True)}"
@@ -500,6 +478,10 @@ _INSERT_WA_INBOUND = (
     "INSERT INTO analytics_wa_inbound (umid, sub_account_id, wa_user, ts, hour, country, answered)"
     " SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::timestamptz[],"
     " %b::text[], %b::bigint[]) ON CONFLICT (umid) DO NOTHING"
+)
+_BACKFILL_MOVE = (
+    "INSERT INTO analytics_backfill (source, after) VALUES (%s, %s)"
+    " ON CONFLICT (source) DO UPDATE SET after = excluded.after"
 )
 _ANALYTICS_DAY = "date_trunc('day', hour, 'UTC')"
 _NUMBER = R.MESSAGE_COLUMNS.index("msisdn")
@@ -562,6 +544,7 @@ class PostgresStore:
         self._conn: psycopg.Connection[dict[str, Any]] | None = None
         self._staged = False
         self._agg_ready = False  # the analytics temp tables exist on the connection
+        self.backfill_batch = BACKFILL_BATCH  # rows a transaction of migration 9 counts
         self._types: dict[tuple[str, str], str] = {}
         self._run(lambda conn: None)  # connect now: a wrong URL fails at start
 
@@ -660,7 +643,12 @@ class PostgresStore:
     # --- schema ------------------------------------------------------------------------------
 
     def migrate(self) -> None:
-        def work(conn: psycopg.Connection[Any]) -> None:
+        """Apply the migrations not recorded yet, each in one transaction under the migration lock;
+        migration 9 (the analytics backfill) in bounded batches, one transaction each (`_backfill_batch`),
+        resumed where it stopped after an interruption, by whichever process migrates next."""
+
+        def work(conn: psycopg.Connection[Any]) -> bool:
+            """Apply what precedes the backfill (or follows it); True when the backfill is due."""
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_ID,))
             conn.execute(
                 f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} ("
@@ -671,15 +659,18 @@ class PostgresStore:
             for version, name, statements in MIGRATIONS:
                 if version in applied:
                     continue
+                if version == Q.BACKFILL[0]:
+                    return True
                 for sql in statements:
                     conn.execute(sql)
-                if version == Q.BACKFILL[0]:
-                    self._backfill(conn)
                 conn.execute(
                     f"INSERT INTO {MIGRATIONS_TABLE} (version, name) VALUES (%s, %s)", (version, name)
                 )
+            return False
 
-        self._run(work)
+        while self._run(work):
+            while not self._run(self._backfill_batch):
+                pass
 
     # --- writes ------------------------------------------------------------------------------
 
@@ -734,28 +725,45 @@ class PostgresStore:
                 return 0
             replaced = [s for s in advancing if s.umid in held]
             stored: set[tuple[Any, ...]] = set()
-            if self.aggregates:
-                self._agg_tables(conn)
+            old: dict[str, A.Contribution] = {}
             if replaced:
                 umids = [s.umid for s in replaced]
                 versions = [s.version for s in replaced]
-                if self.aggregates:  # the deleted rows kept aside: the old contributions' facts
-                    deleted = cur.execute(_STASH_DELETE_REPLACED, (umids, versions)).rowcount
-                    cur.execute(_STASH_DELETE_REPLACED_STEPS, (umids,))
+                if self.aggregates:  # the deletes return what the old contributions are made of
+                    # binary results: timestamps load without parsing text
+                    found = cur.execute(_DELETE_REPLACED_RETURNING, (umids, versions), binary=True).fetchall()
+                    deleted = len(found)
+                    old_steps = cur.execute(
+                        _DELETE_REPLACED_STEPS_RETURNING, (umids,), binary=True
+                    ).fetchall()
+                    old = _old_contributions(found, old_steps)
                 else:
                     deleted = cur.execute(_DELETE_REPLACED, (umids, versions)).rowcount
                     cur.execute(_DELETE_REPLACED_STEPS, (umids,))
                 if deleted != len(replaced):
                     raise _Raced(f"{len(replaced) - deleted} message rows changed meanwhile")
                 stored = set(cur.execute(_STORED_EVENTS, (umids,)).fetchall())
+        changes = A.Changes()
+        aggregates = self.aggregates
+        fresh_umids: list[str] = []
+        fresh: list[A.Contribution | None] = []  # of the messages without an old contribution
 
         # Each table's rows are built lazily inside its own COPY: the server ingests (parses, checks
         # keys, updates indexes) the rows already sent while the next ones are built, so the client's
         # work and the server's overlap instead of adding up.
         def message_rows() -> Iterator[tuple[Any, ...]]:
-            msisdn = merged.msisdn
+            contribution, msisdn = A.contribution, merged.msisdn
             for s in advancing:
-                yield R.message_values(s, pii, msisdn.get(s.umid))
+                values = R.message_values(s, pii, msisdn.get(s.umid))
+                if aggregates:  # here, while the server ingests the rows already sent
+                    new = contribution(s, values[_NUMBER] or values[_MASKED], values[_HASH])
+                    was = old.get(s.umid)
+                    if was is None:  # counted in bulk below
+                        fresh_umids.append(s.umid)
+                        fresh.append(new)
+                    else:
+                        changes.record(s.umid, was, new)
+                yield values
 
         def step_rows() -> Iterator[tuple[Any, ...]]:
             for s in advancing:
@@ -772,7 +780,8 @@ class PostgresStore:
         self._copy_rows(conn, "message_steps", "message_steps", R.STEP_COLUMNS, step_rows())
         self._copy_rows(conn, "status_events", "status_events", R.EVENT_COLUMNS, event_rows())
         if self.aggregates:
-            self._maintain(conn, [s.umid for s in advancing])
+            changes.record_new(fresh_umids, fresh)
+            self._flush(conn, changes)
         return len(advancing)
 
     def _merge_states(self, conn: psycopg.Connection[Any], states: Sequence[MessageState]) -> int:
@@ -780,11 +789,12 @@ class PostgresStore:
         self._stage(conn)
         pii = self.pii
         held, merged = self._resolve(conn, states)
-        if self.aggregates:
-            self._agg_tables(conn)
-            if held:  # the stored rows, locked, kept aside: the old contributions of those that advance
-                conn.execute(_STASH_MESSAGES, (list(held),))
-                conn.execute(_STASH_STEPS, (list(held),))
+        old: dict[str, A.Contribution] = {}
+        if self.aggregates and held:
+            umids = list(held)
+            with conn.cursor(row_factory=tuple_row) as cur:
+                found = cur.execute(_OLD_MESSAGES + " FOR UPDATE", (umids,)).fetchall()
+                old = _old_contributions(found, cur.execute(_OLD_STEPS, (umids,)).fetchall())
         message_rows, step_rows, event_rows = [], [], []
         for s in merged.states:
             message_rows.append(R.message_values(s, pii, merged.msisdn.get(s.umid)))
@@ -801,56 +811,53 @@ class PostgresStore:
             conn.execute(_INSERT_STEPS)
             conn.execute(_INSERT_EVENTS)
             if self.aggregates:
-                self._maintain(conn, [r["umid"] for r in conn.execute("SELECT umid FROM stage_advanced")])
+                moved = {r["umid"] for r in conn.execute("SELECT umid FROM stage_advanced")}
+                pairs = [(s, v) for s, v in zip(merged.states, message_rows, strict=True) if s.umid in moved]
+                self._maintain(conn, [s for s, _ in pairs], [v for _, v in pairs], old)
         return advanced
 
-    # --- analytics (sinks.aggregates, sinks.analytics_sql) -----------------------------------
+    # --- analytics (sinks.aggregates) --------------------------------------------------------
 
-    def _agg_tables(self, conn: psycopg.Connection[Any]) -> None:
-        if not self._agg_ready:
-            for sql in _AGG_TEMP:
-                conn.execute(sql)
-            self._agg_ready = True
-
-    def _maintain(self, conn: psycopg.Connection[Any], umids: list[str]) -> None:
-        """Add `new - old` contribution of the advanced messages `umids` (their new rows written, their
-        replaced rows in agg_old_*) to the analytics tables, in the write's transaction: the server
-        computes it (`_MAINTAIN`), except for the messages that are not plain (`sinks.analytics_sql`),
-        which the Python definition counts; then the WhatsApp windows the batch touched."""
-        if umids:
-            with conn.cursor(row_factory=tuple_row) as cur:
-                odd = [r[0] for r in cur.execute(_MAINTAIN, {"umids": umids}).fetchall()]
-            if odd:
-                self._maintain_in_python(conn, odd)
-        self._rewindow(conn)
-
-    def _maintain_in_python(self, conn: psycopg.Connection[Any], umids: list[str]) -> None:
-        """`_maintain` of messages the SQL leaves out: contributions by `contribution_from_tuples`."""
-        with conn.cursor(row_factory=tuple_row) as cur:
-            old = _old_contributions(
-                cur.execute(_STASHED_MESSAGES, (umids,)).fetchall(),
-                cur.execute(_STASHED_STEPS, (umids,)).fetchall(),
-            )
-            new = _old_contributions(
-                cur.execute(_OLD_MESSAGES, (umids,)).fetchall(), cur.execute(_OLD_STEPS, (umids,)).fetchall()
-            )
+    def _maintain(
+        self,
+        conn: psycopg.Connection[Any],
+        advancing: Sequence[MessageState],
+        rows: Sequence[tuple[Any, ...]],
+        old: dict[str, A.Contribution],
+    ) -> None:
+        """Add `new - old` contribution of every advancing message (`rows`: their `messages` rows) to the
+        analytics tables, in the write's transaction."""
         changes = A.Changes()
-        for umid in umids:
-            changes.record(umid, old.get(umid), new.get(umid))
+        for s, row in zip(advancing, rows, strict=True):
+            changes.record(
+                s.umid, old.get(s.umid), A.contribution(s, row[_NUMBER] or row[_MASKED], row[_HASH])
+            )
         self._flush(conn, changes)
 
     def _flush(self, conn: psycopg.Connection[Any], changes: A.Changes) -> None:
-        """Write what `changes` (`sinks.aggregates.Changes`) change in the analytics tables; the windows
-        to check again go to agg_rewindow (`_rewindow`)."""
+        """Write what a batch changes in the analytics tables (`sinks.aggregates.Changes`); the upserts
+        and the window lookup go in one pipeline (one round trip)."""
         if changes.gone:
             conn.execute(_DELETE_WA_OUTBOUND, (changes.gone,))
         if changes.outbound:
             self._copy_rows(
                 conn, "analytics_wa_outbound", "analytics_wa_outbound", _WA_OUTBOUND_COLUMNS, changes.outbound
             )
-        self._apply(conn, changes.deltas())
-        if changes.rewindow:
-            conn.execute(_ADD_REWINDOW, _columns_of(changes.rewindow, 3))
+        deltas = changes.deltas()
+        rewindow = changes.rewindow
+        if rewindow:
+            # the window locks of these users (`_LOCK_WINDOWS`) before the inbound side is read: then
+            # only subaccounts that ever got a WhatsApp inbound message have windows to check
+            conn.execute(_LOCK_USERS, ([k[0] for k in rewindow], [k[1] for k in rewindow]))
+            subs = sorted({k[0] for k in rewindow})
+            any_inbound = conn.execute(_WA_INBOUND_ANY, (subs,)).fetchone()
+            if not (any_inbound and any_inbound["found"]):
+                rewindow = []
+        with conn.pipeline():
+            self._apply(conn, deltas)
+            around = conn.execute(_WA_INBOUND_AROUND, _columns_of(rewindow, 3)) if rewindow else None
+        if around is not None:
+            self._rewindow(conn, around.fetchall())
 
     def _apply(self, conn: psycopg.Connection[Any], deltas: A.Deltas) -> None:
         self._upsert(conn, "messages", A.message_rows(deltas))
@@ -872,7 +879,54 @@ class PostgresStore:
         with conn.cursor(row_factory=tuple_row) as cur:
             return [r[0] for r in cur.execute(_WA_ANSWERED, _columns_of(keys, 3)).fetchall()]
 
-    def _rewindow(self, conn: psycopg.Connection[Any]) -> None:
+    def _rewindow(self, conn: psycopg.Connection[Any], found: Sequence[R.Row]) -> None:
+        """Recompute `answered` of the WhatsApp inbound messages `found` (`_WA_INBOUND_AROUND`: whose
+        window holds a WhatsApp send that appeared, moved or went), and move the window counts."""
+        if not found:
+            return
+        now = self._answered(conn, [(r["sub_account_id"], r["wa_user"], r["ts"]) for r in found])
+        window: dict[tuple[str, datetime, str], list[int]] = {}
+        changed: list[tuple[str, int]] = []
+        for r, answered in zip(found, now, strict=True):
+            if answered != r["answered"]:
+                changed.append((r["umid"], answered))
+                key = (r["sub_account_id"], r["hour"], r["country"])
+                window.setdefault(key, [0, 0])[1] += answered - r["answered"]
+        if changed:
+            conn.execute(_SET_ANSWERED, _columns_of(changed, 2))
+            self._upsert(conn, "window", [(*k, *v) for k, v in sorted(window.items())])
+
+    # --- analytics: the server's own computation (sinks.analytics_sql), migration 9 ---------
+
+    def _agg_tables(self, conn: psycopg.Connection[Any]) -> None:
+        if not self._agg_ready:
+            for sql in _AGG_TEMP:
+                conn.execute(sql)
+            self._agg_ready = True
+
+    def _maintain_sql(self, conn: psycopg.Connection[Any], umids: list[str]) -> None:
+        """Count the stored messages `umids`, not counted yet (migration 9), in the analytics tables: the
+        server computes their contributions (`_MAINTAIN`), except for the messages that are not plain
+        (`sinks.analytics_sql`), which the Python definition counts; then the windows of their sends."""
+        if umids:
+            with conn.cursor(row_factory=tuple_row) as cur:
+                odd = [r[0] for r in cur.execute(_MAINTAIN, {"umids": umids}).fetchall()]
+            if odd:
+                self._maintain_in_python(conn, odd)
+        self._rewindow_sql(conn)
+
+    def _maintain_in_python(self, conn: psycopg.Connection[Any], umids: list[str]) -> None:
+        """`_maintain_sql` of the messages the SQL leaves out: `contribution_from_tuples`, `_flush`."""
+        with conn.cursor(row_factory=tuple_row) as cur:
+            new = _old_contributions(
+                cur.execute(_OLD_MESSAGES, (umids,)).fetchall(), cur.execute(_OLD_STEPS, (umids,)).fetchall()
+            )
+        changes = A.Changes()
+        for umid in umids:
+            changes.record(umid, None, new.get(umid))
+        self._flush(conn, changes)
+
+    def _rewindow_sql(self, conn: psycopg.Connection[Any]) -> None:
         """Recompute `answered` of the WhatsApp inbound messages whose window holds a send of agg_rewindow
         (one that appeared, moved or went), and move the window counts: after locking the stripes of
         their users (`WINDOW_LOCK_CLASS`: the reads below see every earlier writer of those users)."""
@@ -904,17 +958,43 @@ class PostgresStore:
         conn.execute(_INSERT_WA_INBOUND, _columns_of(facts, 7))
         self._upsert(conn, "window", [(*k, *v) for k, v in sorted(window.items())])
 
-    def _backfill(self, conn: psycopg.Connection[Any]) -> None:
-        """Migration 9: the aggregates of every message and inbound message stored before migration 8."""
-        self._agg_tables(conn)
-        with conn.cursor("analytics_backfill", row_factory=tuple_row) as messages:
-            messages.execute("SELECT umid FROM messages ORDER BY umid")
-            while chunk := messages.fetchmany(5000):
-                self._maintain(conn, [r[0] for r in chunk])
-        with conn.cursor("analytics_backfill_inbound", row_factory=dict_row) as inbound:
-            inbound.execute("SELECT * FROM inbound_messages ORDER BY umid")
-            while rows := inbound.fetchmany(5000):
-                self._count_inbound(conn, rows)
+    def _backfill_batch(self, conn: psycopg.Connection[Any]) -> bool:
+        """One transaction of migration 9: count the next `backfill_batch` messages (by umid, the server
+        computing their contributions as for a write) or, once every message is counted, the next
+        inbound messages; the position is kept in `analytics_backfill` in the same transaction, so a batch
+        counts once (idempotent) and an interrupted backfill resumes after its last committed batch. True
+        when done (migration 9 recorded)."""
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_ID,))
+        applied = conn.execute(f"SELECT 1 FROM {MIGRATIONS_TABLE} WHERE version = %s", (Q.BACKFILL[0],))
+        if applied.fetchone():  # another process finished it
+            return True
+        conn.execute(Q.BACKFILL_PROGRESS_DDL)
+        after = {
+            r["source"]: r["after"] for r in conn.execute("SELECT source, after FROM analytics_backfill")
+        }
+        n = self.backfill_batch
+        if after.get("messages") != Q.BACKFILL_DONE:
+            found = conn.execute(
+                "SELECT umid FROM messages WHERE umid > %s ORDER BY umid LIMIT %s",
+                (after.get("messages", ""), n),
+            ).fetchall()
+            umids = [r["umid"] for r in found]
+            if umids:
+                self._agg_tables(conn)
+                self._maintain_sql(conn, umids)
+            conn.execute(_BACKFILL_MOVE, ("messages", umids[-1] if len(umids) == n else Q.BACKFILL_DONE))
+            return False
+        rows = conn.execute(
+            "SELECT * FROM inbound_messages WHERE umid > %s ORDER BY umid LIMIT %s",
+            (after.get("inbound", ""), n),
+        ).fetchall()
+        if rows:
+            self._count_inbound(conn, rows)
+            conn.execute(_BACKFILL_MOVE, ("inbound", rows[-1]["umid"]))
+            return False
+        conn.execute("DELETE FROM analytics_backfill")
+        conn.execute(f"INSERT INTO {MIGRATIONS_TABLE} (version, name) VALUES (%s, %s)", Q.BACKFILL)
+        return True
 
     def analytics(self, query: Q.Query) -> list[dict[str, Any]]:
         sql, params = Q.select(query, "%s", _ANALYTICS_DAY)

@@ -38,6 +38,7 @@ from sinks.store import (
 )
 
 BUSY_TIMEOUT_MS = 30_000
+BACKFILL_BATCH = 5000
 
 MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (
@@ -235,7 +236,7 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         ),
     ),
     (*Q.MIGRATION, Q.SQLITE_DDL),
-    (*Q.BACKFILL, ()),  # SqliteStore.migrate runs _backfill when it applies it
+    (*Q.BACKFILL, ()),  # SqliteStore.migrate runs it in batches (_backfill_batch)
 )
 
 
@@ -287,43 +288,28 @@ _WA_ANSWERED = (
     "SELECT 1 FROM analytics_wa_outbound WHERE sub_account_id = ? AND wa_user = ?"
     " AND wa_at >= ? AND wa_at < ? LIMIT 1"
 )
+_WA_INBOUND_AROUND = (
+    "SELECT umid, ts, hour, country, answered FROM analytics_wa_inbound"
+    " WHERE sub_account_id = ? AND wa_user = ? AND ts > ? AND ts <= ?"
+)
+_WA_INBOUND_ANY = "SELECT 1 FROM analytics_wa_inbound WHERE sub_account_id = ? LIMIT 1"
 _INSERT_WA_OUTBOUND = (
     "INSERT OR REPLACE INTO analytics_wa_outbound (umid, sub_account_id, wa_user, wa_at) VALUES (?, ?, ?, ?)"
 )
-# analytics (sinks.analytics_sql): the replaced rows kept aside, the facts of the batch's messages
-# computed by SQLite into temp tables, the aggregates' deltas and the WhatsApp sends from them
+# migration 9 (sinks.analytics_sql): the facts of stored messages not counted yet, computed by SQLite into
+# temp tables; the aggregates' deltas and the WhatsApp sends from them
 _AGG_TEMP = (
-    "CREATE TEMP TABLE IF NOT EXISTS agg_old_messages (umid TEXT PRIMARY KEY, "
-    + ", ".join(A.MESSAGE_FACT_COLUMNS[1:])
-    + ")",
-    "CREATE TEMP TABLE IF NOT EXISTS agg_old_steps (umid TEXT, step INTEGER, "
-    + ", ".join(A.STEP_FACT_COLUMNS[2:])
-    + ", PRIMARY KEY (umid, step))",
     f"CREATE TEMP TABLE IF NOT EXISTS agg_facts ({', '.join(Q.FACT_COLUMNS)})",
     f"CREATE TEMP TABLE IF NOT EXISTS agg_error_facts ({', '.join(Q.ERROR_FACT_COLUMNS)})",
-    "CREATE TEMP TABLE IF NOT EXISTS agg_sends (umid, a_sub, a_user, a_at, b_sub, b_user, b_at)",
     "CREATE TEMP TABLE IF NOT EXISTS agg_rewindow (sub, usr, at)",
     *Q.SQLITE_CALLING_CODES,
 )
-_AGG_CLEAR = tuple(
-    f"DELETE FROM temp.{t}"
-    for t in ("agg_old_messages", "agg_old_steps", "agg_facts", "agg_error_facts", "agg_sends", "agg_rewindow")
-)
-_STASH_MESSAGES = f"INSERT INTO temp.agg_old_messages ({', '.join(A.MESSAGE_FACT_COLUMNS)}) " + (
-    _OLD_MESSAGES.format(messages="messages")
-)
-_STASH_STEPS = f"INSERT INTO temp.agg_old_steps ({', '.join(A.STEP_FACT_COLUMNS)}) " + (
-    _OLD_STEPS.format(steps="message_steps")
-)
+_AGG_CLEAR = tuple(f"DELETE FROM temp.{t}" for t in ("agg_facts", "agg_error_facts", "agg_rewindow"))
 _FACTS = (
     f"INSERT INTO temp.agg_facts ({', '.join(Q.FACT_COLUMNS)})"
     f" {Q.facts(Q.SQLITE, 'messages', 'message_steps', 1)}",
-    f"INSERT INTO temp.agg_facts ({', '.join(Q.FACT_COLUMNS)})"
-    f" {Q.facts(Q.SQLITE, 'temp.agg_old_messages', 'temp.agg_old_steps', -1)}",
     f"INSERT INTO temp.agg_error_facts ({', '.join(Q.ERROR_FACT_COLUMNS)})"
     f" {Q.error_facts(Q.SQLITE, 'message_steps', 1)}",
-    f"INSERT INTO temp.agg_error_facts ({', '.join(Q.ERROR_FACT_COLUMNS)})"
-    f" {Q.error_facts(Q.SQLITE, 'temp.agg_old_steps', -1)}",
 )
 _ODD = "SELECT DISTINCT umid FROM temp.agg_facts WHERE plain = 0"
 _DROP_ODD = (
@@ -335,23 +321,16 @@ _AGG_DELTAS = tuple(
     for n, sql in Q.delta_selects(Q.SQLITE, "temp.agg_facts", "temp.agg_error_facts").items()
     for daily in (False, True)
 )
-# the batch's messages whose WhatsApp send (the old one in analytics_wa_outbound, the new one in the
-# facts) appeared, moved or went
-_SENDS = (
-    "INSERT INTO temp.agg_sends (umid, a_sub, a_user, a_at, b_sub, b_user, b_at)"
-    " SELECT u.umid, o.sub_account_id, o.wa_user, o.wa_at, n.sub_account_id, n.wa_user, n.wa_at"
-    " FROM (SELECT DISTINCT umid FROM temp.agg_facts) AS u"
-    " LEFT JOIN analytics_wa_outbound o ON o.umid = u.umid"
-    " LEFT JOIN temp.agg_facts n ON n.umid = u.umid AND n.sign = 1 AND n.wa_at IS NOT NULL"
-    " AND n.wa_user IS NOT NULL"
-    " WHERE NOT (o.sub_account_id IS n.sub_account_id AND o.wa_user IS n.wa_user AND o.wa_at IS n.wa_at)"
+# the WhatsApp sends of the counted messages (none stored before: they were not counted)
+_SENT = "FROM temp.agg_facts WHERE wa_at IS NOT NULL AND wa_user IS NOT NULL"
+_NEW_SENDS = (
+    "INSERT INTO analytics_wa_outbound (umid, sub_account_id, wa_user, wa_at)"
+    f" SELECT umid, sub_account_id, wa_user, wa_at {_SENT}",
+    f"INSERT INTO temp.agg_rewindow (sub, usr, at) SELECT sub_account_id, wa_user, wa_at {_SENT}",
 )
-_MOVE_SENDS = (
-    "DELETE FROM analytics_wa_outbound WHERE umid IN (SELECT umid FROM temp.agg_sends WHERE b_at IS NULL)",
-    "INSERT OR REPLACE INTO analytics_wa_outbound (umid, sub_account_id, wa_user, wa_at)"
-    " SELECT umid, b_sub, b_user, b_at FROM temp.agg_sends WHERE b_at IS NOT NULL",
-    "INSERT INTO temp.agg_rewindow (sub, usr, at) SELECT a_sub, a_user, a_at FROM temp.agg_sends"
-    " WHERE a_at IS NOT NULL UNION ALL SELECT b_sub, b_user, b_at FROM temp.agg_sends WHERE b_at IS NOT NULL",
+_BACKFILL_MOVE = (
+    "INSERT INTO analytics_backfill (source, after) VALUES (?, ?)"
+    " ON CONFLICT (source) DO UPDATE SET after = excluded.after"
 )
 
 
@@ -475,6 +454,7 @@ class SqliteStore:
         self.pii = pii
         self.aggregates = aggregates  # False: analytics tables not maintained (benchmarks only)
         self._agg_ready = False  # the analytics temp tables exist on the connection
+        self.backfill_batch = BACKFILL_BATCH  # rows a transaction of migration 9 counts
         self._lock = threading.RLock()
         if path != ":memory:":
             parent = os.path.dirname(os.path.abspath(path))
@@ -511,6 +491,15 @@ class SqliteStore:
             conn.commit()
 
     def migrate(self) -> None:
+        """Apply the migrations not recorded yet in one write transaction; migration 9 (the analytics
+        backfill) in bounded batches, one transaction each (`_backfill_batch`), resumed where it stopped
+        after an interruption."""
+        while self._migrate_up_to_backfill():
+            while not self._backfill_batch():
+                pass
+
+    def _migrate_up_to_backfill(self) -> bool:
+        """Apply what precedes the backfill (or follows it); True when the backfill is due."""
         with self._write() as conn:
             conn.execute(
                 f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} ("
@@ -520,14 +509,55 @@ class SqliteStore:
             for version, name, statements in MIGRATIONS:
                 if version in applied:
                     continue
+                if version == Q.BACKFILL[0]:
+                    return True
                 for sql in statements:
                     conn.execute(sql)
-                if version == Q.BACKFILL[0]:
-                    self._backfill(conn)
-                conn.execute(
-                    f"INSERT INTO {MIGRATIONS_TABLE} (version, name, applied_at) VALUES (?, ?, ?)",
-                    (version, name, to_text(datetime.now(UTC))),
-                )
+                self._record(conn, version, name)
+            return False
+
+    @staticmethod
+    def _record(conn: sqlite3.Connection, version: int, name: str) -> None:
+        conn.execute(
+            f"INSERT INTO {MIGRATIONS_TABLE} (version, name, applied_at) VALUES (?, ?, ?)",
+            (version, name, to_text(datetime.now(UTC))),
+        )
+
+    def _backfill_batch(self) -> bool:
+        """One transaction of migration 9 (as `PostgresStore._backfill_batch`): the next `backfill_batch`
+        messages, or once they are all counted the next inbound messages, and the position, together.
+        True when done (migration 9 recorded)."""
+        with self._write() as conn:
+            if conn.execute(
+                f"SELECT 1 FROM {MIGRATIONS_TABLE} WHERE version = ?", (Q.BACKFILL[0],)
+            ).fetchone():
+                return True
+            conn.execute(Q.BACKFILL_PROGRESS_DDL)
+            after = {
+                r["source"]: r["after"] for r in conn.execute("SELECT source, after FROM analytics_backfill")
+            }
+            n = self.backfill_batch
+            if after.get("messages") != Q.BACKFILL_DONE:
+                found = conn.execute(
+                    "SELECT umid FROM messages WHERE umid > ? ORDER BY umid LIMIT ?",
+                    (after.get("messages", ""), n),
+                ).fetchall()
+                umids = [r["umid"] for r in found]
+                if umids:
+                    self._maintain_sql(conn, json.dumps(umids))
+                conn.execute(_BACKFILL_MOVE, ("messages", umids[-1] if len(umids) == n else Q.BACKFILL_DONE))
+                return False
+            rows = conn.execute(
+                "SELECT * FROM inbound_messages WHERE umid > ? ORDER BY umid LIMIT ?",
+                (after.get("inbound", ""), n),
+            ).fetchall()
+            if rows:
+                self._count_inbound(conn, rows)
+                conn.execute(_BACKFILL_MOVE, ("inbound", rows[-1]["umid"]))
+                return False
+            conn.execute("DELETE FROM analytics_backfill")
+            self._record(conn, *Q.BACKFILL)
+            return True
 
     def write_states(self, states: Sequence[MessageState]) -> int:
         if not states:
@@ -540,11 +570,7 @@ class SqliteStore:
             advancing = [s for s in merged.states if s.umid not in held or s.version > held[s.umid][0]]
             if not advancing:
                 return 0
-            if self.aggregates:  # the rows about to be replaced kept aside: the old contributions' facts
-                self._agg_tables(conn)
-                replaced = json.dumps([s.umid for s in advancing if s.umid in held])
-                conn.execute(_STASH_MESSAGES, (replaced,))
-                conn.execute(_STASH_STEPS, (replaced,))
+            old = self._old_contributions(conn, [s.umid for s in advancing if s.umid in held])
             messages: list[tuple[Any, ...]] = []
             steps: list[tuple[Any, ...]] = []
             events: list[tuple[Any, ...]] = []
@@ -553,16 +579,89 @@ class SqliteStore:
                 steps.extend(map(_adapt_values, R.step_values(s)))
                 events.extend(map(_adapt_values, R.event_values(s)))
             conn.executemany(_UPSERT_MESSAGE, messages)
-            conn.executemany(
-                "DELETE FROM message_steps WHERE umid = ?", [(s.umid,) for s in advancing if s.umid in held]
-            )
+            replaced = [(s.umid,) for s in advancing if s.umid in held]
+            conn.executemany("DELETE FROM message_steps WHERE umid = ?", replaced)
             conn.executemany(_INSERT_STEP, steps)
             conn.executemany(_INSERT_EVENT, events)
             if self.aggregates:
-                self._maintain(conn, json.dumps([s.umid for s in advancing]))
+                self._maintain(conn, advancing, messages, old)
             return len(advancing)
 
-    # --- analytics (sinks.aggregates, sinks.analytics_sql) -----------------------------------
+    def _old_contributions(self, conn: sqlite3.Connection, umids: list[str]) -> dict[str, A.Contribution]:
+        """The contributions of the stored messages `umids` (before their rows are replaced)."""
+        if not umids or not self.aggregates:
+            return {}
+        return self._contributions(conn, umids, "messages", "message_steps")
+
+    def _maintain(
+        self,
+        conn: sqlite3.Connection,
+        advancing: Sequence[MessageState],
+        rows: Sequence[tuple[Any, ...]],
+        old: dict[str, A.Contribution],
+    ) -> None:
+        """Add `new - old` contribution of every advancing message (`rows`: their `messages` rows) to the
+        analytics tables, in the write's transaction."""
+        changes = A.Changes()
+        fresh_umids: list[str] = []
+        fresh: list[A.Contribution | None] = []  # of the messages without an old contribution
+        contribution = A.contribution
+        for s, row in zip(advancing, rows, strict=True):
+            new = contribution(s, row[_NUMBER] or row[_MASKED], row[_HASH])
+            was = old.get(s.umid)
+            if was is None:  # counted in bulk below
+                fresh_umids.append(s.umid)
+                fresh.append(new)
+            else:
+                changes.record(s.umid, was, new)
+        changes.record_new(fresh_umids, fresh)
+        self._apply_changes(conn, changes)
+
+    def _apply_changes(self, conn: sqlite3.Connection, changes: A.Changes) -> None:
+        """Write what `changes` change in the analytics tables, the WhatsApp windows included."""
+        conn.executemany("DELETE FROM analytics_wa_outbound WHERE umid = ?", [(u,) for u in changes.gone])
+        conn.executemany(_INSERT_WA_OUTBOUND, map(_adapt_values, changes.outbound))
+        self._apply(conn, changes.deltas())
+        if changes.rewindow:  # (one writer at a time: BEGIN IMMEDIATE orders the window's two sides)
+            # only subaccounts that ever got a WhatsApp inbound message have windows to check
+            subs = {k[0] for k in changes.rewindow}
+            subs = {sub for sub in subs if conn.execute(_WA_INBOUND_ANY, (sub,)).fetchone() is not None}
+            keys = [k for k in changes.rewindow if k[0] in subs]
+            if keys:
+                self._rewindow(conn, keys)
+
+    @staticmethod
+    def _apply(conn: sqlite3.Connection, deltas: A.Deltas) -> None:
+        _upsert(conn, "messages", A.message_rows(deltas))
+        _upsert(conn, "latency", A.latency_rows(deltas))
+        _upsert(conn, "errors", A.error_rows(deltas))
+
+    @staticmethod
+    def _answered(conn: sqlite3.Connection, sub: str, user: str, ts: datetime) -> int:
+        found = conn.execute(_WA_ANSWERED, (sub, user, to_text(ts), to_text(ts + A.WINDOW))).fetchone()
+        return 1 if found else 0
+
+    def _rewindow(self, conn: sqlite3.Connection, keys: Sequence[tuple[str, str, datetime]]) -> None:
+        """Recompute `answered` of the WhatsApp inbound messages whose window holds one of `keys`'
+        times (an outbound WhatsApp message appeared, moved or went), and move the window counts."""
+        seen: set[str] = set()
+        window: dict[tuple[str, datetime, str], list[int]] = {}
+        for sub, user, at in keys:
+            rows = conn.execute(_WA_INBOUND_AROUND, (sub, user, to_text(at - A.WINDOW), to_text(at)))
+            for r in rows.fetchall():
+                if r["umid"] in seen:
+                    continue
+                seen.add(r["umid"])
+                now = self._answered(conn, sub, user, _when(r["ts"]))
+                if now != r["answered"]:
+                    conn.execute(
+                        "UPDATE analytics_wa_inbound SET answered = ? WHERE umid = ?", (now, r["umid"])
+                    )
+                    key = (sub, _when(r["hour"]), r["country"])
+                    window.setdefault(key, [0, 0])[1] += now - r["answered"]
+        _upsert(conn, "window", [(*k, *v) for k, v in sorted(window.items())])
+
+    # --- analytics: SQLite's own computation (sinks.analytics_sql), migration 9 ------------
 
     def _agg_tables(self, conn: sqlite3.Connection) -> None:
         if not self._agg_ready:
@@ -570,11 +669,11 @@ class SqliteStore:
                 conn.execute(sql)
             self._agg_ready = True
 
-    def _maintain(self, conn: sqlite3.Connection, umids: str) -> None:
-        """Add `new - old` contribution of the advanced messages `umids` (a JSON list; their new rows
-        written, their replaced rows in temp.agg_old_*) to the analytics tables, in the write's
-        transaction: SQLite computes it from the facts of the rows, except for the messages that are not
-        plain (`sinks.analytics_sql`), which the Python definition counts; then the WhatsApp windows."""
+    def _maintain_sql(self, conn: sqlite3.Connection, umids: str) -> None:
+        """Count the stored messages `umids` (a JSON list), not counted yet (migration 9), in the
+        analytics tables: SQLite computes their contributions from their rows, except for the messages
+        that are not plain (`sinks.analytics_sql`), which the Python definition counts; then the windows
+        of their sends."""
         self._agg_tables(conn)
         for sql in _FACTS:
             conn.execute(sql, {"umids": umids})
@@ -582,30 +681,22 @@ class SqliteStore:
         if odd:
             for sql in _DROP_ODD:
                 conn.execute(sql, (json.dumps(odd),))
-        for sql in _AGG_DELTAS:
-            conn.execute(sql)
-        conn.execute(_SENDS)
-        for sql in _MOVE_SENDS:
+        for sql in (*_AGG_DELTAS, *_NEW_SENDS):
             conn.execute(sql)
         if odd:
             self._maintain_in_python(conn, odd)
-        self._rewindow(conn)
+        self._rewindow_sql(conn)
         for sql in _AGG_CLEAR:
             conn.execute(sql)
 
     def _maintain_in_python(self, conn: sqlite3.Connection, umids: list[str]) -> None:
-        """`_maintain` of messages the SQL leaves out: contributions by `contribution_from_tuples`."""
-        old = self._contributions(conn, umids, "temp.agg_old_messages", "temp.agg_old_steps")
+        """`_maintain_sql` of the messages the SQL leaves out: `contribution_from_tuples`, `_maintain`'s
+        application of the changes."""
         new = self._contributions(conn, umids, "messages", "message_steps")
         changes = A.Changes()
         for umid in umids:
-            changes.record(umid, old.get(umid), new.get(umid))
-        conn.executemany("DELETE FROM analytics_wa_outbound WHERE umid = ?", [(u,) for u in changes.gone])
-        conn.executemany(_INSERT_WA_OUTBOUND, map(_adapt_values, changes.outbound))
-        self._apply(conn, changes.deltas())
-        conn.executemany(
-            "INSERT INTO temp.agg_rewindow (sub, usr, at) VALUES (?, ?, ?)", map(_adapt_values, changes.rewindow)
-        )
+            changes.record(umid, None, new.get(umid))
+        self._apply_changes(conn, changes)
 
     @staticmethod
     def _contributions(
@@ -628,24 +719,15 @@ class SqliteStore:
         return out
 
     @staticmethod
-    def _apply(conn: sqlite3.Connection, deltas: A.Deltas) -> None:
-        _upsert(conn, "messages", A.message_rows(deltas))
-        _upsert(conn, "latency", A.latency_rows(deltas))
-        _upsert(conn, "errors", A.error_rows(deltas))
-
-    @staticmethod
-    def _answered(conn: sqlite3.Connection, sub: str, user: str, ts: datetime) -> int:
-        found = conn.execute(_WA_ANSWERED, (sub, user, to_text(ts), to_text(ts + A.WINDOW))).fetchone()
-        return 1 if found else 0
-
-    @staticmethod
-    def _rewindow(conn: sqlite3.Connection) -> None:
+    def _rewindow_sql(conn: sqlite3.Connection) -> None:
         """Recompute `answered` of the WhatsApp inbound messages whose window holds a send of
         temp.agg_rewindow (one that appeared, moved or went), and move the window counts."""
         window: dict[tuple[str, datetime, str], list[int]] = {}
         for r in conn.execute(_REWINDOW).fetchall():
             if r["now"] != r["answered"]:
-                conn.execute("UPDATE analytics_wa_inbound SET answered = ? WHERE umid = ?", (r["now"], r["umid"]))
+                conn.execute(
+                    "UPDATE analytics_wa_inbound SET answered = ? WHERE umid = ?", (r["now"], r["umid"])
+                )
                 key = (r["sub_account_id"], _when(r["hour"]), r["country"])
                 window.setdefault(key, [0, 0])[1] += r["now"] - r["answered"]
         _upsert(conn, "window", [(*k, *v) for k, v in sorted(window.items()) if v[1]])
@@ -703,15 +785,6 @@ class SqliteStore:
         _upsert(conn, "inbound", [(*k, n) for k, n in sorted(counts.items())])
         conn.executemany(_INSERT_WA_INBOUND, facts)
         _upsert(conn, "window", [(*k, *v) for k, v in sorted(window.items())])
-
-    def _backfill(self, conn: sqlite3.Connection) -> None:
-        """Migration 9: the aggregates of every message and inbound message stored before migration 8."""
-        cur = conn.execute("SELECT umid FROM messages ORDER BY umid")
-        while chunk := cur.fetchmany(5000):
-            self._maintain(conn, json.dumps([r["umid"] for r in chunk]))
-        cur = conn.execute("SELECT * FROM inbound_messages ORDER BY umid")
-        while chunk := cur.fetchmany(5000):
-            self._count_inbound(conn, chunk)
 
     def analytics(self, query: Q.Query) -> list[dict[str, Any]]:
         sql, params = Q.select(query, "?", "substr(hour, 1, 10) || 'T00:00:00.000000Z'")

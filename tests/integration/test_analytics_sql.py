@@ -19,9 +19,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg.rows import tuple_row
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from psycopg.rows import tuple_row
 
 from schemas.models import MessageState, StatusEvent, Step, User
 from sinks import aggregates as A
@@ -41,7 +41,19 @@ _ids = itertools.count()
 # text PostgreSQL can hold (no NUL); SQLite gets NUL too
 weird = st.text(st.characters(blacklist_categories=("Cs",)), max_size=5)
 CHANNELS = ["whatsapp", "WhatsApp", "SMS", "sms", "viber", " rcs", "line>x", "İ", "ß", "WHATSAPP\x00"]
-COUNTRIES = [None, "", "sg", " SG ", "\x1cph\t", "\x0b\x1d\x1e\x1fde\r\n", "abcdefghijk", " ", "ß", "x\x85", "\x7fz"]
+COUNTRIES = [
+    None,
+    "",
+    "sg",
+    " SG ",
+    "\x1cph\t",
+    "\x0b\x1d\x1e\x1fde\r\n",
+    "abcdefghijk",
+    " ",
+    "ß",
+    "x\x85",
+    "\x7fz",
+]
 NUMBERS = [None, "", "+6581234567", "+63922110xxxx", "6581234567", "+1", "+", "+8525551234", "+٣٣1", "+9999",
            "U4af49", "+2", "+21", "+2125", "+ 65", "65\x00"]  # fmt: skip
 channels = st.sampled_from(CHANNELS) | weird
@@ -49,7 +61,9 @@ countries = st.sampled_from(COUNTRIES) | weird
 numbers = st.sampled_from(NUMBERS) | weird
 states = st.sampled_from(["queued", "sent", "delivered", "read", "undelivered", "rejected", "failed", "error",
                           "Sent", "unknown"])  # fmt: skip
-offsets = st.sampled_from([0, 1, 999_999, 1_000_000, 1_189_207, 1_189_208, -3]) | st.integers(-10**7, 10**14)
+offsets = st.sampled_from([0, 1, 999_999, 1_000_000, 1_189_207, 1_189_208, -3]) | st.integers(
+    -(10**7), 10**14
+)
 times = st.datetimes(datetime(1900, 1, 1), datetime(2200, 1, 1), timezones=st.just(UTC))
 
 
@@ -78,7 +92,8 @@ def stored_messages(draw: st.DrawFn, nul: bool) -> tuple[dict[str, Any], list[di
     message = {
         "umid": umid, "sub_account_id": draw(st.sampled_from(["Acme", "b\u00e9ta"])), "state": draw(states),
         "final": draw(st.booleans()), "first_sent_at": sent, "delivered_at": delivered, "read_at": read,
-        "msisdn": text(numbers), "msisdn_masked": text(numbers), "msisdn_hash": draw(st.none() | st.just("h1")),
+        "msisdn": text(numbers), "msisdn_masked": text(numbers),
+        "msisdn_hash": draw(st.none() | st.just("h1")),
     }  # fmt: skip
     return message, steps
 
@@ -90,20 +105,22 @@ def _insert(store: Any, messages: list[tuple[dict[str, Any], list[dict[str, Any]
     m_cols = [*A.MESSAGE_FACT_COLUMNS, *filler]
     s_cols = [*A.STEP_FACT_COLUMNS, "status_at", "version"]
     m_rows = [tuple({**m, **filler}[c] for c in m_cols) for m, _ in messages]
-    s_rows = [tuple({**s, "status_at": T0, "version": 1}[c] for c in s_cols) for _, ss in messages for s in ss]
+    s_rows = [
+        tuple({**s, "status_at": T0, "version": 1}[c] for c in s_cols) for _, ss in messages for s in ss
+    ]
+    mark = "?" if isinstance(store, SqliteStore) else "%s"
+    insert_m = f"INSERT INTO messages ({', '.join(m_cols)}) VALUES ({', '.join([mark] * len(m_cols))})"
+    insert_s = f"INSERT INTO message_steps ({', '.join(s_cols)}) VALUES ({', '.join([mark] * len(s_cols))})"
     if isinstance(store, SqliteStore):
         with store._write() as conn:
-            conn.executemany(f"INSERT INTO messages ({', '.join(m_cols)}) VALUES ({', '.join('?' * len(m_cols))})",
-                             map(_adapt_values, m_rows))  # fmt: skip
-            conn.executemany(f"INSERT INTO message_steps ({', '.join(s_cols)}) VALUES ({', '.join('?' * len(s_cols))})",
-                             map(_adapt_values, s_rows))  # fmt: skip
+            conn.executemany(insert_m, map(_adapt_values, m_rows))
+            conn.executemany(insert_s, map(_adapt_values, s_rows))
     else:
+
         def work(conn: psycopg.Connection[Any]) -> None:
             with conn.cursor() as cur:
-                cur.executemany(f"INSERT INTO messages ({', '.join(m_cols)}) VALUES ({', '.join(['%s'] * len(m_cols))})",
-                                m_rows)  # fmt: skip
-                cur.executemany(f"INSERT INTO message_steps ({', '.join(s_cols)}) VALUES ({', '.join(['%s'] * len(s_cols))})",
-                                s_rows)  # fmt: skip
+                cur.executemany(insert_m, m_rows)
+                cur.executemany(insert_s, s_rows)
 
         store._run(work)
 
@@ -152,7 +169,10 @@ def _python(message: dict[str, Any], steps: list[dict[str, Any]]) -> A.Contribut
 
 def _is_plain(message: dict[str, Any], steps: list[dict[str, Any]]) -> bool:
     last = max(steps, key=lambda s: s["step"])
-    texts = [s["channel"] for s in steps] + [last["country"] or "", message["msisdn"] or message["msisdn_masked"] or ""]
+    texts = [s["channel"] for s in steps] + [
+        last["country"] or "",
+        message["msisdn"] or message["msisdn_masked"] or "",
+    ]
     return all(all("\x01" <= ch <= "\x7f" for ch in t) for t in texts)
 
 
@@ -167,7 +187,9 @@ def store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_sql_contributions_equal_the_python_definition(store: Any, data: st.DataObject) -> None:
-    messages = data.draw(st.lists(stored_messages(nul=isinstance(store, SqliteStore)), min_size=1, max_size=6))
+    messages = data.draw(
+        st.lists(stored_messages(nul=isinstance(store, SqliteStore)), min_size=1, max_size=6)
+    )
     _insert(store, messages)
     got = _sql_contributions(store, [m["umid"] for m, _ in messages])
     for message, steps in messages:
@@ -233,12 +255,14 @@ def _state(umid: str, version: int, parts: list[tuple[str, str, int | None, int,
     for n, (channel, state, code, offset, country) in enumerate(parts, 1):
         at = T0 + timedelta(seconds=offset)
         steps.append(Step(step=n, channel=channel, state=state, status_timestamp=at, first_event_at=at,
-                          error_code=code, history=(StatusEvent(state, at, error_code=code),), country=country,
+                          error_code=code, history=(StatusEvent(state, at, error_code=code),),
+                          country=country,
                           sent_at=at))  # fmt: skip
     delivered = [s.status_timestamp for s in steps if s.state in ("delivered", "read")]
     return MessageState(
         umid=umid, sub_account_id="Acme", version=version, state=steps[-1].state,
-        status_timestamp=steps[-1].status_timestamp, steps=tuple(steps), updated_at=T0, user=User(msisdn=number),
+        status_timestamp=steps[-1].status_timestamp, steps=tuple(steps), updated_at=T0,
+        user=User(msisdn=number),
         first_sent_at=steps[0].sent_at, delivered_at=min(delivered, default=None), final=final,
     )  # fmt: skip
 
@@ -283,13 +307,18 @@ def _expected(store: Any) -> dict[str, set[tuple[Any, ...]]]:
             umids = [r["umid"] for r in conn.execute("SELECT umid FROM messages")]
             with conn.cursor(row_factory=tuple_row) as cur:
                 return _old_contributions(
-                    cur.execute(_OLD_MESSAGES, (umids,)).fetchall(), cur.execute(_OLD_STEPS, (umids,)).fetchall()
+                    cur.execute(_OLD_MESSAGES, (umids,)).fetchall(),
+                    cur.execute(_OLD_STEPS, (umids,)).fetchall(),
                 )
 
         found = store._run(work)
     d = A.totals(found.values())
     out = {}
-    for name, hourly in (("messages", A.message_rows(d)), ("latency", A.latency_rows(d)), ("errors", A.error_rows(d))):
+    for name, hourly in (
+        ("messages", A.message_rows(d)),
+        ("latency", A.latency_rows(d)),
+        ("errors", A.error_rows(d)),
+    ):
         out[f"analytics_{name}"] = {tuple(r) for r in hourly}
         out[f"analytics_{name}_daily"] = {tuple(r) for r in Q.daily_rows(name, hourly)}
     out["analytics_wa_outbound"] = {
@@ -314,7 +343,11 @@ TABLES = (
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    st.lists(st.tuples(versions, st.sampled_from(["+6581234567", "+1415555", None, "+٣٣1"])), min_size=1, max_size=8)
+    st.lists(
+        st.tuples(versions, st.sampled_from(["+6581234567", "+1415555", None, "+٣٣1"])),
+        min_size=1,
+        max_size=8,
+    )
 )
 def test_the_aggregates_equal_the_python_definition_of_the_stored_rows(
     fresh_store: Any, messages: list[tuple[list[tuple[list[Any], bool]], str | None]]

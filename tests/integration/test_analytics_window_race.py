@@ -50,8 +50,8 @@ class Paused(PostgresStore):
         if self.hook == "inbound":
             self._pause()
 
-    def _rewindow(self, conn: Any) -> None:
-        super()._rewindow(conn)
+    def _flush(self, conn: Any, changes: Any) -> None:
+        super()._flush(conn, changes)
         if self.hook == "states":
             self._pause()
 
@@ -85,7 +85,9 @@ def _blocked_or_done(url: str, pid: int, thread: threading.Thread) -> str:
         while time.monotonic() < deadline:
             if not thread.is_alive():
                 return "done"
-            row = watch.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+            row = watch.execute(
+                "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,)
+            ).fetchone()
             if row and row[0] == "Lock":
                 return "blocked"
             time.sleep(0.01)
@@ -93,7 +95,9 @@ def _blocked_or_done(url: str, pid: int, thread: threading.Thread) -> str:
 
 
 @pytest.mark.parametrize("first", ["inbound", "states"])
-def test_an_inbound_message_and_its_reply_written_concurrently_count_as_answered(url: str, first: str) -> None:
+def test_an_inbound_message_and_its_reply_written_concurrently_count_as_answered(
+    url: str, first: str
+) -> None:
     paused = Paused(url, hook=first)
     other = PostgresStore(url, PII)
     errors: list[BaseException] = []
@@ -102,15 +106,15 @@ def test_an_inbound_message_and_its_reply_written_concurrently_count_as_answered
         def target() -> None:
             try:
                 fn()
-            except BaseException as exc:  # noqa: BLE001 - reported by the test below
+            except BaseException as exc:
                 errors.append(exc)
 
         t = threading.Thread(target=target)
         t.start()
         return t
 
-    write_inbound = lambda s: (lambda: s.write_inbound([_inbound()]))  # noqa: E731
-    write_reply = lambda s: (lambda: s.write_states([_reply()]))  # noqa: E731
+    write_inbound = lambda s: lambda: s.write_inbound([_inbound()])  # noqa: E731
+    write_reply = lambda s: lambda: s.write_states([_reply()])  # noqa: E731
     a = run(write_inbound(paused) if first == "inbound" else write_reply(paused))
     assert paused.reached.wait(WAIT_S)
     b = run(write_reply(other) if first == "inbound" else write_inbound(other))
