@@ -434,8 +434,9 @@ _MAINTAIN = (
 # inbound WhatsApp message: `_count_inbound`; a WhatsApp send that appears, moves or goes: `_flush`,
 # `_rewindow_sql`) takes, before it reads the other side, a transaction-scoped advisory lock per
 # (subaccount, user) stripe, in stripe order (no deadlock; at most WINDOW_LOCK_STRIPES locks). Two writers
-# of the same user's two sides are thus serialized: the second reads after the first committed (READ COMMITTED: each statement sees what committed before it started), so an inbound
-# message and its reply written concurrently by two sink processes never both miss each other.
+# of the same user's two sides are thus serialized: the second reads after the first committed (READ
+# COMMITTED: each statement sees what committed before it started), so an inbound message and its reply
+# written concurrently by two sink processes never both miss each other.
 WINDOW_LOCK_CLASS = 0x636877  # pg_advisory_xact_lock(class, stripe): the WhatsApp window locks
 WINDOW_LOCK_STRIPES = 256  # stripes of hashtext(subaccount|user): at most this many locks a transaction
 _STRIPE = f"hashtext(sub || '|' || usr) & {WINDOW_LOCK_STRIPES - 1}"
