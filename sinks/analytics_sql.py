@@ -467,7 +467,8 @@ def facts(d: Dialect, messages: str, steps: str, sign: int) -> str:
     agg = "string_agg" if d.name == "postgresql" else "group_concat"
     steps_summary = (
         f"SELECT umid, {ch} AS channel, country, first_value(first_event_at) OVER w AS first_at,"
-        f" {agg}({ch}, '>') OVER w AS path,"
+        # (SQLite's group_concat of nothing but '' is NULL)
+        f" coalesce({agg}({ch}, '>') OVER w, '') AS path,"
         f" min(first_event_at) FILTER (WHERE {ch} = 'whatsapp') OVER w AS wa_at,"
         f" lead(step) OVER w AS next"
         f" FROM {steps} WHERE {_f(d.umids, x='umid')} WINDOW w AS (PARTITION BY umid ORDER BY step)"

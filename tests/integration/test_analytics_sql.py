@@ -40,7 +40,7 @@ _ids = itertools.count()
 
 # text PostgreSQL can hold (no NUL); SQLite gets NUL too
 weird = st.text(st.characters(blacklist_categories=("Cs",)), max_size=5)
-CHANNELS = ["whatsapp", "WhatsApp", "SMS", "sms", "viber", " rcs", "line>x", "İ", "ß", "WHATSAPP\x00"]
+CHANNELS = ["whatsapp", "WhatsApp", "SMS", "sms", "viber", " rcs", "line>x", "İ", "ß", "WHATSAPP\x00", ""]
 COUNTRIES = [
     None,
     "",
@@ -208,7 +208,7 @@ def test_every_listed_edge_case(store: Any) -> None:
     nul = isinstance(store, SqliteStore)
     messages = []
     for i, (country, number, channel) in enumerate(itertools.zip_longest(COUNTRIES, NUMBERS, CHANNELS)):
-        channel = channel or "sms"
+        channel = "sms" if channel is None else channel
         if not nul:
             country, number, channel = (x and x.replace("\x00", "") for x in (country, number, channel))
         umid = f"edge{next(_ids)}"
@@ -223,6 +223,8 @@ def test_every_listed_edge_case(store: Any) -> None:
                    "first_sent_at": T0, "delivered_at": at, "read_at": at + (at - T0), "msisdn": number,
                    "msisdn_masked": "+658123xxxx", "msisdn_hash": "h"}  # fmt: skip
         messages.append((message, steps))
+        alone = f"edge{next(_ids)}"  # the same last step alone
+        messages.append(({**message, "umid": alone}, [{**steps[1], "umid": alone}]))
     _insert(store, messages)
     got = _sql_contributions(store, [m["umid"] for m, _ in messages])
     plain = 0
