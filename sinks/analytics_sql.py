@@ -14,7 +14,8 @@ Tables (docs/analytics.md describes them for analysts):
   `analytics_wa_inbound` (with `answered`): the two sides the window share matches; not for analysts.
 What a message contributes is computed from its `messages` and `message_steps` rows
 (`sinks.aggregates.contribution_from_rows`), read back (or returned by the DELETE) when a new state
-replaces them; migration 9 adds the rows stored before migration 8.
+replaces them; migration 9 adds the rows stored before migration 8, in bounded batches (`BACKFILL`),
+computing them in SQL (`facts`).
 
 Hours are UTC hour starts: fixed-width ISO text in SQLite (`2026-01-01T10:00:00.000000Z`), timestamptz
 in PostgreSQL. A counter row may hold zeros after messages moved away from it; reads ignore them.
@@ -298,18 +299,19 @@ def pg_unnest_upserts() -> dict[str, str]:
     return out
 
 
-# --- contributions in SQL: the stores' write path ------------------------------------------------
+# --- contributions in SQL: migration 9's backfill ------------------------------------------------
 #
-# What `sinks.aggregates.contribution_from_rows` computes in Python, computed by the database over the rows
-# a batch just wrote (and over the replaced rows, kept aside in temp tables before they were deleted), so
-# that maintaining the aggregates costs no Python work per record. One row of "facts" per message:
-# (umid, sign, sub_account_id, hour, channel, country, path, outcome, final, deliver_us, read_us, wa_user,
-# wa_at, plain), sign +1 for a new state and -1 for a replaced one; the aggregate deltas are their signed
-# sums. The SQL reproduces the Python definition exactly for "plain" messages: every character of their
-# step channels, last step country and number in U+0001..U+007F (ASCII without NUL), where lower(),
-# upper(), trim() and substr() of both databases agree with Python's str methods. A message that is not
-# plain on either side (old or new) is left out of the SQL and counted by the Python definition instead
-# (`plain` is false; the stores call `contribution_from_tuples` for it): exact for every input.
+# What `sinks.aggregates.contribution_from_rows` computes in Python, computed by the database over stored
+# rows, so that counting a large store costs no Python work per message (migration 9's batches: the
+# stores' `_maintain_sql`). One row of "facts" per message: (umid, sign, sub_account_id, hour, channel,
+# country, path, outcome, final, deliver_us, read_us, wa_user, wa_at, plain), `sign` +1 (-1 would take a
+# message away); the aggregate deltas are their signed sums. The SQL reproduces the Python definition
+# exactly for "plain" messages: every character of their step channels, last step country and number in
+# U+0001..U+007F (ASCII without NUL), where lower(), upper(), trim() and substr() of both databases agree
+# with Python's str methods. A message that is not plain is left out of the SQL and counted by the Python
+# definition instead (`plain` is 0; the stores call `contribution_from_tuples` for it): exact for every
+# input. The write path does not use it: measured on `bench/sinks.py`, reading a batch's rows back costs
+# the database more than `contribution` costs Python (docs/analytics.md, "Cost and speed").
 # tests/integration/test_analytics_sql.py checks SQL against Python on generated rows in both databases.
 
 #: the ASCII characters str.strip() removes (str.isspace), for SQL's trim
