@@ -544,7 +544,6 @@ class PostgresStore:
         self._lock = threading.RLock()
         self._conn: psycopg.Connection[dict[str, Any]] | None = None
         self._staged = False
-        self._agg_ready = False  # the analytics temp tables exist on the connection
         self.backfill_batch = BACKFILL_BATCH  # rows a transaction of migration 9 counts
         self._types: dict[tuple[str, str], str] = {}
         self._run(lambda conn: None)  # connect now: a wrong URL fails at start
@@ -561,7 +560,7 @@ class PostgresStore:
                 log.warning("postgres connection lost; reconnecting")
                 conn.close()
             self._conn = None
-            self._staged = self._agg_ready = False
+            self._staged = False
             conn = psycopg.connect(self.url, row_factory=dict_row, connect_timeout=CONNECT_TIMEOUT_S)
             if not self.synchronous_commit:
                 conn.execute("SET synchronous_commit = off")
@@ -575,7 +574,7 @@ class PostgresStore:
                 self._conn.close()
             finally:
                 self._conn = None
-                self._staged = self._agg_ready = False
+                self._staged = False
 
     def _run(self, work: Callable[[psycopg.Connection[dict[str, Any]]], T]) -> T:
         """Run `work` in one transaction; a lost connection becomes TransientError (nothing committed).
@@ -899,11 +898,11 @@ class PostgresStore:
 
     # --- analytics: the server's own computation (sinks.analytics_sql), migration 9 ---------
 
-    def _agg_tables(self, conn: psycopg.Connection[Any]) -> None:
-        if not self._agg_ready:
-            for sql in _AGG_TEMP:
-                conn.execute(sql)
-            self._agg_ready = True
+    @staticmethod
+    def _agg_tables(conn: psycopg.Connection[Any]) -> None:
+        """The temp tables `_maintain_sql` uses (every batch: a rolled back one takes them away)."""
+        for sql in _AGG_TEMP:
+            conn.execute(sql)
 
     def _maintain_sql(self, conn: psycopg.Connection[Any], umids: list[str]) -> None:
         """Count the stored messages `umids`, not counted yet (migration 9), in the analytics tables: the

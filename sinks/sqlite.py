@@ -453,7 +453,6 @@ class SqliteStore:
         self.path = path
         self.pii = pii
         self.aggregates = aggregates  # False: analytics tables not maintained (benchmarks only)
-        self._agg_ready = False  # the analytics temp tables exist on the connection
         self.backfill_batch = BACKFILL_BATCH  # rows a transaction of migration 9 counts
         self._lock = threading.RLock()
         if path != ":memory:":
@@ -663,11 +662,11 @@ class SqliteStore:
 
     # --- analytics: SQLite's own computation (sinks.analytics_sql), migration 9 ------------
 
-    def _agg_tables(self, conn: sqlite3.Connection) -> None:
-        if not self._agg_ready:
-            for sql in _AGG_TEMP:
-                conn.execute(sql)
-            self._agg_ready = True
+    @staticmethod
+    def _agg_tables(conn: sqlite3.Connection) -> None:
+        """The temp tables `_maintain_sql` uses (every batch: a rolled back one takes them away)."""
+        for sql in _AGG_TEMP:
+            conn.execute(sql)
 
     def _maintain_sql(self, conn: sqlite3.Connection, umids: str) -> None:
         """Count the stored messages `umids` (a JSON list), not counted yet (migration 9), in the
