@@ -27,23 +27,25 @@ import math
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from operator import itemgetter
 from typing import Any, NamedTuple
 
+from processors.conversation import WHATSAPP_SERVICE_WINDOW
 from schemas.models import MessageState
 from sinks.error_codes import ERROR_CODES
 
 UNKNOWN_COUNTRY = "unknown"
 OUTCOMES: tuple[str, ...] = ("pending", "sent", "delivered", "read", "failed")
 FAILURE_STATES = frozenset({"undelivered", "rejected", "failed", "error"})
-_OUTCOME: dict[str, str] = {
+OUTCOME: dict[str, str] = {
     "sent": "sent",
     "delivered": "delivered",
     "read": "read",
     **{s: "failed" for s in FAILURE_STATES},
 }
-WINDOW = timedelta(hours=24)
+#: the WhatsApp customer-service window: the rule lives in processors.conversation, once
+WINDOW = WHATSAPP_SERVICE_WINDOW
 WHATSAPP = "whatsapp"
 
 #: buckets per doubling of the duration; bucket 0 holds < 1 s, bucket i >= 1 holds [2^((i-1)/4), 2^(i/4))
@@ -140,7 +142,7 @@ def percentile(hist: Mapping[int, int], p: float) -> Percentile | None:
 
 def outcome_of(state: str) -> str:
     """The funnel outcome of a message state: pending, sent, delivered, read or failed."""
-    return _OUTCOME.get(state, "pending")
+    return OUTCOME.get(state, "pending")
 
 
 def country_of(country: str | None, msisdn: str | None) -> str:
@@ -237,7 +239,7 @@ def _contribution(
             channels[-1],
             country_of(steps[-1][4], number),
             channels[0] if len(channels) == 1 else ">".join(channels),
-            _OUTCOME.get(state, "pending"),
+            OUTCOME.get(state, "pending"),
             bool(final),
             deliver,
             read,
@@ -309,7 +311,7 @@ def contribution(state: MessageState, number: str | None, number_hash: str | Non
             channel,
             country,
             path,
-            _OUTCOME.get(state.state, "pending"),
+            OUTCOME.get(state.state, "pending"),
             bool(state.final),
             deliver,
             read,

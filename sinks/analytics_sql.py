@@ -14,7 +14,8 @@ Tables (docs/analytics.md describes them for analysts):
   `analytics_wa_inbound` (with `answered`): the two sides the window share matches; not for analysts.
 What a message contributes is computed from its `messages` and `message_steps` rows
 (`sinks.aggregates.contribution_from_rows`), read back (or returned by the DELETE) when a new state
-replaces them; migration 9 adds the rows stored before migration 8.
+replaces them; migration 9 adds the rows stored before migration 8, in bounded batches (`BACKFILL`),
+computing them in SQL (`facts`).
 
 Hours are UTC hour starts: fixed-width ISO text in SQLite (`2026-01-01T10:00:00.000000Z`), timestamptz
 in PostgreSQL. A counter row may hold zeros after messages moved away from it; reads ignore them.
@@ -22,12 +23,16 @@ in PostgreSQL. A counter row may hold zeros after messages moved away from it; r
 
 from __future__ import annotations
 
+import bisect
+import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sinks import aggregates as A
 from sinks.error_codes import ERROR_CODES
 
 VIEWS = ("funnel", "fallback", "latency", "errors", "inbound", "window")
@@ -90,8 +95,14 @@ def _literal(text: str) -> str:
 SQLITE_DDL = _ddl("TEXT", "TEXT", "INTEGER", " WITHOUT ROWID")
 POSTGRES_DDL = _ddl("text", "timestamptz", "bigint")
 MIGRATION = (8, "analytics aggregates")
-#: the aggregates of the rows stored before migration 8, computed by the store in Python
+#: the aggregates of the rows stored before migration 8, counted by the store in bounded batches (one
+#: transaction each): messages by umid, then inbound messages by umid; the position in `analytics_backfill`
+#: (source -> the last umid counted, or BACKFILL_DONE), emptied when migration 9 is recorded
 BACKFILL = (9, "analytics aggregates: backfill from the stored rows")
+BACKFILL_DONE = "\U0010ffff"  # after every umid: the messages are all counted
+BACKFILL_PROGRESS_DDL = (
+    "CREATE TABLE IF NOT EXISTS analytics_backfill (source TEXT PRIMARY KEY, after TEXT NOT NULL)"
+)
 
 MESSAGE_AGG_COLUMNS: tuple[str, ...] = (
     "sub_account_id", "hour", "channel", "country", "path", "first_channel", "steps",
@@ -286,3 +297,269 @@ def pg_unnest_upserts() -> dict[str, str]:
             f" ORDER BY {', '.join(str(i + 1) for i in range(len(key)))} {conflict}"
         )
     return out
+
+
+# --- contributions in SQL: migration 9's backfill ------------------------------------------------
+#
+# What `sinks.aggregates.contribution_from_rows` computes in Python, computed by the database over stored
+# rows, so that counting a large store costs no Python work per message (migration 9's batches: the
+# stores' `_maintain_sql`). One row of "facts" per message: (umid, sign, sub_account_id, hour, channel,
+# country, path, outcome, final, deliver_us, read_us, wa_user, wa_at, plain), `sign` +1 (-1 would take a
+# message away); the aggregate deltas are their signed sums. The SQL reproduces the Python definition
+# exactly for "plain" messages: every character of their step channels, last step country and number in
+# U+0001..U+007F (ASCII without NUL), where lower(), upper(), trim() and substr() of both databases agree
+# with Python's str methods. A message that is not plain is left out of the SQL and counted by the Python
+# definition instead (`plain` is 0; the stores call `contribution_from_tuples` for it): exact for every
+# input. The write path does not use it: measured on `bench/sinks.py`, reading a batch's rows back costs
+# the database more than `contribution` costs Python (docs/analytics.md, "Cost and speed").
+# tests/integration/test_analytics_sql.py checks SQL against Python on generated rows in both databases.
+
+#: the ASCII characters str.strip() removes (str.isspace), for SQL's trim
+ASCII_WHITESPACE = "".join(c for c in map(chr, range(128)) if c.isspace())
+OUTCOME_INDEX: dict[str, int] = {o: i for i, o in enumerate(A.OUTCOMES)}  # facts' `outcome` column
+FACT_COLUMNS: tuple[str, ...] = (
+    "umid", "sign", "sub_account_id", "hour", "channel", "country", "path", "outcome", "final",
+    "deliver_us", "read_us", "wa_user", "wa_at", "plain",
+)  # fmt: skip
+ERROR_FACT_COLUMNS: tuple[str, ...] = ("umid", "sign", "channel", "error_code")
+
+
+def _threshold_us(lower: float) -> int:
+    """The least whole number of microseconds `d` with `d / 10**6 >= lower`: `timedelta.total_seconds()`
+    is that (correctly rounded) division, so a duration of `d` µs falls in bucket
+    `#{i : d >= LATENCY_THRESHOLDS_US[i - 1]}` exactly as `latency_bucket(total_seconds())` says."""
+    d = math.floor(lower * 10**6)
+    while d / 10**6 >= lower:
+        d -= 1
+    while not d / 10**6 >= lower:
+        d += 1
+    return d
+
+
+#: integer lower bounds (µs) of buckets 1..LAST_BUCKET (`_threshold_us`)
+LATENCY_THRESHOLDS_US: tuple[int, ...] = tuple(
+    _threshold_us(A.bucket_bounds(i)[0]) for i in range(1, A.LAST_BUCKET + 1)
+)
+
+
+def bucket_of_us(d: int) -> int:
+    """`latency_bucket(d / 10**6)` by the integer thresholds (what the SQL computes)."""
+    return bisect.bisect_right(LATENCY_THRESHOLDS_US, d)
+
+
+def _sqlite_bucket(x: str, lo: int = 0, hi: int = A.LAST_BUCKET) -> str:
+    """SQLite: how many thresholds are <= {x} (a binary search as nested CASEs: ~7 comparisons)."""
+    if lo == hi:
+        return str(lo)
+    mid = (lo + hi) // 2
+    return (
+        f"CASE WHEN {x} < {LATENCY_THRESHOLDS_US[mid]} THEN {_sqlite_bucket(x, lo, mid)}"
+        f" ELSE {_sqlite_bucket(x, mid + 1, hi)} END"
+    )
+
+
+def _sql_text(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+_FAILURES = ", ".join(_sql_text(s) for s in sorted(A.FAILURE_STATES))
+_OUTCOME_SQL = (
+    "CASE {state} "
+    + " ".join(f"WHEN {_sql_text(s)} THEN {OUTCOME_INDEX[o]}" for s, o in sorted(A.OUTCOME.items()))
+    + " ELSE 0 END"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """The SQL spellings that differ between the two databases (templates of `{x}` and friends)."""
+
+    name: str
+    lower: str  # ASCII lower case
+    upper: str  # ASCII upper case
+    trim: str  # str.strip() of ASCII whitespace
+    plain: str  # true when every character is in U+0001..U+007F
+    hour: str  # the UTC hour start of a stored timestamp
+    day: str  # the UTC day start of a stored hour
+    micros: str  # the duration from stored timestamp {b} to {a} (PostgreSQL: an interval; SQLite: µs)
+    calling_code: str  # ISO code of calling code {x}, NULL when unlisted
+    first_channel: str  # path.split('>', 1)[0]
+    umids: str  # membership of column {x} in the batch's umid parameter
+    collate: str  # appended to text keys when ordering like Python (code points)
+
+    def bucket(self, x: str) -> str:
+        """The latency bucket of duration {x} (`micros`): how many thresholds it reaches."""
+        if self.name == "postgresql":  # intervals compare exactly, in whole microseconds
+            bounds = ",".join(f'"{t} microseconds"' for t in LATENCY_THRESHOLDS_US)
+            return f"width_bucket({x}, '{{{bounds}}}'::interval[])"
+        return _sqlite_bucket(x)
+
+
+_CODES_JSON = json.dumps(A.CALLING_CODES, sort_keys=True, separators=(",", ":"))
+PG = Dialect(
+    name="postgresql",
+    lower='lower({x} COLLATE "C")',
+    upper='upper({x} COLLATE "C")',
+    trim="btrim({x}, " + "E'" + "".join(f"\\x{ord(c):02x}" for c in ASCII_WHITESPACE) + "')",
+    plain="({x} ~ '^[\\x01-\\x7f]*$')",
+    # date_bin from an origin before any Python datetime: integer arithmetic on UTC microseconds
+    hour="date_bin('1 hour', {x}, TIMESTAMPTZ '0001-01-01 00:00:00+00')",
+    day="date_bin('1 day', {x}, TIMESTAMPTZ '0001-01-01 00:00:00+00')",
+    micros="({a} - {b})",
+    calling_code=f"('{_CODES_JSON}'::jsonb ->> {{x}})",
+    first_channel="split_part({x}, '>', 1)",
+    umids="{x} = ANY(%(umids)b)",
+    collate=' COLLATE "C"',
+)
+SQLITE = Dialect(
+    name="sqlite",
+    lower="lower({x})",
+    upper="upper({x})",
+    trim="trim({x}, char(" + ", ".join(str(ord(c)) for c in ASCII_WHITESPACE) + "))",
+    plain="(length(CAST({x} AS BLOB)) = length({x}))",
+    hour="(substr({x}, 1, 14) || '00:00.000000Z')",
+    day="(substr({x}, 1, 11) || '00:00:00.000000Z')",
+    micros=(
+        "((unixepoch(substr({a}, 1, 19)) - unixepoch(substr({b}, 1, 19))) * 1000000"
+        " + CAST(substr({a}, 21, 6) AS INTEGER) - CAST(substr({b}, 21, 6) AS INTEGER))"
+    ),
+    calling_code="(SELECT iso FROM temp.agg_calling_codes WHERE code = {x})",
+    first_channel="substr({x}, 1, instr({x} || '>', '>') - 1)",
+    umids="{x} IN (SELECT value FROM json_each(:umids))",
+    collate="",
+)
+#: SQLite: the calling codes as a temp table (`Dialect.calling_code`), made once per connection
+SQLITE_CALLING_CODES = (
+    "CREATE TEMP TABLE IF NOT EXISTS agg_calling_codes (code TEXT PRIMARY KEY, iso TEXT NOT NULL)"
+    " WITHOUT ROWID",
+    "INSERT OR REPLACE INTO temp.agg_calling_codes (code, iso) VALUES "
+    + ", ".join(f"({_sql_text(c)}, {_sql_text(i)})" for c, i in sorted(A.CALLING_CODES.items())),
+)
+
+
+def _f(template: str, **kw: str) -> str:
+    """`template` with each `{name}` replaced (not str.format: the templates hold JSON braces)."""
+    for name, value in kw.items():
+        template = template.replace("{" + name + "}", value)
+    return template
+
+
+def _country(d: Dialect, country: str, number: str) -> str:
+    """`country_of(country, number)` (for plain values): the details API's country stripped, upper-cased,
+    at most 8 characters; else the calling code of the number's first 4 characters (`+` skipped)."""
+    digits = (
+        f"(CASE WHEN substr({number}, 1, 1) = '+' THEN substr({number}, 2, 3)"
+        f" ELSE substr({number}, 1, 4) END)"
+    )
+    lookups = ", ".join(_f(d.calling_code, x=f"substr({digits}, 1, {n})") for n in (1, 2, 3))
+    stripped = _f(d.upper, x=_f(d.trim, x=country))
+    return (
+        f"(CASE WHEN {country} <> '' THEN coalesce(nullif(substr({stripped}, 1, 8), ''), 'unknown')"
+        f" WHEN {number} IS NULL OR {number} = '' THEN 'unknown'"
+        f" ELSE coalesce({lookups}, 'unknown') END)"
+    )
+
+
+def facts(d: Dialect, messages: str, steps: str, sign: int) -> str:
+    """SELECT of the facts (FACT_COLUMNS) of the messages in tables `messages` / `steps` (`messages` and
+    `message_steps`, or the temp tables holding replaced rows) whose umid is in the `umids` parameter.
+    One pass over the steps in (umid, step) order: window aggregates over each message's steps up to the
+    current one, read at its last step (no later step), where they cover them all, in step order."""
+    ch = _f(d.lower, x="channel")
+    agg = "string_agg" if d.name == "postgresql" else "group_concat"
+    steps_summary = (
+        f"SELECT umid, {ch} AS channel, country, first_value(first_event_at) OVER w AS first_at,"
+        # (SQLite's group_concat of nothing but '' is NULL)
+        f" coalesce({agg}({ch}, '>') OVER w, '') AS path,"
+        f" min(first_event_at) FILTER (WHERE {ch} = 'whatsapp') OVER w AS wa_at,"
+        f" lead(step) OVER w AS next"
+        f" FROM {steps} WHERE {_f(d.umids, x='umid')} WINDOW w AS (PARTITION BY umid ORDER BY step)"
+    )
+    number = "coalesce(nullif(m.msisdn, ''), m.msisdn_masked)"
+    # PostgreSQL: the messages scan filtered by the umids too (an index scan, never a whole-table join)
+    also = f" AND {_f(d.umids, x='m.umid')}" if d.name == "postgresql" else ""
+    both = "m.delivered_at IS NOT NULL AND m.first_sent_at IS NOT NULL"
+    plain_text = f"(s.path || coalesce(s.country, '') || coalesce({number}, ''))"
+    return (
+        f"SELECT m.umid, {sign} AS sign, m.sub_account_id, {_f(d.hour, x='s.first_at')} AS hour,"
+        f" s.channel, {_country(d, 's.country', number)} AS country,"
+        f" s.path, {_f(_OUTCOME_SQL, state='m.state')} AS outcome,"
+        f" CASE WHEN m.final THEN 1 ELSE 0 END AS final,"
+        f" CASE WHEN {both} THEN {_f(d.micros, a='m.delivered_at', b='m.first_sent_at')} END AS deliver_us,"
+        f" CASE WHEN {both} AND m.read_at IS NOT NULL THEN {_f(d.micros, a='m.read_at', b='m.delivered_at')}"
+        f" END AS read_us,"
+        f" CASE WHEN s.wa_at IS NOT NULL THEN m.msisdn_hash END AS wa_user, s.wa_at,"
+        f" CASE WHEN {_f(d.plain, x=plain_text)} THEN 1 ELSE 0 END AS plain"
+        f" FROM ({steps_summary}) AS s JOIN {messages} m ON m.umid = s.umid"
+        f" WHERE s.next IS NULL{also}"
+    )
+
+
+def error_facts(d: Dialect, steps: str, sign: int) -> str:
+    """SELECT of the error facts (ERROR_FACT_COLUMNS): one row per failed step with an error code."""
+    return (
+        f"SELECT umid, {sign} AS sign, {_f(d.lower, x='channel')} AS channel, error_code FROM {steps}"
+        f" WHERE {_f(d.umids, x='umid')} AND error_code IS NOT NULL AND state IN ({_FAILURES})"
+    )
+
+
+def _nonzero(cols: Sequence[str]) -> str:
+    return "(" + " OR ".join(f"{c} <> 0" for c in cols) + ")"
+
+
+def delta_selects(d: Dialect, f: str, e: str) -> dict[str, str]:
+    """Per aggregate table, the SELECT of its hourly delta rows (its columns: key, extra, counters; zero
+    rows left out) from the facts relation `f` and the error facts relation `e` (plain messages only)."""
+    counters = (
+        ["sum(sign) AS messages"]
+        + [f"sum(CASE WHEN outcome = {i} THEN sign ELSE 0 END) AS {o}" for o, i in OUTCOME_INDEX.items()]
+        + ["sum(final * sign) AS final"]
+    )
+    key = "sub_account_id, hour, channel, country"
+    messages = (
+        f"SELECT {key}, path, {_f(d.first_channel, x='path')} AS first_channel,"
+        f" length(path) - length(replace(path, '>', '')) + 1 AS steps, {', '.join(counters)}"
+        f" FROM {f} GROUP BY {key}, path"
+    )
+    latency = " UNION ALL ".join(
+        f"SELECT {key}, '{metric}' AS metric, {d.bucket(col)} AS bucket, sum(sign) AS count FROM {f}"
+        f" WHERE {col} IS NOT NULL GROUP BY 1, 2, 3, 4, 6"
+        for metric, col in (("deliver", "deliver_us"), ("read", "read_us"))
+    )
+    errors = (
+        f"SELECT g.sub_account_id, g.hour, e.channel, g.country, e.error_code, sum(e.sign) AS count"
+        f" FROM {e} e JOIN {f} g ON g.umid = e.umid AND g.sign = e.sign"
+        f" GROUP BY g.sub_account_id, g.hour, e.channel, g.country, e.error_code"
+    )
+    return {
+        name: f"SELECT * FROM ({sql}) AS s WHERE {_nonzero(_TABLE_COLUMNS[name][2])}"
+        for name, sql in (("messages", messages), ("latency", latency), ("errors", errors))
+    }
+
+
+def _order(d: Dialect, cols: Sequence[str]) -> str:
+    """ORDER BY of key columns in Python's order (text by code point): every writer locks rows in it."""
+    return ", ".join(f"{c}{d.collate}" if c not in ("hour", "bucket", "error_code") else c for c in cols)
+
+
+def upsert_from(d: Dialect, name: str, source: str, *, daily: bool) -> str:
+    """INSERT ... SELECT of hourly delta rows `source` (a relation with the table's columns) into table
+    `name` (`daily`: rolled up into `name`_daily), adding the counters on conflict, in key order."""
+    key, extra, counters = _TABLE_COLUMNS[name]
+    cols = (*key, *extra, *counters)
+    table = f"analytics_{name}{'_daily' if daily else ''}"
+    sets = ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in counters)
+    if daily:
+        sums = [f"sum({c})" + ("::bigint" if d.name == "postgresql" else "") for c in counters]
+        select = (
+            f"SELECT sub_account_id, {_f(d.day, x='hour')} AS hour, {', '.join(key[2:])},"
+            f" {''.join(f'min({c}) AS {c}, ' for c in extra)}"
+            f"{', '.join(f'{s} AS {c}' for s, c in zip(sums, counters, strict=True))}"
+            f" FROM {source} GROUP BY sub_account_id, {_f(d.day, x='hour')}, {', '.join(key[2:])}"
+            f" HAVING {_nonzero(sums)}"
+        )
+        select = f"SELECT * FROM ({select}) AS r WHERE true ORDER BY {_order(d, key)}"
+    else:
+        select = f"SELECT {', '.join(cols)} FROM {source} WHERE true ORDER BY {_order(d, key)}"
+    conflict = f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {sets}"
+    return f"INSERT INTO {table} ({', '.join(cols)}) {select} {conflict}"

@@ -69,6 +69,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CONNECT_TIMEOUT_S = 10
+BACKFILL_BATCH = 5000
 MIGRATION_LOCK_ID = 0x63686174  # pg_advisory_xact_lock key shared by every chatpipe process ("chat")
 
 MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
@@ -294,7 +295,7 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         ),
     ),
     (*Q.MIGRATION, Q.POSTGRES_DDL),
-    (*Q.BACKFILL, ()),  # PostgresStore.migrate runs _backfill when it applies it
+    (*Q.BACKFILL, ()),  # PostgresStore.migrate runs it in batches (_backfill_batch)
 )
 
 _CANDIDATES = (
@@ -383,42 +384,111 @@ _INSERT_INBOUND = (
     f"INSERT INTO inbound_messages ({_INBOUND_COLS}) SELECT {_INBOUND_COLS} FROM stage_inbound"
     " ON CONFLICT (umid) DO NOTHING RETURNING umid"
 )
-# analytics (sinks.aggregates): facts read back, aggregate `+=` upserts, WhatsApp window matching
+# analytics (sinks.aggregates): facts read back, aggregate `+=` upserts, WhatsApp window matching (and its
+# locks); migration 9's batches computed by the server (sinks.analytics_sql: `_MAINTAIN`, `_REWINDOW`)
 _OLD_MESSAGE_COLS = ", ".join(A.MESSAGE_FACT_COLUMNS)
 _OLD_STEP_COLS = ", ".join(A.STEP_FACT_COLUMNS)
+_AGG_TEMP = (f"{_TEMP} agg_rewindow (sub text, usr text, at timestamptz) ON COMMIT DELETE ROWS",)
+_OLD_MESSAGES = f"SELECT {_OLD_MESSAGE_COLS} FROM messages WHERE umid = ANY(%b)"
+_OLD_STEPS = f"SELECT {_OLD_STEP_COLS} FROM message_steps WHERE umid = ANY(%b)"
 # the fast path's deletes, returning what the old contributions are computed from
 _DELETE_REPLACED_RETURNING = (
     _DELETE_REPLACED + " RETURNING " + ", ".join("m." + c for c in A.MESSAGE_FACT_COLUMNS)
 )
 _DELETE_REPLACED_STEPS_RETURNING = _DELETE_REPLACED_STEPS + f" RETURNING {_OLD_STEP_COLS}"
-_OLD_MESSAGES = f"SELECT {_OLD_MESSAGE_COLS} FROM messages WHERE umid = ANY(%b)"
-_OLD_STEPS = f"SELECT {_OLD_STEP_COLS} FROM message_steps WHERE umid = ANY(%b)"
-_DELETE_WA_OUTBOUND = "DELETE FROM analytics_wa_outbound WHERE umid = ANY(%b)"
-_WA_OUTBOUND_COLUMNS = ("umid", "sub_account_id", "wa_user", "wa_at")
-_AGG_UPSERTS = Q.pg_unnest_upserts()
+#: the WhatsApp service window as a PostgreSQL interval (sinks.aggregates.WINDOW)
+_WINDOW = f"interval '{int(A.WINDOW.total_seconds())} seconds'"
+
 # inbound WhatsApp messages whose window holds one of the (sub, user, t): t - 24 h < ts <= t
 _WA_INBOUND_AROUND = (
     "SELECT DISTINCT i.umid, i.sub_account_id, i.wa_user, i.ts, i.hour, i.country, i.answered"
     " FROM unnest(%b::text[], %b::text[], %b::timestamptz[]) AS q(sub, usr, at)"
     " JOIN analytics_wa_inbound i ON i.sub_account_id = q.sub AND i.wa_user = q.usr"
-    " AND i.ts > q.at - interval '24 hours' AND i.ts <= q.at"
+    f" AND i.ts > q.at - {_WINDOW} AND i.ts <= q.at"
 )
 _WA_INBOUND_ANY = "SELECT EXISTS (SELECT 1 FROM analytics_wa_inbound WHERE sub_account_id = ANY(%s)) AS found"
-# whether each (sub, user, ts) has an outbound WhatsApp message at ts <= t < ts + 24 h
-_WA_ANSWERED = (
-    "SELECT EXISTS (SELECT 1 FROM analytics_wa_outbound f WHERE f.sub_account_id = q.sub"
-    " AND f.wa_user = q.usr AND f.wa_at >= q.ts AND f.wa_at < q.ts + interval '24 hours')::int"
-    " FROM unnest(%b::text[], %b::text[], %b::timestamptz[]) WITH ORDINALITY AS q(sub, usr, ts, n)"
-    " ORDER BY q.n"
-)
 _SET_ANSWERED = (
     "UPDATE analytics_wa_inbound i SET answered = q.answered"
     " FROM unnest(%b::text[], %b::bigint[]) AS q(umid, answered) WHERE i.umid = q.umid"
+)
+_DELETE_WA_OUTBOUND = "DELETE FROM analytics_wa_outbound WHERE umid = ANY(%b)"
+_WA_OUTBOUND_COLUMNS = ("umid", "sub_account_id", "wa_user", "wa_at")
+_AGG_UPSERTS = Q.pg_unnest_upserts()
+_DELTAS = Q.delta_selects(Q.PG, "g", "e")
+# Migration 9's batches (param umids: messages not counted yet), one statement: the facts of their rows
+# (`sinks.analytics_sql.facts`), the messages that are not plain left to Python (returned); every aggregate
+# table's hourly and daily deltas added; their WhatsApp sends stored, and kept in agg_rewindow for
+# `_REWINDOW`.
+_MAINTAIN = (
+    f"WITH f AS MATERIALIZED ({Q.facts(Q.PG, 'messages', 'message_steps', 1)}),"
+    " odd AS (SELECT DISTINCT umid FROM f WHERE plain = 0),"
+    " g AS MATERIALIZED (SELECT * FROM f WHERE umid NOT IN (SELECT umid FROM odd)),"
+    f" e AS MATERIALIZED ({Q.error_facts(Q.PG, 'message_steps', 1)}),"
+    + "".join(
+        f" d_{n} AS MATERIALIZED ({sql}),"
+        f" h_{n} AS ({Q.upsert_from(Q.PG, n, 'd_' + n, daily=False)}),"
+        f" y_{n} AS ({Q.upsert_from(Q.PG, n, 'd_' + n, daily=True)}),"
+        for n, sql in _DELTAS.items()
+    )
+    + " nb AS MATERIALIZED (SELECT umid, sub_account_id, wa_user, wa_at FROM g"
+    " WHERE wa_at IS NOT NULL AND wa_user IS NOT NULL),"
+    " oi AS (INSERT INTO analytics_wa_outbound (umid, sub_account_id, wa_user, wa_at) SELECT * FROM nb),"
+    " rw AS (INSERT INTO agg_rewindow (sub, usr, at) SELECT sub_account_id, wa_user, wa_at FROM nb)"
+    " SELECT umid FROM odd"
+)
+# The WhatsApp window share's ordering guarantee: a transaction that writes one side of a window (an
+# inbound WhatsApp message: `_count_inbound`; a WhatsApp send that appears, moves or goes: `_flush`,
+# `_rewindow_sql`) takes, before it reads the other side, a transaction-scoped advisory lock per
+# (subaccount, user) stripe, in stripe order (no deadlock; at most WINDOW_LOCK_STRIPES locks). Two writers
+# of the same user's two sides are thus serialized: the second reads after the first committed (READ
+# COMMITTED: each statement sees what committed before it started), so an inbound message and its reply
+# written concurrently by two sink processes never both miss each other.
+WINDOW_LOCK_CLASS = 0x636877  # pg_advisory_xact_lock(class, stripe): the WhatsApp window locks
+WINDOW_LOCK_STRIPES = 256  # stripes of hashtext(subaccount|user): at most this many locks a transaction
+_STRIPE = f"hashtext(sub || '|' || usr) & {WINDOW_LOCK_STRIPES - 1}"
+_LOCK_WINDOWS = (
+    f"SELECT count(*) FROM (SELECT pg_advisory_xact_lock({WINDOW_LOCK_CLASS}, k) FROM"
+    f" (SELECT DISTINCT {_STRIPE} AS k FROM agg_rewindow ORDER BY 1) AS s) AS l"
+)
+_LOCK_USERS = (
+    f"SELECT count(*) FROM (SELECT pg_advisory_xact_lock({WINDOW_LOCK_CLASS}, k) FROM"
+    f" (SELECT DISTINCT {_STRIPE} AS k FROM unnest(%b::text[], %b::text[]) AS q(sub, usr)"
+    " ORDER BY 1) AS s) AS l"
+)
+# the inbound WhatsApp messages whose window holds a send of agg_rewindow (t - 24 h < ts <= t): answered
+# recomputed, and the window counts moved
+_REWINDOW = (
+    "WITH q AS (SELECT DISTINCT sub, usr, at FROM agg_rewindow),"
+    " found AS (SELECT DISTINCT i.umid, i.sub_account_id, i.wa_user, i.ts, i.hour, i.country, i.answered"
+    " FROM q JOIN analytics_wa_inbound i ON i.sub_account_id = q.sub AND i.wa_user = q.usr"
+    f" AND i.ts > q.at - {_WINDOW} AND i.ts <= q.at),"
+    " cur AS (SELECT found.*, EXISTS (SELECT 1 FROM analytics_wa_outbound o"
+    " WHERE o.sub_account_id = found.sub_account_id AND o.wa_user = found.wa_user AND o.wa_at >= found.ts"
+    f" AND o.wa_at < found.ts + {_WINDOW})::int AS now FROM found),"
+    " upd AS (UPDATE analytics_wa_inbound i SET answered = cur.now FROM cur"
+    " WHERE i.umid = cur.umid AND cur.now <> cur.answered"
+    " RETURNING cur.sub_account_id, cur.hour, cur.country, cur.now - cur.answered AS d),"
+    " w AS MATERIALIZED (SELECT sub_account_id, hour, country, 0::bigint AS inbound,"
+    " sum(d)::bigint AS answered"
+    " FROM upd GROUP BY 1, 2, 3 HAVING sum(d) <> 0),"
+    f" h AS ({Q.upsert_from(Q.PG, 'window', 'w', daily=False)})"
+    f" {Q.upsert_from(Q.PG, 'window', 'w', daily=True)}"
+)
+# whether each (sub, user, ts) has an outbound WhatsApp message at ts <= t < ts + 24 h
+_WA_ANSWERED = (
+    "SELECT EXISTS (SELECT 1 FROM analytics_wa_outbound f WHERE f.sub_account_id = q.sub"
+    f" AND f.wa_user = q.usr AND f.wa_at >= q.ts AND f.wa_at < q.ts + {_WINDOW})::int"
+    " FROM unnest(%b::text[], %b::text[], %b::timestamptz[]) WITH ORDINALITY AS q(sub, usr, ts, n)"
+    " ORDER BY q.n"
 )
 _INSERT_WA_INBOUND = (
     "INSERT INTO analytics_wa_inbound (umid, sub_account_id, wa_user, ts, hour, country, answered)"
     " SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::timestamptz[],"
     " %b::text[], %b::bigint[]) ON CONFLICT (umid) DO NOTHING"
+)
+_BACKFILL_MOVE = (
+    "INSERT INTO analytics_backfill (source, after) VALUES (%s, %s)"
+    " ON CONFLICT (source) DO UPDATE SET after = excluded.after"
 )
 _ANALYTICS_DAY = "date_trunc('day', hour, 'UTC')"
 _NUMBER = R.MESSAGE_COLUMNS.index("msisdn")
@@ -487,6 +557,7 @@ class PostgresStore:
         self._lock = threading.RLock()
         self._conn: psycopg.Connection[dict[str, Any]] | None = None
         self._staged = False
+        self.backfill_batch = BACKFILL_BATCH  # rows a transaction of migration 9 counts
         self._types: dict[tuple[str, str], str] = {}
         self._run(lambda conn: None)  # connect now: a wrong URL fails at start
 
@@ -586,7 +657,12 @@ class PostgresStore:
     # --- schema ------------------------------------------------------------------------------
 
     def migrate(self) -> None:
-        def work(conn: psycopg.Connection[Any]) -> None:
+        """Apply the migrations not recorded yet, each in one transaction under the migration lock;
+        migration 9 (the analytics backfill) in bounded batches, one transaction each (`_backfill_batch`),
+        resumed where it stopped after an interruption, by whichever process migrates next."""
+
+        def work(conn: psycopg.Connection[Any]) -> bool:
+            """Apply what precedes the backfill (or follows it); True when the backfill is due."""
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_ID,))
             conn.execute(
                 f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} ("
@@ -597,15 +673,18 @@ class PostgresStore:
             for version, name, statements in MIGRATIONS:
                 if version in applied:
                     continue
+                if version == Q.BACKFILL[0]:
+                    return True
                 for sql in statements:
                     conn.execute(sql)
-                if version == Q.BACKFILL[0]:
-                    self._backfill(conn)
                 conn.execute(
                     f"INSERT INTO {MIGRATIONS_TABLE} (version, name) VALUES (%s, %s)", (version, name)
                 )
+            return False
 
-        self._run(work)
+        while self._run(work):
+            while not self._run(self._backfill_batch):
+                pass
 
     # --- writes ------------------------------------------------------------------------------
 
@@ -780,7 +859,10 @@ class PostgresStore:
             )
         deltas = changes.deltas()
         rewindow = changes.rewindow
-        if rewindow:  # only subaccounts that ever got a WhatsApp inbound message have windows to check
+        if rewindow:
+            # the window locks of these users (`_LOCK_WINDOWS`) before the inbound side is read: then
+            # only subaccounts that ever got a WhatsApp inbound message have windows to check
+            conn.execute(_LOCK_USERS, ([k[0] for k in rewindow], [k[1] for k in rewindow]))
             subs = sorted({k[0] for k in rewindow})
             any_inbound = conn.execute(_WA_INBOUND_ANY, (subs,)).fetchone()
             if not (any_inbound and any_inbound["found"]):
@@ -828,6 +910,43 @@ class PostgresStore:
             conn.execute(_SET_ANSWERED, _columns_of(changed, 2))
             self._upsert(conn, "window", [(*k, *v) for k, v in sorted(window.items())])
 
+    # --- analytics: the server's own computation (sinks.analytics_sql), migration 9 ---------
+
+    @staticmethod
+    def _agg_tables(conn: psycopg.Connection[Any]) -> None:
+        """The temp tables `_maintain_sql` uses (every batch: a rolled back one takes them away)."""
+        for sql in _AGG_TEMP:
+            conn.execute(sql)
+
+    def _maintain_sql(self, conn: psycopg.Connection[Any], umids: list[str]) -> None:
+        """Count the stored messages `umids`, not counted yet (migration 9), in the analytics tables: the
+        server computes their contributions (`_MAINTAIN`), except for the messages that are not plain
+        (`sinks.analytics_sql`), which the Python definition counts; then the windows of their sends."""
+        if umids:
+            with conn.cursor(row_factory=tuple_row) as cur:
+                odd = [r[0] for r in cur.execute(_MAINTAIN, {"umids": umids}).fetchall()]
+            if odd:
+                self._maintain_in_python(conn, odd)
+        self._rewindow_sql(conn)
+
+    def _maintain_in_python(self, conn: psycopg.Connection[Any], umids: list[str]) -> None:
+        """`_maintain_sql` of the messages the SQL leaves out: `contribution_from_tuples`, `_flush`."""
+        with conn.cursor(row_factory=tuple_row) as cur:
+            new = _old_contributions(
+                cur.execute(_OLD_MESSAGES, (umids,)).fetchall(), cur.execute(_OLD_STEPS, (umids,)).fetchall()
+            )
+        changes = A.Changes()
+        for umid in umids:
+            changes.record(umid, None, new.get(umid))
+        self._flush(conn, changes)
+
+    def _rewindow_sql(self, conn: psycopg.Connection[Any]) -> None:
+        """Recompute `answered` of the WhatsApp inbound messages whose window holds a send of agg_rewindow
+        (one that appeared, moved or went), and move the window counts: after locking the stripes of
+        their users (`WINDOW_LOCK_CLASS`: the reads below see every earlier writer of those users)."""
+        conn.execute(_LOCK_WINDOWS)
+        conn.execute(_REWINDOW)
+
     def _count_inbound(self, conn: psycopg.Connection[Any], rows: Sequence[R.Row]) -> None:
         """Count newly stored inbound messages (their rows) by type; WhatsApp ones in the window table."""
         counts: dict[tuple[Any, ...], int] = {}
@@ -840,6 +959,8 @@ class PostgresStore:
         self._upsert(conn, "inbound", [(*k, n) for k, n in sorted(counts.items())])
         if not wa:
             return
+        # the window locks of these users (`_LOCK_WINDOWS`) before their sends are read
+        conn.execute(_LOCK_USERS, ([key[0] for _, key in wa], [r["msisdn_hash"] for r, _ in wa]))
         answered = self._answered(conn, [(key[0], r["msisdn_hash"], r["ts"]) for r, key in wa])
         window: dict[tuple[str, datetime, str], list[int]] = {}
         facts = []
@@ -851,28 +972,43 @@ class PostgresStore:
         conn.execute(_INSERT_WA_INBOUND, _columns_of(facts, 7))
         self._upsert(conn, "window", [(*k, *v) for k, v in sorted(window.items())])
 
-    def _backfill(self, conn: psycopg.Connection[Any]) -> None:
-        """Migration 9: the aggregates of every message and inbound message stored before migration 8."""
-        deltas = A.Deltas()
-        outbound: list[tuple[Any, ...]] = []
-        with conn.cursor("analytics_backfill", row_factory=tuple_row) as messages:
-            messages.execute(f"SELECT {_OLD_MESSAGE_COLS} FROM messages ORDER BY umid")
-            while chunk := messages.fetchmany(5000):
-                with conn.cursor(row_factory=tuple_row) as cur:
-                    steps = cur.execute(_OLD_STEPS, ([r[0] for r in chunk],)).fetchall()
-                for umid, c in _old_contributions(chunk, steps).items():
-                    deltas.add(c)
-                    if c.user is not None and c.whatsapp_at is not None:
-                        outbound.append((umid, c.sub_account_id, c.user, c.whatsapp_at))
-        if outbound:
-            self._copy_rows(
-                conn, "analytics_wa_outbound", "analytics_wa_outbound", _WA_OUTBOUND_COLUMNS, outbound
-            )
-        self._apply(conn, deltas)
-        with conn.cursor("analytics_backfill_inbound", row_factory=dict_row) as inbound:
-            inbound.execute("SELECT * FROM inbound_messages ORDER BY umid")
-            while rows := inbound.fetchmany(5000):
-                self._count_inbound(conn, rows)
+    def _backfill_batch(self, conn: psycopg.Connection[Any]) -> bool:
+        """One transaction of migration 9: count the next `backfill_batch` messages (by umid, the server
+        computing their contributions as for a write) or, once every message is counted, the next
+        inbound messages; the position is kept in `analytics_backfill` in the same transaction, so a batch
+        counts once (idempotent) and an interrupted backfill resumes after its last committed batch. True
+        when done (migration 9 recorded)."""
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_ID,))
+        applied = conn.execute(f"SELECT 1 FROM {MIGRATIONS_TABLE} WHERE version = %s", (Q.BACKFILL[0],))
+        if applied.fetchone():  # another process finished it
+            return True
+        conn.execute(Q.BACKFILL_PROGRESS_DDL)
+        after = {
+            r["source"]: r["after"] for r in conn.execute("SELECT source, after FROM analytics_backfill")
+        }
+        n = self.backfill_batch
+        if after.get("messages") != Q.BACKFILL_DONE:
+            found = conn.execute(
+                "SELECT umid FROM messages WHERE umid > %s ORDER BY umid LIMIT %s",
+                (after.get("messages", ""), n),
+            ).fetchall()
+            umids = [r["umid"] for r in found]
+            if umids:
+                self._agg_tables(conn)
+                self._maintain_sql(conn, umids)
+            conn.execute(_BACKFILL_MOVE, ("messages", umids[-1] if len(umids) == n else Q.BACKFILL_DONE))
+            return False
+        rows = conn.execute(
+            "SELECT * FROM inbound_messages WHERE umid > %s ORDER BY umid LIMIT %s",
+            (after.get("inbound", ""), n),
+        ).fetchall()
+        if rows:
+            self._count_inbound(conn, rows)
+            conn.execute(_BACKFILL_MOVE, ("inbound", rows[-1]["umid"]))
+            return False
+        conn.execute("DELETE FROM analytics_backfill")
+        conn.execute(f"INSERT INTO {MIGRATIONS_TABLE} (version, name) VALUES (%s, %s)", Q.BACKFILL)
+        return True
 
     def analytics(self, query: Q.Query) -> list[dict[str, Any]]:
         sql, params = Q.select(query, "%s", _ANALYTICS_DAY)

@@ -41,6 +41,7 @@ from sinks.store import (
 )
 
 BUSY_TIMEOUT_MS = 30_000
+BACKFILL_BATCH = 5000
 
 MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (
@@ -238,7 +239,7 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         ),
     ),
     (*Q.MIGRATION, Q.SQLITE_DDL),
-    (*Q.BACKFILL, ()),  # SqliteStore.migrate runs _backfill when it applies it
+    (*Q.BACKFILL, ()),  # SqliteStore.migrate runs it in batches (_backfill_batch)
 )
 
 
@@ -283,8 +284,8 @@ _VERSIONS = f"SELECT umid, version, lineage FROM messages WHERE {_IN_JSON}"
 _LOAD_MESSAGES = f"SELECT * FROM messages WHERE {_IN_JSON}"
 _LOAD_STEPS = f"SELECT * FROM message_steps WHERE {_IN_JSON}"
 _LOAD_EVENTS = f"SELECT * FROM status_events WHERE {_IN_JSON}"
-_OLD_MESSAGES = f"SELECT {', '.join(A.MESSAGE_FACT_COLUMNS)} FROM messages WHERE {_IN_JSON}"
-_OLD_STEPS = f"SELECT {', '.join(A.STEP_FACT_COLUMNS)} FROM message_steps WHERE {_IN_JSON}"
+_OLD_MESSAGES = f"SELECT {', '.join(A.MESSAGE_FACT_COLUMNS)} FROM {{messages}} WHERE {_IN_JSON}"
+_OLD_STEPS = f"SELECT {', '.join(A.STEP_FACT_COLUMNS)} FROM {{steps}} WHERE {_IN_JSON}"
 _AGG_UPSERTS = Q.upserts("?")
 _WA_ANSWERED = (
     "SELECT 1 FROM analytics_wa_outbound WHERE sub_account_id = ? AND wa_user = ?"
@@ -297,6 +298,61 @@ _WA_INBOUND_AROUND = (
 _WA_INBOUND_ANY = "SELECT 1 FROM analytics_wa_inbound WHERE sub_account_id = ? LIMIT 1"
 _INSERT_WA_OUTBOUND = (
     "INSERT OR REPLACE INTO analytics_wa_outbound (umid, sub_account_id, wa_user, wa_at) VALUES (?, ?, ?, ?)"
+)
+# migration 9 (sinks.analytics_sql): the facts of stored messages not counted yet, computed by SQLite into
+# temp tables; the aggregates' deltas and the WhatsApp sends from them
+_AGG_TEMP = (
+    f"CREATE TEMP TABLE IF NOT EXISTS agg_facts ({', '.join(Q.FACT_COLUMNS)})",
+    f"CREATE TEMP TABLE IF NOT EXISTS agg_error_facts ({', '.join(Q.ERROR_FACT_COLUMNS)})",
+    "CREATE TEMP TABLE IF NOT EXISTS agg_rewindow (sub, usr, at)",
+    *Q.SQLITE_CALLING_CODES,
+)
+_AGG_CLEAR = tuple(f"DELETE FROM temp.{t}" for t in ("agg_facts", "agg_error_facts", "agg_rewindow"))
+_FACTS = (
+    f"INSERT INTO temp.agg_facts ({', '.join(Q.FACT_COLUMNS)})"
+    f" {Q.facts(Q.SQLITE, 'messages', 'message_steps', 1)}",
+    f"INSERT INTO temp.agg_error_facts ({', '.join(Q.ERROR_FACT_COLUMNS)})"
+    f" {Q.error_facts(Q.SQLITE, 'message_steps', 1)}",
+)
+_ODD = "SELECT DISTINCT umid FROM temp.agg_facts WHERE plain = 0"
+_DROP_ODD = (
+    f"DELETE FROM temp.agg_facts WHERE {_IN_JSON}",
+    f"DELETE FROM temp.agg_error_facts WHERE {_IN_JSON}",
+)
+_AGG_DELTAS = tuple(
+    Q.upsert_from(Q.SQLITE, n, f"({sql}) AS d", daily=daily)
+    for n, sql in Q.delta_selects(Q.SQLITE, "temp.agg_facts", "temp.agg_error_facts").items()
+    for daily in (False, True)
+)
+# the WhatsApp sends of the counted messages (none stored before: they were not counted)
+_SENT = "FROM temp.agg_facts WHERE wa_at IS NOT NULL AND wa_user IS NOT NULL"
+_NEW_SENDS = (
+    "INSERT INTO analytics_wa_outbound (umid, sub_account_id, wa_user, wa_at)"
+    f" SELECT umid, sub_account_id, wa_user, wa_at {_SENT}",
+    f"INSERT INTO temp.agg_rewindow (sub, usr, at) SELECT sub_account_id, wa_user, wa_at {_SENT}",
+)
+_BACKFILL_MOVE = (
+    "INSERT INTO analytics_backfill (source, after) VALUES (?, ?)"
+    " ON CONFLICT (source) DO UPDATE SET after = excluded.after"
+)
+
+
+def _shift(ts: str, sign: str) -> str:
+    """SQL of a stored timestamp `ts` moved by the WhatsApp window (`sinks.aggregates.WINDOW`), forward
+    (`sign` '+') or back ('-'): the same fixed-width text."""
+    seconds = int(A.WINDOW.total_seconds())
+    moved = f"strftime('%Y-%m-%dT%H:%M:%S', substr({ts}, 1, 19), '{sign}{seconds} seconds')"
+    return f"({moved} || substr({ts}, 20))"
+
+
+# the inbound WhatsApp messages whose window holds a send of agg_rewindow (t - 24 h < ts <= t), with
+# whether a send answers them now
+_REWINDOW = (
+    "SELECT DISTINCT i.umid, i.sub_account_id, i.hour, i.country, i.answered, EXISTS (SELECT 1"
+    " FROM analytics_wa_outbound o WHERE o.sub_account_id = i.sub_account_id AND o.wa_user = i.wa_user"
+    f" AND o.wa_at >= i.ts AND o.wa_at < {_shift('i.ts', '+')}) AS now"
+    " FROM temp.agg_rewindow q JOIN analytics_wa_inbound i ON i.sub_account_id = q.sub AND i.wa_user = q.usr"
+    f" AND i.ts > {_shift('q.at', '-')} AND i.ts <= q.at"
 )
 _INSERT_WA_INBOUND = (
     "INSERT INTO analytics_wa_inbound (umid, sub_account_id, wa_user, ts, hour, country, answered)"
@@ -426,6 +482,7 @@ class SqliteStore:
         self.pii = pii
         self.aggregates = aggregates  # False: analytics tables not maintained (benchmarks only)
         self.read_only = read_only  # `open_store(read_only=True)`: the file must exist, writes fail
+        self.backfill_batch = BACKFILL_BATCH  # rows a transaction of migration 9 counts
         self._lock = threading.RLock()
         if read_only:
             self._conn = _connect_read_only(path)
@@ -467,6 +524,15 @@ class SqliteStore:
             conn.commit()
 
     def migrate(self) -> None:
+        """Apply the migrations not recorded yet in one write transaction; migration 9 (the analytics
+        backfill) in bounded batches, one transaction each (`_backfill_batch`), resumed where it stopped
+        after an interruption."""
+        while self._migrate_up_to_backfill():
+            while not self._backfill_batch():
+                pass
+
+    def _migrate_up_to_backfill(self) -> bool:
+        """Apply what precedes the backfill (or follows it); True when the backfill is due."""
         with self._write() as conn:
             conn.execute(
                 f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} ("
@@ -476,14 +542,55 @@ class SqliteStore:
             for version, name, statements in MIGRATIONS:
                 if version in applied:
                     continue
+                if version == Q.BACKFILL[0]:
+                    return True
                 for sql in statements:
                     conn.execute(sql)
-                if version == Q.BACKFILL[0]:
-                    self._backfill(conn)
-                conn.execute(
-                    f"INSERT INTO {MIGRATIONS_TABLE} (version, name, applied_at) VALUES (?, ?, ?)",
-                    (version, name, to_text(datetime.now(UTC))),
-                )
+                self._record(conn, version, name)
+            return False
+
+    @staticmethod
+    def _record(conn: sqlite3.Connection, version: int, name: str) -> None:
+        conn.execute(
+            f"INSERT INTO {MIGRATIONS_TABLE} (version, name, applied_at) VALUES (?, ?, ?)",
+            (version, name, to_text(datetime.now(UTC))),
+        )
+
+    def _backfill_batch(self) -> bool:
+        """One transaction of migration 9 (as `PostgresStore._backfill_batch`): the next `backfill_batch`
+        messages, or once they are all counted the next inbound messages, and the position, together.
+        True when done (migration 9 recorded)."""
+        with self._write() as conn:
+            if conn.execute(
+                f"SELECT 1 FROM {MIGRATIONS_TABLE} WHERE version = ?", (Q.BACKFILL[0],)
+            ).fetchone():
+                return True
+            conn.execute(Q.BACKFILL_PROGRESS_DDL)
+            after = {
+                r["source"]: r["after"] for r in conn.execute("SELECT source, after FROM analytics_backfill")
+            }
+            n = self.backfill_batch
+            if after.get("messages") != Q.BACKFILL_DONE:
+                found = conn.execute(
+                    "SELECT umid FROM messages WHERE umid > ? ORDER BY umid LIMIT ?",
+                    (after.get("messages", ""), n),
+                ).fetchall()
+                umids = [r["umid"] for r in found]
+                if umids:
+                    self._maintain_sql(conn, json.dumps(umids))
+                conn.execute(_BACKFILL_MOVE, ("messages", umids[-1] if len(umids) == n else Q.BACKFILL_DONE))
+                return False
+            rows = conn.execute(
+                "SELECT * FROM inbound_messages WHERE umid > ? ORDER BY umid LIMIT ?",
+                (after.get("inbound", ""), n),
+            ).fetchall()
+            if rows:
+                self._count_inbound(conn, rows)
+                conn.execute(_BACKFILL_MOVE, ("inbound", rows[-1]["umid"]))
+                return False
+            conn.execute("DELETE FROM analytics_backfill")
+            self._record(conn, *Q.BACKFILL)
+            return True
 
     def write_states(self, states: Sequence[MessageState]) -> int:
         if not states:
@@ -517,19 +624,7 @@ class SqliteStore:
         """The contributions of the stored messages `umids` (before their rows are replaced)."""
         if not umids or not self.aggregates:
             return {}
-        arg = (json.dumps(umids),)
-        cur = conn.cursor()
-        cur.row_factory = None  # plain tuples, timestamps parsed here (only the few the facts need)
-        steps: dict[str, list[tuple[Any, ...]]] = {}
-        for u, n, channel, state, code, first, country in cur.execute(_OLD_STEPS, arg):
-            steps.setdefault(u, []).append((u, n, channel, state, code, _when(first), country))
-        out = {}
-        for m in cur.execute(_OLD_MESSAGES, arg).fetchall():
-            fact = (*m[:4], _when(m[4]), _when(m[5]), _when(m[6]), *m[7:])
-            c = A.contribution_from_tuples(fact, steps.get(m[0], []))
-            if c is not None:
-                out[m[0]] = c
-        return out
+        return self._contributions(conn, umids, "messages", "message_steps")
 
     def _maintain(
         self,
@@ -553,10 +648,14 @@ class SqliteStore:
             else:
                 changes.record(s.umid, was, new)
         changes.record_new(fresh_umids, fresh)
+        self._apply_changes(conn, changes)
+
+    def _apply_changes(self, conn: sqlite3.Connection, changes: A.Changes) -> None:
+        """Write what `changes` change in the analytics tables, the WhatsApp windows included."""
         conn.executemany("DELETE FROM analytics_wa_outbound WHERE umid = ?", [(u,) for u in changes.gone])
         conn.executemany(_INSERT_WA_OUTBOUND, map(_adapt_values, changes.outbound))
         self._apply(conn, changes.deltas())
-        if changes.rewindow:
+        if changes.rewindow:  # (one writer at a time: BEGIN IMMEDIATE orders the window's two sides)
             # only subaccounts that ever got a WhatsApp inbound message have windows to check
             subs = {k[0] for k in changes.rewindow}
             subs = {sub for sub in subs if conn.execute(_WA_INBOUND_ANY, (sub,)).fetchone() is not None}
@@ -594,6 +693,77 @@ class SqliteStore:
                     key = (sub, _when(r["hour"]), r["country"])
                     window.setdefault(key, [0, 0])[1] += now - r["answered"]
         _upsert(conn, "window", [(*k, *v) for k, v in sorted(window.items())])
+
+    # --- analytics: SQLite's own computation (sinks.analytics_sql), migration 9 ------------
+
+    @staticmethod
+    def _agg_tables(conn: sqlite3.Connection) -> None:
+        """The temp tables `_maintain_sql` uses (every batch: a rolled back one takes them away)."""
+        for sql in _AGG_TEMP:
+            conn.execute(sql)
+
+    def _maintain_sql(self, conn: sqlite3.Connection, umids: str) -> None:
+        """Count the stored messages `umids` (a JSON list), not counted yet (migration 9), in the
+        analytics tables: SQLite computes their contributions from their rows, except for the messages
+        that are not plain (`sinks.analytics_sql`), which the Python definition counts; then the windows
+        of their sends."""
+        self._agg_tables(conn)
+        for sql in _FACTS:
+            conn.execute(sql, {"umids": umids})
+        odd = [r["umid"] for r in conn.execute(_ODD)]
+        if odd:
+            for sql in _DROP_ODD:
+                conn.execute(sql, (json.dumps(odd),))
+        for sql in (*_AGG_DELTAS, *_NEW_SENDS):
+            conn.execute(sql)
+        if odd:
+            self._maintain_in_python(conn, odd)
+        self._rewindow_sql(conn)
+        for sql in _AGG_CLEAR:
+            conn.execute(sql)
+
+    def _maintain_in_python(self, conn: sqlite3.Connection, umids: list[str]) -> None:
+        """`_maintain_sql` of the messages the SQL leaves out: `contribution_from_tuples`, `_maintain`'s
+        application of the changes."""
+        new = self._contributions(conn, umids, "messages", "message_steps")
+        changes = A.Changes()
+        for umid in umids:
+            changes.record(umid, None, new.get(umid))
+        self._apply_changes(conn, changes)
+
+    @staticmethod
+    def _contributions(
+        conn: sqlite3.Connection, umids: list[str], messages: str, steps: str
+    ) -> dict[str, A.Contribution]:
+        """The contributions (`contribution_from_tuples`) of the messages `umids` stored in tables
+        `messages` / `steps`."""
+        arg = (json.dumps(umids),)
+        cur = conn.cursor()
+        cur.row_factory = None  # plain tuples, timestamps parsed here (only the few the facts need)
+        found: dict[str, list[tuple[Any, ...]]] = {}
+        for u, n, channel, state, code, first, country in cur.execute(_OLD_STEPS.format(steps=steps), arg):
+            found.setdefault(u, []).append((u, n, channel, state, code, _when(first), country))
+        out = {}
+        for m in cur.execute(_OLD_MESSAGES.format(messages=messages), arg).fetchall():
+            fact = (*m[:4], _when(m[4]), _when(m[5]), _when(m[6]), *m[7:])
+            c = A.contribution_from_tuples(fact, found.get(m[0], []))
+            if c is not None:
+                out[m[0]] = c
+        return out
+
+    @staticmethod
+    def _rewindow_sql(conn: sqlite3.Connection) -> None:
+        """Recompute `answered` of the WhatsApp inbound messages whose window holds a send of
+        temp.agg_rewindow (one that appeared, moved or went), and move the window counts."""
+        window: dict[tuple[str, datetime, str], list[int]] = {}
+        for r in conn.execute(_REWINDOW).fetchall():
+            if r["now"] != r["answered"]:
+                conn.execute(
+                    "UPDATE analytics_wa_inbound SET answered = ? WHERE umid = ?", (r["now"], r["umid"])
+                )
+                key = (r["sub_account_id"], _when(r["hour"]), r["country"])
+                window.setdefault(key, [0, 0])[1] += r["now"] - r["answered"]
+        _upsert(conn, "window", [(*k, *v) for k, v in sorted(window.items()) if v[1]])
 
     @staticmethod
     def _load_states(conn: sqlite3.Connection, umids: list[str]) -> dict[str, tuple[MessageState, R.Row]]:
@@ -648,27 +818,6 @@ class SqliteStore:
         _upsert(conn, "inbound", [(*k, n) for k, n in sorted(counts.items())])
         conn.executemany(_INSERT_WA_INBOUND, facts)
         _upsert(conn, "window", [(*k, *v) for k, v in sorted(window.items())])
-
-    def _backfill(self, conn: sqlite3.Connection) -> None:
-        """Migration 9: the aggregates of every message and inbound message stored before migration 8."""
-        deltas = A.Deltas()
-        outbound: list[tuple[Any, ...]] = []
-        cur = conn.execute(f"SELECT {', '.join(A.MESSAGE_FACT_COLUMNS)} FROM messages ORDER BY umid")
-        while chunk := cur.fetchmany(5000):
-            old = {r["umid"]: r for r in chunk}
-            steps: dict[str, list[R.Row]] = {}
-            for r in conn.execute(_OLD_STEPS, (json.dumps(list(old)),)):
-                steps.setdefault(r["umid"], []).append(r)
-            for umid, m in old.items():
-                c = A.contribution_from_rows(m, steps.get(umid, []))
-                deltas.add(c)
-                if c is not None and c.user is not None and c.whatsapp_at is not None:
-                    outbound.append(_adapt_values((umid, c.sub_account_id, c.user, c.whatsapp_at)))
-        conn.executemany(_INSERT_WA_OUTBOUND, outbound)
-        self._apply(conn, deltas)
-        cur = conn.execute("SELECT * FROM inbound_messages ORDER BY umid")
-        while chunk := cur.fetchmany(5000):
-            self._count_inbound(conn, chunk)
 
     def analytics(self, query: Q.Query) -> list[dict[str, Any]]:
         sql, params = Q.select(query, "?", "substr(hour, 1, 10) || 'T00:00:00.000000Z'")

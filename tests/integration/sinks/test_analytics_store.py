@@ -296,3 +296,59 @@ def _forget_migration(url: str, version: int) -> None:
     else:
         with psycopg.connect(url) as conn:
             conn.execute("DELETE FROM chatpipe_schema_migrations WHERE version = %s", (version,))
+
+
+def test_migration_9_counts_a_large_store_in_bounded_batches_resumed_after_an_interruption(
+    store: Store, dataset: Dataset
+) -> None:
+    """Migration 9 commits one batch of at most `backfill_batch` rows at a time: interrupted (the
+    process killed in the middle of a batch), it leaves the committed batches counted and the rest for
+    the next `migrate`, which resumes after them; counting nothing twice, and nothing once more when run
+    again."""
+    expected = truth(dataset)
+    subs = dataset.traffic.sub_accounts
+    url = store.url if isinstance(store, PostgresStore) else f"sqlite:///{store.path}"  # type: ignore[attr-defined]
+    blind = open_store(url, PII)
+    blind.aggregates = False  # type: ignore[attr-defined]
+    _write(blind, dataset, 500, random.Random(4))
+    blind.close()
+    _forget_migration(url, 9)
+    messages = len({s.umid for s in dataset.versions})
+
+    crashing = open_store(url, PII)
+    crashing.backfill_batch = 100  # type: ignore[attr-defined]
+    batch = crashing._backfill_batch  # type: ignore[attr-defined]
+    calls = 0
+
+    def killed_in_the_fourth_batch(*args: Any) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 4:
+            raise KeyboardInterrupt  # the batch's transaction is rolled back
+        return bool(batch(*args))
+
+    crashing._backfill_batch = killed_in_the_fourth_batch  # type: ignore[attr-defined]
+    with pytest.raises(KeyboardInterrupt):
+        crashing.migrate()
+    crashing.close()
+    partial = observed(store, subs)["funnel"]
+    counted = sum(n for k, n in partial.items() if k[-1] == "messages")
+    assert counted == 300  # three batches of 100 committed, the fourth rolled back
+
+    batches = 0
+    resume = store._backfill_batch  # type: ignore[attr-defined]
+
+    def counting(*args: Any) -> bool:
+        nonlocal batches
+        batches += 1
+        return bool(resume(*args))
+
+    store.backfill_batch = 100  # type: ignore[attr-defined]
+    store._backfill_batch = counting  # type: ignore[attr-defined]
+    store.migrate()
+    got = observed(store, subs)
+    for name in expected:
+        assert got[name] == expected[name], name
+    assert batches >= -(-(messages - 300) // 100) + -(-len(dataset.inbound) // 100)
+    store.migrate()  # recorded: nothing runs again
+    assert observed(store, subs) == got
