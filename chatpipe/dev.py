@@ -6,6 +6,9 @@ Faust worker, the sink, the read API and, when CHATPIPE_8X8_API_KEY is set, the 
 processes (it says clearly when the reconciler is off). Prints the addresses and `chatpipe ready`
 once every child reported ready. SIGINT/SIGTERM stop every child (exit 0).
 
+The children are started, waited for and stopped by `ProcessGroup` (log and ready file per child,
+die-with-parent, CPU priority), which the scripts under bench/ use for their own processes too.
+
 Supervision: a child that dies after start-up is restarted, with the same command line, environment and
 ports, after a back-off that doubles with each failure (`RESTART_BACKOFF` .. `RESTART_BACKOFF_MAX`); dev
 says so and shows the child's last log lines. Only a child that fails more than `MAX_RESTARTS` times within
