@@ -56,7 +56,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -74,7 +73,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.ingest import cpu_seconds, process_tree, rss_mb
 from chatpipe.broker import free_port
-from chatpipe.dev import _die_with_parent
+from chatpipe.dev import ProcessGroup
 from chatpipe.proof.client import DeliveryResult, SendStats, deliver
 from chatpipe.proof.delivery import RetryPolicy, failed
 from chatpipe.proof.traffic import Traffic, TrafficConfig, generate
@@ -112,7 +111,7 @@ class Dev:
 
     def __init__(self, workdir: Path, store_url: str | None, extra_env: dict[str, str]) -> None:
         self.dir = workdir
-        self.log = workdir / "dev.log"
+        self.group = ProcessGroup(workdir, workdir / "run")
         self.token = secrets.token_urlsafe(24)
         self.ingest_port, self.api_port = free_port(), free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("CHATPIPE_")}
@@ -127,15 +126,9 @@ class Dev:
         env.update(extra_env)
         self.env = env
         self.store_url = env["CHATPIPE_STORE_URL"]
-        with open(self.log, "ab") as logf:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "chatpipe.cli", "dev"],
-                env=env,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
-            )
+        # dev.log in `workdir`; `chatpipe dev` says "chatpipe ready" there (it writes no ready file)
+        self.child = self.group.spawn("dev", [sys.executable, "-m", "chatpipe.cli", "dev"], env, ready=False)
+        self.log, self.proc = self.child.log_path, self.child.proc
         deadline = time.monotonic() + 180
         while "chatpipe ready" not in self.text():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -170,13 +163,7 @@ class Dev:
         return out
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(90)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.group.terminate([self.child], timeout=90)
 
 
 # ---------------------------------------------------------------------------------------- lag (fetch)

@@ -1,9 +1,10 @@
 """Ingest throughput against a bare aiohttp server, side by side in one run, on the same load generator.
 
-    /tmp/venv/bin/python bench/ingest.py [--seconds 15] [--connections 64] [--workers 1[,2]] [--rounds 1]
-                                         [--partitions 2[,6]] [--loops uvloop[,asyncio]]
-                                         [--with-dev-load [--dev-load-only]]
-                                         [--rss-requests 1000000 [--rss-only]]
+    .venv/bin/python bench/ingest.py [--seconds 15] [--connections 64] [--workers 1] [--rounds 1]
+                                     [--partitions 2[,6]] [--loops asyncio[,uvloop]]
+                                     [--with-dev-load [--dev-load-only] [--dev-nice 19[,0]]
+                                      [--dev-idle 1[,0]]]
+                                     [--rss-requests 1000000 [--rss-only]]
 
 Per comparison, each server runs in its own process(es), apart from the load generator:
 
@@ -18,14 +19,16 @@ Per comparison, each server runs in its own process(es), apart from the load gen
 
 The load is every delivery-receipt fixture of tests/fixtures/webhooks in turn with the umid replaced per
 request (unique across the run), at `--connections` keep-alive connections. Load generator: `wrk` (Debian
-package) with a generated Lua script when it is on PATH, else a multi-process aiohttp client (printed).
-Each measurement is preceded by a 2 s warm-up. "non-2xx" is wrk's count of status >= 400 plus socket errors
-(neither server answers 3xx).
+package `wrk`, required) with a generated Lua script. Each measurement is preceded by a 2 s warm-up.
+"non-2xx" is wrk's count of status >= 400 plus socket errors (neither server answers 3xx).
 
-`--workers 1,2` compares bare and chatpipe with 1 and then 2 server processes each (SO_REUSEPORT).
+Every process is started and stopped by chatpipe's own supervisor (`chatpipe.dev.ProcessGroup`, what
+`chatpipe dev` runs its children with: log files, ready files, die-with-parent, CPU priorities).
+
+`--workers N` runs N processes of each server (SO_REUSEPORT).
 `--partitions 2,6` repeats everything with topics of 2 and then 6 partitions (default: what `chatpipe dev`
-creates on its embedded broker, 2). Both servers run on the event loop chatpipe runs on
-(CHATPIPE_EVENT_LOOP's default); `--loops uvloop,asyncio` repeats everything on each.
+creates on its embedded broker, 2: chatpipe/dev.py EMBEDDED_PARTITIONS). Both servers run on the event loop
+chatpipe runs on (CHATPIPE_EVENT_LOOP's default); `--loops asyncio,uvloop` repeats everything on each.
 `--with-dev-load` repeats the comparison on a second fresh stack where a Faust worker (`chatpipe worker`) and
 the sink (`chatpipe sink`, SQLite) also run, consuming what ingest produces: the rest of `chatpipe dev` on
 the same cores, at the CPU priority `chatpipe dev` gives them (`--dev-nice` and `--dev-idle`, defaults
@@ -40,9 +43,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import itertools
-import multiprocessing
 import os
 import re
 import resource
@@ -62,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import orjson
 
 from chatpipe.broker import free_port, start_tansu, wait_for_port
-from chatpipe.dev import EMBEDDED_PARTITIONS, _die_with_parent
+from chatpipe.dev import EMBEDDED_PARTITIONS, Child, ChildDied, ProcessGroup
 from chatpipe.runtime.config import Settings
 from chatpipe.runtime.serve import run
 from chatpipe.runtime.topics import ensure_topics
@@ -110,9 +111,9 @@ class Result:
 # ------------------------------------------------------------------------------------------- servers
 
 
-def serve_bare(port: int, ready_file: Path, event_loop: str) -> None:
+def serve_bare(port: int, event_loop: str) -> None:
     """The baseline: parse the JSON body with orjson, answer 200. Access log off and on the same event
-    loop, as chatpipe's."""
+    loop, as chatpipe's; its pid in CHATPIPE_READY_FILE once it serves, as chatpipe's services."""
     from aiohttp import web
 
     async def handler(request: web.Request) -> web.Response:
@@ -129,73 +130,20 @@ def serve_bare(port: int, ready_file: Path, event_loop: str) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        ready_file.write_text(str(os.getpid()))
+        Path(os.environ["CHATPIPE_READY_FILE"]).write_text(str(os.getpid()))
         await stop.wait()
         await runner.cleanup()
 
     run(main(), event_loop)
 
 
-class Procs:
-    """Child processes this bench started; stopped (SIGTERM, then SIGKILL) in reverse order."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.logs = workdir / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
-
-    def spawn(
-        self,
-        name: str,
-        argv: list[str],
-        env: dict[str, str] | None = None,
-        nice: int = 0,
-        idle: bool = False,
-    ) -> subprocess.Popen[bytes]:
-        with open(self.logs / f"{name}.log", "ab") as logf:
-            proc = subprocess.Popen(
-                argv,
-                env=env,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                preexec_fn=functools.partial(_die_with_parent, nice, idle),
-            )
-        self.procs.append((name, proc))
-        return proc
-
-    def adopt(self, name: str, proc: subprocess.Popen[bytes]) -> None:
-        self.procs.append((name, proc))
-
-    def tail(self, name: str, lines: int = 20) -> str:
-        path = self.logs / f"{name}.log"
-        with contextlib.suppress(OSError):
-            return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-    def wait_ready(self, name: str, proc: subprocess.Popen[bytes], files: list[Path]) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while not all(f.exists() for f in files):
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.tail(name)}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{name} not ready after {READY_TIMEOUT:.0f} s:\n{self.tail(name)}")
-            time.sleep(0.05)
-
-    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.procs = [(n, p) for n, p in self.procs if p is not proc]
-
-    def stop_all(self) -> None:
-        for _name, proc in reversed(list(self.procs)):
-            self.stop(proc)
+def start(
+    procs: ProcessGroup, name: str, argv: list[str], env: dict[str, str], nice: int = 0, idle: bool = False
+) -> Child:
+    """`argv` as child `name` of the group, once it wrote its ready file."""
+    child = procs.spawn(name, argv, env, nice=nice, idle=idle)
+    procs.wait_ready([child], READY_TIMEOUT, announce=False)
+    return child
 
 
 @dataclass(frozen=True)
@@ -212,20 +160,21 @@ class Setup:
 class Stack:
     """A fresh Tansu broker with chatpipe's topics and the embedded registry; starts ingest and friends."""
 
-    def __init__(self, procs: Procs, name: str, setup: Setup) -> None:
+    def __init__(self, procs: ProcessGroup, workdir: Path, name: str, setup: Setup) -> None:
         self.procs = procs
         self.setup = setup
-        self.dir = procs.workdir / name
+        self.dir = workdir / name
         for n in itertools.count(2):  # a phase repeated (--partitions 2,6,2) gets a fresh directory
             if not self.dir.exists():
                 break
-            self.dir = procs.workdir / f"{name}-{n}"
+            self.dir = workdir / f"{name}-{n}"
         self.dir.mkdir(parents=True)
         name = self.dir.name
         port = free_port()
         self.bootstrap = f"{HOST}:{port}"
-        self.broker = start_tansu(HOST, port, procs.logs / f"{name}-broker.log")
-        procs.adopt(f"{name}-broker", self.broker)
+        self.broker = procs.adopt(
+            f"{name}-broker", start_tansu(HOST, port, procs.logs / f"{name}-broker.log")
+        )
         ensure_topics(self.bootstrap, setup.partitions)
         rport = free_port()
         self.token = secrets.token_urlsafe(24)
@@ -243,29 +192,16 @@ class Stack:
             CHATPIPE_WORKER_WEB_PORT=str(free_port()),
         )
         self.name = name
-        self.dev_load: list[subprocess.Popen[bytes]] = []
+        self.dev_load: list[Child] = []
         reg = self.chatpipe("registry", "--port", str(rport), "--storage", str(self.dir / "registry.json"))
         wait_for_port(HOST, rport)
         self.registry = reg
 
-    def chatpipe(
-        self, command: str, *args: str, nice: int = 0, idle: bool = False, **env: str
-    ) -> subprocess.Popen[bytes]:
-        ready = self.dir / "run" / f"{command}.ready"
-        ready.parent.mkdir(parents=True, exist_ok=True)
-        ready.unlink(missing_ok=True)
-        name = f"{self.name}-{command}"
-        proc = self.procs.spawn(
-            name,
-            [sys.executable, "-m", "chatpipe.cli", command, *args],
-            {**self.env, "CHATPIPE_READY_FILE": str(ready), **env},
-            nice,
-            idle,
-        )
-        self.procs.wait_ready(name, proc, [ready])
-        return proc
+    def chatpipe(self, command: str, *args: str, nice: int = 0, idle: bool = False, **env: str) -> Child:
+        argv = [sys.executable, "-m", "chatpipe.cli", command, *args]
+        return start(self.procs, f"{self.name}-{command}", argv, {**self.env, **env}, nice, idle)
 
-    def ingest(self, port: int, workers: int) -> subprocess.Popen[bytes]:
+    def ingest(self, port: int, workers: int) -> Child:
         shutil.rmtree(self.dir / "state" / "spool", ignore_errors=True)
         return self.chatpipe("ingest", CHATPIPE_INGEST_PORT=str(port), CHATPIPE_INGEST_WORKERS=str(workers))
 
@@ -277,18 +213,12 @@ class Stack:
         ]
 
     def consumers(self) -> dict[str, list[int]]:
-        return {"worker+sink": [p.pid for p in self.dev_load]} if self.dev_load else {}
+        return {"worker+sink": [c.proc.pid for c in self.dev_load]} if self.dev_load else {}
 
 
-def start_bare(procs: Procs, port: int, workers: int, event_loop: str) -> list[subprocess.Popen[bytes]]:
-    out = []
-    for i in range(workers):
-        ready = procs.workdir / f"bare-{port}-{i}.ready"
-        argv = [sys.executable, __file__, "--serve-bare", str(port), str(ready), event_loop]
-        proc = procs.spawn(f"bare-{i}", argv)
-        procs.wait_ready(f"bare-{i}", proc, [ready])
-        out.append(proc)
-    return out
+def start_bare(procs: ProcessGroup, port: int, workers: int, event_loop: str) -> list[Child]:
+    argv = [sys.executable, __file__, "--serve-bare", str(port), event_loop]
+    return [start(procs, f"bare-{port}-{i}", argv, dict(os.environ)) for i in range(workers)]
 
 
 def process_tree(pid: int) -> list[int]:
@@ -401,78 +331,20 @@ def run_wrk(
     return Result(n, us / 1e6, errors, p50 / 1000, p99 / 1000)
 
 
-def _client_proc(args: tuple[int, float, int, str, int]) -> tuple[int, int, list[float], float]:
-    port, seconds, connections, token, index = args
-    import aiohttp
-
-    tmpl = templates()
-    url = f"http://{HOST}:{port}{PATH}"
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
-    nonce = secrets.randbelow(1 << 32)
-    latencies: list[float] = []
-    state = {"n": 0, "bad": 0}
-
-    async def main() -> float:
-        connector = aiohttp.TCPConnector(limit=connections)
-        async with aiohttp.ClientSession(connector=connector) as session:
-            start = time.perf_counter()
-            deadline = start + seconds
-
-            async def loop() -> None:
-                while time.perf_counter() < deadline:
-                    state["n"] += 1
-                    head, tail = tmpl[state["n"] % len(tmpl)]
-                    body = head + b"%08x-%04x-4000-8000-%012x" % (nonce, index, state["n"]) + tail
-                    t0 = time.perf_counter()
-                    try:
-                        async with session.post(url, data=body, headers=headers) as r:
-                            await r.read()
-                            ok = 200 <= r.status < 300
-                    except aiohttp.ClientError:
-                        ok = False
-                    latencies.append(time.perf_counter() - t0)
-                    state["bad"] += not ok
-
-            await asyncio.gather(*(loop() for _ in range(connections)))
-            return time.perf_counter() - start
-
-    elapsed = asyncio.run(main())
-    return len(latencies), state["bad"], latencies, elapsed
-
-
-def run_aiohttp_client(port: int, seconds: float, connections: int, procs: int, token: str) -> Result:
-    per = [connections // procs + (i < connections % procs) for i in range(procs)]
-    with multiprocessing.get_context("spawn").Pool(procs) as pool:
-        parts = pool.map(_client_proc, [(port, seconds, c, token, i) for i, c in enumerate(per)])
-    lat = sorted(x for p in parts for x in p[2])
-    n = sum(p[0] for p in parts)
-    pct = (lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1000) if lat else (lambda q: 0.0)
-    return Result(n, max(p[3] for p in parts), sum(p[1] for p in parts), pct(0.50), pct(0.99))
-
-
 class Load:
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args = args
         self.workdir = workdir
-        self.wrk = shutil.which("wrk") is not None and args.loadgen != "aiohttp"
-        if args.loadgen == "wrk" and not self.wrk:
+        if shutil.which("wrk") is None:
             raise SystemExit("wrk not found: apt-get install -y wrk")
 
     @property
     def name(self) -> str:
-        a = self.args
-        if self.wrk:
-            return f"wrk -t{a.threads} -c{a.connections} (Lua script, umid varied per request)"
-        return (
-            f"aiohttp client, {a.client_procs} processes, {a.connections} connections in all "
-            "(it needs more CPU per request than the bare server: on few cores the ratio reads high)"
-        )
+        return f"wrk -t{self.args.threads} -c{self.args.connections} (Lua script, umid varied per request)"
 
     def run(self, port: int, seconds: float, token: str) -> Result:
         a = self.args
-        if self.wrk:
-            return run_wrk(port, seconds, a.connections, a.threads, token, self.workdir)
-        return run_aiohttp_client(port, seconds, a.connections, a.client_procs, token)
+        return run_wrk(port, seconds, a.connections, a.threads, token, self.workdir)
 
     def measure(self, port: int, token: str, parties: dict[str, list[int]]) -> Result:
         """Warm up, then measure; `parties` (name -> pids) get their CPU use printed, with the load."""
@@ -496,21 +368,21 @@ class Load:
 # ---------------------------------------------------------------------------------------------- runs
 
 
-def compare(load: Load, procs: Procs, stack: Stack, workers: int) -> tuple[Result, Result]:
+def compare(load: Load, procs: ProcessGroup, stack: Stack, workers: int) -> tuple[Result, Result]:
     port = free_port()
     bare = start_bare(procs, port, workers, stack.setup.event_loop)
-    others = {"broker": [stack.broker.pid], **stack.consumers()}
+    others = {"broker": [stack.broker.proc.pid], **stack.consumers()}
     try:
-        b = load.measure(port, stack.token, {"server": [p.pid for p in bare], **others})
+        b = load.measure(port, stack.token, {"server": [c.proc.pid for c in bare], **others})
     finally:
-        for p in bare:
-            procs.stop(p)
+        for c in bare:
+            procs.discard(c)
     port = free_port()
     ingest = stack.ingest(port, workers)
     try:
-        c = load.measure(port, stack.token, {"server": process_tree(ingest.pid), **others})
+        c = load.measure(port, stack.token, {"server": process_tree(ingest.proc.pid), **others})
     finally:
-        procs.stop(ingest)
+        procs.discard(ingest)
     return b, c
 
 
@@ -529,37 +401,37 @@ def settle_seconds(pids: list[int], limit: float = 180.0) -> float:
 
 def phase(
     load: Load,
-    procs: Procs,
+    procs: ProcessGroup,
+    workdir: Path,
     title: str,
     dev: tuple[int, bool] | None,
-    worker_counts: list[int],
+    workers: int,
     rounds: int,
     setup: Setup,
 ) -> None:
     """One stack; `dev` = (nice, idle) not None: with the worker and the sink running at that priority."""
     name = "plain" if dev is None else f"devload-nice{dev[0]}-idle{int(dev[1])}"
-    stack = Stack(procs, f"{name}-p{setup.partitions}-{setup.event_loop}", setup)
+    stack = Stack(procs, workdir, f"{name}-p{setup.partitions}-{setup.event_loop}", setup)
     if dev is not None:
         stack.start_dev_load(*dev)
     print(f"\n== {title}", flush=True)
-    for workers in worker_counts:
-        ratios = []
-        for r in range(rounds):
-            b, c = compare(load, procs, stack, workers)
-            ratios.append(c.rps / b.rps if b.rps else 0.0)
-            tag = f"[{workers} proc{'s' if workers > 1 else ''}{f', round {r + 1}' if rounds > 1 else ''}]"
-            print(b.line(f"bare aiohttp+orjson {tag}"), flush=True)
-            print(c.line(f"chatpipe ingest     {tag}"), flush=True)
-            print(f"ratio chatpipe/bare {tag}: {ratios[-1]:.2f}", flush=True)
-            if stack.dev_load:
-                behind = settle_seconds([p for d in stack.dev_load for p in process_tree(d.pid)])
-                print(f"worker+sink busy {behind:.1f} s after the load stopped (their backlog)", flush=True)
-        if rounds > 1:
-            print(f"median ratio, {workers} proc(s): {statistics.median(ratios):.2f}", flush=True)
+    ratios = []
+    for r in range(rounds):
+        b, c = compare(load, procs, stack, workers)
+        ratios.append(c.rps / b.rps if b.rps else 0.0)
+        tag = f"[{workers} proc{'s' if workers > 1 else ''}{f', round {r + 1}' if rounds > 1 else ''}]"
+        print(b.line(f"bare aiohttp+orjson {tag}"), flush=True)
+        print(c.line(f"chatpipe ingest     {tag}"), flush=True)
+        print(f"ratio chatpipe/bare {tag}: {ratios[-1]:.2f}", flush=True)
+        if stack.dev_load:
+            behind = settle_seconds([p for d in stack.dev_load for p in process_tree(d.proc.pid)])
+            print(f"worker+sink busy {behind:.1f} s after the load stopped (their backlog)", flush=True)
+    if rounds > 1:
+        print(f"median ratio, {workers} proc(s): {statistics.median(ratios):.2f}", flush=True)
 
 
-def rss_run(load: Load, procs: Procs, total: int, workers: int, setup: Setup) -> None:
-    stack = Stack(procs, "rss", setup)
+def rss_run(load: Load, procs: ProcessGroup, workdir: Path, total: int, workers: int, setup: Setup) -> None:
+    stack = Stack(procs, workdir, "rss", setup)
     port = free_port()
     ingest = stack.ingest(port, workers)
     step = max(1, total // 10)
@@ -567,7 +439,7 @@ def rss_run(load: Load, procs: Procs, total: int, workers: int, setup: Setup) ->
         f"\n== RSS of chatpipe ingest ({workers} proc(s)) over {total:,} requests, about every {step:,}",
         flush=True,
     )
-    pids = process_tree(ingest.pid)
+    pids = process_tree(ingest.proc.pid)
     workers_only = pids[1:] if workers > 1 else pids
     print(
         f"  {0:>10,} requests  RSS {sum(rss_mb(p) for p in workers_only):7.1f} MB (after start)", flush=True
@@ -585,11 +457,11 @@ def rss_run(load: Load, procs: Procs, total: int, workers: int, setup: Setup) ->
             rss = [rss_mb(p) for p in workers_only]
             print(
                 f"  {done:>10,} requests  RSS {sum(rss):7.1f} MB {[round(x, 1) for x in rss]}  "
-                f"{r.rps:,.0f} req/s  non-2xx {bad:,}  (broker RSS {rss_mb(stack.broker.pid):.0f} MB)",
+                f"{r.rps:,.0f} req/s  non-2xx {bad:,}  (broker RSS {rss_mb(stack.broker.proc.pid):.0f} MB)",
                 flush=True,
             )
     finally:
-        procs.stop(ingest)
+        procs.discard(ingest)
 
 
 def main() -> None:
@@ -598,7 +470,7 @@ def main() -> None:
     )
     parser.add_argument("--seconds", type=float, default=15.0, help="measurement per server (default 15)")
     parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--workers", default="1", help="server process counts to compare, e.g. 1,2")
+    parser.add_argument("--workers", type=int, default=1, help="processes of each server (default 1)")
     parser.add_argument(
         "--rounds", type=int, default=1, help="repeat each comparison, report the median ratio"
     )
@@ -632,20 +504,16 @@ def main() -> None:
     )
     parser.add_argument("--rss-requests", type=int, default=0, help="drive N requests and print ingest RSS")
     parser.add_argument("--rss-only", action="store_true", help="skip the comparisons")
-    parser.add_argument("--loadgen", choices=["auto", "wrk", "aiohttp"], default="auto")
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: it shares the cores)")
-    parser.add_argument("--client-procs", type=int, default=2, help="aiohttp client processes")
-    parser.add_argument(
-        "--serve-bare", nargs=3, metavar=("PORT", "READY_FILE", "LOOP"), help=argparse.SUPPRESS
-    )
+    parser.add_argument("--serve-bare", nargs=2, metavar=("PORT", "LOOP"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_bare:
-        serve_bare(int(args.serve_bare[0]), Path(args.serve_bare[1]), args.serve_bare[2])
+        serve_bare(int(args.serve_bare[0]), args.serve_bare[1])
         return
-    worker_counts = [int(x) for x in args.workers.split(",")]
     partition_counts = [int(x) for x in args.partitions.split(",")]
     workdir = Path(tempfile.mkdtemp(prefix="chatpipe-bench-ingest-"))
-    procs = Procs(workdir)
+    procs = ProcessGroup(workdir / "logs", workdir / "run")
+    procs.logs.mkdir()  # the broker's log goes there before any child is spawned
     load = Load(args, workdir)
     print(
         f"load generator: {load.name}; {len(templates())} delivery-receipt bodies; "
@@ -658,22 +526,24 @@ def main() -> None:
         setups = [Setup(p, loop) for p in partition_counts for loop in args.loops.split(",")]
         for setup in [] if args.rss_only else setups:
             if not args.dev_load_only:
-                procs.stop_all()
+                procs.stop()
                 title = f"bare vs chatpipe ingest (broker + registry only; {setup})"
-                phase(load, procs, title, None, worker_counts, args.rounds, setup)
+                phase(load, procs, workdir, title, None, args.workers, args.rounds, setup)
             for nice, idle in priorities if args.with_dev_load else []:
-                procs.stop_all()
+                procs.stop()
                 policy = ", SCHED_IDLE" if idle else ""
                 title = (
                     "bare vs chatpipe ingest, with a Faust worker and the sink consuming "
                     f"(nice {nice}{policy}; {setup})"
                 )
-                phase(load, procs, title, (nice, idle), worker_counts, args.rounds, setup)
+                phase(load, procs, workdir, title, (nice, idle), args.workers, args.rounds, setup)
         if args.rss_requests:
-            procs.stop_all()
-            rss_run(load, procs, args.rss_requests, worker_counts[0], setups[0])
+            procs.stop()
+            rss_run(load, procs, workdir, args.rss_requests, args.workers, setups[0])
+    except ChildDied as exc:
+        raise SystemExit(f"{exc}; last lines of {exc.child.log_path}:\n{exc.child.tail()}") from exc
     finally:
-        procs.stop_all()
+        procs.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 

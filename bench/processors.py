@@ -23,8 +23,6 @@ import argparse
 import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +37,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from bench.state_core import build
 from chatpipe.broker import free_port, start_tansu, wait_for_port
+from chatpipe.dev import ChildDied, ProcessGroup
 from chatpipe.runtime.serve import serve_in_thread
 from chatpipe.runtime.topics import ensure_topics
 from processors.state import StateConfig, apply_many
@@ -88,46 +87,35 @@ def cpu_seconds(pid: int) -> float:
 
 
 def run_worker(
-    bootstrap: str, registry_url: str, partitions: int, total: int, workdir: Path, broker_pid: int
+    group: ProcessGroup, bootstrap: str, registry_url: str, partitions: int, total: int, broker_pid: int
 ) -> dict:
     port = free_port()
-    ready = workdir / "worker.ready"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATPIPE_")}
     env.update(
         CHATPIPE_KAFKA_BOOTSTRAP=bootstrap,
         CHATPIPE_SCHEMA_REGISTRY_URL=registry_url,
-        CHATPIPE_STATE_DIR=str(workdir / "state"),
+        CHATPIPE_STATE_DIR=str(group.logs / "state"),
         CHATPIPE_PARTITIONS=str(partitions),
         CHATPIPE_EMBEDDED_BROKER="1",
         CHATPIPE_WORKER_WEB_PORT=str(port),
-        CHATPIPE_READY_FILE=str(ready),
         CHATPIPE_LOG_LEVEL="WARNING",
     )
-    log = open(workdir / "worker.log", "wb")  # noqa: SIM115 - closed below
     t_start = time.perf_counter()
     profile = ["-m", "cProfile", "-o", os.environ["BENCH_PROFILE"]] if os.environ.get("BENCH_PROFILE") else []
-    proc = subprocess.Popen(
-        [sys.executable, *profile, "-m", "chatpipe.cli", "worker"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    worker = group.spawn("worker", [sys.executable, *profile, "-m", "chatpipe.cli", "worker"], env)
+    proc = worker.proc
     try:
-        while not ready.exists():
-            if proc.poll() is not None:
-                tail = (workdir / "worker.log").read_text(errors="replace")[-4000:]
-                raise RuntimeError(f"worker exited {proc.returncode}:\n{tail}")
-            if time.perf_counter() - t_start > 120:
-                raise TimeoutError("worker not ready in 120 s")
-            time.sleep(0.05)
+        try:
+            group.wait_ready([worker], 120, announce=False)
+        except ChildDied as exc:
+            raise RuntimeError(f"{exc}:\n{worker.tail(60)}") from exc
         wait_for_port("127.0.0.1", port)
         first_t = first_n = None
         n = 0.0
         deadline = time.perf_counter() + 1800
         while n < total:
             if proc.poll() is not None:
-                tail = (workdir / "worker.log").read_text(errors="replace")[-4000:]
-                raise RuntimeError(f"worker exited {proc.returncode}:\n{tail}")
+                raise RuntimeError(f"worker exited {proc.returncode}:\n{worker.tail(60)}")
             if time.perf_counter() > deadline:
                 raise TimeoutError(f"worker processed {n:.0f} of {total}")
             n = events_total(port)
@@ -150,13 +138,7 @@ def run_worker(
             "broker_cpu": cpu[1] / wall,
         }
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        group.discard(worker)
 
 
 def run_plain(bootstrap: str, codecs: Codecs, partitions: int, total: int, batch: int = 5000) -> dict:
@@ -219,8 +201,10 @@ def main() -> None:
     args = ap.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-processors-"))
+    # chatpipe dev's supervisor: tansu.log and worker.log in `workdir`, ready files, stops
+    group = ProcessGroup(workdir, workdir / "run")
     port = free_port()
-    tansu = start_tansu("127.0.0.1", port, workdir / "tansu.log")
+    tansu = group.adopt("tansu", start_tansu("127.0.0.1", port, workdir / "tansu.log")).proc
     bootstrap = f"127.0.0.1:{port}"
     try:
         rport = free_port()
@@ -243,7 +227,7 @@ def main() -> None:
 
         worker = plain = None
         if args.only in (None, "worker"):
-            worker = run_worker(bootstrap, registry_url, args.partitions, total, workdir, tansu.pid)
+            worker = run_worker(group, bootstrap, registry_url, args.partitions, total, tansu.pid)
             print(
                 f"(a) chatpipe Faust worker: {worker['rate']:,.0f} receipts/s  "
                 f"(ready + first batch after {worker['startup']:.1f}s; RSS at end {worker['rss']:,.0f} MB "
@@ -256,11 +240,7 @@ def main() -> None:
         if worker and plain:
             print(f"ratio worker / plain: {worker['rate'] / plain['rate']:.2f}")
     finally:
-        tansu.terminate()
-        try:
-            tansu.wait(10)
-        except subprocess.TimeoutExpired:
-            tansu.kill()
+        group.stop()
         if args.keep:
             print(f"kept {workdir}")
         else:

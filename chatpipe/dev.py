@@ -6,6 +6,9 @@ Faust worker, the sink, the read API and, when CHATPIPE_8X8_API_KEY is set, the 
 processes (it says clearly when the reconciler is off). Prints the addresses and `chatpipe ready`
 once every child reported ready. SIGINT/SIGTERM stop every child (exit 0).
 
+The children are started, waited for and stopped by `ProcessGroup` (log and ready file per child,
+die-with-parent, CPU priority), which the scripts under bench/ use for their own processes too.
+
 Supervision: a child that dies after start-up is restarted, with the same command line, environment and
 ports, after a back-off that doubles with each failure (`RESTART_BACKOFF` .. `RESTART_BACKOFF_MAX`); dev
 says so and shows the child's last log lines. Only a child that fails more than `MAX_RESTARTS` times within
@@ -40,7 +43,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,25 +126,27 @@ class Child:
             return ""
 
 
-class DevStack:
-    def __init__(self, settings: Settings, env: dict[str, str]) -> None:
-        self.settings = settings
-        self.env = env
-        self.state = settings.state_dir
-        self.logs = self.state / "logs"
-        self.run_dir = self.state / "run"
+class ProcessGroup:
+    """Child processes, each logging to `logs`/NAME.log and, when it has a ready file, told where to write
+    it (CHATPIPE_READY_FILE, `run_dir`/NAME.ready: chatpipe's services write their pid there once they
+    serve). Every child gets SIGTERM from Linux if this process dies (even by SIGKILL) and may run at a
+    lower CPU priority (`nice`, SCHED_IDLE). `wait_ready` waits for ready files, `terminate` stops a wave
+    of children together (SIGTERM, SIGKILL after `STOP_TIMEOUT`), `stop` stops them all, last started
+    first. `chatpipe dev` supervises its stack with it (DevStack); bench/ scripts start theirs with it.
+    """
+
+    def __init__(self, logs: Path, run_dir: Path, say: Callable[[str], None] | None = None) -> None:
+        self.logs = logs
+        self.run_dir = run_dir
         self.children: list[Child] = []
         self._stopping = False
-        #: disk storage of the embedded broker: its data folder, and Tansu's storage URL and environment
-        self.broker_dir = self.state / "broker"
-        self.disk = settings.dev_broker_storage == "disk"
-        self.tansu_storage: str | None = None
-        self.tansu_env: dict[str, str] | None = None
+        if say is not None:
+            self.say = say  # type: ignore[method-assign]
 
     def say(self, text: str) -> None:
         print(text, flush=True)
 
-    def _spawn(
+    def spawn(
         self,
         name: str,
         argv: list[str],
@@ -150,6 +155,9 @@ class DevStack:
         nice: int = 0,
         idle: bool = False,
     ) -> Child:
+        """Start `argv` as child `name` (its ready file, if `ready`, named after it: names are unique)."""
+        for d in (self.logs, self.run_dir):
+            d.mkdir(parents=True, exist_ok=True)
         log_path = self.logs / f"{name}.log"
         ready_file = self.run_dir / f"{name}.ready" if ready else None
         proc = self._popen(argv, env, log_path, ready_file, nice, idle)
@@ -157,7 +165,13 @@ class DevStack:
         self.children.append(child)
         return child
 
-    def _launch(self, child: Child) -> None:
+    def adopt(self, name: str, proc: subprocess.Popen[bytes], ready_file: Path | None = None) -> Child:
+        """Supervise a process started elsewhere (e.g. `start_tansu`), logging to `logs`/NAME.log."""
+        child = Child(name, proc, self.logs / f"{name}.log", ready_file)
+        self.children.append(child)
+        return child
+
+    def launch(self, child: Child) -> None:
         """Start `child` again from its command line and environment."""
         c = child
         c.proc = self._popen(c.argv, c.env, c.log_path, c.ready_file, c.nice, c.idle)  # type: ignore[arg-type]
@@ -181,11 +195,9 @@ class DevStack:
                 preexec_fn=functools.partial(_die_with_parent, nice, idle),
             )
 
-    def _chatpipe(self, name: str, *args: str, nice: int = 0, idle: bool = False) -> Child:
-        argv = [sys.executable, "-m", "chatpipe.cli", name, *args]
-        return self._spawn(name, argv, self.child_env, nice=nice, idle=idle)
-
-    def _wait_ready(self, children: list[Child], timeout: float) -> None:
+    def wait_ready(self, children: list[Child], timeout: float, announce: bool = True) -> None:
+        """Until each of `children` wrote its ready file (said, when `announce`); raises `ChildDied` for one
+        that exits, TimeoutError after `timeout` s, KeyboardInterrupt once a stop was requested."""
         deadline = time.monotonic() + timeout
         pending = list(children)
         while pending:
@@ -193,7 +205,8 @@ class DevStack:
                 if child.proc.poll() is not None:
                     raise ChildDied(child)
                 if child.ready_file is not None and child.ready_file.exists():
-                    self.say(f"  {child.name} ready in {time.monotonic() - child.started:.1f}s")
+                    if announce:
+                        self.say(f"  {child.name} ready in {time.monotonic() - child.started:.1f}s")
                     pending.remove(child)
             if self._stopping:
                 raise KeyboardInterrupt
@@ -201,6 +214,50 @@ class DevStack:
                 names = ", ".join(c.name for c in pending)
                 raise TimeoutError(f"not ready after {timeout:.0f}s: {names}")
             time.sleep(0.05)
+
+    def request_stop(self, *_: object) -> None:
+        self._stopping = True
+
+    def terminate(self, wave: list[Child], timeout: float = STOP_TIMEOUT) -> None:
+        """SIGTERM every child of `wave` that runs, then wait for all of them (SIGKILL after `timeout`)."""
+        for child in wave:
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for child in wave:
+            while child.proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if child.proc.poll() is None:
+                self.say(f"  {child.name} did not stop in {timeout:.0f}s, killing it")
+                child.proc.kill()
+                child.proc.wait()
+
+    def discard(self, child: Child) -> None:
+        """Stop `child` and forget it."""
+        self.terminate([child])
+        self.children = [c for c in self.children if c is not child]
+
+    def stop(self) -> None:
+        """Stop every child, one at a time, the last started first."""
+        for child in reversed(list(self.children)):
+            self.discard(child)
+
+
+class DevStack(ProcessGroup):
+    def __init__(self, settings: Settings, env: dict[str, str]) -> None:
+        self.settings = settings
+        self.env = env
+        self.state = settings.state_dir
+        super().__init__(self.state / "logs", self.state / "run")
+        #: disk storage of the embedded broker: its data folder, and Tansu's storage URL and environment
+        self.broker_dir = self.state / "broker"
+        self.disk = settings.dev_broker_storage == "disk"
+        self.tansu_storage: str | None = None
+        self.tansu_env: dict[str, str] | None = None
+
+    def _chatpipe(self, name: str, *args: str, nice: int = 0, idle: bool = False) -> Child:
+        argv = [sys.executable, "-m", "chatpipe.cli", name, *args]
+        return self.spawn(name, argv, self.child_env, nice=nice, idle=idle)
 
     def start(self) -> None:
         t0 = time.monotonic()
@@ -220,7 +277,7 @@ class DevStack:
                 where = f"on disk in {self.broker_dir}, fsync {'on' if s.dev_broker_fsync else 'off'}"
             self.broker_port = port
             ready = self.run_dir / "broker.ready"
-            self.children.append(Child("broker", self._start_tansu(), self.logs / "broker.log", ready))
+            self.adopt("broker", self._start_tansu(), ready)
             self.say(f"  broker (tansu, {where}) on {bootstrap}")
         self._say_what_is_kept(embedded, broker_kept)
         if embedded and not broker_kept:
@@ -256,7 +313,7 @@ class DevStack:
             reg = self._chatpipe(
                 "registry", "--port", str(rport), "--storage", str(self.state / "registry.json")
             )
-            self._wait_ready([reg], 20)
+            self.wait_ready([reg], 20)
             wait_for_port("127.0.0.1", rport)
         env["CHATPIPE_SCHEMA_REGISTRY_URL"] = registry_url
         self.say(f"CHATPIPE_KAFKA_BOOTSTRAP={bootstrap}")
@@ -272,7 +329,7 @@ class DevStack:
         ]
         if s.api_8x8_key:  # the reconciler: 8x8's details API for messages whose receipts stopped coming
             services.append(self._chatpipe("reconcile"))
-        self._wait_ready(services, READY_TIMEOUT)
+        self.wait_ready(services, READY_TIMEOUT)
         self.say(f"CHATPIPE_INGEST_URL=http://{s.ingest_host}:{s.ingest_port}/v1/webhooks/chatapps")
         self.say(f"CHATPIPE_API_URL=http://{s.api_host}:{s.api_port}/api/v1")
         self.say(f"CHATPIPE_STORE_URL={s.store_url}")
@@ -308,8 +365,8 @@ class DevStack:
         argv = [sys.executable, "-m", "chatpipe.objectstore", "--port", str(port),
                 "--dir", str(self.broker_dir), "--bucket", DEFAULT_BUCKET,
                 *([] if s.dev_broker_fsync else ["--no-fsync"])]  # fmt: skip
-        store = self._spawn("objectstore", argv, dict(self.env))
-        self._wait_ready([store], 30)
+        store = self.spawn("objectstore", argv, dict(self.env))
+        self.wait_ready([store], 30)
         self.tansu_storage = f"s3://{DEFAULT_BUCKET}/"
         self.tansu_env = s3_env(f"http://127.0.0.1:{port}")
         self.say(f"  broker storage (chatpipe.objectstore) on 127.0.0.1:{port}")
@@ -383,7 +440,7 @@ class DevStack:
         if child.name == "broker":
             self._restart_broker(child)
             return
-        self._launch(child)
+        self.launch(child)
         child.announced = child.ready_file is None
         self.say(f"  {child.name} restarted (pid {child.proc.pid}, restart {child.restarts})")
 
@@ -412,36 +469,19 @@ class DevStack:
             "only, so what it held is gone: restarting the services against the empty broker"
         )
         services = [c for c in self.children if c.name not in INFRA]
-        self._terminate(services)
+        self.terminate(services)
         shutil.rmtree(self.state / "processor", ignore_errors=True)
         for child in services:
             child.restart_at = None
-            self._launch(child)
+            self.launch(child)
             child.announced = child.ready_file is None
-
-    def request_stop(self, *_: object) -> None:
-        self._stopping = True
 
     def stop(self) -> None:
         """Stop the services together (they flush to the broker), then the registry, the broker last."""
-        self._terminate([c for c in self.children if c.name not in INFRA])
-        self._terminate([c for c in self.children if c.name == "registry"])
-        self._terminate([c for c in self.children if c.name == "broker"])
-        self._terminate([c for c in self.children if c.name == "objectstore"])
-
-    def _terminate(self, wave: list[Child]) -> None:
-        """SIGTERM every child of `wave` that runs, then wait for all of them (SIGKILL after STOP_TIMEOUT)."""
-        for child in wave:
-            if child.proc.poll() is None:
-                child.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for child in wave:
-            while child.proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if child.proc.poll() is None:
-                self.say(f"  {child.name} did not stop in {STOP_TIMEOUT:.0f}s, killing it")
-                child.proc.kill()
-                child.proc.wait()
+        self.terminate([c for c in self.children if c.name not in INFRA])
+        self.terminate([c for c in self.children if c.name == "registry"])
+        self.terminate([c for c in self.children if c.name == "broker"])
+        self.terminate([c for c in self.children if c.name == "objectstore"])
 
 
 def broker_data_kept(broker_dir: Path) -> bool:

@@ -99,7 +99,7 @@ def test_a_child_that_dies_is_restarted_and_a_child_that_keeps_failing_ends_dev(
     starts = tmp_path / "starts"
     # each start appends a line, then the child fails
     script = f"open({str(starts)!r}, 'a').write('x\\n'); raise SystemExit(3)"
-    stack._spawn("flaky", [sys.executable, "-c", script], dict(os.environ), ready=False)
+    stack.spawn("flaky", [sys.executable, "-c", script], dict(os.environ), ready=False)
     with pytest.raises(dev.ChildDied, match=r"flaky exited with code 3 \(failed 6 times within"):
         stack.supervise(poll=0.01)
     assert starts.read_text().count("x") == dev.MAX_RESTARTS + 1  # the first start and 5 restarts
@@ -122,7 +122,7 @@ def test_a_restarted_child_that_comes_up_is_announced_ready_and_kept(
         "pathlib.Path(os.environ['CHATPIPE_READY_FILE']).write_text(str(os.getpid()))\n"
         "time.sleep(60)\n"
     )
-    child = stack._spawn("phoenix", [sys.executable, "-c", script], dict(os.environ))
+    child = stack.spawn("phoenix", [sys.executable, "-c", script], dict(os.environ))
     deadline = time.monotonic() + 20
 
     def stop_when_ready(*_a: object) -> None:
@@ -172,3 +172,42 @@ def test_a_restart_with_the_broker_data_kept_says_so_and_keeps_the_processor_sta
     assert "the processor's state (checked against the broker's changelog)" in out and "rebuilt" not in out
     stack._say_what_is_kept(embedded=True, broker_kept=False)
     assert "rebuilt: the processor's state (the embedded broker starts empty" in capsys.readouterr().out
+
+
+def test_a_process_group_waits_for_ready_files_and_stops_the_last_started_first(tmp_path: Path) -> None:
+    said: list[str] = []
+    group = dev.ProcessGroup(tmp_path / "logs", tmp_path / "run", say=said.append)
+    stopped = tmp_path / "stopped"
+    # each child writes its ready file, then on SIGTERM appends its name to `stopped` and exits
+    script = (
+        "import os, pathlib, signal, sys, time\n"
+        "def bye(*_):\n"
+        f"    open({str(stopped)!r}, 'a').write(sys.argv[1] + '\\n'); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, bye)\n"
+        "pathlib.Path(os.environ['CHATPIPE_READY_FILE']).write_text(str(os.getpid()))\n"
+        "print('up', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    first, second = (
+        group.spawn(name, [sys.executable, "-c", script, name], dict(os.environ)) for name in ("a", "b")
+    )
+    try:
+        group.wait_ready([first, second], 30)
+        assert {s.split()[0] for s in said} == {"a", "b"}
+        assert first.ready_file is not None and int(first.ready_file.read_text()) == first.proc.pid
+        group.stop()
+    finally:
+        for child in (first, second):
+            if child.proc.poll() is None:
+                child.proc.kill()
+    assert group.children == []
+    assert stopped.read_text().split() == ["b", "a"]
+    assert first.tail() == "up"
+
+
+def test_a_process_group_child_that_exits_before_it_is_ready_is_reported(tmp_path: Path) -> None:
+    group = dev.ProcessGroup(tmp_path / "logs", tmp_path / "run", say=lambda _text: None)
+    child = group.spawn("early", [sys.executable, "-c", "print('bad config'); raise SystemExit(4)"], {})
+    with pytest.raises(dev.ChildDied, match="early exited with code 4") as caught:
+        group.wait_ready([child], 30, announce=False)
+    assert caught.value.child.tail() == "bad config"
