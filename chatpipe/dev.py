@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import os
 import shutil
 import signal
@@ -79,22 +78,32 @@ def dev_partitions(env: Mapping[str, str], settings: Settings, embedded: bool) -
     return EMBEDDED_PARTITIONS
 
 
-def _die_with_parent(nice: int = 0, idle: bool = False) -> None:  # pragma: no cover - runs in the child
-    """Ask Linux to SIGTERM the child if `dev` itself dies (even by SIGKILL): no orphans.
-
-    `nice`: lower the child's CPU priority by that much. `idle`: run it under SCHED_IDLE, the policy for
-    background work: it gets a core when nothing else wants it, and a normal thread that wakes up on its
-    core preempts it at once (a nice 19 thread may keep the core for the rest of its slice). Both are
-    inherited by every thread the child starts.
-    """
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """Ask Linux to SIGTERM the child if `dev` itself dies (even by SIGKILL): no orphans."""
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if nice:
-        with contextlib.suppress(OSError):
-            os.nice(nice)
-    if idle:
-        with contextlib.suppress(OSError, AttributeError):
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
+def lower_priority(pid: int, nice: int = 0, idle: bool = False) -> None:
+    """Lower the CPU priority of every thread of process `pid` (threads it starts later inherit it).
+
+    `nice`: by that much. `idle`: SCHED_IDLE, the policy for background work: it gets a core when nothing
+    else wants it, and a normal thread that wakes up on its core preempts it at once (a nice 19 thread may
+    keep the core for the rest of its slice). Done once the child is ready, not at its start: on a saturated
+    machine a SCHED_IDLE process that is still starting gets almost no CPU and would never become ready.
+    A thread that exits meanwhile is skipped.
+    """
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return
+    for tid in tids:
+        if nice:
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+        if idle:
+            with contextlib.suppress(OSError, AttributeError):
+                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
 
 
 def restart_delay(failures: int) -> float:
@@ -127,11 +136,11 @@ class Child:
 
 
 class ProcessGroup:
-    """Child processes, each logging to `logs`/NAME.log and, when it has a ready file, told where to write
-    it (CHATPIPE_READY_FILE, `run_dir`/NAME.ready: chatpipe's services write their pid there once they
-    serve). Every child gets SIGTERM from Linux if this process dies (even by SIGKILL) and may run at a
-    lower CPU priority (`nice`, SCHED_IDLE). `wait_ready` waits for ready files, `terminate` stops a wave
-    of children together (SIGTERM, SIGKILL after `STOP_TIMEOUT`), `stop` stops them all, last started
+    """Child processes, each logging to `logs`/NAME.log and, when it has a ready file, told where to write it
+    (CHATPIPE_READY_FILE, `run_dir`/NAME.ready: chatpipe's services write their pid there once they serve).
+    Every child gets SIGTERM from Linux if this process dies (even by SIGKILL) and may run at a lower CPU
+    priority (`nice`, SCHED_IDLE) once it is ready. `wait_ready` waits for ready files, `terminate` stops a
+    wave of children together (SIGTERM, SIGKILL after `STOP_TIMEOUT`), `stop` stops them all, last started
     first. `chatpipe dev` supervises its stack with it (DevStack); bench/ scripts start theirs with it.
     """
 
@@ -160,7 +169,7 @@ class ProcessGroup:
             d.mkdir(parents=True, exist_ok=True)
         log_path = self.logs / f"{name}.log"
         ready_file = self.run_dir / f"{name}.ready" if ready else None
-        proc = self._popen(argv, env, log_path, ready_file, nice, idle)
+        proc = self._popen(argv, env, log_path, ready_file)
         child = Child(name, proc, log_path, ready_file, argv=argv, env=env, nice=nice, idle=idle)
         self.children.append(child)
         return child
@@ -174,12 +183,12 @@ class ProcessGroup:
     def launch(self, child: Child) -> None:
         """Start `child` again from its command line and environment."""
         c = child
-        c.proc = self._popen(c.argv, c.env, c.log_path, c.ready_file, c.nice, c.idle)  # type: ignore[arg-type]
+        c.proc = self._popen(c.argv, c.env, c.log_path, c.ready_file)  # type: ignore[arg-type]
         child.started = time.monotonic()
 
     @staticmethod
     def _popen(
-        argv: list[str], env: dict[str, str], log_path: Path, ready_file: Path | None, nice: int, idle: bool
+        argv: list[str], env: dict[str, str], log_path: Path, ready_file: Path | None
     ) -> subprocess.Popen[bytes]:
         child_env = dict(env)
         if ready_file is not None:
@@ -192,7 +201,7 @@ class ProcessGroup:
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=functools.partial(_die_with_parent, nice, idle),
+                preexec_fn=_die_with_parent,
             )
 
     def wait_ready(self, children: list[Child], timeout: float, announce: bool = True) -> None:
@@ -205,6 +214,7 @@ class ProcessGroup:
                 if child.proc.poll() is not None:
                     raise ChildDied(child)
                 if child.ready_file is not None and child.ready_file.exists():
+                    self.settle(child)
                     if announce:
                         self.say(f"  {child.name} ready in {time.monotonic() - child.started:.1f}s")
                     pending.remove(child)
@@ -214,6 +224,12 @@ class ProcessGroup:
                 names = ", ".join(c.name for c in pending)
                 raise TimeoutError(f"not ready after {timeout:.0f}s: {names}")
             time.sleep(0.05)
+
+    @staticmethod
+    def settle(child: Child) -> None:
+        """A ready child drops to its lower CPU priority (`nice`, `idle`): see `lower_priority`."""
+        if child.nice or child.idle:
+            lower_priority(child.proc.pid, child.nice, child.idle)
 
     def request_stop(self, *_: object) -> None:
         self._stopping = True
@@ -416,6 +432,7 @@ class DevStack(ProcessGroup):
                     self._died(child, code, now)
                 elif not child.announced and child.ready_file is not None and child.ready_file.exists():
                     child.announced = True
+                    self.settle(child)
                     self.say(f"  {child.name} ready again in {now - child.started:.1f}s")
             time.sleep(poll)
         return 0

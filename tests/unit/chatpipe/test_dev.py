@@ -3,9 +3,7 @@ _IDLE)."""
 
 from __future__ import annotations
 
-import functools
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,48 +11,44 @@ from pathlib import Path
 import pytest
 
 from chatpipe import dev
-from chatpipe.dev import EMBEDDED_PARTITIONS, _die_with_parent, dev_partitions
+from chatpipe.dev import EMBEDDED_PARTITIONS, dev_partitions
 from chatpipe.runtime.config import Settings
 
-PRINT_NICE_OF_A_THREAD = (
-    "import os, threading; out = []; "
-    "t = threading.Thread(target=lambda: out.append(os.getpriority(os.PRIO_PROCESS, 0))); "
-    "t.start(); t.join(); print(os.nice(0), out[0])"
+# a child that starts a thread, says the priority it started with, writes its ready file and waits
+CHILD = (
+    "import os, sys, threading, time\n"
+    "threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+    "print(os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0), flush=True)\n"
+    "open(os.environ['CHATPIPE_READY_FILE'], 'w').write(str(os.getpid()))\n"
+    "time.sleep(60)\n"
 )
 
 
-@pytest.mark.parametrize("nice", [0, 3])
-def test_children_start_at_the_given_niceness_threads_included(nice: int) -> None:
-    base = os.nice(0)
-    out = subprocess.run(
-        [sys.executable, "-c", PRINT_NICE_OF_A_THREAD],
-        preexec_fn=functools.partial(_die_with_parent, nice),
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    expected = min(19, base + nice)
-    assert [int(x) for x in out] == [expected, expected]
+def _threads(pid: int) -> list[int]:
+    return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
 
 
-PRINT_POLICY_OF_A_THREAD = (
-    "import os, threading; out = []; "
-    "t = threading.Thread(target=lambda: out.append(os.sched_getscheduler(0))); "
-    "t.start(); t.join(); print(os.sched_getscheduler(0), out[0])"
-)
-
-
-@pytest.mark.parametrize("idle", [False, True])
-def test_children_run_under_sched_idle_when_asked_threads_included(idle: bool) -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", PRINT_POLICY_OF_A_THREAD],
-        preexec_fn=functools.partial(_die_with_parent, 0, idle),
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    expected = os.SCHED_IDLE if idle else os.sched_getscheduler(0)
-    assert [int(x) for x in out] == [expected, expected]
+@pytest.mark.parametrize(("nice", "idle"), [(0, False), (3, False), (0, True), (19, True)])
+def test_children_start_at_full_priority_and_drop_to_theirs_once_ready(
+    tmp_path: Path, nice: int, idle: bool
+) -> None:
+    """A child that is still starting competes normally for the CPU (a SCHED_IDLE one would starve on a
+    saturated machine and never become ready); once ready, every one of its threads runs at the lower
+    priority asked for."""
+    base_nice, base_policy = os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0)
+    group = dev.ProcessGroup(tmp_path / "logs", tmp_path / "run", say=lambda _t: None)
+    child = group.spawn("c", [sys.executable, "-c", CHILD], dict(os.environ), nice=nice, idle=idle)
+    try:
+        group.wait_ready([child], 60)
+        started = child.log_path.read_text().split()
+        assert [int(x) for x in started] == [base_nice, base_policy]
+        tids = _threads(child.proc.pid)
+        assert len(tids) == 2
+        assert [os.getpriority(os.PRIO_PROCESS, t) for t in tids] == [min(19, base_nice + nice)] * 2
+        policy = os.SCHED_IDLE if idle else base_policy
+        assert [os.sched_getscheduler(t) for t in tids] == [policy] * 2
+    finally:
+        group.stop()
 
 
 def test_downstream_runs_idle_by_default() -> None:
