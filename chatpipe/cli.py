@@ -203,7 +203,7 @@ def cmd_registry(settings: Settings, args: argparse.Namespace, env: dict[str, st
 def cmd_topics(settings: Settings, args: argparse.Namespace, env: dict[str, str]) -> int:
     from chatpipe.runtime.topics import ensure_topics
 
-    created = ensure_topics(settings.kafka_bootstrap, settings.partitions, settings.replication_factor)
+    created = ensure_topics(settings, settings.partitions, settings.replication_factor)
     print("created: " + (", ".join(created) or "nothing (all topics exist)"))
     return 0
 

@@ -573,7 +573,7 @@ def create_app(settings: Settings, codecs: Codecs | None = None,
 
     async def intake_ctx(app: web.Application) -> AsyncIterator[None]:
         config = producer_config(
-            settings.kafka_bootstrap,
+            settings,
             **{"linger.ms": settings.ingest_linger_ms, "enable.idempotence": settings.kafka_idempotence},
         )
         producer = AsyncProducer(config)

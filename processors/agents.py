@@ -83,6 +83,7 @@ from confluent_kafka import KafkaError, Producer
 from faust.types import TP
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from chatpipe.runtime import kafka
 from processors.app import (
     GONE,
     LIVE,
@@ -269,21 +270,17 @@ class Folder:
         self.emit_derived = p.settings.emit_steps_and_events
         self.changelog_topic = p.table.changelog_topic.get_topic_name()
         self.parts: dict[int, _Partition] = {}
-        bootstrap = p.settings.kafka_bootstrap
-        common = {
-            "bootstrap.servers": bootstrap, "enable.idempotence": p.settings.kafka_idempotence, "acks": "all"
-        }
-        self.changelog_producer = Producer({**common, "linger.ms": 2, "client.id": "chatpipe-changelog"})
+        self.changelog_producer = Producer(
+            kafka.producer(p.settings, **{"linger.ms": 2, "client.id": "chatpipe-changelog"})
+        )
         # state, step and history records: delivery reports for failures only (no Python call per record
         # acked); a failure reaches `_on_state` and fails the flush, as for the changelog
         self.state_producer = Producer(
-            {
-                **common,
-                "linger.ms": 5,
-                "client.id": "chatpipe-state",
-                "delivery.report.only.error": True,
-                "on_delivery": self._on_state,
-            }
+            kafka.producer(
+                p.settings,
+                **{"linger.ms": 5, "client.id": "chatpipe-state", "delivery.report.only.error": True},
+                on_delivery=self._on_state,
+            )
         )
         self._lineages = random.Random()  # seeded from the OS: lineages of new states
         self._errors: list[str] = []
@@ -901,15 +898,8 @@ class InboundPoison:
             reason, datetime.now(UTC),
         )  # fmt: skip
         if self._producer is None:
-            settings = self.p.settings
-            self._producer = Producer(
-                {
-                    "bootstrap.servers": settings.kafka_bootstrap,
-                    "enable.idempotence": settings.kafka_idempotence,
-                    "acks": "all",
-                    "client.id": "chatpipe-inbound-dlq",
-                }
-            )
+            config = kafka.producer(self.p.settings, **{"client.id": "chatpipe-inbound-dlq"})
+            self._producer = Producer(config)
         producer = self._producer
         producer.produce(codec.spec.name, value, key, on_delivery=self._on_delivery)
         left = await asyncio.get_running_loop().run_in_executor(None, producer.flush, FLUSH_TIMEOUT)
