@@ -51,7 +51,7 @@ from urllib.parse import quote
 
 import httpx
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 from chatpipe.runtime.config import Settings
 from chatpipe.runtime.metric_defs import ReconcilerMetrics
@@ -575,17 +575,10 @@ def create_health_app(reconciler: Reconciler) -> Any:
     """/healthz and /metrics of a reconciler (aiohttp)."""
     from aiohttp import web
 
-    async def healthz(_r: web.Request) -> web.Response:
-        return web.json_response(reconciler.health())
-
-    async def metrics(_r: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(reconciler.metrics_registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
+    from chatpipe.runtime.serve import add_health_routes
 
     app = web.Application()
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
+    add_health_routes(app, reconciler.metrics_registry, lambda: (True, reconciler.health()))
     return app
 
 

@@ -81,9 +81,10 @@ from typing import Any, NoReturn
 import rocksdict
 from confluent_kafka import KafkaError, Producer
 from faust.types import TP
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from chatpipe.runtime import kafka
+from chatpipe.runtime.serve import always_ok, health_answer, metrics_answer
 from processors.app import (
     GONE,
     LIVE,
@@ -858,11 +859,12 @@ def install_agents(p: Processor) -> Folder:
 
     @p.app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
-        return web.json({"status": "ok"})
+        status, body = health_answer(always_ok)
+        return web.json(body, status=status)
 
     @p.app.page("/metrics")
     async def metrics_page(web: Any, request: Any) -> Any:
-        return web.bytes(generate_latest(p.metrics_registry), content_type=_METRICS_CONTENT_TYPE)
+        return web.bytes(metrics_answer(p.metrics_registry), content_type=_METRICS_CONTENT_TYPE)
 
     return folder
 
