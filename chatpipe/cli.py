@@ -121,9 +121,8 @@ def cmd_worker(settings: Settings, args: argparse.Namespace, env: dict[str, str]
 
 def cmd_sink(settings: Settings, args: argparse.Namespace, env: dict[str, str]) -> int:
     from aiohttp import web
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    from chatpipe.runtime.serve import serve_in_thread
+    from chatpipe.runtime.serve import add_health_routes, serve_in_thread
     from sinks.connect import open_store
     from sinks.worker import SinkWorker, pii_policy
 
@@ -136,17 +135,8 @@ def cmd_sink(settings: Settings, args: argparse.Namespace, env: dict[str, str]) 
     worker = SinkWorker(settings)
     if settings.metrics_port:
         app = web.Application()
-
-        async def healthz(_r: web.Request) -> web.Response:
-            return web.json_response({"status": "ok", "assigned": worker.assigned.is_set()})
-
-        async def metrics(_r: web.Request) -> web.Response:
-            return web.Response(
-                body=generate_latest(worker.metrics_registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-            )
-
-        app.router.add_get("/healthz", healthz)
-        app.router.add_get("/metrics", metrics)
+        assigned = worker.assigned
+        add_health_routes(app, worker.metrics_registry, lambda: (True, {"assigned": assigned.is_set()}))
         serve_in_thread(app, settings.api_host, settings.metrics_port)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.stop())
@@ -203,7 +193,7 @@ def cmd_registry(settings: Settings, args: argparse.Namespace, env: dict[str, st
 def cmd_topics(settings: Settings, args: argparse.Namespace, env: dict[str, str]) -> int:
     from chatpipe.runtime.topics import ensure_topics
 
-    created = ensure_topics(settings.kafka_bootstrap, settings.partitions, settings.replication_factor)
+    created = ensure_topics(settings, settings.partitions, settings.replication_factor)
     print("created: " + (", ".join(created) or "nothing (all topics exist)"))
     return 0
 

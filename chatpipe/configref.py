@@ -121,6 +121,28 @@ MEANINGS: dict[str, str] = {
     "kafka_idempotence": (
         "Idempotent Kafka producers (`chatpipe dev` sets 0 on its disk broker: Tansu's sequence bug)."
     ),
+    "kafka_security_protocol": (
+        "How every Kafka client reaches the brokers: `PLAINTEXT`, `SSL`, `SASL_PLAINTEXT` or `SASL_SSL` "
+        "(librdkafka's `security.protocol`; Faust's `broker_credentials`). `chatpipe dev`'s embedded "
+        "broker: `PLAINTEXT` only."
+    ),
+    "kafka_sasl_mechanism": "SASL mechanism: `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.",
+    "kafka_sasl_username": "SASL user name (with `SASL_PLAINTEXT` or `SASL_SSL` only).",
+    "kafka_sasl_password": "SASL password (or `CHATPIPE_KAFKA_SASL_PASSWORD_FILE`; never printed).",
+    "kafka_sasl_password_file": (
+        "File holding the SASL password (a mounted secret; a trailing newline is dropped), read at start."
+    ),
+    "kafka_ssl_ca_location": (
+        "CA certificate file (PEM) the brokers' certificates are verified against (`SSL`, `SASL_SSL`); "
+        "unset: the system's CAs."
+    ),
+    "kafka_client_config": (
+        "Extra librdkafka properties for every librdkafka client (ingest, the processor's producers, sink, "
+        "reconciler, replay, topic creation), comma-separated `name=value` (e.g. "
+        "`compression.type=zstd,socket.timeout.ms=30000`), applied last over chatpipe's own values; checked "
+        "at start (connection, security, `group.id` and `client.id` have their own settings or are "
+        "chatpipe's). Faust's own aiokafka clients do not take them."
+    ),
     "read_window_hours": "How long after delivery a read receipt may still come (then the message is final).",
     "stale_after_hours": "A message with no event for this long is final.",
     "final_retention_hours": "How long the processor keeps a final state before replacing it with a marker.",

@@ -283,6 +283,8 @@ class DevStack(ProcessGroup):
         env = dict(self.env)
         bootstrap = env.get("CHATPIPE_KAFKA_BOOTSTRAP")
         embedded = not bootstrap
+        if embedded and s.kafka_security_protocol != "PLAINTEXT":
+            raise RuntimeError("CHATPIPE_KAFKA_SECURITY_PROTOCOL: the embedded broker speaks PLAINTEXT only")
         broker_kept = embedded and self.disk and broker_data_kept(self.broker_dir)
         if embedded:
             port = free_port()
@@ -300,7 +302,7 @@ class DevStack(ProcessGroup):
             # a broker that starts empty: processor state from an earlier broker must not be mixed in
             shutil.rmtree(self.state / "processor", ignore_errors=True)
         partitions = dev_partitions(env, s, embedded)
-        ensure_topics(bootstrap, partitions, s.replication_factor)
+        ensure_topics(s.replace(kafka_bootstrap=bootstrap), partitions, s.replication_factor)
         self.bootstrap, self.partitions = bootstrap, partitions
         self.say(f"  topics: {partitions} partitions each")
         registry_url = env.get("CHATPIPE_SCHEMA_REGISTRY_URL")
@@ -473,7 +475,8 @@ class DevStack(ProcessGroup):
             return
         broker.started = time.monotonic()
         broker.announced = False
-        ensure_topics(self.bootstrap, self.partitions, self.settings.replication_factor)
+        s = self.settings
+        ensure_topics(s.replace(kafka_bootstrap=self.bootstrap), self.partitions, s.replication_factor)
         if self.disk:
             self.say(
                 f"  broker restarted on {self.bootstrap} (pid {broker.proc.pid}, restart {broker.restarts}); "

@@ -22,8 +22,9 @@ Every `interval` seconds a pass:
    `max_attempts` in all; a 404 is recorded ("unknown at 8x8") and not retried for hours; other 4xx are
    logged and not retried soon;
 4. produces each answer's synthetic delivery receipts (`processors.reconcile.details_to_receipts`) to
-   `chatpipe.receipts.raw`, keyed by umid, with chatpipe's Avro codec, acks=all and idempotence; the state
-   processor folds them like webhooks (states never regress). What receipts cannot carry (8x8's step
+   `chatpipe.receipts.raw`, keyed by umid, with chatpipe's Avro codec, acks=all and idempotence (unless
+   CHATPIPE_KAFKA_IDEMPOTENCE=0, as on dev's disk broker); the state processor folds them like webhooks
+   (states never regress). What receipts cannot carry (8x8's step
    numbers, channelId, country, contentType, createdAt) goes to the store with the lookup and fills the
    read API's answer.
 
@@ -51,7 +52,7 @@ from urllib.parse import quote
 
 import httpx
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 from chatpipe.runtime.config import Settings
 from chatpipe.runtime.metric_defs import ReconcilerMetrics
@@ -239,7 +240,9 @@ class Reconciler:
                 log.warning("schema registry not ready, retrying in %.1fs: %s", delay, exc)
                 await self._sleep(delay)
                 delay = min(delay * 2, 10.0)
-        self._producer = AsyncProducer(producer_config(self.settings.kafka_bootstrap))
+        self._producer = AsyncProducer(
+            producer_config(self.settings, **{"enable.idempotence": self.settings.kafka_idempotence})
+        )
         self._producer.start()
 
     def stop(self) -> None:
@@ -576,17 +579,10 @@ def create_health_app(reconciler: Reconciler) -> Any:
     """/healthz and /metrics of a reconciler (aiohttp)."""
     from aiohttp import web
 
-    async def healthz(_r: web.Request) -> web.Response:
-        return web.json_response(reconciler.health())
-
-    async def metrics(_r: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(reconciler.metrics_registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
+    from chatpipe.runtime.serve import add_health_routes
 
     app = web.Application()
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
+    add_health_routes(app, reconciler.metrics_registry, lambda: (True, reconciler.health()))
     return app
 
 

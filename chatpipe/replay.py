@@ -96,18 +96,14 @@ def bodies_from_topic(settings: Settings, topic: str, idle: float = 3.0) -> Iter
     in fetch responses (or until nothing new came for `idle` seconds: an empty partition)."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
+    from chatpipe.runtime import kafka
+
     kind = TOPIC_KINDS.get(topic)
     if kind is None:
         raise ReplayError(f"cannot replay topic {topic!r}: one of {', '.join(TOPIC_KINDS)}")
     codecs = Codecs.connect(settings.schema_registry_url)
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": f"chatpipe-replay-{uuid.uuid4()}",  # assigned, never committed
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-        }
-    )
+    group = f"chatpipe-replay-{uuid.uuid4()}"  # assigned, never committed
+    consumer = Consumer(kafka.consumer(settings, group, **{"enable.partition.eof": True}))
     try:
         meta = consumer.list_topics(topic, timeout=10).topics[topic]
         if meta.error is not None:

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 from chatpipe.runtime.config import Settings
 from chatpipe.runtime.metric_defs import IngestMetrics
-from chatpipe.runtime.serve import Handler, answer_and_close
+from chatpipe.runtime.serve import Handler, add_health_routes, answer_and_close
 from chatpipe.runtime.specs import parse_networks
 from ingest import auth
 from ingest.fastreceipt import encode_receipt, matches
@@ -535,10 +535,6 @@ async def token(request: web.Request) -> web.Response:
     )
 
 
-async def healthz(_request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
-
-
 async def readyz(request: web.Request) -> web.Response:
     """Ready when Kafka or the spool takes records and the spool is not stalled; else 503 with a reason."""
     intake = request.app[INTAKE]
@@ -551,11 +547,6 @@ async def readyz(request: web.Request) -> web.Response:
     if reason is not None:
         return web.json_response({"status": "unavailable", "reason": reason, **body}, status=503)
     return web.json_response({"status": "ready", **body})
-
-
-async def metrics_view(request: web.Request) -> web.Response:
-    return web.Response(body=generate_latest(request.app[REGISTRY]),
-                        headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def create_app(settings: Settings, codecs: Codecs | None = None,
@@ -578,7 +569,7 @@ def create_app(settings: Settings, codecs: Codecs | None = None,
 
     async def intake_ctx(app: web.Application) -> AsyncIterator[None]:
         config = producer_config(
-            settings.kafka_bootstrap,
+            settings,
             **{"linger.ms": settings.ingest_linger_ms, "enable.idempotence": settings.kafka_idempotence},
         )
         producer = AsyncProducer(config)
@@ -616,7 +607,6 @@ def create_app(settings: Settings, codecs: Codecs | None = None,
     app[WEBHOOK] = Webhook(app)
     app.router.add_post(WEBHOOK_PATH, app[WEBHOOK])
     app.router.add_post(TOKEN_PATH, token)
-    app.router.add_get("/healthz", healthz)
+    add_health_routes(app, registry)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_view)
     return app

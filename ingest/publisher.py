@@ -25,16 +25,21 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Producer
 
+from chatpipe.runtime import kafka
+from chatpipe.runtime.config import Settings
 from schemas.errors import TransientError
 
 log = logging.getLogger(__name__)
 
 
-def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
-    """Durable defaults: acks=all, idempotence (no duplicates from librdkafka retries), short linger."""
-    config: dict[str, Any] = {
-        "bootstrap.servers": bootstrap,
-        "acks": "all",
+def producer_config(settings: Settings | str, **overrides: Any) -> dict[str, Any]:
+    """Durable defaults: acks=all, idempotence (no duplicates from librdkafka retries: on, whatever
+    CHATPIPE_KAFKA_IDEMPOTENCE says, unless `overrides` say otherwise), short linger; the connection and
+    security of `chatpipe.runtime.kafka`. A bare bootstrap string is a PLAINTEXT cluster with no other
+    client setting (tests and benchmarks on the embedded broker)."""
+    if isinstance(settings, str):
+        settings = Settings(kafka_bootstrap=settings)
+    defaults: dict[str, Any] = {
         "enable.idempotence": True,
         "linger.ms": 2,
         "batch.num.messages": 10000,
@@ -45,8 +50,7 @@ def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
         # a broker that comes back is found within a second (librdkafka's default backs off up to 10 s)
         "reconnect.backoff.max.ms": 1000,
     }
-    config.update(overrides)
-    return config
+    return kafka.producer(settings, **{**defaults, **overrides})
 
 
 #: delivery errors after which the producer is replaced: librdkafka's idempotence state cannot be trusted
@@ -134,7 +138,7 @@ class AsyncProducer:
         self.on_replace: Callable[[str], None] | None = None
 
     def _new_producer(self) -> Producer:
-        return Producer({**self.config, "error_cb": self._on_error})
+        return Producer(dict(self.config, error_cb=self._on_error))
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()

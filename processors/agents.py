@@ -81,9 +81,11 @@ from typing import Any, NoReturn
 import rocksdict
 from confluent_kafka import KafkaError, Producer
 from faust.types import TP
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from chatpipe.runtime import kafka
 from chatpipe.runtime.patches import partition_db
+from chatpipe.runtime.serve import always_ok, health_answer, metrics_answer
 from processors.app import (
     GONE,
     LIVE,
@@ -270,21 +272,17 @@ class Folder:
         self.emit_derived = p.settings.emit_steps_and_events
         self.changelog_topic = p.table.changelog_topic.get_topic_name()
         self.parts: dict[int, _Partition] = {}
-        bootstrap = p.settings.kafka_bootstrap
-        common = {
-            "bootstrap.servers": bootstrap, "enable.idempotence": p.settings.kafka_idempotence, "acks": "all"
-        }
-        self.changelog_producer = Producer({**common, "linger.ms": 2, "client.id": "chatpipe-changelog"})
+        self.changelog_producer = Producer(
+            kafka.producer(p.settings, **{"linger.ms": 2, "client.id": "chatpipe-changelog"})
+        )
         # state, step and history records: delivery reports for failures only (no Python call per record
         # acked); a failure reaches `_on_state` and fails the flush, as for the changelog
         self.state_producer = Producer(
-            {
-                **common,
-                "linger.ms": 5,
-                "client.id": "chatpipe-state",
-                "delivery.report.only.error": True,
-                "on_delivery": self._on_state,
-            }
+            kafka.producer(
+                p.settings,
+                **{"linger.ms": 5, "client.id": "chatpipe-state", "delivery.report.only.error": True},
+                on_delivery=self._on_state,
+            )
         )
         self._lineages = random.Random()  # seeded from the OS: lineages of new states
         self._errors: list[str] = []
@@ -862,11 +860,12 @@ def install_agents(p: Processor) -> Folder:
 
     @p.app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
-        return web.json({"status": "ok"})
+        status, body = health_answer(always_ok)
+        return web.json(body, status=status)
 
     @p.app.page("/metrics")
     async def metrics_page(web: Any, request: Any) -> Any:
-        return web.bytes(generate_latest(p.metrics_registry), content_type=_METRICS_CONTENT_TYPE)
+        return web.bytes(metrics_answer(p.metrics_registry), content_type=_METRICS_CONTENT_TYPE)
 
     return folder
 
@@ -902,15 +901,8 @@ class InboundPoison:
             reason, datetime.now(UTC),
         )  # fmt: skip
         if self._producer is None:
-            settings = self.p.settings
-            self._producer = Producer(
-                {
-                    "bootstrap.servers": settings.kafka_bootstrap,
-                    "enable.idempotence": settings.kafka_idempotence,
-                    "acks": "all",
-                    "client.id": "chatpipe-inbound-dlq",
-                }
-            )
+            config = kafka.producer(self.p.settings, **{"client.id": "chatpipe-inbound-dlq"})
+            self._producer = Producer(config)
         producer = self._producer
         producer.produce(codec.spec.name, value, key, on_delivery=self._on_delivery)
         left = await asyncio.get_running_loop().run_in_executor(None, producer.flush, FLUSH_TIMEOUT)

@@ -29,6 +29,7 @@ import faust
 from faust.sensors.monitor import Monitor
 from prometheus_client import CollectorRegistry
 
+from chatpipe.runtime import kafka
 from chatpipe.runtime.config import Settings
 from chatpipe.runtime.metric_defs import ProcessorMetrics
 from chatpipe.runtime.topics import PROCESSOR_APP_ID
@@ -215,6 +216,9 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
         "broker_commit_interval": 1.0,
         "table_cleanup_interval": 60.0,
     }
+    credentials = kafka.faust_credentials(settings)
+    if credentials is not None:  # Faust's aiokafka clients: the security of chatpipe.runtime.kafka
+        conf["broker_credentials"] = credentials
     if settings.embedded_broker:
         # Tansu's ListOffsets answers the base offset of the last batch + 1 as the end offset; with one
         # record per batch that is the true end, so table recovery reads the whole changelog. chatpipe

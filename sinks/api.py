@@ -31,10 +31,11 @@ from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 from chatpipe.runtime.config import Settings
 from chatpipe.runtime.metric_defs import ApiMetrics
+from chatpipe.runtime.serve import add_health_routes
 from chatpipe.runtime.specs import ApiKeys, parse_api_keys, parse_api_keys_spec, parse_channel_ids
 from schemas import ids
 from schemas.errors import TransientError
@@ -167,16 +168,6 @@ async def conversation(request: web.Request) -> web.Response:
     return answer(request, "conversation_state", web.json_response(record))
 
 
-async def healthz(_request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
-
-
-async def metrics_view(request: web.Request) -> web.Response:
-    return web.Response(
-        body=generate_latest(request.app[REGISTRY]), headers={"Content-Type": CONTENT_TYPE_LATEST}
-    )
-
-
 @web.middleware
 async def store_unavailable(request: web.Request, handler: Callable[..., object]) -> web.StreamResponse:
     """The store is unreachable even after the store's own reconnect: 503 with Retry-After (8x8's error
@@ -282,7 +273,6 @@ def create_app(
     from sinks.api_analytics import add_routes as add_analytics_routes
 
     add_analytics_routes(app, prefix)  # .../analytics/{view}: docs/analytics.md
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics_view)
+    add_health_routes(app, registry)
     add_dashboard(app)
     return app

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from prometheus_client import CollectorRegistry
 
+from chatpipe.runtime import kafka
 from chatpipe.runtime.config import Settings
 from chatpipe.runtime.metric_defs import SinkMetrics
 from schemas.catalog import CONVERSATIONS, INBOUND, MESSAGE_STATE
@@ -39,16 +40,17 @@ T = TypeVar("T")
 
 
 def consumer_config(settings: Settings, group: str = SINK_GROUP) -> dict[str, Any]:
-    return {
-        "bootstrap.servers": settings.kafka_bootstrap,
-        "group.id": group,
-        "enable.auto.commit": False,
-        "auto.offset.reset": "earliest",
-        "session.timeout.ms": 6000,
-        "heartbeat.interval.ms": 1000,
-        "fetch.wait.max.ms": 50,
-        "partition.assignment.strategy": "cooperative-sticky",
-    }
+    return kafka.consumer(
+        settings,
+        group,
+        **{
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": 6000,
+            "heartbeat.interval.ms": 1000,
+            "fetch.wait.max.ms": 50,
+            "partition.assignment.strategy": "cooperative-sticky",
+        },
+    )
 
 
 def pii_policy(settings: Settings) -> PiiPolicy:
@@ -77,13 +79,7 @@ class SinkWorker:
         self._stop = threading.Event()
         self._assigned = threading.Event()
         self._consumer: Consumer | None = None
-        self._dlq = Producer(
-            {
-                "bootstrap.servers": settings.kafka_bootstrap,
-                "acks": "all",
-                "enable.idempotence": settings.kafka_idempotence,
-            }
-        )
+        self._dlq = Producer(kafka.producer(settings))
 
     @property
     def assigned(self) -> threading.Event:

@@ -10,13 +10,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chatpipe.runtime.specs import parse_api_keys_spec, parse_channel_ids, parse_networks
+from chatpipe.runtime.specs import (
+    parse_api_keys_spec,
+    parse_channel_ids,
+    parse_kafka_properties,
+    parse_networks,
+)
 
 _SECRET = "***"
 #: what the HTTP services (ingest, api, registry, reconciler) can run on
 EVENT_LOOPS = ("asyncio", "uvloop")
 #: where `chatpipe dev`'s embedded broker keeps its data (CHATPIPE_DEV_BROKER_STORAGE)
 DEV_BROKER_STORAGES = ("memory", "disk")
+#: how every Kafka client talks to the brokers (librdkafka's security.protocol, sasl.mechanism)
+KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
 def _secret_field(default: str | None = None) -> str | None:
@@ -95,6 +103,17 @@ class Settings:
     # tests/integration/pipeline/test_dev_persistent_broker.py); without idempotence a retry may write a
     # record twice, which every consumer of chatpipe's topics absorbs
     kafka_idempotence: bool = True
+    # how every Kafka client (ingest, processor and Faust's own clients, sink, reconciler, replay, topic
+    # creation) reaches a production cluster: chatpipe.runtime.kafka builds each client's configuration
+    # from these. The SASL password may come from a file (a mounted secret), read once by `from_env`;
+    # kafka_client_config: extra librdkafka properties `name=value,name=value` for every librdkafka client
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: str | None = _secret_field()
+    kafka_sasl_password_file: Path | None = None
+    kafka_ssl_ca_location: Path | None = None
+    kafka_client_config: str = ""
     read_window_hours: float = 48.0
     stale_after_hours: float = 240.0
     final_retention_hours: float = 24.0
@@ -145,6 +164,7 @@ class Settings:
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
+        _read_password_file(values)
         settings = cls(**values)  # type: ignore[arg-type]
         settings.validate()
         return settings
@@ -197,6 +217,7 @@ class Settings:
             parse_channel_ids(self.channel_ids)
         except ValueError as exc:
             raise ValueError(f"CHATPIPE_CHANNEL_IDS: {exc}") from None
+        self._validate_kafka()
         for name, spec in (
             ("CHATPIPE_ALLOWED_IPS", self.allowed_ips),
             ("CHATPIPE_TRUSTED_PROXIES", self.trusted_proxies),
@@ -205,6 +226,35 @@ class Settings:
                 parse_networks(spec)
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from None
+
+    def _validate_kafka(self) -> None:
+        protocol = self.kafka_security_protocol
+        if protocol not in KAFKA_SECURITY_PROTOCOLS:
+            choices = ", ".join(KAFKA_SECURITY_PROTOCOLS)
+            raise ValueError(f"CHATPIPE_KAFKA_SECURITY_PROTOCOL must be one of {choices}")
+        if self.kafka_sasl_mechanism not in KAFKA_SASL_MECHANISMS:
+            choices = ", ".join(KAFKA_SASL_MECHANISMS)
+            raise ValueError(f"CHATPIPE_KAFKA_SASL_MECHANISM must be one of {choices}")
+        sasl = protocol.startswith("SASL_")
+        if sasl and not (self.kafka_sasl_username and self.kafka_sasl_password):
+            raise ValueError(
+                f"CHATPIPE_KAFKA_SECURITY_PROTOCOL={protocol} needs CHATPIPE_KAFKA_SASL_USERNAME and "
+                "CHATPIPE_KAFKA_SASL_PASSWORD (or CHATPIPE_KAFKA_SASL_PASSWORD_FILE)"
+            )
+        if not sasl and (self.kafka_sasl_username or self.kafka_sasl_password):
+            raise ValueError(
+                "CHATPIPE_KAFKA_SASL_USERNAME/PASSWORD need CHATPIPE_KAFKA_SECURITY_PROTOCOL SASL_SSL or "
+                f"SASL_PLAINTEXT, not {protocol}"
+            )
+        if self.kafka_ssl_ca_location is not None and not protocol.endswith("SSL"):
+            raise ValueError(
+                "CHATPIPE_KAFKA_SSL_CA_LOCATION needs CHATPIPE_KAFKA_SECURITY_PROTOCOL SSL or SASL_SSL, "
+                f"not {protocol}"
+            )
+        try:
+            parse_kafka_properties(self.kafka_client_config)
+        except ValueError as exc:
+            raise ValueError(f"CHATPIPE_KAFKA_CLIENT_CONFIG: {exc}") from None
 
     def replace(self, **changes: object) -> Settings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
@@ -219,6 +269,25 @@ _ENV_NAMES = {
 def env_name(field_name: str) -> str:
     """The environment variable of a `Settings` field (`CHATPIPE_` + its name, but for the 8x8 ones)."""
     return _ENV_NAMES.get(field_name, "CHATPIPE_" + field_name.upper())
+
+
+def _read_password_file(values: dict[str, object]) -> None:
+    """CHATPIPE_KAFKA_SASL_PASSWORD_FILE: the password is the file's text without its trailing newline.
+
+    Raises ValueError naming the variable when the file cannot be read or is empty, or when
+    CHATPIPE_KAFKA_SASL_PASSWORD is set as well."""
+    path = values.get("kafka_sasl_password_file")
+    if path is None:
+        return
+    if values.get("kafka_sasl_password"):
+        raise ValueError("CHATPIPE_KAFKA_SASL_PASSWORD and CHATPIPE_KAFKA_SASL_PASSWORD_FILE: set one")
+    try:
+        password = Path(str(path)).read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ValueError(f"CHATPIPE_KAFKA_SASL_PASSWORD_FILE {path}: {exc.strerror}") from None
+    if not password:
+        raise ValueError(f"CHATPIPE_KAFKA_SASL_PASSWORD_FILE {path}: empty")
+    values["kafka_sasl_password"] = password
 
 
 def _convert(kind: object, raw: str) -> object:

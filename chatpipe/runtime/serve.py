@@ -1,4 +1,5 @@
-"""Process glue shared by the services: logging set-up, running an aiohttp app until a signal."""
+"""Process glue shared by the services: logging set-up, running an aiohttp app until a signal, and the
+`/healthz` + `/metrics` answers every service gives."""
 
 from __future__ import annotations
 
@@ -14,9 +15,50 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from chatpipe.runtime.patches import Dispatch, install_dispatch
 from chatpipe.runtime.patches import Handler as Handler  # re-exported: ingest.app imports it from here
+
+#: a service's health: (healthy, what else `/healthz` says); called for every /healthz request
+HealthCheck = Callable[[], tuple[bool, dict[str, Any]]]
+
+
+def always_ok() -> tuple[bool, dict[str, Any]]:
+    """The health of a service whose answering is its health (ingest, the read API, the worker)."""
+    return True, {}
+
+
+def health_answer(check: HealthCheck) -> tuple[int, dict[str, Any]]:
+    """`/healthz`'s status and JSON body: 200 `{"status": "ok", ...details}` when healthy, else 503
+    `{"status": "unavailable", ...details}` (`status` comes first and from `healthy`: one among the
+    details is ignored)."""
+    ok, details = check()
+    body: dict[str, Any] = {"status": "ok" if ok else "unavailable"}
+    body.update((k, v) for k, v in details.items() if k != "status")
+    return (200 if ok else 503), body
+
+
+def metrics_answer(registry: CollectorRegistry) -> bytes:
+    """`/metrics`' body: `registry` in Prometheus' text format (served as `CONTENT_TYPE_LATEST`)."""
+    return generate_latest(registry)
+
+
+def add_health_routes(
+    app: web.Application, registry: CollectorRegistry, check: HealthCheck = always_ok
+) -> None:
+    """GET `/healthz` (`health_answer(check)`, JSON) and GET `/metrics` (`registry`, Prometheus' text
+    format) on `app`: the same answers from every aiohttp service (Faust's pages reuse the builders)."""
+
+    async def healthz(_request: web.Request) -> web.Response:
+        status, body = health_answer(check)
+        return web.json_response(body, status=status)
+
+    async def metrics(_request: web.Request) -> web.Response:
+        return web.Response(body=metrics_answer(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
 
 
 class JsonFormatter(logging.Formatter):

@@ -118,3 +118,34 @@ def parse_channel_ids(spec: str) -> dict[tuple[str, str], str]:
             raise ValueError(f"expected subAccountId:channel=channelId, got {entry!r}")
         out[(sub.strip(), channel.strip().lower())] = channel_id.strip()
     return out
+
+
+# --- extra librdkafka properties (every Kafka client) ----------------------------------------------
+
+#: properties `CHATPIPE_KAFKA_CLIENT_CONFIG` may not set: each has its own setting or is chatpipe's per client
+RESERVED_KAFKA_PROPERTIES = frozenset({
+    "bootstrap.servers", "metadata.broker.list", "security.protocol", "sasl.mechanism", "sasl.mechanisms",
+    "sasl.username", "sasl.password", "ssl.ca.location", "group.id", "client.id",
+})
+
+
+def parse_kafka_properties(spec: str) -> dict[str, str]:
+    """`CHATPIPE_KAFKA_CLIENT_CONFIG`: comma-separated `name=value` librdkafka properties (names as
+    librdkafka's CONFIGURATION.md spells them: lower case, dotted). Raises ValueError naming the bad entry:
+    not `name=value`, a name that is not a property name, the same name twice, or a reserved name (one of
+    `RESERVED_KAFKA_PROPERTIES`, set by its own setting or by chatpipe per client)."""
+    out: dict[str, str] = {}
+    for entry in (e.strip() for e in spec.split(",")):
+        if not entry:
+            continue
+        name, eq, value = (part.strip() for part in entry.partition("="))
+        if not (eq and name and value):
+            raise ValueError(f"expected name=value, got {entry!r}")
+        if not all(c.islower() or c.isdigit() or c in "._" for c in name) or not name[0].isalpha():
+            raise ValueError(f"{name!r} is not a librdkafka property name (lower case, dotted)")
+        if name in RESERVED_KAFKA_PROPERTIES or name.endswith("_cb"):
+            raise ValueError(f"{name!r} is set by chatpipe (use its own setting, if it has one)")
+        if name in out:
+            raise ValueError(f"{name!r} twice")
+        out[name] = value
+    return out

@@ -12,6 +12,8 @@ import time
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from chatpipe.runtime import kafka
+from chatpipe.runtime.config import Settings
 from schemas.catalog import TOPICS
 
 log = logging.getLogger(__name__)
@@ -38,10 +40,18 @@ def wanted_topics(partitions: int, replication: int) -> list[NewTopic]:
     return topics
 
 
-def ensure_topics(bootstrap: str, partitions: int, replication: int = 1, timeout: float = 30.0) -> list[str]:
+def ensure_topics(
+    settings: Settings | str, partitions: int, replication: int = 1, timeout: float = 30.0
+) -> list[str]:
     """Create every missing topic; return the names created. Existing topics are left as they are,
-    but a partition count different from `partitions` is an error (co-partitioning would break)."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    but a partition count different from `partitions` is an error (co-partitioning would break).
+
+    `settings` says how to reach the cluster (`chatpipe.runtime.kafka.admin`); a bare bootstrap string is
+    a PLAINTEXT cluster with no other client setting (tests and benchmarks on the embedded broker)."""
+    if isinstance(settings, str):
+        settings = Settings(kafka_bootstrap=settings)
+    bootstrap = settings.kafka_bootstrap
+    admin = AdminClient(kafka.admin(settings))
     deadline = time.monotonic() + timeout
     while True:
         try:

@@ -92,6 +92,8 @@ async def test_every_documented_webhook_is_accepted_and_readable_from_its_topic(
     while set(got) != set(sent) and time.monotonic() < deadline:
         for topic, codec in ((RECEIPTS.name, codecs.receipts), (INBOUND.name, codecs.inbound)):
             for m in read_topic(broker, topic, idle=2.0):
+                if not m.value().startswith(b"\x00"):
+                    continue  # another test's bytes on the session's broker (test_publisher.py: not Avro)
                 event = codec.decode(m.value())
                 if event.umid in sent:
                     assert m.key() == event.umid.encode()

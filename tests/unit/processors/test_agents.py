@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from chatpipe.runtime.config import Settings
 from processors.agents import Folder, _Batch, merge
 from processors.app import RuntimeConfig
 from schemas.errors import TransientError
@@ -65,9 +66,7 @@ def make_folder(in_flight: int = 2) -> Any:
         metrics=None,
         receipts=name,
         states=name,
-        settings=SimpleNamespace(
-            emit_steps_and_events=False, kafka_bootstrap="127.0.0.1:1", kafka_idempotence=True
-        ),
+        settings=Settings(emit_steps_and_events=False, kafka_bootstrap="127.0.0.1:1", kafka_idempotence=True),
         table=SimpleNamespace(changelog_topic=name),
     )
     folder = Folder(p)  # type: ignore[arg-type]

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from chatpipe.runtime.config import Settings
 from chatpipe.runtime.metric_defs import ProcessorMetrics
 from processors import agents
 from processors.agents import Folder, _Batch
@@ -52,9 +53,7 @@ def make_folder(runtime: RuntimeConfig | None = None) -> tuple[Folder, Codecs, d
         metrics=ProcessorMetrics(CollectorRegistry()),
         receipts=name,
         states=SimpleNamespace(get_topic_name=lambda: "chatpipe.messages.state"),
-        settings=SimpleNamespace(
-            emit_steps_and_events=True, kafka_bootstrap="127.0.0.1:1", kafka_idempotence=True
-        ),
+        settings=Settings(emit_steps_and_events=True, kafka_bootstrap="127.0.0.1:1", kafka_idempotence=True),
         table=SimpleNamespace(changelog_topic=name),
     )
     folder = Folder(p)  # type: ignore[arg-type]
@@ -259,7 +258,7 @@ async def test_a_poison_inbound_message_is_parked_and_the_limit_stops_the_worker
     p = SimpleNamespace(
         codecs=codecs,
         metrics=folder.metrics,
-        settings=SimpleNamespace(kafka_bootstrap="127.0.0.1:1", kafka_idempotence=True),
+        settings=Settings(kafka_bootstrap="127.0.0.1:1", kafka_idempotence=True),
         runtime=RuntimeConfig(dlq_max_ratio=0.5, dlq_window=10, dlq_min=3),
     )
     poison = agents.InboundPoison(p)  # type: ignore[arg-type]
