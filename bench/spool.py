@@ -84,8 +84,7 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     print(f"spool in {args.dir}, {args.value_bytes}-byte values, fsync on, {args.seconds:g} s each")
     print(
-        f"single append (1 fsync each):           {single:>10,.0f} appends/s  "
-        f"({n1:,} appends, {f1:,} fsyncs)"
+        f"single append (1 fsync each):           {single:>10,.0f} appends/s  ({n1:,} appends, {f1:,} fsyncs)"
     )
     print(
         f"AsyncSpool group commit, {args.concurrency:>3} appenders: {group:>10,.0f} appends/s  "

@@ -86,4 +86,3 @@ def start_tansu(
         proc.kill()
         raise
     return proc
-

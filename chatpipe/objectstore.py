@@ -564,9 +564,7 @@ def create_app(store: Store, log_requests: bool = False) -> web.Application:
             if method == "POST" and "delete" in q:
                 keys, quiet = _delete_keys(await request.read())
                 done = await store.delete(bucket, keys)
-                body = "".join(
-                    f"<Deleted><Key>{escape(k)}</Key></Deleted>" for k in ([] if quiet else done)
-                )
+                body = "".join(f"<Deleted><Key>{escape(k)}</Key></Deleted>" for k in ([] if quiet else done))
                 return web.Response(
                     body=f'{_XML_HEAD}<DeleteResult xmlns="{XMLNS}">{body}</DeleteResult>'.encode(),
                     content_type="application/xml",

@@ -78,7 +78,7 @@ def bodies_from_lines(lines: Iterable[str], source: str = "<lines>") -> Iterator
         elif isinstance(doc, dict) and "eventType" in doc:
             yield line.strip().encode("utf-8")
         else:
-            raise ReplayError(f"{source}:{number}: neither a webhook (eventType) nor {{\"body\": ...}}")
+            raise ReplayError(f'{source}:{number}: neither a webhook (eventType) nor {{"body": ...}}')
 
 
 def dump_lines(bodies: Iterable[bytes]) -> Iterator[str]:

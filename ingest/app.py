@@ -91,8 +91,9 @@ class DrainWatch:
         if not sent and broker_answers:
             self.failures += 1
             if self.failures >= self.max_failures:
-                self.stalled = (f"spool drain failed {self.failures} times in a row while the broker "
-                                f"answers, at {error}")
+                self.stalled = (
+                    f"spool drain failed {self.failures} times in a row while the broker answers, at {error}"
+                )
 
     def age(self, now: float) -> float:
         """Seconds since a record was last drained or the spool was empty."""
@@ -103,8 +104,10 @@ class DrainWatch:
 
     def broker_answered(self, now: float) -> None:
         if self.wants_probe(now):
-            self.stalled = (f"no spooled record drained for {self.age(now):.0f} s while the broker answers; "
-                            f"last failure at {self.last_error or 'none'}")
+            self.stalled = (
+                f"no spooled record drained for {self.age(now):.0f} s while the broker answers; "
+                f"last failure at {self.last_error or 'none'}"
+            )
 
 
 class Intake:
@@ -124,9 +127,16 @@ class Intake:
     spool takes (readiness stays as it is); `chatpipe_ingest_spool_drain_age_seconds` shows how long.
     """
 
-    def __init__(self, producer: AsyncProducer, spool: AsyncSpool | None, timeout: float,
-                 metrics: IngestMetrics, stall_failures: int = 5, stall_seconds: float = 60.0,
-                 drain_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        producer: AsyncProducer,
+        spool: AsyncSpool | None,
+        timeout: float,
+        metrics: IngestMetrics,
+        stall_failures: int = 5,
+        stall_seconds: float = 60.0,
+        drain_timeout: float = 30.0,
+    ) -> None:
         self.producer = producer
         self.spool = spool
         self.timeout = timeout
@@ -340,20 +350,27 @@ def _new_error_id() -> str:
     return str(uuid.uuid4())
 
 
-def _error(status: int, code: int, message: str, error_id: str | None = None,
-           headers: dict[str, str] | None = None) -> web.Response:
+def _error(
+    status: int, code: int, message: str, error_id: str | None = None, headers: dict[str, str] | None = None
+) -> web.Response:
     body = error_body(code, message, error_id or _new_error_id(), _now())
     return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 
 def _accepted(umid: str) -> web.Response:
-    return web.Response(body=b'{"status":"accepted","umid":' + orjson.dumps(umid) + b"}",
-                        content_type="application/json")
+    return web.Response(
+        body=b'{"status":"accepted","umid":' + orjson.dumps(umid) + b"}", content_type="application/json"
+    )
 
 
 def _unavailable(error_id: str) -> web.Response:
-    return _error(503, CODE_UNAVAILABLE, "Service temporarily unavailable, retry later", error_id,
-                  headers={"Retry-After": "5"})
+    return _error(
+        503,
+        CODE_UNAVAILABLE,
+        "Service temporarily unavailable, retry later",
+        error_id,
+        headers={"Retry-After": "5"},
+    )
 
 
 async def _read_body(request: web.BaseRequest, limit: int) -> tuple[bytes, bool]:
@@ -387,14 +404,23 @@ class Webhook:
         self.intake: Intake | None = None  # set by the app's start-up, before it takes traffic
         self.fast_dispatched = 0  # requests `fast_dispatch` sent here without the router
 
-    async def _park(self, request: web.BaseRequest, body: bytes, exc: InvalidEvent, error_id: str,
-                    remote: str | None) -> None:
+    async def _park(
+        self, request: web.BaseRequest, body: bytes, exc: InvalidEvent, error_id: str, remote: str | None
+    ) -> None:
         """Park the rejected request, whole (secrets removed from headers), in the ingest DLQ."""
         assert self.intake is not None
         headers = tuple((k, v) for k, v in request.headers.items() if k.lower() not in _SECRET_HEADERS)
         letter = DeadLetter(
-            error_id=error_id, reason=exc.reason, code=exc.code, http_status=exc.http_status, source="ingest",
-            received_at=_now(), body=body, headers=headers, field=exc.field, remote=remote,
+            error_id=error_id,
+            reason=exc.reason,
+            code=exc.code,
+            http_status=exc.http_status,
+            source="ingest",
+            received_at=_now(),
+            body=body,
+            headers=headers,
+            field=exc.field,
+            remote=remote,
         )
         codec = self.codecs.ingest_dlq
         await self.intake.put(codec.spec.name, error_id.encode(), codec.encode(letter))
@@ -415,8 +441,12 @@ class Webhook:
             if authn.required and not authn.check(request.headers.get("Authorization")):
                 metrics.auth_failures.labels("credentials").inc()
                 metrics.webhooks.labels("unknown", "unauthorized").inc()
-                return _error(401, CODE_UNAUTHORIZED, "Request was not authenticated properly",
-                              headers={"WWW-Authenticate": 'Bearer realm="chatpipe"'})
+                return _error(
+                    401,
+                    CODE_UNAUTHORIZED,
+                    "Request was not authenticated properly",
+                    headers={"WWW-Authenticate": 'Bearer realm="chatpipe"'},
+                )
             length = request.content_length
             content = request.content
             if length is not None and length <= settings.max_body_bytes and content.is_eof():
@@ -430,7 +460,8 @@ class Webhook:
                 except TimeoutError:  # a client holding the connection without sending: 408, closed
                     log.info("webhook body not complete after %g s: answered 408", wait)
                     return await answer_and_close(
-                        request, _error(408, CODE_BAD_REQUEST, f"body: not received within {wait:g} s"))
+                        request, _error(408, CODE_BAD_REQUEST, f"body: not received within {wait:g} s")
+                    )
                 except ConnectionError:  # the client left mid-body: nobody to answer, nothing to park
                     log.debug("webhook body not read: the client disconnected")
                     return _error(400, CODE_BAD_REQUEST, "body: the client disconnected")
@@ -439,13 +470,17 @@ class Webhook:
                     limit = settings.max_body_bytes
                     raise InvalidEvent(
                         f"body: larger than {limit} bytes (first {limit} kept)",
-                        field="body", code=CODE_TOO_LARGE, http_status=413,
+                        field="body",
+                        code=CODE_TOO_LARGE,
+                        http_status=413,
                     )
                 raw_type = request.headers.get("Content-Type")
                 if raw_type != "application/json" and request.content_type not in JSON_TYPES:
                     raise InvalidEvent(
                         f"Content-Type: expected application/json, got {request.content_type}",
-                        field="Content-Type", code=CODE_BAD_CONTENT_TYPE, http_status=415,
+                        field="Content-Type",
+                        code=CODE_BAD_CONTENT_TYPE,
+                        http_status=415,
                     )
                 received_at = _now()
                 receipts = self.codecs.receipts
@@ -515,8 +550,9 @@ async def token(request: web.Request) -> web.Response:
     """OAuth2 client-credentials grant (RFC 6749 4.4): short-lived bearer tokens for 8x8's webhook calls."""
     authn = request.app[AUTHN]
     if not authn.key:
-        return web.json_response({"error": "unsupported_grant_type",
-                                  "error_description": "OAuth2 is not configured"}, status=400)
+        return web.json_response(
+            {"error": "unsupported_grant_type", "error_description": "OAuth2 is not configured"}, status=400
+        )
     form = {k: str(v) for k, v in (await request.post()).items()}
     if form.get("grant_type") != "client_credentials":
         return web.json_response({"error": "unsupported_grant_type"}, status=400)
@@ -526,8 +562,9 @@ async def token(request: web.Request) -> web.Response:
         and hmac.compare_digest(_bytes(creds[1]), (authn.client_secret or "").encode())
     ):
         request.app[METRICS].auth_failures.labels("oauth2").inc()
-        return web.json_response({"error": "invalid_client"}, status=401,
-                                 headers={"WWW-Authenticate": 'Basic realm="chatpipe"'})
+        return web.json_response(
+            {"error": "invalid_client"}, status=401, headers={"WWW-Authenticate": 'Basic realm="chatpipe"'}
+        )
     issued = auth.issue_token(creds[0], authn.key, time.time(), authn.token_ttl)
     return web.json_response(
         {"access_token": issued, "token_type": "Bearer", "expires_in": authn.token_ttl},
@@ -541,16 +578,21 @@ async def readyz(request: web.Request) -> web.Response:
     kafka = intake.producer.healthy
     spool = intake.spool_writable
     stalled = intake.stalled
-    body: dict[str, object] = {"kafka": kafka, "spool": spool, "spoolDepth": intake.spool_depth,
-                               "spoolStalled": stalled is not None}
+    body: dict[str, object] = {
+        "kafka": kafka,
+        "spool": spool,
+        "spoolDepth": intake.spool_depth,
+        "spoolStalled": stalled is not None,
+    }
     reason = stalled or (None if kafka or spool else "neither Kafka nor the spool takes records")
     if reason is not None:
         return web.json_response({"status": "unavailable", "reason": reason, **body}, status=503)
     return web.json_response({"status": "ready", **body})
 
 
-def create_app(settings: Settings, codecs: Codecs | None = None,
-               spool_dir: Path | None = None) -> web.Application:
+def create_app(
+    settings: Settings, codecs: Codecs | None = None, spool_dir: Path | None = None
+) -> web.Application:
     """The ingest app. `spool_dir` defaults to STATE_DIR/spool/ingest-0 (one directory per process)."""
     app = web.Application(client_max_size=settings.max_body_bytes + 1)
     registry = CollectorRegistry()
@@ -578,8 +620,12 @@ def create_app(settings: Settings, codecs: Codecs | None = None,
         if settings.spool_max_bytes:
             spool = AsyncSpool(Spool(spool_path, max_bytes=settings.spool_max_bytes))
         intake = Intake(
-            producer, spool, settings.produce_timeout, app[METRICS],
-            stall_failures=settings.spool_stall_failures, stall_seconds=settings.spool_stall_seconds,
+            producer,
+            spool,
+            settings.produce_timeout,
+            app[METRICS],
+            stall_failures=settings.spool_stall_failures,
+            stall_seconds=settings.spool_stall_seconds,
         )
         app[INTAKE] = intake
         app[WEBHOOK].intake = intake

@@ -100,6 +100,7 @@ def client_credentials(authorization: str | None, form: dict[str, str]) -> tuple
 
 # --- source address allowlist ------------------------------------------------------------------------
 
+
 def _in(addr: str, nets: tuple[Network, ...]) -> bool:
     try:
         ip = ipaddress.ip_address(addr.strip())

@@ -96,8 +96,19 @@ _ORJSON_MAX_DEPTH = 1024
 #: every `status.state` 8x8 documents (message-status-references.md, the details API's MessageStatus,
 #: list-of-supported-chatapps-channels.md and chatapps-fallback-management.md for `accepted`), lower case
 STATES = frozenset(
-    {"queued", "accepted", "sent", "delivered", "read", "undelivered", "rejected", "failed", "unknown", "ok",
-     "error"}
+    {
+        "queued",
+        "accepted",
+        "sent",
+        "delivered",
+        "read",
+        "undelivered",
+        "rejected",
+        "failed",
+        "unknown",
+        "ok",
+        "error",
+    }
 )
 _STATES_SHOWN = ", ".join(sorted(STATES))
 #: a channel name: every value 8x8 documents (sms, WhatsApp, LineNotification, GoogleRCS, ...) is an ASCII
@@ -153,6 +164,7 @@ _INTERACTIVE_KEYS = {
     _NFM: "nfmReply",
     _CALL: "callPermissionReply",
 }
+
 
 def _req_id(obj: JSONObject, key: str, parent: str, fmt: ids.IdFormat) -> str:
     value = req_str(obj, key, parent)

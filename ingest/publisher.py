@@ -55,16 +55,18 @@ def producer_config(settings: Settings | str, **overrides: Any) -> dict[str, Any
 
 #: delivery errors after which the producer is replaced: librdkafka's idempotence state cannot be trusted
 #: (fenced, sequence or epoch errors), or a message timed out (on Tansu the producer is fenced from then on)
-REPLACE_ON = frozenset({
-    KafkaError._FATAL,
-    KafkaError.PRODUCER_FENCED,
-    KafkaError._MSG_TIMED_OUT,
-    KafkaError._TIMED_OUT,
-    KafkaError.INVALID_PRODUCER_EPOCH,
-    KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
-    KafkaError.UNKNOWN_PRODUCER_ID,
-    KafkaError.INVALID_PRODUCER_ID_MAPPING,
-})
+REPLACE_ON = frozenset(
+    {
+        KafkaError._FATAL,
+        KafkaError.PRODUCER_FENCED,
+        KafkaError._MSG_TIMED_OUT,
+        KafkaError._TIMED_OUT,
+        KafkaError.INVALID_PRODUCER_EPOCH,
+        KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+        KafkaError.UNKNOWN_PRODUCER_ID,
+        KafkaError.INVALID_PRODUCER_ID_MAPPING,
+    }
+)
 
 
 def replace_cause(err: KafkaError) -> str | None:
@@ -106,8 +108,13 @@ class AsyncProducer:
     checks sit in the error branch of the delivery callback.
     """
 
-    def __init__(self, config: dict[str, Any], poll_interval: float = 0.001,
-                 idle_interval: float = 0.05, min_replace_interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        poll_interval: float = 0.001,
+        idle_interval: float = 0.05,
+        min_replace_interval: float = 1.0,
+    ) -> None:
         if not 0 < poll_interval <= idle_interval:
             raise ValueError(f"need 0 < poll_interval <= idle_interval, got {poll_interval}, {idle_interval}")
         if min_replace_interval < 0:
@@ -196,8 +203,11 @@ class AsyncProducer:
         held = len(old)
         old.purge(in_queue=True, in_flight=True, blocking=False)
         self._retired.append((old, self.last_replace_reason))
-        log.warning("kafka producer replaced (%s); the %d records it held fail and are spooled or stay in "
-                    "the spool", self.last_replace_reason, held)
+        log.warning(
+            "kafka producer replaced (%s); the %d records it held fail and are spooled or stay in the spool",
+            self.last_replace_reason,
+            held,
+        )
         self._serve_retired()
         if self.on_replace is not None:
             self.on_replace(cause)

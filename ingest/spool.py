@@ -237,9 +237,7 @@ class Spool:
         for stale in d.glob(f"{ACK_FILE}.tmp*"):
             stale.unlink()
         found = sorted(
-            (int(m.group(1)), d / name)
-            for name in os.listdir(d)
-            if (m := _SEGMENT_RE.match(name))
+            (int(m.group(1)), d / name) for name in os.listdir(d) if (m := _SEGMENT_RE.match(name))
         )
         acked = self._read_ack(found)
         # segments whose every record is acknowledged (known from the next one's name) go unread
@@ -297,7 +295,10 @@ class Spool:
             if acked + 1 > active.next_seq:
                 log.warning(
                     "spool %s: acknowledged up to %d but records end at %d; continuing at %d",
-                    d, acked, active.next_seq - 1, acked + 1,
+                    d,
+                    acked,
+                    active.next_seq - 1,
+                    acked + 1,
                 )
             self._fd = os.open(active.path, os.O_WRONLY | os.O_APPEND)
         else:
@@ -309,8 +310,12 @@ class Spool:
         elif self._segments:
             self._head_seg, self._head_off = self._segments[-1], self._segments[-1].size
         if self.depth:
-            log.warning("spool %s: %d undelivered records (%d bytes) left by a previous run",
-                        d, self.depth, self._unacked_bytes)
+            log.warning(
+                "spool %s: %d undelivered records (%d bytes) left by a previous run",
+                d,
+                self.depth,
+                self._unacked_bytes,
+            )
 
     def _read_ack(self, found: list[tuple[int, Path]]) -> int:
         path = self.directory / ACK_FILE
@@ -319,8 +324,12 @@ class Spool:
         except FileNotFoundError:
             acked = found[0][0] - 1 if found else 0
             if found:
-                log.warning("spool %s: no %s; assuming everything before seq %d was delivered",
-                            self.directory, ACK_FILE, acked + 1)
+                log.warning(
+                    "spool %s: no %s; assuming everything before seq %d was delivered",
+                    self.directory,
+                    ACK_FILE,
+                    acked + 1,
+                )
             self._write_ack(acked)
             return acked
         try:
@@ -347,7 +356,10 @@ class Spool:
             )
         log.warning(
             "spool segment %s: torn tail at offset %d (%s, %d bytes) truncated; it was never acknowledged",
-            path, pos, reason, len(data) - pos,
+            path,
+            pos,
+            reason,
+            len(data) - pos,
         )
         fd = os.open(path, os.O_WRONLY)
         try:
@@ -732,8 +744,13 @@ class AsyncSpool:
                     drained += delivered
                 if error is not None:
                     self.last_drain_error, self.stopped_at = error, records[delivered]
-                    log.warning("spool drain stopped at seq %d (topic %s) after %d records: %s",
-                                records[delivered].seq, records[delivered].topic, drained, error)
+                    log.warning(
+                        "spool drain stopped at seq %d (topic %s) after %d records: %s",
+                        records[delivered].seq,
+                        records[delivered].topic,
+                        drained,
+                        error,
+                    )
                     return drained
                 self.last_drain_error = self.stopped_at = None
 

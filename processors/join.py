@@ -115,8 +115,12 @@ def join(
     held_steps = {s.channel: s for s in held.steps}
     other = {s.channel: s for s in incoming.steps}
     steps = tuple(
-        _fill_step(replace(s, duplicates=held_steps[s.channel].duplicates)
-                   if s.channel in held_steps else replace(s, duplicates=0), other.get(s.channel))
+        _fill_step(
+            replace(s, duplicates=held_steps[s.channel].duplicates)
+            if s.channel in held_steps
+            else replace(s, duplicates=0),
+            other.get(s.channel),
+        )
         for s in state.steps
     )
     final = state.final or sealed

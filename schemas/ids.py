@@ -20,7 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 __all__ = [
-    "BATCH_ID", "CHANNEL_ID", "CLIENT_BATCH_ID", "CLIENT_MESSAGE_ID", "SUBACCOUNT_ID", "UMID", "IdFormat",
+    "BATCH_ID",
+    "CHANNEL_ID",
+    "CLIENT_BATCH_ID",
+    "CLIENT_MESSAGE_ID",
+    "SUBACCOUNT_ID",
+    "UMID",
+    "IdFormat",
 ]
 
 

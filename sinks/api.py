@@ -67,6 +67,7 @@ from sinks.store import DEFAULT_LIMIT, MAX_LIMIT, Store
 _PATH_IDS = {"umid": ids.UMID, "channelId": ids.CHANNEL_ID}
 E164_RE = re.compile(r"^\+[1-9][0-9]{5,14}$")
 
+
 def _id(request: web.Request, name: str) -> str:
     value = request.match_info[name]
     if not _PATH_IDS[name].ok(value):

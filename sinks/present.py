@@ -45,7 +45,6 @@ def display_channel(channel: str) -> str:
     return CHANNEL_DISPLAY.get(channel.lower(), channel) if channel else channel
 
 
-
 def _iso(value: datetime | None) -> str | None:
     return format_iso8601(value) if value is not None else None
 

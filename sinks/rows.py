@@ -192,6 +192,7 @@ BOOLEAN_COLUMNS: frozenset[str] = frozenset(
 # What "looks like a phone number" for masking a conversation's user id: E.164 with or without `+`.
 PHONE_LIKE = re.compile(r"^\+?[1-9][0-9]{5,14}$")
 
+
 @functools.lru_cache(maxsize=8)
 def _hmac_base(key: bytes) -> hmac.HMAC:
     return hmac.new(key, digestmod=hashlib.sha256)

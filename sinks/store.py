@@ -207,6 +207,7 @@ class Store(Protocol):
     def record_lookups(self, lookups: Sequence[LookupRecord]) -> None:
         """Keep each lookup's outcome, attempts and next due time in one transaction; a record older than
         the stored one (`checked_at`) changes nothing; `details` None keeps the stored details."""
+
     def analytics(self, query: Query) -> list[dict[str, Any]]:
         """The aggregate rows of one subaccount (`sinks.analytics_sql.select`): `bucket` (an aware
         datetime, None for granularity `total`), the view's keys, the summed counters."""

@@ -20,10 +20,20 @@ from dataclasses import dataclass
 
 #: 8x8's published webhook source addresses for messaging products (ip-address-list.md, 2025-10-13).
 EIGHT_BY_EIGHT_WEBHOOK_IPS = (
-    "52.220.117.120", "52.220.109.9", "18.136.13.204",
-    "34.101.157.207", "34.101.215.77", "34.34.217.244", "34.101.109.67",
-    "34.142.20.188", "34.142.64.178", "34.39.69.103", "34.39.114.155",
-    "50.112.250.190", "100.21.170.42", "52.10.10.63",
+    "52.220.117.120",
+    "52.220.109.9",
+    "18.136.13.204",
+    "34.101.157.207",
+    "34.101.215.77",
+    "34.34.217.244",
+    "34.101.109.67",
+    "34.142.20.188",
+    "34.142.64.178",
+    "34.39.69.103",
+    "34.39.114.155",
+    "50.112.250.190",
+    "100.21.170.42",
+    "52.10.10.63",
 )
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -46,7 +56,6 @@ def parse_networks(spec: str) -> tuple[Network, ...]:
         except ValueError:
             raise ValueError(f"not an IP address or network: {item!r}") from None
     return tuple(nets)
-
 
 
 # --- read API keys, scoped to subaccounts (sinks) ---------------------------------------------
@@ -102,8 +111,8 @@ def parse_api_keys_spec(spec: str) -> ApiKeys:
     return parse_api_keys(spec.replace("\n", ";").split(";"))
 
 
-
 # --- channel ids the details API cannot infer (sinks) ----------------------------------------------
+
 
 def parse_channel_ids(spec: str) -> dict[tuple[str, str], str]:
     """`CHATPIPE_CHANNEL_IDS`: comma-separated `subAccountId:channel=channelId` (channel as the read API
@@ -123,10 +132,20 @@ def parse_channel_ids(spec: str) -> dict[tuple[str, str], str]:
 # --- extra librdkafka properties (every Kafka client) ----------------------------------------------
 
 #: properties `CHATPIPE_KAFKA_CLIENT_CONFIG` may not set: each has its own setting or is chatpipe's per client
-RESERVED_KAFKA_PROPERTIES = frozenset({
-    "bootstrap.servers", "metadata.broker.list", "security.protocol", "sasl.mechanism", "sasl.mechanisms",
-    "sasl.username", "sasl.password", "ssl.ca.location", "group.id", "client.id",
-})
+RESERVED_KAFKA_PROPERTIES = frozenset(
+    {
+        "bootstrap.servers",
+        "metadata.broker.list",
+        "security.protocol",
+        "sasl.mechanism",
+        "sasl.mechanisms",
+        "sasl.username",
+        "sasl.password",
+        "ssl.ca.location",
+        "group.id",
+        "client.id",
+    }
+)
 
 
 def parse_kafka_properties(spec: str) -> dict[str, str]:

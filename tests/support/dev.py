@@ -90,8 +90,6 @@ def running_dev(tmp_path: Path, **extra_env: str) -> Iterator[tuple[DevProcess, 
                 proc.proc.kill()
 
 
-
-
 TEMPLATE = json.loads(load("dr_v9_whatsapp_delivered_text"))
 
 
@@ -116,8 +114,9 @@ def post_all(ingest: str, bodies: list[bytes]) -> None:
     """Post every body to ingest's webhook endpoint; each must be answered 2xx."""
     with httpx.Client(timeout=15) as client:
         for body in bodies:
-            r = client.post(f"{ingest}/v1/webhooks/chatapps", content=body,
-                            headers={"Content-Type": "application/json"})
+            r = client.post(
+                f"{ingest}/v1/webhooks/chatapps", content=body, headers={"Content-Type": "application/json"}
+            )
             assert r.status_code // 100 == 2, r.text
 
 
@@ -179,8 +178,9 @@ class Load:
                 umid = f"{self.prefix}-{n:07d}"
                 n += 1
                 try:
-                    r = client.post(self.url, content=receipt(umid),
-                                    headers={"Content-Type": "application/json"})
+                    r = client.post(
+                        self.url, content=receipt(umid), headers={"Content-Type": "application/json"}
+                    )
                     ok = r.status_code // 100 == 2
                 except httpx.HTTPError:
                     ok = False

@@ -454,7 +454,10 @@ async def slow_server(broker: str, registry_url: str, state_dir: Path) -> AsyncI
     )
     port = free_port()
     runner = await start_site(
-        create_app(settings), "127.0.0.1", port, dispatch=fast_dispatch,
+        create_app(settings),
+        "127.0.0.1",
+        port,
+        dispatch=fast_dispatch,
         header_timeout=settings.ingest_header_timeout,
     )
     yield port
@@ -503,9 +506,7 @@ async def _trickle(writer: Any) -> None:
             await asyncio.sleep(0.1)
 
 
-async def test_a_client_stalling_mid_body_gets_408_and_is_disconnected(
-    slow_server: int, broker: str
-) -> None:
+async def test_a_client_stalling_mid_body_gets_408_and_is_disconnected(slow_server: int, broker: str) -> None:
     import asyncio
     import time
 

@@ -203,8 +203,13 @@ class Load:
 
 
 def settings_for(broker: Broker, registry_url: str, state_dir: Path, **kw: Any) -> Settings:
-    return Settings(kafka_bootstrap=broker.bootstrap, schema_registry_url=registry_url, state_dir=state_dir,
-                    partitions=4, **kw)
+    return Settings(
+        kafka_bootstrap=broker.bootstrap,
+        schema_registry_url=registry_url,
+        state_dir=state_dir,
+        partitions=4,
+        **kw,
+    )
 
 
 def umids_in(bootstrap: str, registry_url: str) -> list[str]:
@@ -265,14 +270,24 @@ async def ingest_process(tmp_path: Path) -> AsyncIterator[Any]:
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("CHATPIPE_")}
         env.update(
-            CHATPIPE_KAFKA_BOOTSTRAP=broker.bootstrap, CHATPIPE_SCHEMA_REGISTRY_URL=registry_url,
-            CHATPIPE_INGEST_PORT=str(port), CHATPIPE_STATE_DIR=str(tmp_path), CHATPIPE_PARTITIONS="4",
+            CHATPIPE_KAFKA_BOOTSTRAP=broker.bootstrap,
+            CHATPIPE_SCHEMA_REGISTRY_URL=registry_url,
+            CHATPIPE_INGEST_PORT=str(port),
+            CHATPIPE_STATE_DIR=str(tmp_path),
+            CHATPIPE_PARTITIONS="4",
             CHATPIPE_INSECURE="1",  # no token: the load posts without one
         )
         log = tmp_path / "ingest.log"
         with open(log, "wb") as out:
-            procs.append(subprocess.Popen([sys.executable, "-m", "chatpipe.cli", "ingest"], env=env,
-                                          stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "chatpipe.cli", "ingest"],
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
+            )
         await asyncio.to_thread(wait_for_port, "127.0.0.1", port, 60)
         session = client_session(port)
         sessions.append(session)
@@ -340,10 +355,12 @@ async def test_a_30s_outage_under_steady_load_ends_with_every_acknowledged_recei
     final = await ingest.ready()
     metrics = await ingest.metrics()
     replaced = {k: v for k, v in metrics.items() if k.startswith("chatpipe_ingest_producer_replacements_t")}
-    print(f"\noutage {OUTAGE:g} s: {spooled_at_return} receipts spooled at the return "
-          f"({spooled_bytes / spooled_at_return:.0f} bytes each), drained {drained_after:.1f} s after it; "
-          f"{len(load.acked)} acknowledged, {len(load.unanswered)} unanswered; producers replaced "
-          f"{replaced}; spool depth by seconds after the return {depths}")
+    print(
+        f"\noutage {OUTAGE:g} s: {spooled_at_return} receipts spooled at the return "
+        f"({spooled_bytes / spooled_at_return:.0f} bytes each), drained {drained_after:.1f} s after it; "
+        f"{len(load.acked)} acknowledged, {len(load.unanswered)} unanswered; producers replaced "
+        f"{replaced}; spool depth by seconds after the return {depths}"
+    )
     assert drained, (
         f"spool not drained {BACK_WITHIN:g} s after the broker's return: /readyz {final}; ingest log ends "
         + log.read_text(errors="replace")[-3000:]

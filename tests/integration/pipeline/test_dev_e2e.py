@@ -23,6 +23,7 @@ from tests.support.kafka import read_topic
 
 pytestmark = pytest.mark.integration
 
+
 @pytest.fixture()
 def dev(tmp_path: Path) -> Iterator[tuple[DevProcess, str, str]]:
     with running_dev(tmp_path) as running:

@@ -155,7 +155,6 @@ def test_kill_9_of_the_object_store_under_load_and_a_restart_of_dev_keep_everyth
         _moves_on(ingest, api, db, old[-10:], 40)
 
 
-
 @pytest.mark.timeout(600)
 def test_kill_9_of_the_broker_under_load_restarts_only_it_and_loses_no_acknowledged_receipt(
     tmp_path: Path,

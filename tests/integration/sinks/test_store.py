@@ -788,8 +788,13 @@ def _receipt(state: str, seconds: int, channel: str = "whatsapp", msisdn: str | 
 
     ts = T0 + timedelta(seconds=seconds)
     return DeliveryReceipt(
-        umid="m-1", sub_account_id=SUB, channel=channel, status=Status(state, ts), received_at=ts,
-        raw_json="{}", user=User(msisdn=msisdn),
+        umid="m-1",
+        sub_account_id=SUB,
+        channel=channel,
+        status=Status(state, ts),
+        received_at=ts,
+        raw_json="{}",
+        user=User(msisdn=msisdn),
     )
 
 

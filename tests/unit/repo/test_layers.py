@@ -17,6 +17,7 @@ PACKAGES = ("chatpipe", "ingest", "processors", "sinks", "schemas")
 LAYERS = "entry points > tools"
 CYCLES = "no import cycles"
 
+
 def lint_imports(tree: Path) -> subprocess.CompletedProcess[str]:
     """`lint-imports` over the packages under `tree`, with the contracts of the repo's pyproject.toml."""
     code = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"

@@ -66,9 +66,6 @@ def test_ruff_check_passes() -> None:
 
 
 @needs_ruff
-@pytest.mark.skip(
-    reason="issue 18 item 6: `ruff format` is applied to the tree once, after the merges; then drop this skip"
-)
 def test_ruff_format_is_applied() -> None:
     done = run("ruff", "format", "--check", "--no-cache", ".")
     assert done.returncode == 0, done.stdout + done.stderr

@@ -157,8 +157,6 @@ def test_conversation_record_reads_json_text_and_shows_the_masked_number() -> No
     assert (record["windowOpen"], record["windowOpenUntil"]) == (True, "2020-06-18T04:20:21.06Z")
 
 
-
-
 # --- a stored message -> the read API's data[] -----------------------------------------------------
 
 

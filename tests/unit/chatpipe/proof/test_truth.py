@@ -122,5 +122,3 @@ def test_the_truth_file_round_trips() -> None:
 def test_a_file_that_is_not_a_truth_is_refused(bad: str) -> None:
     with pytest.raises(ValueError):
         load_lines([bad] if bad else [])
-
-

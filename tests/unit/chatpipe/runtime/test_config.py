@@ -41,10 +41,15 @@ def test_spool_stall_limits_default_to_five_rounds_and_a_minute_and_parse() -> N
     assert (settings.spool_stall_failures, settings.spool_stall_seconds) == (2, 7.5)
 
 
-@pytest.mark.parametrize(("name", "raw"), [
-    ("CHATPIPE_SPOOL_STALL_FAILURES", "0"), ("CHATPIPE_SPOOL_STALL_FAILURES", "1.5"),
-    ("CHATPIPE_SPOOL_STALL_SECONDS", "0"), ("CHATPIPE_SPOOL_STALL_SECONDS", "-1"),
-])
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [
+        ("CHATPIPE_SPOOL_STALL_FAILURES", "0"),
+        ("CHATPIPE_SPOOL_STALL_FAILURES", "1.5"),
+        ("CHATPIPE_SPOOL_STALL_SECONDS", "0"),
+        ("CHATPIPE_SPOOL_STALL_SECONDS", "-1"),
+    ],
+)
 def test_spool_stall_limits_that_would_always_stall_name_the_variable(name: str, raw: str) -> None:
     with pytest.raises(ValueError, match=name):
         Settings.from_env({name: raw})

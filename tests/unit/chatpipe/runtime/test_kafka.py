@@ -218,6 +218,8 @@ def test_no_module_but_the_builder_configures_a_kafka_client_by_hand() -> None:
         'config["bootstrap.servers"] = "b:9092"\nreserved = {"bootstrap.servers"}\n'
     )
     assert sorted(what for _, what in bypasses(ast.parse(sample))) == [
-        '"bootstrap.servers"', "Consumer({...})", "Producer({...})"
+        '"bootstrap.servers"',
+        "Consumer({...})",
+        "Producer({...})",
     ]
     assert bypasses(ast.parse(BUILDER.read_text(encoding="utf-8")))
