@@ -240,9 +240,7 @@ class Reconciler:
                 log.warning("schema registry not ready, retrying in %.1fs: %s", delay, exc)
                 await self._sleep(delay)
                 delay = min(delay * 2, 10.0)
-        self._producer = AsyncProducer(
-            producer_config(self.settings, **{"enable.idempotence": self.settings.kafka_idempotence})
-        )
+        self._producer = AsyncProducer(producer_config(self.settings))
         self._producer.start()
 
     def stop(self) -> None:

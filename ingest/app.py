@@ -610,10 +610,7 @@ def create_app(
     spool_path = spool_dir or settings.state_dir / "spool" / "ingest-0"
 
     async def intake_ctx(app: web.Application) -> AsyncIterator[None]:
-        config = producer_config(
-            settings,
-            **{"linger.ms": settings.ingest_linger_ms, "enable.idempotence": settings.kafka_idempotence},
-        )
+        config = producer_config(settings, **{"linger.ms": settings.ingest_linger_ms})
         producer = AsyncProducer(config)
         producer.start()
         spool = None

@@ -33,14 +33,13 @@ log = logging.getLogger(__name__)
 
 
 def producer_config(settings: Settings | str, **overrides: Any) -> dict[str, Any]:
-    """Durable defaults: acks=all, idempotence (no duplicates from librdkafka retries: on, whatever
-    CHATPIPE_KAFKA_IDEMPOTENCE says, unless `overrides` say otherwise), short linger; the connection and
-    security of `chatpipe.runtime.kafka`. A bare bootstrap string is a PLAINTEXT cluster with no other
-    client setting (tests and benchmarks on the embedded broker)."""
+    """Durable defaults: acks=all, short linger; idempotence (no duplicates from librdkafka's retries) as
+    CHATPIPE_KAFKA_IDEMPOTENCE says, and the connection and security, from `chatpipe.runtime.kafka`. A
+    bare bootstrap string is a PLAINTEXT cluster with no other client setting (tests and benchmarks on
+    the embedded broker)."""
     if isinstance(settings, str):
         settings = Settings(kafka_bootstrap=settings)
     defaults: dict[str, Any] = {
-        "enable.idempotence": True,
         "linger.ms": 2,
         "batch.num.messages": 10000,
         "compression.type": "none",

@@ -99,9 +99,9 @@ def test_default_settings_build_the_configurations_the_clients_had_before() -> N
         "bootstrap.servers": "127.0.0.1:9092", "enable.idempotence": False, "acks": "all",
         "client.id": "chatpipe-inbound-dlq",
     }  # fmt: skip
-    # ingest's producer follows CHATPIPE_KAFKA_IDEMPOTENCE through its override, as before
-    ingest = producer_config(off, **{"enable.idempotence": off.kafka_idempotence})
-    assert ingest["enable.idempotence"] is False
+    # ingest's and the reconciler's producer follow CHATPIPE_KAFKA_IDEMPOTENCE too
+    assert producer_config(off)["enable.idempotence"] is False
+    assert producer_config(s)["enable.idempotence"] is True
 
 
 def test_overrides_beat_the_defaults_and_the_extra_properties_beat_both() -> None:
