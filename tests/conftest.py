@@ -27,6 +27,7 @@ pytest_plugins = ["tests.support.postgres"]
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A Tansu broker for the whole session with chatpipe's topics created; yields the bootstrap."""
     from chatpipe.runtime.topics import ensure_topics
+    from tests.support.kafka import discard_broker
 
     port = free_port()
     log = tmp_path_factory.mktemp("broker") / "tansu.log"
@@ -36,11 +37,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         ensure_topics(bootstrap, partitions=4)
         yield bootstrap
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except Exception:
-            proc.kill()
+        discard_broker(proc)
 
 
 @pytest.fixture(scope="session")

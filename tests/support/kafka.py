@@ -1,4 +1,5 @@
-"""Reading topics back in tests, without consumer groups (Tansu group joins take seconds).
+"""Reading topics back in tests, without consumer groups (Tansu group joins take seconds), and throwing
+a test's broker away.
 
 End offsets from ListOffsets are wrong on Tansu (docs/embedded-broker.md), so `read_topic` never trusts them:
 it reads every partition from the start until it has `expect` records or nothing new came for `idle` s.
@@ -6,6 +7,7 @@ it reads every partition from the start until it has `expect` records or nothing
 
 from __future__ import annotations
 
+import subprocess
 import time
 import uuid
 
@@ -42,3 +44,10 @@ def read_topic(
         return out
     finally:
         consumer.close()
+
+
+def discard_broker(proc: subprocess.Popen[bytes]) -> None:
+    """End a test's throw-away Tansu (memory storage) at once. SIGTERM makes Tansu wait about 5 s for its
+    connected clients to leave; a broker whose records are thrown away has nothing to finish."""
+    proc.kill()
+    proc.wait(10)

@@ -28,7 +28,7 @@ from ingest.spool import Spool
 from schemas.catalog import RECEIPTS
 from schemas.codec import Codecs
 from tests.fixtures.webhooks import load
-from tests.support.kafka import read_topic
+from tests.support.kafka import discard_broker, read_topic
 
 pytestmark = pytest.mark.integration
 URL = "/v1/webhooks/chatapps"
@@ -48,9 +48,7 @@ def own_broker(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     bootstrap = f"127.0.0.1:{port}"
     ensure_topics(bootstrap, partitions=4)
     yield bootstrap, proc
-    os.kill(proc.pid, signal.SIGCONT)
-    proc.terminate()
-    proc.wait(10)
+    discard_broker(proc)
 
 
 def umids_in_topic(bootstrap: str, registry_url: str, expect: int) -> dict[str, list[str]]:

@@ -36,7 +36,7 @@ from ingest.publisher import AsyncProducer, ProduceFailed, producer_config
 from schemas.catalog import RECEIPTS
 from schemas.codec import Codecs
 from tests.fixtures.webhooks import load
-from tests.support.kafka import read_topic
+from tests.support.kafka import discard_broker, read_topic
 
 pytestmark = pytest.mark.integration
 URL = "/v1/webhooks/chatapps"
@@ -84,12 +84,7 @@ def broker_of_own(tmp_path: Path) -> Iterator[Broker]:
     try:
         yield broker
     finally:
-        broker.resume()
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        discard_broker(proc)
 
 
 @dataclass

@@ -32,7 +32,7 @@ from schemas import mapping
 from schemas.catalog import MESSAGE_STATE, MESSAGE_STEPS, RECEIPTS
 from schemas.codec import Codecs
 from schemas.models import DeliveryReceipt, MessageState, Status, User
-from tests.support.kafka import read_topic
+from tests.support.kafka import discard_broker, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -55,11 +55,7 @@ def bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         ensure_topics(address, PARTITIONS)
         yield address
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        discard_broker(proc)
 
 
 @pytest.fixture(scope="module")
