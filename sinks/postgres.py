@@ -34,9 +34,10 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from datetime import datetime
 from decimal import Decimal
+from hashlib import md5
 from typing import Any, TypeVar
 
 import psycopg
@@ -444,17 +445,25 @@ _MAINTAIN = (
 # COMMITTED: each statement sees what committed before it started), so an inbound message and its reply
 # written concurrently by two sink processes never both miss each other.
 WINDOW_LOCK_CLASS = 0x636877  # pg_advisory_xact_lock(class, stripe): the WhatsApp window locks
-WINDOW_LOCK_STRIPES = 256  # stripes of hashtext(subaccount|user): at most this many locks a transaction
-_STRIPE = f"hashtext(sub || '|' || usr) & {WINDOW_LOCK_STRIPES - 1}"
+WINDOW_LOCK_STRIPES = 256  # stripes of (subaccount, user): at most this many locks a transaction
+# a (subaccount, user)'s stripe: the first byte of md5(subaccount|user), in SQL and in Python
+# (`window_stripes`: a write sends its distinct stripes, not every user, and the server only locks them)
+_STRIPE = "get_byte(decode(md5(sub || '|' || usr), 'hex'), 0)"
 _LOCK_WINDOWS = (
     f"SELECT count(*) FROM (SELECT pg_advisory_xact_lock({WINDOW_LOCK_CLASS}, k) FROM"
     f" (SELECT DISTINCT {_STRIPE} AS k FROM agg_rewindow ORDER BY 1) AS s) AS l"
 )
-_LOCK_USERS = (
+_LOCK_STRIPES = (
     f"SELECT count(*) FROM (SELECT pg_advisory_xact_lock({WINDOW_LOCK_CLASS}, k) FROM"
-    f" (SELECT DISTINCT {_STRIPE} AS k FROM unnest(%b::text[], %b::text[]) AS q(sub, usr)"
-    " ORDER BY 1) AS s) AS l"
+    " (SELECT DISTINCT k FROM unnest(%b::int[]) AS q(k) ORDER BY 1) AS s) AS l"
 )
+
+
+def window_stripes(users: Iterable[tuple[str, str]]) -> list[int]:
+    """The window-lock stripes of (subaccount, user) pairs, distinct and in lock order (`_STRIPE`)."""
+    return sorted({md5(f"{sub}|{usr}".encode()).digest()[0] for sub, usr in users})
+
+
 # the inbound WhatsApp messages whose window holds a send of agg_rewindow (t - 24 h < ts <= t): answered
 # recomputed, and the window counts moved
 _REWINDOW = (
@@ -862,7 +871,7 @@ class PostgresStore:
         if rewindow:
             # the window locks of these users (`_LOCK_WINDOWS`) before the inbound side is read: then
             # only subaccounts that ever got a WhatsApp inbound message have windows to check
-            conn.execute(_LOCK_USERS, ([k[0] for k in rewindow], [k[1] for k in rewindow]))
+            conn.execute(_LOCK_STRIPES, (window_stripes((k[0], k[1]) for k in rewindow),))
             subs = sorted({k[0] for k in rewindow})
             any_inbound = conn.execute(_WA_INBOUND_ANY, (subs,)).fetchone()
             if not (any_inbound and any_inbound["found"]):
@@ -960,7 +969,7 @@ class PostgresStore:
         if not wa:
             return
         # the window locks of these users (`_LOCK_WINDOWS`) before their sends are read
-        conn.execute(_LOCK_USERS, ([key[0] for _, key in wa], [r["msisdn_hash"] for r, _ in wa]))
+        conn.execute(_LOCK_STRIPES, (window_stripes((key[0], r["msisdn_hash"]) for r, key in wa),))
         answered = self._answered(conn, [(key[0], r["msisdn_hash"], r["ts"]) for r, key in wa])
         window: dict[tuple[str, datetime, str], list[int]] = {}
         facts = []

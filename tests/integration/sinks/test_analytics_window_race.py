@@ -20,7 +20,7 @@ import psycopg
 import pytest
 
 from schemas.models import InboundMessage, MessageState, StatusEvent, Step, User
-from sinks.postgres import PostgresStore
+from sinks.postgres import _STRIPE, PostgresStore, window_stripes
 from sinks.rows import PiiPolicy
 from tests.support.postgres import PostgresServer, fresh_database
 
@@ -131,3 +131,17 @@ def test_an_inbound_message_and_its_reply_written_concurrently_count_as_answered
     assert window == (1, 1) and daily == (1, 1)
     paused.close()
     other.close()
+
+
+def test_the_servers_window_stripes_are_the_sinks(url: str) -> None:
+    """Migration 9's backfill locks stripes computed by the server (`_LOCK_WINDOWS`), writes lock stripes
+    computed by the sink (`window_stripes`): the same (subaccount, user) must get the same stripe."""
+    pairs = [("sub-1", "ab" * 32), ("sub-1", "cd" * 32), ("sub_2", "user é 😀"), ("acme.co&x", "")]
+    with psycopg.connect(url) as conn:
+        got = conn.execute(
+            f"SELECT {_STRIPE} FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS q(sub, usr, n)"
+            " ORDER BY n",
+            ([p[0] for p in pairs], [p[1] for p in pairs]),
+        ).fetchall()
+    assert [r[0] for r in got] == [window_stripes([p])[0] for p in pairs]
+    assert window_stripes(pairs + pairs[:1]) == sorted({window_stripes([p])[0] for p in pairs})
