@@ -250,6 +250,12 @@ def _contribution(
     )
 
 
+def whatsapp_send(c: Contribution | None) -> datetime | None:
+    """When the message of contribution `c` sent on WhatsApp, as the window share counts its sends (a
+    WhatsApp step, and a number's hash to match inbound messages on): its WhatsApp step's first event."""
+    return c[11] if c is not None and c[10] is not None else None
+
+
 def _hour(when: datetime) -> datetime:
     """`hour_of(when)`, cached by epoch hour (datetime.replace and astimezone are slow)."""
     epoch_hour = when.timestamp() // 3600

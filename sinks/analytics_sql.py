@@ -11,7 +11,8 @@ Tables (docs/analytics.md describes them for analysts):
   and how many of them were answered inside the 24 h window;
 - `analytics_error_codes`: 8x8's meaning of each delivery error code (`sinks.error_codes`), to join;
 - `analytics_wa_outbound` (umid, subaccount, keyed hash of the number, first WhatsApp event) and
-  `analytics_wa_inbound` (with `answered`): the two sides the window share matches; not for analysts.
+  `analytics_wa_inbound` (with `answered`): the two sides the window share matches; not for analysts
+  (PostgreSQL's migration 10 moves the first into `messages.wa_at`).
 What a message contributes is computed from its `messages` and `message_steps` rows
 (`sinks.aggregates.contribution_from_rows`), read back (or returned by the DELETE) when a new state
 replaces them; migration 9 adds the rows stored before migration 8, in bounded batches (`BACKFILL`),

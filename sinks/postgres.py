@@ -296,6 +296,20 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         ),
     ),
     (*Q.MIGRATION, Q.POSTGRES_DDL),
+    # listed before 9, and so applied before its backfill (which writes `wa_at`), on any store
+    (
+        10,
+        "analytics: WhatsApp sends kept in messages.wa_at (a partial index), not analytics_wa_outbound",
+        (
+            # the fast path rewrites a message's row anyway: the send goes with it, instead of a row in a
+            # table of its own (heap, two indexes, deleted and inserted again when the message advances)
+            "ALTER TABLE messages ADD COLUMN wa_at timestamptz",
+            "UPDATE messages m SET wa_at = o.wa_at FROM analytics_wa_outbound o WHERE o.umid = m.umid",
+            "CREATE INDEX messages_wa_sends ON messages (sub_account_id, msisdn_hash, wa_at)"
+            " WHERE wa_at IS NOT NULL",
+            "DROP TABLE analytics_wa_outbound",
+        ),
+    ),
     (*Q.BACKFILL, ()),  # PostgresStore.migrate runs it in batches (_backfill_batch)
 )
 
@@ -344,7 +358,10 @@ def _columns(cols: Sequence[str], prefix: str = "") -> str:
     return ", ".join(prefix + c for c in cols)
 
 
-_MESSAGE_COLS = _columns(R.MESSAGE_COLUMNS)
+#: a `messages` row as the stores write it: `sinks.rows.message_values` and the first event of its WhatsApp
+#: step (`wa_at`: the analytics' WhatsApp send, `sinks.aggregates.whatsapp_send`; NULL without analytics)
+_MESSAGE_WRITE_COLUMNS = (*R.MESSAGE_COLUMNS, "wa_at")
+_MESSAGE_COLS = _columns(_MESSAGE_WRITE_COLUMNS)
 _STEP_COLS = _columns(R.STEP_COLUMNS)
 _EVENT_COLS = _columns(R.EVENT_COLUMNS)
 _INBOUND_COLS = _columns(R.INBOUND_COLUMNS)
@@ -354,7 +371,7 @@ _UPSERT_MESSAGES = (
     f"WITH advanced AS ("
     f" INSERT INTO messages AS t ({_MESSAGE_COLS}) SELECT {_MESSAGE_COLS} FROM stage_messages"
     " ON CONFLICT (umid) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in R.MESSAGE_COLUMNS if c != "umid")
+    + ", ".join(f"{c} = excluded.{c}" for c in _MESSAGE_WRITE_COLUMNS if c != "umid")
     # xmax is 0 on a freshly inserted row: only updated messages have step rows to delete
     + " WHERE excluded.version > t.version RETURNING t.umid, t.xmax <> 0 AS updated"
     ") INSERT INTO stage_advanced (umid, updated) SELECT umid, updated FROM advanced"
@@ -412,8 +429,10 @@ _SET_ANSWERED = (
     "UPDATE analytics_wa_inbound i SET answered = q.answered"
     " FROM unnest(%b::text[], %b::bigint[]) AS q(umid, answered) WHERE i.umid = q.umid"
 )
-_DELETE_WA_OUTBOUND = "DELETE FROM analytics_wa_outbound WHERE umid = ANY(%b)"
-_WA_OUTBOUND_COLUMNS = ("umid", "sub_account_id", "wa_user", "wa_at")
+_SET_WA_SENDS = (
+    "UPDATE messages m SET wa_at = q.at FROM unnest(%b::text[], %b::timestamptz[]) AS q(umid, at)"
+    " WHERE m.umid = q.umid"
+)
 _AGG_UPSERTS = Q.pg_unnest_upserts()
 _DELTAS = Q.delta_selects(Q.PG, "g", "e")
 # Migration 9's batches (param umids: messages not counted yet), one statement: the facts of their rows
@@ -433,7 +452,7 @@ _MAINTAIN = (
     )
     + " nb AS MATERIALIZED (SELECT umid, sub_account_id, wa_user, wa_at FROM g"
     " WHERE wa_at IS NOT NULL AND wa_user IS NOT NULL),"
-    " oi AS (INSERT INTO analytics_wa_outbound (umid, sub_account_id, wa_user, wa_at) SELECT * FROM nb),"
+    " oi AS (UPDATE messages m SET wa_at = nb.wa_at FROM nb WHERE m.umid = nb.umid),"
     " rw AS (INSERT INTO agg_rewindow (sub, usr, at) SELECT sub_account_id, wa_user, wa_at FROM nb)"
     " SELECT umid FROM odd"
 )
@@ -471,8 +490,8 @@ _REWINDOW = (
     " found AS (SELECT DISTINCT i.umid, i.sub_account_id, i.wa_user, i.ts, i.hour, i.country, i.answered"
     " FROM q JOIN analytics_wa_inbound i ON i.sub_account_id = q.sub AND i.wa_user = q.usr"
     f" AND i.ts > q.at - {_WINDOW} AND i.ts <= q.at),"
-    " cur AS (SELECT found.*, EXISTS (SELECT 1 FROM analytics_wa_outbound o"
-    " WHERE o.sub_account_id = found.sub_account_id AND o.wa_user = found.wa_user AND o.wa_at >= found.ts"
+    " cur AS (SELECT found.*, EXISTS (SELECT 1 FROM messages o WHERE"
+    " o.sub_account_id = found.sub_account_id AND o.msisdn_hash = found.wa_user AND o.wa_at >= found.ts"
     f" AND o.wa_at < found.ts + {_WINDOW})::int AS now FROM found),"
     " upd AS (UPDATE analytics_wa_inbound i SET answered = cur.now FROM cur"
     " WHERE i.umid = cur.umid AND cur.now <> cur.answered"
@@ -485,8 +504,8 @@ _REWINDOW = (
 )
 # whether each (sub, user, ts) has an outbound WhatsApp message at ts <= t < ts + 24 h
 _WA_ANSWERED = (
-    "SELECT EXISTS (SELECT 1 FROM analytics_wa_outbound f WHERE f.sub_account_id = q.sub"
-    f" AND f.wa_user = q.usr AND f.wa_at >= q.ts AND f.wa_at < q.ts + {_WINDOW})::int"
+    "SELECT EXISTS (SELECT 1 FROM messages f WHERE f.sub_account_id = q.sub"
+    f" AND f.msisdn_hash = q.usr AND f.wa_at >= q.ts AND f.wa_at < q.ts + {_WINDOW})::int"
     " FROM unnest(%b::text[], %b::text[], %b::timestamptz[]) WITH ORDINALITY AS q(sub, usr, ts, n)"
     " ORDER BY q.n"
 )
@@ -642,7 +661,6 @@ class PostgresStore:
                             "status_events",
                             "inbound_messages",
                             "conversations",
-                            "analytics_wa_outbound",
                         ],
                     ),
                 )
@@ -653,7 +671,7 @@ class PostgresStore:
     ) -> None:
         """Binary COPY of `rows` (tuples in `columns` order) into `stage` (a staging table, or the target
         itself); the column types are those of `table` (binary COPY needs them, ~3x cheaper than text)."""
-        if (table, columns[0]) not in self._types:  # a table created since the types were read
+        if any((table, c) not in self._types for c in columns):  # created since the types were read
             self._load_types(conn, refresh=True)  # (not inside the COPY: it holds the connection)
         with (
             conn.cursor() as cur,
@@ -775,18 +793,21 @@ class PostgresStore:
         # keys, updates indexes) the rows already sent while the next ones are built, so the client's
         # work and the server's overlap instead of adding up.
         def message_rows() -> Iterator[tuple[Any, ...]]:
-            contribution, msisdn = A.contribution, merged.msisdn
+            contribution, msisdn, send = A.contribution, merged.msisdn, A.whatsapp_send
             for s in advancing:
                 values = R.message_values(s, pii, msisdn.get(s.umid))
-                if aggregates:  # here, while the server ingests the rows already sent
-                    new = contribution(s, values[_NUMBER] or values[_MASKED], values[_HASH])
-                    was = old.get(s.umid)
-                    if was is None:  # counted in bulk below
-                        fresh_umids.append(s.umid)
-                        fresh.append(new)
-                    else:
-                        changes.record(s.umid, was, new)
-                yield values
+                if not aggregates:
+                    yield (*values, None)
+                    continue
+                # here, while the server ingests the rows already sent
+                new = contribution(s, values[_NUMBER] or values[_MASKED], values[_HASH])
+                was = old.get(s.umid)
+                if was is None:  # counted in bulk below
+                    fresh_umids.append(s.umid)
+                    fresh.append(new)
+                else:
+                    changes.record(s.umid, was, new)
+                yield (*values, send(new))
 
         def step_rows() -> Iterator[tuple[Any, ...]]:
             for s in advancing:
@@ -799,7 +820,7 @@ class PostgresStore:
                 else:  # no message row, no events (else: unique violation, and the merge path)
                     yield from R.event_values(s)
 
-        self._copy_rows(conn, "messages", "messages", R.MESSAGE_COLUMNS, message_rows())
+        self._copy_rows(conn, "messages", "messages", _MESSAGE_WRITE_COLUMNS, message_rows())
         self._copy_rows(conn, "message_steps", "message_steps", R.STEP_COLUMNS, step_rows())
         self._copy_rows(conn, "status_events", "status_events", R.EVENT_COLUMNS, event_rows())
         if self.aggregates:
@@ -819,11 +840,18 @@ class PostgresStore:
                 found = cur.execute(_OLD_MESSAGES + " FOR UPDATE", (umids,)).fetchall()
                 old = _old_contributions(found, cur.execute(_OLD_STEPS, (umids,)).fetchall())
         message_rows, step_rows, event_rows = [], [], []
+        news: dict[str, A.Contribution | None] = {}
         for s in merged.states:
-            message_rows.append(R.message_values(s, pii, merged.msisdn.get(s.umid)))
+            values = R.message_values(s, pii, merged.msisdn.get(s.umid))
+            if self.aggregates:
+                new = news[s.umid] = A.contribution(s, values[_NUMBER] or values[_MASKED], values[_HASH])
+                values = (*values, A.whatsapp_send(new))
+            else:
+                values = (*values, None)
+            message_rows.append(values)
             step_rows += R.step_values(s)
             event_rows += R.event_values(s)
-        self._copy_rows(conn, "stage_messages", "messages", R.MESSAGE_COLUMNS, message_rows)
+        self._copy_rows(conn, "stage_messages", "messages", _MESSAGE_WRITE_COLUMNS, message_rows)
         self._copy_rows(conn, "stage_steps", "message_steps", R.STEP_COLUMNS, step_rows)
         self._copy_rows(conn, "stage_events", "status_events", R.EVENT_COLUMNS, event_rows)
         advanced = conn.execute(_UPSERT_MESSAGES).rowcount
@@ -834,38 +862,18 @@ class PostgresStore:
             conn.execute(_INSERT_STEPS)
             conn.execute(_INSERT_EVENTS)
             if self.aggregates:
-                moved = {r["umid"] for r in conn.execute("SELECT umid FROM stage_advanced")}
-                pairs = [(s, v) for s, v in zip(merged.states, message_rows, strict=True) if s.umid in moved]
-                self._maintain(conn, [s for s, _ in pairs], [v for _, v in pairs], old)
+                changes = A.Changes()
+                for r in conn.execute("SELECT umid FROM stage_advanced"):
+                    changes.record(r["umid"], old.get(r["umid"]), news[r["umid"]])
+                self._flush(conn, changes)  # the sends went with the rows (wa_at)
         return advanced
 
     # --- analytics (sinks.aggregates) --------------------------------------------------------
 
-    def _maintain(
-        self,
-        conn: psycopg.Connection[Any],
-        advancing: Sequence[MessageState],
-        rows: Sequence[tuple[Any, ...]],
-        old: dict[str, A.Contribution],
-    ) -> None:
-        """Add `new - old` contribution of every advancing message (`rows`: their `messages` rows) to the
-        analytics tables, in the write's transaction."""
-        changes = A.Changes()
-        for s, row in zip(advancing, rows, strict=True):
-            changes.record(
-                s.umid, old.get(s.umid), A.contribution(s, row[_NUMBER] or row[_MASKED], row[_HASH])
-            )
-        self._flush(conn, changes)
-
     def _flush(self, conn: psycopg.Connection[Any], changes: A.Changes) -> None:
         """Write what a batch changes in the analytics tables (`sinks.aggregates.Changes`); the upserts
-        and the window lookup go in one pipeline (one round trip)."""
-        if changes.gone:
-            conn.execute(_DELETE_WA_OUTBOUND, (changes.gone,))
-        if changes.outbound:
-            self._copy_rows(
-                conn, "analytics_wa_outbound", "analytics_wa_outbound", _WA_OUTBOUND_COLUMNS, changes.outbound
-            )
+        and the window lookup go in one pipeline (one round trip). The WhatsApp sends that appeared, moved
+        or went (`changes.outbound`, `changes.gone`) are the `wa_at` of the rows the caller wrote."""
         deltas = changes.deltas()
         rewindow = changes.rewindow
         if rewindow:
@@ -947,6 +955,8 @@ class PostgresStore:
         changes = A.Changes()
         for umid in umids:
             changes.record(umid, None, new.get(umid))
+        if changes.outbound:  # rows stored before: their sends set here
+            conn.execute(_SET_WA_SENDS, ([o[0] for o in changes.outbound], [o[3] for o in changes.outbound]))
         self._flush(conn, changes)
 
     def _rewindow_sql(self, conn: psycopg.Connection[Any]) -> None:

@@ -27,7 +27,7 @@ from ingest.parse import parse_webhook
 from processors.state import apply
 from schemas.models import InboundMessage, MessageState
 from sinks import aggregates as A
-from sinks.analytics_sql import Query
+from sinks.analytics_sql import POSTGRES_DDL, Query
 from sinks.connect import open_store
 from sinks.postgres import PostgresStore
 from sinks.rows import PiiPolicy
@@ -352,3 +352,41 @@ def test_migration_9_counts_a_large_store_in_bounded_batches_resumed_after_an_in
     assert batches >= -(-(messages - 300) // 100) + -(-len(dataset.inbound) // 100)
     store.migrate()  # recorded: nothing runs again
     assert observed(store, subs) == got
+
+
+@pytest.mark.parametrize("store", ["postgresql"], indirect=True)
+def test_migration_10_moves_the_whatsapp_sends_of_an_older_store_into_messages(
+    store: Store, dataset: Dataset
+) -> None:
+    """A PostgreSQL store written before migration 10 kept its WhatsApp sends in analytics_wa_outbound:
+    migrated, they are `messages.wa_at`, where the inbound messages written afterwards find their
+    answers (the window share equals the truth)."""
+    url = store.url  # type: ignore[attr-defined]
+    inbound = list(dataset.inbound)
+    random.Random(5).shuffle(inbound)
+    for i in range(0, len(dataset.versions), 500):
+        store.write_states(dataset.versions[i : i + 500])
+    # back to the schema before migration 10, its sends where that schema kept them
+    (outbound_ddl,) = [sql for sql in POSTGRES_DDL if "CREATE TABLE analytics_wa_outbound" in sql]
+    (index_ddl,) = [sql for sql in POSTGRES_DDL if "INDEX analytics_wa_outbound" in sql]
+    with psycopg.connect(url) as conn:
+        sends = conn.execute("SELECT count(*) FROM messages WHERE wa_at IS NOT NULL").fetchone()
+        assert sends and sends[0] > 0, "the dataset has WhatsApp sends"
+        conn.execute(outbound_ddl)
+        conn.execute(index_ddl)
+        conn.execute(
+            "INSERT INTO analytics_wa_outbound SELECT umid, sub_account_id, msisdn_hash, wa_at FROM messages"
+            " WHERE wa_at IS NOT NULL"
+        )
+        conn.execute("ALTER TABLE messages DROP COLUMN wa_at")
+        conn.execute("DELETE FROM chatpipe_schema_migrations WHERE version = 10")
+    older = open_store(url, PII)
+    older.migrate()
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT count(*) FROM messages WHERE wa_at IS NOT NULL").fetchone() == sends
+        assert conn.execute("SELECT to_regclass('analytics_wa_outbound')").fetchone() == (None,)
+    older.write_inbound(inbound)
+    window = truth(dataset)["window"]
+    assert any(k[-1] == "answered" for k in window), "some inbound messages are answered"
+    assert observed(older, dataset.traffic.sub_accounts)["window"] == window
+    older.close()
