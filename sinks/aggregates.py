@@ -466,6 +466,22 @@ class Changes:
     gone: list[str] = field(default_factory=list)
     outbound: list[tuple[str, str, str, datetime]] = field(default_factory=list)
     rewindow: list[tuple[str, str, datetime]] = field(default_factory=list)
+    fresh_umids: list[str] = field(default_factory=list)  # `note`'s messages without an old contribution
+    fresh: list[Contribution | None] = field(default_factory=list)  # and their new ones
+
+    def note(self, umid: str, old: Contribution | None, new: Contribution | None) -> None:
+        """`record`, except that a message without an old contribution waits for `settle`, which counts
+        them all in bulk (the write paths' form)."""
+        if old is None:
+            self.fresh_umids.append(umid)
+            self.fresh.append(new)
+        else:
+            self.record(umid, old, new)
+
+    def settle(self) -> None:
+        """Count what `note` kept for later."""
+        self.record_new(self.fresh_umids, self.fresh)
+        self.fresh_umids, self.fresh = [], []
 
     def record(self, umid: str, old: Contribution | None, new: Contribution | None) -> None:
         """One message moved from `old` to `new` (equal: nothing to do)."""

@@ -786,14 +786,12 @@ class PostgresStore:
                 stored = set(cur.execute(_STORED_EVENTS, (umids,)).fetchall())
         changes = A.Changes()
         aggregates = self.aggregates
-        fresh_umids: list[str] = []
-        fresh: list[A.Contribution | None] = []  # of the messages without an old contribution
 
         # Each table's rows are built lazily inside its own COPY: the server ingests (parses, checks
         # keys, updates indexes) the rows already sent while the next ones are built, so the client's
         # work and the server's overlap instead of adding up.
         def message_rows() -> Iterator[tuple[Any, ...]]:
-            contribution, msisdn, send = A.contribution, merged.msisdn, A.whatsapp_send
+            contribution, msisdn, send, note = A.contribution, merged.msisdn, A.whatsapp_send, changes.note
             for s in advancing:
                 values = R.message_values(s, pii, msisdn.get(s.umid))
                 if not aggregates:
@@ -801,12 +799,7 @@ class PostgresStore:
                     continue
                 # here, while the server ingests the rows already sent
                 new = contribution(s, values[_NUMBER] or values[_MASKED], values[_HASH])
-                was = old.get(s.umid)
-                if was is None:  # counted in bulk below
-                    fresh_umids.append(s.umid)
-                    fresh.append(new)
-                else:
-                    changes.record(s.umid, was, new)
+                note(s.umid, old.get(s.umid), new)
                 yield (*values, send(new))
 
         def step_rows() -> Iterator[tuple[Any, ...]]:
@@ -824,7 +817,7 @@ class PostgresStore:
         self._copy_rows(conn, "message_steps", "message_steps", R.STEP_COLUMNS, step_rows())
         self._copy_rows(conn, "status_events", "status_events", R.EVENT_COLUMNS, event_rows())
         if self.aggregates:
-            changes.record_new(fresh_umids, fresh)
+            changes.settle()
             self._flush(conn, changes)
         return len(advancing)
 

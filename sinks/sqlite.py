@@ -636,18 +636,10 @@ class SqliteStore:
         """Add `new - old` contribution of every advancing message (`rows`: their `messages` rows) to the
         analytics tables, in the write's transaction."""
         changes = A.Changes()
-        fresh_umids: list[str] = []
-        fresh: list[A.Contribution | None] = []  # of the messages without an old contribution
-        contribution = A.contribution
+        contribution, note = A.contribution, changes.note
         for s, row in zip(advancing, rows, strict=True):
-            new = contribution(s, row[_NUMBER] or row[_MASKED], row[_HASH])
-            was = old.get(s.umid)
-            if was is None:  # counted in bulk below
-                fresh_umids.append(s.umid)
-                fresh.append(new)
-            else:
-                changes.record(s.umid, was, new)
-        changes.record_new(fresh_umids, fresh)
+            note(s.umid, old.get(s.umid), contribution(s, row[_NUMBER] or row[_MASKED], row[_HASH]))
+        changes.settle()
         self._apply_changes(conn, changes)
 
     def _apply_changes(self, conn: sqlite3.Connection, changes: A.Changes) -> None:

@@ -168,6 +168,23 @@ def test_counting_new_messages_in_bulk_equals_recording_each(pairs: list[tuple[A
     assert (bulk.gone, bulk.outbound, bulk.rewindow) == (one.gone, one.outbound, one.rewindow)
 
 
+@given(st.lists(st.tuples(contributions | st.none(), contributions | st.none()), max_size=8))
+def test_noting_changes_and_settling_them_counts_what_recording_each_does(
+    pairs: list[tuple[Any, Any]],
+) -> None:
+    """`Changes.note` then `settle` (the stores' form: messages without an old contribution counted in
+    bulk at the end) counts what `record` of each message does."""
+    one, noted = A.Changes(), A.Changes()
+    for i, (old, new) in enumerate(pairs):
+        one.record(f"u{i}", old, new)
+        noted.note(f"u{i}", old, new)
+    noted.settle()
+    assert {k: n for k, n in noted.counts.items() if n} == {k: n for k, n in one.counts.items() if n}
+    assert sorted(noted.rewindow) == sorted(one.rewindow)
+    assert sorted(noted.outbound) == sorted(one.outbound) and noted.gone == one.gone
+    assert not noted.fresh and not noted.fresh_umids
+
+
 @given(contributions, contributions)
 def test_taking_a_contribution_away_undoes_it(a: A.Contribution, b: A.Contribution) -> None:
     d = A.Deltas()
