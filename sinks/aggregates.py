@@ -257,13 +257,15 @@ def whatsapp_send(c: Contribution | None) -> datetime | None:
 
 
 def _hour(when: datetime) -> datetime:
-    """`hour_of(when)`, cached by epoch hour (datetime.replace and astimezone are slow)."""
-    epoch_hour = when.timestamp() // 3600
-    hour = _HOURS.get(epoch_hour)
+    """`hour_of(when)`, cached by hours since 0001-01-01 (replace, astimezone, timestamp are slow)."""
+    if when.tzinfo is not UTC:
+        when = when.astimezone(UTC)
+    number = when.toordinal() * 24 + when.hour
+    hour = _HOURS.get(number)
     if hour is None:
         if len(_HOURS) > 100_000:
             _HOURS.clear()
-        hour = _HOURS[epoch_hour] = hour_of(when)
+        hour = _HOURS[number] = hour_of(when)
     return hour
 
 
@@ -277,13 +279,16 @@ def contribution(state: MessageState, number: str | None, number_hash: str | Non
     if not steps:
         return None
     deliver = read = None
-    first_sent, delivered = state.first_sent_at, state.delivered_at
-    if delivered is not None and first_sent is not None:
-        seconds = (delivered - first_sent).total_seconds()
-        deliver = min(bisect_right(_LOWER_BOUNDS, seconds), LAST_BUCKET) if seconds >= 1.0 else 0
-        if state.read_at is not None:
-            seconds = (state.read_at - delivered).total_seconds()
-            read = min(bisect_right(_LOWER_BOUNDS, seconds), LAST_BUCKET) if seconds >= 1.0 else 0
+    delivered = state.delivered_at
+    if delivered is not None:
+        first_sent = state.first_sent_at
+        if first_sent is not None:
+            seconds = (delivered - first_sent).total_seconds()
+            deliver = min(bisect_right(_LOWER_BOUNDS, seconds), LAST_BUCKET) if seconds >= 1.0 else 0
+            read_at = state.read_at
+            if read_at is not None:
+                seconds = (read_at - delivered).total_seconds()
+                read = min(bisect_right(_LOWER_BOUNDS, seconds), LAST_BUCKET) if seconds >= 1.0 else 0
     errors: tuple[tuple[str, int], ...] = ()
     wa_at = None
     if len(steps) == 1:
@@ -291,8 +296,10 @@ def contribution(state: MessageState, number: str | None, number_hash: str | Non
         path = channel = s.channel.lower()
         if s.error_code is not None and s.state in FAILURE_STATES:
             errors = ((channel, s.error_code),)
+        first = s.first_event_at
         if channel == WHATSAPP:
-            wa_at = s.first_event_at
+            wa_at = first
+        country = s.country
     else:
         channels = []
         for s in steps:
@@ -303,8 +310,8 @@ def contribution(state: MessageState, number: str | None, number_hash: str | Non
             if ch == WHATSAPP and (wa_at is None or s.first_event_at < wa_at):
                 wa_at = s.first_event_at
         channel, path = channels[-1], ">".join(channels)
-    first = steps[0].first_event_at
-    country = steps[-1].country
+        first = steps[0].first_event_at
+        country = steps[-1].country
     if country or not number:
         country = country_of(country, number)
     else:  # country_of's cache, inlined
@@ -313,12 +320,12 @@ def contribution(state: MessageState, number: str | None, number_hash: str | Non
         Contribution,
         (
             state.sub_account_id,
-            _HOURS.get(first.timestamp() // 3600) or _hour(first),
+            (first.tzinfo is UTC and _HOURS.get(first.toordinal() * 24 + first.hour)) or _hour(first),
             channel,
             country,
             path,
             OUTCOME.get(state.state, "pending"),
-            bool(state.final),
+            state.final,
             deliver,
             read,
             errors,
@@ -329,7 +336,8 @@ def contribution(state: MessageState, number: str | None, number_hash: str | Non
 
 
 _new = tuple.__new__
-_HOURS: dict[float, datetime] = {}  # epoch hour -> its start (a cache: datetime.replace is slow)
+#: hours since 0001-01-01 (UTC: `toordinal() * 24 + hour`) -> the hour's start (a cache: `_hour`)
+_HOURS: dict[int, datetime] = {}
 
 
 #: the columns `contribution_from_rows` reads
@@ -483,6 +491,12 @@ class Changes:
         self.record_new(self.fresh_umids, self.fresh)
         self.fresh_umids, self.fresh = [], []
 
+    def count_new(self, news: Iterable[Contribution]) -> None:
+        """The counts of `record(umid, None, new)` for each of `news` (messages without an old
+        contribution), in bulk; their WhatsApp sends are the caller's (`whatsapp_send`, `rewindow`).
+        PostgreSQL's fast path: the sends go in the rows it writes."""
+        _count_elements(self.counts, map(_AGGREGATED, news))
+
     def record(self, umid: str, old: Contribution | None, new: Contribution | None) -> None:
         """One message moved from `old` to `new` (equal: nothing to do)."""
         if old == new:
@@ -510,7 +524,7 @@ class Changes:
     def record_new(self, umids: Sequence[str], news: Sequence[Contribution | None]) -> None:
         """`record(umid, None, new)` of each pair: messages that had no contribution before, counted in
         bulk (the counting loop runs in C: `Counter.update`'s)."""
-        _count_elements(self.counts, map(_AGGREGATED, filter(None, news)))
+        self.count_new(filter(None, news))
         for umid, new in zip(umids, news, strict=True):
             if new is not None and new[10] is not None and new[11] is not None:
                 b = (new[0], new[10], new[11])

@@ -604,9 +604,12 @@ class PostgresStore:
             self._staged = False
             conn = psycopg.connect(self.url, row_factory=dict_row, connect_timeout=CONNECT_TIMEOUT_S)
             conn.read_only = self.read_only or None
+            # the session in UTC, whatever the server's default: timestamps load with datetime.UTC (the
+            # same tzinfo as the states': cheaper to compare and to cache by), no SQL depends on a zone
+            conn.execute("SET TIME ZONE 'UTC'")
             if not self.synchronous_commit:
                 conn.execute("SET synchronous_commit = off")
-                conn.commit()
+            conn.commit()
             self._conn = conn
         return conn
 
@@ -785,13 +788,15 @@ class PostgresStore:
                     raise _Raced(f"{len(replaced) - deleted} message rows changed meanwhile")
                 stored = set(cur.execute(_STORED_EVENTS, (umids,)).fetchall())
         changes = A.Changes()
+        news: list[A.Contribution] = []  # of the messages without an old contribution
         aggregates = self.aggregates
 
         # Each table's rows are built lazily inside its own COPY: the server ingests (parses, checks
         # keys, updates indexes) the rows already sent while the next ones are built, so the client's
         # work and the server's overlap instead of adding up.
         def message_rows() -> Iterator[tuple[Any, ...]]:
-            contribution, msisdn, send, note = A.contribution, merged.msisdn, A.whatsapp_send, changes.note
+            contribution, msisdn = A.contribution, merged.msisdn
+            fresh, rewindow = news.append, changes.rewindow.append
             for s in advancing:
                 values = R.message_values(s, pii, msisdn.get(s.umid))
                 if not aggregates:
@@ -799,8 +804,19 @@ class PostgresStore:
                     continue
                 # here, while the server ingests the rows already sent
                 new = contribution(s, values[_NUMBER] or values[_MASKED], values[_HASH])
-                note(s.umid, old.get(s.umid), new)
-                yield (*values, send(new))
+                was = old.get(s.umid)
+                if was is not None:
+                    changes.record(s.umid, was, new)
+                    yield (*values, A.whatsapp_send(new))
+                elif new is None:
+                    yield (*values, None)
+                else:  # counted in bulk below (`Changes.count_new`), its WhatsApp send kept here
+                    fresh(new)
+                    if new[10] is None:  # `whatsapp_send`
+                        yield (*values, None)
+                    else:  # a WhatsApp send: in the row (wa_at), and its windows to check
+                        rewindow((new[0], new[10], new[11]))
+                        yield (*values, new[11])
 
         def step_rows() -> Iterator[tuple[Any, ...]]:
             for s in advancing:
@@ -817,7 +833,7 @@ class PostgresStore:
         self._copy_rows(conn, "message_steps", "message_steps", R.STEP_COLUMNS, step_rows())
         self._copy_rows(conn, "status_events", "status_events", R.EVENT_COLUMNS, event_rows())
         if self.aggregates:
-            changes.settle()
+            changes.count_new(news)
             self._flush(conn, changes)
         return len(advancing)
 
