@@ -66,6 +66,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import psycopg
 
+from chatpipe.runtime.tuning import tune_gc
 from schemas.models import MessageState, StatusEvent, Step, User
 from sinks import rows as R
 from sinks import sqlite as sqlite_sink
@@ -514,7 +515,9 @@ def bench_aggregates(batches: list[list[MessageState]], n: int, rounds: int, ski
     with-store's records/s against its without-store's. Two measures: per wall-clock second, and per CPU
     second (the sink process plus, for PostgreSQL, its server backend: what a saturated machine pays).
     Printed per round, then the median of the rounds' costs with their range (the verdict); for
-    PostgreSQL also where the CPU goes (the sink's Python vs the server)."""
+    PostgreSQL also where the CPU goes (the sink's Python vs the server). The collector is tuned as
+    `chatpipe sink` tunes it once started (`tune_gc`), for both stores."""
+    tune_gc()
 
     def compare(name: str, run: Callable[[], dict[bool, tuple[float, float, float]]]) -> None:
         runs: dict[bool, list[tuple[float, float, float]]] = {True: [], False: []}

@@ -123,6 +123,7 @@ def cmd_sink(settings: Settings, args: argparse.Namespace, env: dict[str, str]) 
     from aiohttp import web
 
     from chatpipe.runtime.serve import add_health_routes, serve_in_thread
+    from chatpipe.runtime.tuning import tune_gc
     from sinks.connect import open_store
     from sinks.worker import SinkWorker, pii_policy
 
@@ -140,6 +141,7 @@ def cmd_sink(settings: Settings, args: argparse.Namespace, env: dict[str, str]) 
         serve_in_thread(app, settings.api_host, settings.metrics_port)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.stop())
+    tune_gc()  # started: what is alive now lives as long as the process
     worker.run(on_ready=_ready_callback(env, "sink"))
     return 0
 

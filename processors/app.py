@@ -19,7 +19,6 @@ The table (`message_state`, RocksDB, changelog `chatpipe-processor-message_state
 
 from __future__ import annotations
 
-import gc
 import struct
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -292,12 +291,3 @@ def create_processor(settings: Settings, codecs: Codecs | None = None) -> Proces
         metrics=ProcessorMetrics(registry),
         metrics_registry=registry,
     )
-
-
-def tune_gc() -> None:
-    """After start-up: move everything alive into the permanent generation and collect young objects
-    less often. The state machine allocates many short-lived tuples; the default thresholds make the
-    cyclic GC cost ~30% of the pure core (bench/state_core.py)."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 50, 100)

@@ -9,8 +9,9 @@ import faust
 
 from chatpipe.runtime.config import Settings
 from chatpipe.runtime.patches import apply_worker_patches
+from chatpipe.runtime.tuning import tune_gc
 from processors.agents import install_agents
-from processors.app import create_processor, tune_gc
+from processors.app import create_processor
 
 log = logging.getLogger(__name__)
 
