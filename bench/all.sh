@@ -23,6 +23,7 @@ add codec           "$PY" bench/codec.py --records 20000 --repeat 3
 add processors      "$PY" bench/processors.py --receipts 100000 --umids 25000
 add sinks           "$PY" bench/sinks.py --rows 100000 --naive-rows 5000 --durable-rows 20000
 add sinks_aggregates "$PY" bench/sinks.py --only-aggregates --rows 100000 --aggregate-rounds 1
+add sink_instructions "$PY" bench/sink_instructions.py --rows 20000
 add analytics       "$PY" bench/analytics.py --messages 200000 --repeat 3
 add e2e             "$PY" bench/e2e.py --short --plot /tmp/chatpipe-e2e-all.png
 add broker_storage  "$PY" bench/broker_storage.py --storages memory,moto,localbucket --seconds 4 \
