@@ -479,7 +479,7 @@ class Changes:
 
     def note(self, umid: str, old: Contribution | None, new: Contribution | None) -> None:
         """`record`, except that a message without an old contribution waits for `settle`, which counts
-        them all in bulk (the write paths' form)."""
+        them all in bulk (SQLite's write path; PostgreSQL's fast path uses `count_new`)."""
         if old is None:
             self.fresh_umids.append(umid)
             self.fresh.append(new)

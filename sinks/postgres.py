@@ -465,9 +465,9 @@ _MAINTAIN = (
 # written concurrently by two sink processes never both miss each other.
 WINDOW_LOCK_CLASS = 0x636877  # pg_advisory_xact_lock(class, stripe): the WhatsApp window locks
 WINDOW_LOCK_STRIPES = 256  # stripes of (subaccount, user): at most this many locks a transaction
-# a (subaccount, user)'s stripe: the first byte of md5(subaccount|user), in SQL and in Python
-# (`window_stripes`: a write sends its distinct stripes, not every user, and the server only locks them)
-_STRIPE = "get_byte(decode(md5(sub || '|' || usr), 'hex'), 0)"
+# a (subaccount, user)'s stripe: the first byte of md5(subaccount|user), modulo the stripes, in SQL and in
+# Python (`window_stripes`: a write sends its distinct stripes, not every user; the server only locks them)
+_STRIPE = f"mod(get_byte(decode(md5(sub || '|' || usr), 'hex'), 0), {WINDOW_LOCK_STRIPES})"
 _LOCK_WINDOWS = (
     f"SELECT count(*) FROM (SELECT pg_advisory_xact_lock({WINDOW_LOCK_CLASS}, k) FROM"
     f" (SELECT DISTINCT {_STRIPE} AS k FROM agg_rewindow ORDER BY 1) AS s) AS l"
@@ -480,7 +480,7 @@ _LOCK_STRIPES = (
 
 def window_stripes(users: Iterable[tuple[str, str]]) -> list[int]:
     """The window-lock stripes of (subaccount, user) pairs, distinct and in lock order (`_STRIPE`)."""
-    return sorted({md5(f"{sub}|{usr}".encode()).digest()[0] for sub, usr in users})
+    return sorted({md5(f"{sub}|{usr}".encode()).digest()[0] % WINDOW_LOCK_STRIPES for sub, usr in users})
 
 
 # the inbound WhatsApp messages whose window holds a send of agg_rewindow (t - 24 h < ts <= t): answered

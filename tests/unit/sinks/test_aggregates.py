@@ -172,7 +172,7 @@ def test_counting_new_messages_in_bulk_equals_recording_each(pairs: list[tuple[A
 def test_noting_changes_and_settling_them_counts_what_recording_each_does(
     pairs: list[tuple[Any, Any]],
 ) -> None:
-    """`Changes.note` then `settle` (the stores' form: messages without an old contribution counted in
+    """`Changes.note` then `settle` (SQLite's form: messages without an old contribution counted in
     bulk at the end) counts what `record` of each message does."""
     one, noted = A.Changes(), A.Changes()
     for i, (old, new) in enumerate(pairs):
