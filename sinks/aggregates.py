@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import collections
 import math
+import sys
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from operator import itemgetter
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from processors.conversation import WHATSAPP_SERVICE_WINDOW
 from schemas.models import MessageState
@@ -178,9 +179,9 @@ def error_meaning(code: int) -> tuple[str, str] | None:
     return ERROR_CODES.get(code)
 
 
-class Contribution(NamedTuple):
-    """What one message adds to the aggregates, from its current state (a tuple: cheap to build and
-    compare)."""
+class NamedContribution(NamedTuple):
+    """The fields of a `Contribution`, by name (`named(c)`; tests build contributions with it): equal to
+    the plain tuple of the same fields."""
 
     sub_account_id: str
     hour: datetime
@@ -194,6 +195,31 @@ class Contribution(NamedTuple):
     errors: tuple[tuple[str, int], ...] = ()  # (channel, error code) of each failed step with a code
     user: str | None = None  # keyed hash of the recipient's number, for messages with a WhatsApp step
     whatsapp_at: datetime | None = None  # the first event of its WhatsApp step, when it has one
+
+
+#: What one message adds to the aggregates, from its current state: a plain tuple of the fields of
+#: `NamedContribution`, in that order (indexes `SUB` ... `WHATSAPP_AT`). Plain, because the sink builds
+#: one per record: a NamedTuple costs 3k instructions more to build and free (`bench/sink_instructions.py`).
+Contribution = tuple[
+    str, datetime, str, str, str, str, bool, int | None, int | None, tuple[tuple[str, int], ...], str | None,
+    datetime | None,
+]  # fmt: skip
+SUB: Final = 0
+HOUR: Final = 1
+CHANNEL: Final = 2
+COUNTRY: Final = 3
+PATH: Final = 4
+OUTCOME_: Final = 5  # (OUTCOME maps states to outcomes)
+FINAL: Final = 6
+DELIVER: Final = 7
+READ: Final = 8
+ERRORS: Final = 9
+USER: Final = 10
+WHATSAPP_AT: Final = 11
+
+
+def named(c: Contribution) -> NamedContribution:
+    return NamedContribution(*c)
 
 
 StepParts = tuple[
@@ -231,22 +257,19 @@ def _contribution(
             errors += ((ch, s[2]),)
         if ch == WHATSAPP and (wa_at is None or s[3] < wa_at):
             wa_at = s[3]
-    return _new(
-        Contribution,
-        (
-            sub_account_id,
-            _hour(steps[0][3]),
-            channels[-1],
-            country_of(steps[-1][4], number),
-            channels[0] if len(channels) == 1 else ">".join(channels),
-            OUTCOME.get(state, "pending"),
-            bool(final),
-            deliver,
-            read,
-            errors,
-            number_hash if wa_at is not None else None,
-            wa_at,
-        ),
+    return (
+        sub_account_id,
+        _hour(steps[0][3]),
+        channels[-1],
+        country_of(steps[-1][4], number),
+        channels[0] if len(channels) == 1 else ">".join(channels),
+        OUTCOME.get(state, "pending"),
+        bool(final),
+        deliver,
+        read,
+        errors,
+        number_hash if wa_at is not None else None,
+        wa_at,
     )
 
 
@@ -257,7 +280,8 @@ def whatsapp_send(c: Contribution | None) -> datetime | None:
 
 
 def _hour(when: datetime) -> datetime:
-    """`hour_of(when)`, cached by hours since 0001-01-01 (replace, astimezone, timestamp are slow)."""
+    """`hour_of(when)`, cached by hours since 0001-01-01 (replace, astimezone, timestamp are slow); the
+    hour found is kept as `_SPAN`, the one the next call checks first."""
     if when.tzinfo is not UTC:
         when = when.astimezone(UTC)
     number = when.toordinal() * 24 + when.hour
@@ -266,7 +290,19 @@ def _hour(when: datetime) -> datetime:
         if len(_HOURS) > 100_000:
             _HOURS.clear()
         hour = _HOURS[number] = hour_of(when)
+    _SPAN[0] = (hour, hour + _ONE_HOUR)
     return hour
+
+
+def _channel(name: str) -> str:
+    """`name.lower()`, cached and interned: a channel name is then one object, whose comparisons (the
+    counts' keys) are identity checks and whose hash is computed once."""
+    found = _CHANNELS.get(name)
+    if found is None:
+        if len(_CHANNELS) > 10_000:
+            _CHANNELS.clear()
+        found = _CHANNELS[name] = sys.intern(name.lower())
+    return found
 
 
 def contribution(state: MessageState, number: str | None, number_hash: str | None) -> Contribution | None:
@@ -282,18 +318,18 @@ def contribution(state: MessageState, number: str | None, number_hash: str | Non
     delivered = state.delivered_at
     if delivered is not None:
         first_sent = state.first_sent_at
-        if first_sent is not None:
+        if first_sent is not None:  # bisect_right over _LOWER_BOUNDS is at most LAST_BUCKET
             seconds = (delivered - first_sent).total_seconds()
-            deliver = min(bisect_right(_LOWER_BOUNDS, seconds), LAST_BUCKET) if seconds >= 1.0 else 0
+            deliver = bisect_right(_LOWER_BOUNDS, seconds) if seconds >= 1.0 else 0
             read_at = state.read_at
             if read_at is not None:
                 seconds = (read_at - delivered).total_seconds()
-                read = min(bisect_right(_LOWER_BOUNDS, seconds), LAST_BUCKET) if seconds >= 1.0 else 0
+                read = bisect_right(_LOWER_BOUNDS, seconds) if seconds >= 1.0 else 0
     errors: tuple[tuple[str, int], ...] = ()
     wa_at = None
     if len(steps) == 1:
         s = steps[0]
-        path = channel = s.channel.lower()
+        path = channel = _CHANNELS.get(s.channel) or _channel(s.channel)
         if s.error_code is not None and s.state in FAILURE_STATES:
             errors = ((channel, s.error_code),)
         first = s.first_event_at
@@ -303,7 +339,7 @@ def contribution(state: MessageState, number: str | None, number_hash: str | Non
     else:
         channels = []
         for s in steps:
-            ch = s.channel.lower()
+            ch = _CHANNELS.get(s.channel) or _channel(s.channel)
             channels.append(ch)
             if s.error_code is not None and s.state in FAILURE_STATES:
                 errors += ((ch, s.error_code),)
@@ -316,28 +352,31 @@ def contribution(state: MessageState, number: str | None, number_hash: str | Non
         country = country_of(country, number)
     else:  # country_of's cache, inlined
         country = _BY_HEAD.get(number[:4]) or country_of(None, number)
-    return _new(
-        Contribution,
-        (
-            state.sub_account_id,
-            (first.tzinfo is UTC and _HOURS.get(first.toordinal() * 24 + first.hour)) or _hour(first),
-            channel,
-            country,
-            path,
-            OUTCOME.get(state.state, "pending"),
-            state.final,
-            deliver,
-            read,
-            errors,
-            number_hash if wa_at is not None else None,
-            wa_at,
-        ),
+    span = _SPAN[0]  # the hour `_hour` found last, [start, end): most messages of a batch share it
+    hour = span[0] if first.tzinfo is UTC and span[0] <= first < span[1] else _hour(first)
+    return (
+        state.sub_account_id,
+        hour,
+        channel,
+        country,
+        path,
+        OUTCOME.get(state.state, "pending"),
+        state.final,
+        deliver,
+        read,
+        errors,
+        number_hash if wa_at is not None else None,
+        wa_at,
     )
 
 
-_new = tuple.__new__
 #: hours since 0001-01-01 (UTC: `toordinal() * 24 + hour`) -> the hour's start (a cache: `_hour`)
 _HOURS: dict[int, datetime] = {}
+_ONE_HOUR = timedelta(hours=1)
+#: [start, end) of the hour `_hour` found last, one tuple (read and replaced whole: thread-safe)
+_SPAN: list[tuple[datetime, datetime]] = [(datetime.min.replace(tzinfo=UTC),) * 2]
+#: channel names as given -> lowercased and interned (`_channel`)
+_CHANNELS: dict[str, str] = {}
 
 
 #: the columns `contribution_from_rows` reads
@@ -630,9 +669,9 @@ def window_change(old: Contribution | None, new: Contribution | None) -> list[tu
     change: its old and new WhatsApp send, when they differ."""
 
     def key(c: Contribution | None) -> tuple[str, str, datetime] | None:
-        if c is None or c.user is None or c.whatsapp_at is None:
+        if c is None or c[USER] is None or c[WHATSAPP_AT] is None:
             return None
-        return (c.sub_account_id, c.user, c.whatsapp_at)
+        return (c[SUB], c[USER], c[WHATSAPP_AT])
 
     a, b = key(old), key(new)
     if a == b:

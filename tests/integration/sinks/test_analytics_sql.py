@@ -153,7 +153,7 @@ def _sql_contributions(store: Any, umids: list[str]) -> dict[str, tuple[A.Contri
         by_umid.setdefault(e["umid"], []).append((e["channel"], e["error_code"]))
     out = {}
     for f in facts:
-        c = A.Contribution(
+        c = A.NamedContribution(
             f["sub_account_id"], f["hour"], f["channel"], f["country"], f["path"], A.OUTCOMES[f["outcome"]],
             bool(f["final"]), None if f["deliver_us"] is None else f["deliver_bucket"],
             None if f["read_us"] is None else f["read_bucket"], tuple(sorted(by_umid.get(f["umid"], []))),
@@ -165,7 +165,7 @@ def _sql_contributions(store: Any, umids: list[str]) -> dict[str, tuple[A.Contri
 
 def _python(message: dict[str, Any], steps: list[dict[str, Any]]) -> A.Contribution | None:
     c = A.contribution_from_rows(message, steps)
-    return None if c is None else c._replace(errors=tuple(sorted(c.errors)))
+    return None if c is None else A.named(c)._replace(errors=tuple(sorted(c[A.ERRORS])))
 
 
 def _is_plain(message: dict[str, Any], steps: list[dict[str, Any]]) -> bool:
@@ -328,7 +328,7 @@ def _expected(store: Any) -> dict[str, set[tuple[Any, ...]]]:
         out[f"analytics_{name}"] = {tuple(r) for r in hourly}
         out[f"analytics_{name}_daily"] = {tuple(r) for r in Q.daily_rows(name, hourly)}
     out["analytics_wa_outbound"] = {
-        (u, c.sub_account_id, c.user, c.whatsapp_at) for u, c in found.items() if c.user and c.whatsapp_at
+        (u, c[A.SUB], c[A.USER], c[A.WHATSAPP_AT]) for u, c in found.items() if c[A.USER] and c[A.WHATSAPP_AT]
     }
     return out
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -22,7 +22,7 @@ durations = st.floats(min_value=-10.0, max_value=1e9, allow_nan=False)
 histograms = st.dictionaries(st.integers(0, A.LAST_BUCKET), st.integers(1, 50), max_size=12)
 
 contributions = st.builds(
-    A.Contribution,
+    A.NamedContribution,
     sub_account_id=st.sampled_from(["s1", "s2"]),
     hour=st.sampled_from([T0.replace(minute=0), T0.replace(hour=11, minute=0)]),
     channel=st.sampled_from(["whatsapp", "sms"]),
@@ -227,7 +227,7 @@ def test_a_fallback_message_counts_in_its_last_channel_with_its_path_latency_and
         final=True,
     )
     c = A.contribution(s, "+658123xxxx", "h")
-    assert c == A.Contribution(
+    assert c == A.NamedContribution(
         sub_account_id="sub", hour=T0.replace(minute=0), channel="sms", country="SG", path="whatsapp>sms",
         outcome="delivered", final=True, deliver_bucket=A.latency_bucket(3710), read_bucket=None,
         errors=(("whatsapp", 1018),), user="h", whatsapp_at=T0,
@@ -259,11 +259,12 @@ def test_country_from_the_details_api_else_the_calling_code(
 def test_the_user_is_kept_only_for_messages_with_a_whatsapp_step() -> None:
     sms = _state((_step(1, "sms", [("sent", 0)]),))
     wa = _state((_step(1, "whatsapp", [("sent", 0)]),))
-    assert A.contribution(sms, "+658123xxxx", "h").user is None  # type: ignore[union-attr]
-    assert A.contribution(wa, "+658123xxxx", "h").user == "h"  # type: ignore[union-attr]
+    assert A.contribution(sms, "+658123xxxx", "h")[A.USER] is None  # type: ignore[index]
+    assert A.contribution(wa, "+658123xxxx", "h")[A.USER] == "h"  # type: ignore[index]
 
 
-channels = st.sampled_from(["whatsapp", "sms", "viber", "line"])
+# 8x8 spells channels either way
+channels = st.sampled_from(["whatsapp", "sms", "viber", "line", "WhatsApp", "SMS"])
 step_states = st.lists(
     st.tuples(st.sampled_from(["queued", "sent", "delivered", "read", "undelivered"]), st.integers(0, 10**6)),
     min_size=1,
@@ -301,7 +302,24 @@ def test_what_a_state_adds_is_what_its_stored_rows_take_away(
     assert new == A.contribution_from_rows(message, list(reversed(step_rows)))
     as_tuples = [tuple(r[c] for c in A.STEP_FACT_COLUMNS) for r in reversed(step_rows)]
     assert new == A.contribution_from_tuples(tuple(message[c] for c in A.MESSAGE_FACT_COLUMNS), as_tuples)
-    assert new is not None and new.country == A.country_of(country, msisdn)
+    assert new is not None and new[A.COUNTRY] == A.country_of(country, msisdn)
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(-3 * 3600, 3 * 3600), st.sampled_from([0, 8, -5, 14])), min_size=1, max_size=12
+    )
+)
+def test_a_contribution_is_counted_in_the_utc_hour_of_its_first_event_whatever_came_before(
+    moments: list[tuple[int, int]],
+) -> None:
+    """The hour is cached from one message to the next (`_SPAN`): in any order and any time zone, each
+    message still gets the UTC hour its first event falls in."""
+    for seconds, offset in moments:
+        at = (T0 + timedelta(seconds=seconds)).astimezone(timezone(timedelta(hours=offset)))
+        step = dataclasses.replace(_step(1, "sms", [("sent", 0)]), first_event_at=at)
+        c = A.contribution(_state((step,)), "+6581234567", "h")
+        assert c is not None and c[A.HOUR] == A.hour_of(at) and c[A.HOUR].tzinfo is UTC
 
 
 def test_the_window_is_24_hours_from_the_inbound_message() -> None:
