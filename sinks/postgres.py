@@ -433,7 +433,7 @@ _SET_WA_SENDS = (
     "UPDATE messages m SET wa_at = q.at FROM unnest(%b::text[], %b::timestamptz[]) AS q(umid, at)"
     " WHERE m.umid = q.umid"
 )
-_AGG_UPSERTS = Q.pg_unnest_upserts()
+_AGG_DELTAS = Q.pg_delta_tables()
 _DELTAS = Q.delta_selects(Q.PG, "g", "e")
 # Migration 9's batches (param umids: messages not counted yet), one statement: the facts of their rows
 # (`sinks.analytics_sql.facts`), the messages that are not plain left to Python (returned); every aggregate
@@ -465,9 +465,14 @@ _MAINTAIN = (
 # written concurrently by two sink processes never both miss each other.
 WINDOW_LOCK_CLASS = 0x636877  # pg_advisory_xact_lock(class, stripe): the WhatsApp window locks
 WINDOW_LOCK_STRIPES = 256  # stripes of (subaccount, user): at most this many locks a transaction
-# a (subaccount, user)'s stripe: the first byte of md5(subaccount|user), modulo the stripes, in SQL and in
-# Python (`window_stripes`: a write sends its distinct stripes, not every user; the server only locks them)
-_STRIPE = f"mod(get_byte(decode(md5(sub || '|' || usr), 'hex'), 0), {WINDOW_LOCK_STRIPES})"
+# a (subaccount, user)'s stripe, modulo the stripes, in SQL and in Python (`window_stripes`: a write sends
+# its distinct stripes, not every user; the server only locks them): the first byte of the user itself when
+# it starts with two lowercase hex digits (users are keyed hashes of numbers, HMAC-SHA256 in hex: uniform
+# already), else the first byte of md5(subaccount|user)
+_STRIPE = (
+    "mod(CASE WHEN usr ~ '^[0-9a-f]{2}' THEN get_byte(decode(left(usr, 2), 'hex'), 0)"
+    f" ELSE get_byte(decode(md5(sub || '|' || usr), 'hex'), 0) END, {WINDOW_LOCK_STRIPES})"
+)
 _LOCK_WINDOWS = (
     f"SELECT count(*) FROM (SELECT pg_advisory_xact_lock({WINDOW_LOCK_CLASS}, k) FROM"
     f" (SELECT DISTINCT {_STRIPE} AS k FROM agg_rewindow ORDER BY 1) AS s) AS l"
@@ -480,7 +485,15 @@ _LOCK_STRIPES = (
 
 def window_stripes(users: Iterable[tuple[str, str]]) -> list[int]:
     """The window-lock stripes of (subaccount, user) pairs, distinct and in lock order (`_STRIPE`)."""
-    return sorted({md5(f"{sub}|{usr}".encode()).digest()[0] % WINDOW_LOCK_STRIPES for sub, usr in users})
+    found = set()
+    for sub, usr in users:
+        byte = _HEX_BYTES.get(usr[:2])
+        found.add(md5(f"{sub}|{usr}".encode()).digest()[0] if byte is None else byte)
+    return sorted({b % WINDOW_LOCK_STRIPES for b in found})
+
+
+#: two lowercase hex digits -> the byte they spell
+_HEX_BYTES = {f"{b:02x}": b for b in range(256)}
 
 
 # the inbound WhatsApp messages whose window holds a send of agg_rewindow (t - 24 h < ts <= t): answered
@@ -893,11 +906,9 @@ class PostgresStore:
             any_inbound = conn.execute(_WA_INBOUND_ANY, (subs,)).fetchone()
             if not (any_inbound and any_inbound["found"]):
                 rewindow = []
-        with conn.pipeline():
-            self._apply(conn, deltas)
-            around = conn.execute(_WA_INBOUND_AROUND, _columns_of(rewindow, 3)) if rewindow else None
-        if around is not None:
-            self._rewindow(conn, around.fetchall())
+        self._apply(conn, deltas)
+        if rewindow:
+            self._rewindow(conn, conn.execute(_WA_INBOUND_AROUND, _columns_of(rewindow, 3)).fetchall())
 
     def _apply(self, conn: psycopg.Connection[Any], deltas: A.Deltas) -> None:
         self._upsert(conn, "messages", A.message_rows(deltas))
@@ -906,10 +917,22 @@ class PostgresStore:
 
     @staticmethod
     def _upsert(conn: psycopg.Connection[Any], table: str, rows: Sequence[tuple[Any, ...]]) -> None:
-        """Add `rows` (`sinks.analytics_sql` upsert rows) to the hourly table and its daily table (one
-        statement: the server rolls them up by day)."""
+        """Add `rows` (`sinks.analytics_sql` upsert rows) to the hourly table and its daily table: a binary
+        COPY into the TEMP table `agg_in_<table>`, and one statement that moves them (the server rolls
+        them up by day; `sinks.analytics_sql.pg_delta_tables`)."""
         if rows:
-            conn.execute(_AGG_UPSERTS[table], _columns_of(rows, len(rows[0])))
+            ddl, upsert, types = _AGG_DELTAS[table]
+            conn.execute(ddl)  # (a rolled back transaction takes a table it created away)
+            with (
+                conn.cursor() as cur,
+                cur.copy(
+                    f"COPY agg_in_{table} ({', '.join(Q.table_columns(table))}) FROM STDIN (FORMAT BINARY)"
+                ) as copy,
+            ):
+                copy.set_types(types)
+                for row in rows:
+                    copy.write_row(row)
+            conn.execute(upsert)
 
     @staticmethod
     def _answered(conn: psycopg.Connection[Any], keys: Sequence[tuple[str, str, datetime]]) -> list[int]:

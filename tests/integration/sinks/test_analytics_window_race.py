@@ -136,7 +136,12 @@ def test_an_inbound_message_and_its_reply_written_concurrently_count_as_answered
 def test_the_servers_window_stripes_are_the_sinks(url: str) -> None:
     """Migration 9's backfill locks stripes computed by the server (`_LOCK_WINDOWS`), writes lock stripes
     computed by the sink (`window_stripes`): the same (subaccount, user) must get the same stripe."""
-    pairs = [("sub-1", "ab" * 32), ("sub-1", "cd" * 32), ("sub_2", "user é 😀"), ("acme.co&x", "")]
+    pairs = [
+        *(("sub-1", u) for u in ("ab" * 32, "0f" + "cd" * 31, "00", "AB" * 32, "a", "ag12")),
+        ("sub-2", "ab" * 32),
+        ("sub_2", "user é 😀"),
+        ("acme.co&x", ""),
+    ]
     with psycopg.connect(url) as conn:
         got = conn.execute(
             f"SELECT {_STRIPE} FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS q(sub, usr, n)"
