@@ -236,33 +236,56 @@ def _contribution(
     read_at: datetime | None,
     number: str | None,
     number_hash: str | None,
-    steps: Sequence[StepParts],
+    steps: Sequence[Sequence[Any]],
+    at: int = 0,
 ) -> Contribution | None:
-    """The one definition both `contribution` and `contribution_from_rows` use. `steps` in order;
-    `number` the stored (masked or clear) number, `number_hash` its keyed hash."""
+    """The one definition both `contribution` and `contribution_from_rows` use. `steps` in order, each a
+    sequence holding `StepParts` from index `at` on (the stores' row tuples, without slicing them);
+    `number` the stored (masked or clear) number, `number_hash` its keyed hash. Spelled out as
+    `contribution` is: the stores compute one for each message a state replaces."""
     if not steps:
         return None
     deliver = read = None
     if delivered_at is not None and first_sent_at is not None:
-        deliver = latency_bucket((delivered_at - first_sent_at).total_seconds())
+        seconds = (delivered_at - first_sent_at).total_seconds()
+        deliver = bisect_right(_LOWER_BOUNDS, seconds) if seconds >= 1.0 else 0
         if read_at is not None:
-            read = latency_bucket((read_at - delivered_at).total_seconds())
+            seconds = (read_at - delivered_at).total_seconds()
+            read = bisect_right(_LOWER_BOUNDS, seconds) if seconds >= 1.0 else 0
     errors: tuple[tuple[str, int], ...] = ()
     wa_at = None
-    channels = []
-    for s in steps:
-        ch = s[0].lower()
-        channels.append(ch)
-        if s[2] is not None and s[1] in FAILURE_STATES:
-            errors += ((ch, s[2]),)
-        if ch == WHATSAPP and (wa_at is None or s[3] < wa_at):
-            wa_at = s[3]
+    channel_at, state_at, code_at, first_at = at, at + 1, at + 2, at + 3
+    if len(steps) == 1:
+        s = steps[0]
+        path = channel = _CHANNELS.get(s[channel_at]) or _channel(s[channel_at])
+        if s[code_at] is not None and s[state_at] in FAILURE_STATES:
+            errors = ((channel, s[code_at]),)
+        if channel == WHATSAPP:
+            wa_at = s[first_at]
+    else:
+        channels = []
+        for s in steps:
+            ch = _CHANNELS.get(s[channel_at]) or _channel(s[channel_at])
+            channels.append(ch)
+            if s[code_at] is not None and s[state_at] in FAILURE_STATES:
+                errors += ((ch, s[code_at]),)
+            if ch == WHATSAPP and (wa_at is None or s[first_at] < wa_at):
+                wa_at = s[first_at]
+        channel, path = channels[-1], ">".join(channels)
+    first = steps[0][first_at]
+    country = steps[-1][at + 4]
+    if country or not number:
+        country = country_of(country, number)
+    else:  # country_of's cache, inlined
+        country = _BY_HEAD.get(number[:4]) or country_of(None, number)
+    span = _SPAN[0]  # the hour `_hour` found last, [start, end)
+    hour = span[0] if first.tzinfo is UTC and span[0] <= first < span[1] else _hour(first)
     return (
         sub_account_id,
-        _hour(steps[0][3]),
-        channels[-1],
-        country_of(steps[-1][4], number),
-        channels[0] if len(channels) == 1 else ">".join(channels),
+        hour,
+        channel,
+        country,
+        path,
         OUTCOME.get(state, "pending"),
         bool(final),
         deliver,
@@ -401,7 +424,7 @@ def contribution_from_tuples(message: Sequence[Any], steps: list[Any]) -> Contri
         steps.sort(key=_step_number)
     return _contribution(
         message[1], message[2], message[3], message[4], message[5], message[6], message[7] or message[8],
-        message[9], [r[2:] for r in steps],
+        message[9], steps, 2,
     )  # fmt: skip
 
 
