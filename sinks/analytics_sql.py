@@ -274,33 +274,29 @@ def daily_rows(name: str, rows: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ..
     return [(*k, *v) for k, v in sorted(out.items()) if any(v[extra_len:])]
 
 
-def table_columns(name: str) -> tuple[str, ...]:
-    """The columns of an hourly aggregate table's upsert rows, in order: key, set on insert, counters."""
-    key, extra, counters = _TABLE_COLUMNS[name]
-    return (*key, *extra, *counters)
-
-
-def pg_delta_tables() -> dict[str, tuple[str, str, tuple[str, ...]]]:
-    """PostgreSQL's per-table path for a batch's hourly delta rows: (DDL of a TEMP table `agg_in_<name>` of
-    the table's columns, the upsert that moves its rows into the hourly table and, rolled up by day,
-    into the daily table, the columns' types for a binary COPY). The rows go in by binary COPY (formatted
-    by psycopg's C code: array parameters were dumped element by element in Python), and the upsert takes
-    them out (`DELETE ... RETURNING`), so the table is empty again for the next use in the transaction;
-    both upserts in key order (the lock order of every writer)."""
+def pg_unnest_upserts() -> dict[str, str]:
+    """The `+=` upserts of each aggregate table for PostgreSQL, one statement per batch and table: each
+    column's values as one array parameter (binary: `%b`), `unnest`ed into the hourly table, and the
+    same rows rolled up by the server into the daily table (what `daily_rows` computes: hours to their
+    UTC day, counters added, zero rows dropped; in key order, as the hourly rows come)."""
     out = {}
-    for name in _TABLE_COLUMNS:
-        cols = table_columns(name)
-        types = tuple(pg_type(c) for c in cols)
-        ddl = (
-            f"CREATE TEMP TABLE IF NOT EXISTS agg_in_{name}"
-            f" ({', '.join(f'{c} {t}' for c, t in zip(cols, types, strict=True))}) ON COMMIT DELETE ROWS"
+    for name, (key, extra, counters) in _TABLE_COLUMNS.items():
+        cols = (*key, *extra, *counters)
+        arrays = ", ".join(f"%b::{pg_type(c)}[]" for c in cols)
+        sets = ", ".join(f"{c} = t.{c} + excluded.{c}" for c in counters)
+        conflict = f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {sets}"
+        day_key = ["sub_account_id", "date_trunc('day', hour, 'UTC')", *key[2:]]
+        sums = [f"sum({c})::bigint" for c in counters]
+        # the columns set on insert (`extra`) are functions of the key: any value of the group will do
+        out[name] = (
+            f"WITH r ({', '.join(cols)}) AS (SELECT * FROM unnest({arrays})),"
+            f" h AS (INSERT INTO analytics_{name} AS t ({', '.join(cols)}) SELECT * FROM r {conflict})"
+            f" INSERT INTO analytics_{name}_daily AS t ({', '.join(cols)})"
+            f" SELECT {', '.join([*day_key, *(f'min({c})' for c in extra), *sums])} FROM r"
+            f" GROUP BY {', '.join(str(i + 1) for i in range(len(key)))}"
+            f" HAVING {' OR '.join(f'{x} <> 0' for x in sums)}"
+            f" ORDER BY {', '.join(str(i + 1) for i in range(len(key)))} {conflict}"
         )
-        upsert = (
-            f"WITH d AS MATERIALIZED (DELETE FROM agg_in_{name} RETURNING *),"
-            f" h AS ({upsert_from(PG, name, 'd', daily=False)})"
-            f" {upsert_from(PG, name, 'd', daily=True)}"
-        )
-        out[name] = (ddl, upsert, types)
     return out
 
 

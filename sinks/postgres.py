@@ -433,7 +433,7 @@ _SET_WA_SENDS = (
     "UPDATE messages m SET wa_at = q.at FROM unnest(%b::text[], %b::timestamptz[]) AS q(umid, at)"
     " WHERE m.umid = q.umid"
 )
-_AGG_DELTAS = Q.pg_delta_tables()
+_AGG_UPSERTS = Q.pg_unnest_upserts()
 _DELTAS = Q.delta_selects(Q.PG, "g", "e")
 # Migration 9's batches (param umids: messages not counted yet), one statement: the facts of their rows
 # (`sinks.analytics_sql.facts`), the messages that are not plain left to Python (returned); every aggregate
@@ -906,9 +906,11 @@ class PostgresStore:
             any_inbound = conn.execute(_WA_INBOUND_ANY, (subs,)).fetchone()
             if not (any_inbound and any_inbound["found"]):
                 rewindow = []
-        self._apply(conn, deltas)
-        if rewindow:
-            self._rewindow(conn, conn.execute(_WA_INBOUND_AROUND, _columns_of(rewindow, 3)).fetchall())
+        with conn.pipeline():
+            self._apply(conn, deltas)
+            around = conn.execute(_WA_INBOUND_AROUND, _columns_of(rewindow, 3)) if rewindow else None
+        if around is not None:
+            self._rewindow(conn, around.fetchall())
 
     def _apply(self, conn: psycopg.Connection[Any], deltas: A.Deltas) -> None:
         self._upsert(conn, "messages", A.message_rows(deltas))
@@ -917,22 +919,10 @@ class PostgresStore:
 
     @staticmethod
     def _upsert(conn: psycopg.Connection[Any], table: str, rows: Sequence[tuple[Any, ...]]) -> None:
-        """Add `rows` (`sinks.analytics_sql` upsert rows) to the hourly table and its daily table: a binary
-        COPY into the TEMP table `agg_in_<table>`, and one statement that moves them (the server rolls
-        them up by day; `sinks.analytics_sql.pg_delta_tables`)."""
+        """Add `rows` (`sinks.analytics_sql` upsert rows) to the hourly table and its daily table (one
+        statement: the server rolls them up by day)."""
         if rows:
-            ddl, upsert, types = _AGG_DELTAS[table]
-            conn.execute(ddl)  # (a rolled back transaction takes a table it created away)
-            with (
-                conn.cursor() as cur,
-                cur.copy(
-                    f"COPY agg_in_{table} ({', '.join(Q.table_columns(table))}) FROM STDIN (FORMAT BINARY)"
-                ) as copy,
-            ):
-                copy.set_types(types)
-                for row in rows:
-                    copy.write_row(row)
-            conn.execute(upsert)
+            conn.execute(_AGG_UPSERTS[table], _columns_of(rows, len(rows[0])))
 
     @staticmethod
     def _answered(conn: psycopg.Connection[Any], keys: Sequence[tuple[str, str, datetime]]) -> list[int]:

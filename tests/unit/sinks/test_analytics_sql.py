@@ -19,10 +19,9 @@ from sinks.analytics_sql import (
     VIEWS,
     Query,
     daily_rows,
-    pg_delta_tables,
     pg_type,
+    pg_unnest_upserts,
     select,
-    table_columns,
     upserts,
 )
 
@@ -120,23 +119,19 @@ def test_upserts_add_counters_on_conflict_for_every_hourly_and_daily_table() -> 
     assert "answered = analytics_window_daily.answered + excluded.answered" in statements["window_daily"]
 
 
-def test_postgres_delta_tables_have_the_columns_and_types_of_the_upsert_rows() -> None:
-    tables = pg_delta_tables()
-    assert set(tables) == {"messages", "latency", "errors", "inbound", "window"}
-    for name, (ddl, upsert, types) in tables.items():
-        cols = table_columns(name)
-        assert (
-            ddl.startswith(f"CREATE TEMP TABLE IF NOT EXISTS agg_in_{name} (")
-            and "ON COMMIT DELETE ROWS" in ddl
-        )
-        assert [c.split(" ")[0] for c in ddl[ddl.index("(") + 1 : ddl.index(")")].split(", ")] == list(cols)
-        assert types == tuple(pg_type(c) for c in cols)
-        # the rows are taken out of the temp table by the statement that adds them
-        assert upsert.startswith(f"WITH d AS MATERIALIZED (DELETE FROM agg_in_{name} RETURNING *)")
-        assert (
-            f"INSERT INTO analytics_{name} (" in upsert and f"INSERT INTO analytics_{name}_daily (" in upsert
-        )
-    assert tables["errors"][2] == ("text", "timestamptz", "text", "text", "bigint", "bigint")
+def test_postgres_unnest_upserts_have_one_typed_array_per_column() -> None:
+    for name, sql in pg_unnest_upserts().items():
+        cols = sql[sql.index("r (") + 3 : sql.index(")")].split(", ")
+        assert sql.count("%b::") == len(cols)
+        assert f"INSERT INTO analytics_{name} AS t" in sql
+        assert f"INSERT INTO analytics_{name}_daily AS t" in sql
+    assert "%b::timestamptz[]" in pg_unnest_upserts()["errors"]
+    assert [pg_type(c) for c in ("hour", "count", "error_code", "channel")] == [
+        "timestamptz",
+        "bigint",
+        "bigint",
+        "text",
+    ]
 
 
 # --- daily_rows: the hourly rows rolled up --------------------------------------------------------
