@@ -311,6 +311,19 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         ),
     ),
     (*Q.BACKFILL, ()),  # PostgresStore.migrate runs it in batches (_backfill_batch)
+    (
+        11,
+        "analytics: the aggregate tables keep half of each page free (fillfactor 50)",
+        # every batch adds to the same few hundred rows: with room on their page, the new row versions
+        # are HOT updates (no index entry) and the page is pruned in place; measured with
+        # pg_stat_statements, 2,000-record batches: the upserts' server time -18% (fillfactor 20) to -20%
+        # (50). It applies to pages written from now on: no rewrite, a brief lock
+        tuple(
+            f"ALTER TABLE analytics_{name}{daily} SET (fillfactor = 50)"
+            for name in ("messages", "latency", "errors", "inbound", "window")
+            for daily in ("", "_daily")
+        ),
+    ),
 )
 
 _CANDIDATES = (

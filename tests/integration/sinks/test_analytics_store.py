@@ -390,3 +390,16 @@ def test_migration_10_moves_the_whatsapp_sends_of_an_older_store_into_messages(
     assert any(k[-1] == "answered" for k in window), "some inbound messages are answered"
     assert observed(older, dataset.traffic.sub_accounts)["window"] == window
     older.close()
+
+
+@pytest.mark.parametrize("store", ["postgresql"], indirect=True)
+def test_the_aggregate_tables_leave_room_for_hot_updates(store: Store) -> None:
+    """Migration 11: every aggregate table, hourly and daily, keeps half of each page free for the new
+    versions of its rows (HOT updates), and the counts stay right (`test_...equal_the_truth` above)."""
+    with psycopg.connect(store.url) as conn:  # type: ignore[attr-defined]
+        found = conn.execute(
+            "SELECT relname, reloptions FROM pg_class WHERE relname LIKE 'analytics\\_%' AND relkind = 'r'"
+            " AND relname NOT IN ('analytics_wa_inbound', 'analytics_backfill', 'analytics_error_codes')"
+        ).fetchall()
+    assert len(found) == 10
+    assert {name: options for name, options in found} == {name: ["fillfactor=50"] for name, _ in found}
