@@ -38,12 +38,16 @@ Then SQLite (a temp file, WAL, synchronous=NORMAL): chatpipe's executemany path,
 commit per message, and a raw executemany INSERT into keyless empty tables. SQLite is report-only.
 The workload objects are frozen out of the garbage collector (`gc.freeze`) before any timing.
 
-Analytics (`--aggregates`, or `--only-aggregates` for this comparison alone): chatpipe's path with the
+Analytics (`--aggregates`, or `--only-aggregates` for this comparison alone): chatpipe's sink with the
 analytics aggregates maintained (the default) and without (`aggregates=False`), each round on two fresh
-databases written batch by batch in turn (`_interleaved`: both share the machine's load), for
-`--aggregate-rounds` rounds, PostgreSQL and SQLite; the cost is the drop in records/s (goal: at most
-15%), per wall-clock second and per CPU second of the sink and its PostgreSQL backend, judged on the
-median of the rounds' costs, printed with their range; PostgreSQL's added CPU is split between the
+databases given the stream batch by batch in turn (`_interleaved`: both share the machine's load), for
+`--aggregate-rounds` rounds, PostgreSQL and SQLite, in batches of `--aggregate-batch` records (default:
+`chatpipe sink`'s batch, `SinkWorker`'s `batch_size`). Each batch is what the sink does with the records
+one `consume()` returns: their Avro (the state topic's schema) decoded by the sink's codec, then
+`write_states`; the Kafka client's fetch and commit are not measured. The cost is the drop in records/s
+(goal: at most 15% of the sink's throughput), for the sink (decode + write) and, stricter, for the store's
+write path alone; per wall-clock second and per CPU second of the sink and its PostgreSQL backend; judged
+on the median of the rounds' costs, printed with their range; PostgreSQL's added CPU is split between the
 sink's process and the server.
 """
 
@@ -51,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import os
 import random
 import sqlite3
@@ -66,14 +71,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import psycopg
 
+from bench.codec import InMemoryClient
 from chatpipe.runtime.tuning import tune_gc
+from schemas.codec import Codecs, Registry
 from schemas.models import MessageState, StatusEvent, Step, User
 from sinks import rows as R
 from sinks import sqlite as sqlite_sink
 from sinks.postgres import PostgresStore
 from sinks.rows import PiiPolicy
 from sinks.sqlite import SqliteStore
+from sinks.worker import SinkWorker
 from tests.support.postgres import PostgresServer, fresh_database
+
+#: `chatpipe sink`'s batch: the records one consume() returns at most (SinkWorker's default)
+SINK_BATCH: int = inspect.signature(SinkWorker).parameters["batch_size"].default
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 PII = PiiPolicy(hash_key=b"bench-key")
@@ -483,85 +494,110 @@ def _backend_cpu(pid: int) -> float:
 
 
 BOTH = (True, False)  # with the aggregates, without
+#: what `_interleaved` sums per store: the store's write (wall, sink CPU, server CPU), the decoding (wall,
+#: CPU)
+Spent = tuple[float, float, float, float, float]
 
 
 def _interleaved(
-    stores: dict[bool, Any], batches: list[list[MessageState]], backends: dict[bool, int]
-) -> dict[bool, tuple[float, float, float]]:
-    """Write every batch to both stores (with aggregates: True; without: False), one after the other, the
-    order alternating from batch to batch; per store the summed wall and sink-CPU seconds of its batches,
-    and the CPU its server backend used (a PostgreSQL backend works only for its own store)."""
-    spent = {k: [0.0, 0.0] for k in stores}
+    stores: dict[bool, Any],
+    records: list[list[bytes]],
+    decode: Callable[[bytes], MessageState],
+    backends: dict[bool, int],
+) -> dict[bool, Spent]:
+    """Give every batch to both stores (with aggregates: True; without: False) as `chatpipe sink` does,
+    one store after the other, the order alternating from batch to batch: its Avro records decoded
+    (`decode`: the sink's codec), then written (`write_states`). Per store the summed seconds of its
+    batches (`Spent`); the server's are the CPU its backend used (a PostgreSQL backend works only for its
+    own store)."""
+    spent = {k: [0.0] * 5 for k in stores}
     server0 = {k: _backend_cpu(pid) for k, pid in backends.items()}
-    for i, batch in enumerate(batches):
+    for i, batch in enumerate(records):
         for k in (True, False) if i % 2 == 0 else (False, True):
             w0, c0 = time.perf_counter(), time.process_time()
-            stores[k].write_states(batch)
-            spent[k][0] += time.perf_counter() - w0
-            spent[k][1] += time.process_time() - c0
-    return {
-        k: (w, c, _backend_cpu(backends[k]) - server0[k] if k in backends else 0.0)
-        for k, (w, c) in spent.items()
-    }
+            states = [decode(r) for r in batch]
+            w1, c1 = time.perf_counter(), time.process_time()
+            stores[k].write_states(states)
+            w2, c2 = time.perf_counter(), time.process_time()
+            got = spent[k]
+            got[0] += w2 - w1
+            got[1] += c2 - c1
+            got[3] += w1 - w0
+            got[4] += c1 - c0
+    for k, pid in backends.items():
+        spent[k][2] = _backend_cpu(pid) - server0[k]
+    return {k: (v[0], v[1], v[2], v[3], v[4]) for k, v in spent.items()}
 
 
 def bench_aggregates(batches: list[list[MessageState]], n: int, rounds: int, skip_sqlite: bool) -> None:
-    """chatpipe's write path with and without analytics maintenance, side by side (module docstring).
+    """chatpipe's sink with and without analytics maintenance, side by side (module docstring).
 
-    Each round writes the stream to two fresh databases at once, one with the aggregates and one
-    without, batch by batch, alternating which goes first (`_interleaved`): the two runs share the
-    machine's load from one second to the next, which whole runs one after the other did not (on this
-    shared machine a run's speed drifts by 20% within a minute). A round's cost is the drop of its
-    with-store's records/s against its without-store's. Two measures: per wall-clock second, and per CPU
-    second (the sink process plus, for PostgreSQL, its server backend: what a saturated machine pays).
-    Printed per round, then the median of the rounds' costs with their range (the verdict); for
-    PostgreSQL also where the CPU goes (the sink's Python vs the server). The collector is tuned as
-    `chatpipe sink` tunes it once started (`tune_gc`), for both stores."""
+    Each round gives the stream to two fresh databases at once, one with the aggregates and one without,
+    batch by batch, alternating which goes first (`_interleaved`): the two runs share the machine's load
+    from one second to the next, which whole runs one after the other did not (on this shared machine a
+    run's speed drifts by 20% within a minute). Each batch is what `chatpipe sink` does with the records
+    one `consume()` returns: their Avro decoded by the sink's codec, then `write_states` (not measured:
+    the Kafka client's fetch and commit, in librdkafka's threads and C). A round's cost is the drop of its
+    with-store's records/s against its without-store's, for the sink (decode + write: the goal's
+    "throughput of the sink") and for the store's write path alone (stricter: the same added seconds over
+    a smaller whole). Two measures each: per wall-clock second, and per CPU second (the sink process plus,
+    for PostgreSQL, its server backend: what a saturated machine pays). Printed per round, then the median
+    of the rounds' costs with their range; for PostgreSQL also where the added CPU goes (the sink's
+    Python vs the server). The collector is tuned as `chatpipe sink` tunes it once started (`tune_gc`),
+    for both stores."""
     tune_gc()
+    codecs = Codecs(Registry("memory://", client=InMemoryClient()))  # type: ignore[arg-type]
+    records = [[codecs.state.encode(s) for s in b] for b in batches]
+    decode = codecs.state.decode
 
-    def compare(name: str, run: Callable[[], dict[bool, tuple[float, float, float]]]) -> None:
-        runs: dict[bool, list[tuple[float, float, float]]] = {True: [], False: []}
+    def compare(name: str, run: Callable[[], dict[bool, Spent]]) -> None:
+        runs: dict[bool, list[Spent]] = {True: [], False: []}
         for r in range(rounds):
             got = run()
-            for k in (True, False):
+            for k in BOTH:
                 runs[k].append(got[k])
-            (w0, c0, s0), (w1, c1, s1) = got[False], got[True]
-            split = f" [sink {c0:.2f} -> {c1:.2f}s, server {s0:.2f} -> {s1:.2f}s]" if s0 or s1 else ""
-            print(
-                f"  {name} round {r + 1}: wall {w0:.2f} -> {w1:.2f}s ({w1 / w0 - 1:+.1%}),"
-                f" CPU {c0 + s0:.2f} -> {c1 + s1:.2f}s ({(c1 + s1) / (c0 + s0) - 1:+.1%}){split}"
+            a, b = got[False], got[True]
+            split = (
+                f" [sink {a[1]:.2f} -> {b[1]:.2f}s, server {a[2]:.2f} -> {b[2]:.2f}s]" if a[2] or b[2] else ""
             )
-        for label, seconds in (("wall", _wall), ("CPU", _cpu)):
-            costs = [1 - seconds(b) / seconds(a) for a, b in zip(runs[True], runs[False], strict=True)]
-            cost = statistics.median(costs)
-            without, with_ = (n / statistics.median(seconds(x) for x in runs[k]) for k in (False, True))
-            verdict = "met" if cost <= 0.15 else "NOT met"
             print(
-                f"  {name} {label:<4}: without aggregates {without:>9,.0f} records/s, with {with_:>9,.0f}"
-                f" records/s (medians of {rounds}); cost per round: median {cost:.1%}"
-                f" ({min(costs):.1%}..{max(costs):.1%}) (goal <= 15%): {verdict}"
+                f"  {name} round {r + 1}: decoding {a[3]:.2f} / {b[3]:.2f}s; writing: wall {a[0]:.2f} ->"
+                f" {b[0]:.2f}s ({b[0] / a[0] - 1:+.1%}), CPU {_cpu(a):.2f} -> {_cpu(b):.2f}s"
+                f" ({_cpu(b) / _cpu(a) - 1:+.1%}){split}"
             )
+        for scope, measures in (
+            ("sink (decode + write)", (("wall", _sink_wall), ("CPU", _sink_cpu))),
+            ("write path alone", (("wall", _wall), ("CPU", _cpu))),
+        ):
+            for label, seconds in measures:
+                costs = [1 - seconds(b) / seconds(a) for a, b in zip(runs[True], runs[False], strict=True)]
+                cost = statistics.median(costs)
+                without, with_ = (n / statistics.median(seconds(x) for x in runs[k]) for k in (False, True))
+                verdict = "met" if cost <= 0.15 else "NOT met"
+                print(
+                    f"  {name} {scope}, {label:<4}: without aggregates {without:>8,.0f} records/s, with"
+                    f" {with_:>8,.0f} records/s (medians of {rounds}); cost per round: median {cost:.1%}"
+                    f" ({min(costs):.1%}..{max(costs):.1%}) (goal <= 15%): {verdict}"
+                )
         if any(x[2] for x in runs[True]):
             sink = statistics.median(a[1] - b[1] for a, b in zip(runs[True], runs[False], strict=True))
             server = statistics.median(a[2] - b[2] for a, b in zip(runs[True], runs[False], strict=True))
-            base = statistics.median(b[1] + b[2] for b in runs[False])
+            base = statistics.median(_sink_cpu(b) for b in runs[False])
             print(
                 f"  {name} CPU added by the aggregates (median of the rounds): the sink's process"
                 f" {sink:+.2f}s ({sink / n * 1e6:+.1f} us/record), the server {server:+.2f}s"
-                f" ({server / n * 1e6:+.1f} us/record), of {base:.2f}s without"
+                f" ({server / n * 1e6:+.1f} us/record), of {base:.2f}s without (decoding included)"
             )
 
     with PostgresServer() as server:
         print(f"Analytics maintenance, PostgreSQL (fsync=off), {n:,} records, batch={len(batches[0]):,}")
 
-        def pg() -> dict[bool, tuple[float, float, float]]:
-            stores = {
-                k: PostgresStore(fresh_database(server, "agg"), PII, aggregates=k) for k in (True, False)
-            }
+        def pg() -> dict[bool, Spent]:
+            stores = {k: PostgresStore(fresh_database(server, "agg"), PII, aggregates=k) for k in BOTH}
             for store in stores.values():
                 store.migrate()
             backends = {k: store._connection().info.backend_pid for k, store in stores.items()}
-            got = _interleaved(stores, batches, backends)
+            got = _interleaved(stores, records, decode, backends)
             for store in stores.values():
                 store.close()
             return got
@@ -573,14 +609,13 @@ def bench_aggregates(batches: list[list[MessageState]], n: int, rounds: int, ski
     with tempfile.TemporaryDirectory(prefix="chatpipe-bench-") as tmp:
         runs = iter(range(1_000))
 
-        def lite() -> dict[bool, tuple[float, float, float]]:
+        def lite() -> dict[bool, Spent]:
             stores = {
-                k: SqliteStore(os.path.join(tmp, f"agg{next(runs)}.db"), PII, aggregates=k)
-                for k in (True, False)
+                k: SqliteStore(os.path.join(tmp, f"agg{next(runs)}.db"), PII, aggregates=k) for k in BOTH
             }
             for store in stores.values():
                 store.migrate()
-            got = _interleaved(stores, batches, {})
+            got = _interleaved(stores, records, decode, {})
             for store in stores.values():
                 store.close()
             return got
@@ -588,13 +623,24 @@ def bench_aggregates(batches: list[list[MessageState]], n: int, rounds: int, ski
         compare("SQLite", lite)
 
 
-def _wall(x: tuple[float, float, float]) -> float:
+def _wall(x: Spent) -> float:
+    """The store's write, wall-clock seconds."""
     return x[0]
 
 
-def _cpu(x: tuple[float, float, float]) -> float:
-    """The sink's CPU seconds plus its server's."""
+def _cpu(x: Spent) -> float:
+    """The store's write: the sink's CPU seconds plus its server's."""
     return x[1] + x[2]
+
+
+def _sink_wall(x: Spent) -> float:
+    """Decoding and writing, wall-clock seconds."""
+    return x[0] + x[3]
+
+
+def _sink_cpu(x: Spent) -> float:
+    """Decoding and writing: the sink's CPU seconds plus its server's."""
+    return x[1] + x[2] + x[4]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -608,10 +654,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--aggregates", action="store_true", help="also compare with/without analytics")
     p.add_argument("--only-aggregates", action="store_true", help="only the with/without analytics runs")
     p.add_argument("--aggregate-rounds", type=int, default=2)
+    p.add_argument(
+        "--aggregate-batch",
+        type=int,
+        default=SINK_BATCH,
+        help=f"records a batch in the with/without analytics runs (default: chatpipe sink's, {SINK_BATCH:,})",
+    )
     args = p.parse_args(argv)
 
     t = time.perf_counter()
-    batches = workload(args.rows, args.updates, args.batch)
+    batches = workload(args.rows, args.updates, args.aggregate_batch if args.only_aggregates else args.batch)
     n = sum(len(b) for b in batches)
     naive, taken = [], 0
     for b in batches:
@@ -636,7 +688,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.skip_sqlite:
         bench_sqlite(batches, naive, n)
     if args.aggregates:
-        bench_aggregates(batches, n, args.aggregate_rounds, args.skip_sqlite)
+        agg = (
+            batches if args.aggregate_batch == args.batch else workload(n, args.updates, args.aggregate_batch)
+        )
+        gc.freeze()
+        bench_aggregates(agg, n, args.aggregate_rounds, args.skip_sqlite)
 
 
 if __name__ == "__main__":
