@@ -658,8 +658,14 @@ class PostgresStore:
                 reused = self._conn is not None
                 try:
                     conn = self._connection()
-                    with conn.transaction():
-                        return work(conn)
+                    staged = self._staged
+                    try:
+                        with conn.transaction():
+                            return work(conn)
+                    except BaseException:
+                        # the staging tables this transaction created (`_stage`) went with its rollback
+                        self._staged = staged
+                        raise
                 except psycopg.OperationalError as exc:
                     self._drop()
                     if attempt == 1 and reused:

@@ -894,3 +894,20 @@ def test_postgres_a_connection_the_server_ended_is_replaced_and_the_call_succeed
         assert data is not None and data[0]["status"]["state"] == "sent"
     finally:
         store.close()
+
+
+def test_postgres_a_failed_batch_does_not_leave_the_next_without_its_staging_tables(
+    postgres_server: PostgresServer,
+) -> None:
+    """The staging tables are created inside the transaction that first needs them: when that transaction
+    fails (here a text PostgreSQL cannot store), they go with it, and the next batch on the same
+    connection creates them again instead of failing on a missing table."""
+    store = postgres_sink.PostgresStore(fresh_database(postgres_server), PII)
+    store.migrate()
+    try:
+        bad = dataclasses.replace(inbound("in-bad", 0), channel_id="nul \x00 byte")
+        with pytest.raises(psycopg.DataError):
+            store.write_inbound([bad])
+        assert store.write_inbound([inbound("in-1", 1)]) == 1
+    finally:
+        store.close()
