@@ -167,7 +167,7 @@ def encode_receipt(
     body: bytes, received_at: datetime, prefix: bytes = b"", *, max_depth: int = DEFAULT_MAX_DEPTH
 ) -> tuple[str, bytes] | None:
     """`(umid, prefix + Avro body)` for a simple delivery receipt, None for anything else (see module doc)."""
-    if body[:3] == UTF8_BOM:
+    if body[:3] == UTF8_BOM or b"\\u0000" in body:  # (a NUL in a string: the parser says which field)
         return None
     try:
         env = orjson.loads(body)

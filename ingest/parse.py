@@ -48,6 +48,7 @@ from schemas.fields import (
     normalise_channel,
     opt_int32,
     opt_obj,
+    NUL_MESSAGE,
     opt_str,
     req_obj,
     req_str,
@@ -386,6 +387,8 @@ def _interactive(content: JSONObject, received_at: datetime) -> Interactive | No
             response = _compact_json(response, sub_path, "responseJson")
         if response is not None and len(response) > MAX_RESPONSE_JSON:
             bad(sub_path, "responseJson", f"longer than {MAX_RESPONSE_JSON} characters")
+        if response is not None and "\x00" in response:
+            bad(sub_path, "responseJson", NUL_MESSAGE)
         return Interactive(type=itype, nfm_response_json=response)
     call = CallPermissionReply(
         response=opt_str(sub, "response", sub_path, MAX_SHORT),

@@ -79,6 +79,11 @@ def wrong_type(parent: str, key: str, expected: str, value: object) -> NoReturn:
     bad(parent, key, f"expected {expected}, got {jtype(value)}")
 
 
+#: why a string holding U+0000 is refused: PostgreSQL's text cannot store it, so the sink could never write
+#: the record (it would stop its partition); no 8x8 field carries it
+NUL_MESSAGE = "must not contain the NUL character (\\u0000): the store cannot keep it"
+
+
 def req_str(obj: JSONObject, key: str, parent: str, max_len: int | None = None) -> str:
     """A required, non-blank string of at most `max_len` characters."""
     value = obj.get(key)
@@ -90,6 +95,8 @@ def req_str(obj: JSONObject, key: str, parent: str, max_len: int | None = None) 
         bad(parent, key, "must not be empty")
     if max_len is not None and len(value) > max_len:
         bad(parent, key, f"longer than {max_len} characters")
+    if "\x00" in value:
+        bad(parent, key, NUL_MESSAGE)
     return value
 
 
@@ -102,6 +109,8 @@ def opt_str(obj: JSONObject, key: str, parent: str, max_len: int | None = None) 
         wrong_type(parent, key, "string", value)
     if max_len is not None and len(value) > max_len:
         bad(parent, key, f"longer than {max_len} characters")
+    if "\x00" in value:
+        bad(parent, key, NUL_MESSAGE)
     return value
 
 

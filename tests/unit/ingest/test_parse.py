@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ingest.fastreceipt import encode_receipt
 from ingest.parse import (
     CODE_INVALID,
     CODE_UNSUPPORTED,
@@ -1029,3 +1030,33 @@ def test_reasons_quote_long_values_cut_short() -> None:
         parse(patched(DR, {"payload.status.timestamp": "x" * 100_000}))
     assert info.value.field == "payload.status.timestamp"
     assert len(info.value.reason) < 200 and info.value.reason.endswith("…")
+
+
+@pytest.mark.parametrize(
+    ("name", "path"),
+    [
+        (DR, "payload.status.errorMessage"),
+        (DR, "payload.status.detail"),
+        (DR, "payload.user.msisdn"),
+        ("in_source_whatsapp_text", "payload.content.text"),
+        ("in_source_nfm_reply", "payload.content.interactive.nfmReply.responseJson"),
+    ],
+)
+def test_a_string_holding_nul_is_refused_with_its_field(name: str, path: str) -> None:
+    """PostgreSQL's text cannot hold U+0000: a webhook carrying one would be acknowledged and then never
+    written (the sink's batch failing again and again, its partition stopped). Refused at the door
+    instead, 400 with the field, like any other invalid value; the fast receipt path leaves it to the
+    parser. A backslash followed by the text "u0000" is an ordinary string."""
+    data = doc(name)
+    *parents, last = path.split(".")
+    node = data
+    for key in parents:
+        node = node[key]
+    node[last] = "before \x00 after"
+    with pytest.raises(InvalidEvent) as refused:
+        parse(orjson.dumps(data))
+    assert refused.value.http_status == 400
+    assert refused.value.field == path and "\\u0000" in str(refused.value)
+    assert encode_receipt(orjson.dumps(data), RECEIVED_AT) is None
+    node[last] = "before \\u0000 after"  # the six characters, not NUL
+    parse(orjson.dumps(data))
