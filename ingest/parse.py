@@ -40,6 +40,7 @@ from schemas import ids
 from schemas.errors import InvalidEvent
 from schemas.fields import (
     CODE_INVALID,
+    NUL_MESSAGE,
     FieldError,
     JSONObject,
     bad,
@@ -48,7 +49,6 @@ from schemas.fields import (
     normalise_channel,
     opt_int32,
     opt_obj,
-    NUL_MESSAGE,
     opt_str,
     req_obj,
     req_str,
